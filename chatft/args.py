@@ -1,0 +1,135 @@
+"""Command-line arguments: Qwen's four dataclasses, plus every `transformers.TrainingArguments` flag.
+
+`parse_args` accepts either flags or a single `.json`/`.yaml` file holding the same keys,
+then runs `validate_args`, which collects every cross-field problem and raises once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+import transformers
+
+from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE
+
+
+class ArgumentError(ValueError):
+    """The flags contradict each other or name something that does not exist."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "A model directory, a hub id already in the local cache, or a .gguf file (de-quantised once "
+                  "and cached). `python -m chatft.bundled` prints the bundled demo model's directory."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run Python code shipped with the model. Off unless you trust its source."}
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={"help": "auto: flash_attention_2 when flash-attn is installed and training on CUDA, else sdpa. "
+                  "Or any value transformers accepts (sdpa, eager, flash_attention_2, ...)."},
+    )
+    train_embeddings: str = field(
+        default="auto",
+        metadata={"help": "auto|true|false. Train the input embeddings and output layer (LoRA: as modules_to_save). "
+                  "auto: under LoRA, only when <|im_start|>/<|im_end|> had to be added to the tokenizer; "
+                  "full-parameter training trains them unless false."},
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default=None, metadata={"help": "Training data: a JSON list or JSONL file of conversations."})
+    eval_data_path: str = field(default=None, metadata={"help": "Evaluation data, same format."})
+    lazy_preprocess: bool = field(default=False, metadata={"help": "Tokenize samples when first used, not up front."})
+    system_message: str = field(
+        default=DEFAULT_SYSTEM_MESSAGE,
+        metadata={"help": "System prompt for samples without a leading system turn; saved in the chat template."},
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded hub files are cached."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer, as in transformers.TrainingArguments."})
+    model_max_length: int = field(
+        default=8192, metadata={"help": "Maximum tokens per sample; longer samples are truncated on the right."}
+    )
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all parameters."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into a non-empty output_dir (refused otherwise)."}
+    )
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Qwen's flag, kept working: the fraction of steps to warm up over (sets --warmup_steps)."},
+    )
+
+    def __post_init__(self):
+        if self.warmup_ratio is not None:  # transformers 5 folded warmup_ratio into a fractional warmup_steps
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names to adapt, e.g. q_proj v_proj. Default: every linear projection of the model "
+                  "except the output layer."},
+    )
+    lora_weight_path: str = field(
+        default="", metadata={"help": "An adapter directory to continue training from (its LoRA settings win)."}
+    )
+    lora_bias: str = field(default="none", metadata={"help": "none|all|lora_only: which biases to train."})
+    q_lora: bool = field(default=False, metadata={"help": "LoRA on a 4-bit quantized base model."})
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments, LoraArguments)
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse flags (or one .json/.yaml file) into (model, data, training, lora) arguments and validate them."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = transformers.HfArgumentParser(ARGUMENT_CLASSES)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            parsed = parser.parse_json_file(os.path.abspath(argv[0]))
+        elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+            parsed = parser.parse_yaml_file(os.path.abspath(argv[0]))
+        else:
+            parsed = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # TrainingArguments' own checks, e.g. bf16 requested on a device without it
+        raise ArgumentError(f"Invalid arguments: {error}") from error
+    model_args, data_args, training_args, lora_args = parsed
+    validate_args(model_args, data_args, training_args, lora_args)
+    return model_args, data_args, training_args, lora_args
+
+
+def validate_args(model_args, data_args, training_args, lora_args) -> None:
+    """Collect every contradiction between flags; raise `ArgumentError` listing them all."""
+    problems = []
+    if not data_args.data_path:
+        problems.append("--data_path is required: a JSON or JSONL file of conversations.")
+    if model_args.train_embeddings not in ("auto", "true", "false"):
+        problems.append(f"--train_embeddings must be auto, true or false, not {model_args.train_embeddings!r}.")
+    if training_args.model_max_length < 8:
+        problems.append(f"--model_max_length {training_args.model_max_length} is too small to hold a conversation.")
+    if lora_args.lora_bias not in ("none", "all", "lora_only"):
+        problems.append(f"--lora_bias must be none, all or lora_only, not {lora_args.lora_bias!r}.")
+    if not training_args.use_lora:
+        for flag, value in (("--lora_weight_path", lora_args.lora_weight_path), ("--q_lora", lora_args.q_lora)):
+            if value:
+                problems.append(f"{flag} needs --use_lora.")
+    if lora_args.q_lora:
+        problems.append("--q_lora is not available in this version yet; train LoRA on the full-precision model.")
+    if lora_args.lora_weight_path and not os.path.isfile(os.path.join(lora_args.lora_weight_path, "adapter_config.json")):
+        problems.append(f"--lora_weight_path {lora_args.lora_weight_path}: no adapter_config.json there.")
+    if problems:
+        raise ArgumentError("Invalid arguments:\n  " + "\n  ".join(problems))

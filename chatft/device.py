@@ -1,0 +1,18 @@
+"""The device flags the launchers pass to finetune.py, printed for shell scripts.
+
+    python -m chatft.device    # e.g. "--bf16 True" on a recent GPU, "--bf16 True --use_cpu True" on an AMX CPU
+"""
+
+import torch
+
+
+def device_flags() -> str:
+    """bf16 where the device computes it natively, else fp16 on GPU and fp32 on CPU; --use_cpu without CUDA."""
+    if torch.cuda.is_available():
+        return "--bf16 True" if torch.cuda.is_bf16_supported() else "--fp16 True"
+    # On the CPU bf16 autocast only pays with native bf16 matmuls (AVX512-BF16 or AMX).
+    return ("--bf16 True " if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "") + "--use_cpu True"
+
+
+if __name__ == "__main__":
+    print(device_flags())

@@ -1,0 +1,184 @@
+"""Tokenizer and model loading: GGUF conversion, ChatML tokens, precision, attention, LoRA.
+
+Order matters and is kept in `finetune.py`: the tokenizer is loaded first (adding
+`<|im_start|>`/`<|im_end|>` if missing), then the model, whose embeddings are resized
+to the tokenizer, then wrapped for LoRA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+
+from chatft.chat_format import IM_END, IM_START, chatml_template
+
+logger = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: $CHATFT_CACHE, else ~/.cache/chatft."""
+    return Path(os.environ.get("CHATFT_CACHE") or Path.home() / ".cache" / "chatft")
+
+
+def gguf_to_hf_dir(gguf_path: str | os.PathLike) -> Path:
+    """De-quantise a GGUF file once into a plain HF directory (safetensors + tokenizer) and return it.
+
+    The directory is keyed by the file's name, size and modification time, built under a
+    temporary name and renamed when complete, so concurrent or interrupted runs never see
+    half a model.
+    """
+    gguf_path = Path(gguf_path).resolve()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"{gguf_path}: no such GGUF file")
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    logger.info("Converting %s into %s (once)", gguf_path, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # The tensors are already de-quantised to float; drop the GGUF marker so the model saves as plain weights.
+    model.hf_quantizer.remove_quantization_config(model)
+    model.config.name_or_path = str(target)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        os.chmod(scratch, 0o755)  # mkdtemp makes it private; the cache is for every user of the machine
+        try:
+            os.rename(scratch, target)
+        except OSError:  # another process finished first; its copy is identical
+            if not (target / "config.json").is_file():
+                raise
+        else:
+            os.makedirs(scratch)  # so TemporaryDirectory's cleanup finds what it expects
+    return target
+
+
+def resolve_model_path(model_name_or_path: str) -> str:
+    """A .gguf file becomes its converted HF directory; anything else is passed through."""
+    if model_name_or_path.endswith(".gguf"):
+        return str(gguf_to_hf_dir(model_name_or_path))
+    return model_name_or_path
+
+
+def load_tokenizer(model_path: str, model_max_length: int, system_message: str, cache_dir=None, trust_remote_code=False):
+    """Load the fast tokenizer, add ChatML tokens if missing, install the ChatML chat template.
+
+    Returns (tokenizer, added_tokens): the list of tokens that had to be added.
+    """
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        model_path,
+        cache_dir=cache_dir,
+        model_max_length=model_max_length,
+        padding_side="right",
+        trust_remote_code=trust_remote_code,
+    )
+    added = [token for token in (IM_START, IM_END) if token not in tokenizer.get_vocab()]
+    if added:
+        tokenizer.add_special_tokens({"additional_special_tokens": added})
+        logger.warning(
+            "The tokenizer of %s lacks %s; added them. Their embeddings start untrained, so the embedding and "
+            "output layers are trained too (see --train_embeddings).", model_path, " and ".join(added)
+        )
+    if tokenizer.pad_token is None:
+        # Padding positions carry attention_mask 0 and label IGNORE_INDEX, so which token pads does not matter.
+        tokenizer.pad_token = tokenizer.eos_token or IM_END
+    tokenizer.chat_template = chatml_template(system_message)
+    return tokenizer, added
+
+
+def compute_dtype(training_args) -> torch.dtype:
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def resolve_attn_implementation(requested: str, training_args) -> str:
+    """auto -> flash_attention_2 where flash-attn is installed and training runs on CUDA, else sdpa."""
+    if requested != "auto":
+        return requested
+    on_cuda = torch.cuda.is_available() and not training_args.use_cpu
+    if on_cuda and importlib.util.find_spec("flash_attn") is not None and compute_dtype(training_args) != torch.float32:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(model_path: str, model_args, training_args, lora_args, tokenizer, added_tokens: list[str]):
+    """Load the causal LM for full-parameter or LoRA training, sized to `tokenizer`."""
+    # Full-parameter training keeps fp32 master weights (the Trainer autocasts to bf16/fp16); LoRA
+    # freezes the base, so it is loaded directly in the compute dtype, halving its memory.
+    dtype = compute_dtype(training_args) if training_args.use_lora else torch.float32
+    attn_implementation = resolve_attn_implementation(model_args.attn_implementation, training_args)
+    logger.info("Loading %s (dtype=%s, attn_implementation=%s)", model_path, dtype, attn_implementation)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_path,
+        cache_dir=training_args.cache_dir,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0] or added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    if training_args.use_lora:
+        train_embeddings = {"true": True, "false": False}.get(model_args.train_embeddings, bool(added_tokens))
+        if added_tokens and not train_embeddings:
+            logger.warning("--train_embeddings false: the added %s tokens keep untrained embeddings.", added_tokens)
+        model = wrap_lora(model, lora_args, train_embeddings, training_args.activation_checkpointing)
+    elif model_args.train_embeddings == "false":  # full-parameter training trains everything unless told not to
+        model.get_input_embeddings().weight.requires_grad_(False)
+        if model.get_output_embeddings() is not None:
+            model.get_output_embeddings().weight.requires_grad_(False)
+    return model
+
+
+def embedding_module_names(model) -> list[str]:
+    """Qualified names of the input embedding and output layer (e.g. model.embed_tokens, lm_head)."""
+    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    return [name for name, module in model.named_modules() if id(module) in wanted]
+
+
+def wrap_lora(model, lora_args, train_embeddings: bool, activation_checkpointing: bool):
+    """Add LoRA adapters (new, or continued from --lora_weight_path); only adapters (and embeddings) train."""
+    import peft
+
+    if lora_args.lora_weight_path:
+        logger.info("Continuing from the adapter in %s (its LoRA settings apply)", lora_args.lora_weight_path)
+        model = peft.PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
+    else:
+        modules_to_save = [name.split(".")[-1] for name in embedding_module_names(model)] if train_embeddings else None
+        config = peft.LoraConfig(
+            r=lora_args.lora_r,
+            lora_alpha=lora_args.lora_alpha,
+            lora_dropout=lora_args.lora_dropout,
+            # "all-linear": every nn.Linear except the output layer, whatever the architecture calls them.
+            target_modules=lora_args.lora_target_modules or "all-linear",
+            bias=lora_args.lora_bias,
+            task_type="CAUSAL_LM",
+            modules_to_save=modules_to_save,
+            ensure_weight_tying=bool(modules_to_save) and bool(getattr(model.config, "tie_word_embeddings", False)),
+        )
+        model = peft.get_peft_model(model, config)
+        logger.info("LoRA on %s", ", ".join(sorted(model.peft_config["default"].target_modules)))
+    # Trainable weights in fp32 whatever the base dtype: bf16/fp16 optimizer updates lose small steps.
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    if activation_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    model.print_trainable_parameters()
+    return model

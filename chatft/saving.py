@@ -1,0 +1,59 @@
+"""Writing a run to output_dir: model or adapter, tokenizer with chat template, generation config,
+trainer state and the arguments used. Also the guard that keeps earlier runs safe."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from chatft.chat_format import IM_END
+
+
+class OutputDirError(ValueError):
+    """output_dir holds a previous run and --overwrite_output_dir was not given."""
+
+
+def check_output_dir(training_args) -> None:
+    """Refuse a non-empty output_dir unless --overwrite_output_dir, before anything is loaded or written."""
+    output_dir = training_args.output_dir
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not training_args.overwrite_output_dir:
+        raise OutputDirError(
+            f"output_dir {output_dir} is not empty; choose another --output_dir or pass --overwrite_output_dir."
+        )
+
+
+def chat_generation_config(model, tokenizer):
+    """The model's generation config, set to stop at <|im_end|> (and the tokenizer's eos) and pad with pad."""
+    config = model.generation_config
+    stop_ids = [tokenizer.convert_tokens_to_ids(IM_END)]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop_ids:
+        stop_ids.append(tokenizer.eos_token_id)
+    config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def save_run(trainer, tokenizer, argument_groups: dict, base_model_path: str) -> None:
+    """Save everything needed to reload the result with plain transformers/peft from output_dir alone."""
+    output_dir = trainer.args.output_dir
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.use_cache = True  # training turned it off; inference wants it
+    base.generation_config = chat_generation_config(base, tokenizer)
+    if hasattr(model, "peft_config"):
+        # Recorded so that AutoPeftModelForCausalLM.from_pretrained(output_dir) finds the base by itself.
+        absolute = os.path.abspath(base_model_path)
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = absolute if os.path.isdir(base_model_path) else base_model_path
+    trainer.save_model(output_dir)  # rank 0 writes; handles full models and adapters alike
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(output_dir)
+        base.generation_config.save_pretrained(output_dir)
+        arguments = {
+            name: (json.loads(group.to_json_string()) if hasattr(group, "to_json_string") else dataclasses.asdict(group))
+            for name, group in argument_groups.items()
+        }
+        with open(os.path.join(output_dir, "finetune_args.json"), "w", encoding="utf-8") as f:
+            json.dump(arguments, f, indent=2, ensure_ascii=False)

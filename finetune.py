@@ -1,0 +1,72 @@
+"""Fine-tune a chat model on ChatML conversations: full-parameter or LoRA, Qwen's flags.
+
+    $ python finetune.py --model_name_or_path $(python -m chatft.bundled) \
+        --data_path data/identity_demo.json --output_dir output_qwen --use_lora --bf16 True
+    $ python finetune.py my_run.yaml           # the same keys in a .json/.yaml file
+
+Every transformers.TrainingArguments flag works. The steps, in order: check the flags and
+output_dir, read and validate the data (errors before any model is loaded), load the
+tokenizer and model, train with the HF Trainer, save into output_dir.
+"""
+
+import logging
+import os
+import sys
+
+import transformers
+
+from chatft.args import ArgumentError, parse_args
+from chatft.chat_format import preprocess  # noqa: F401  (Qwen-compatible: `from finetune import preprocess`)
+from chatft.data import ChatCollator, DataError, LazySupervisedDataset, SupervisedDataset, load_samples, make_datasets  # noqa: F401
+from chatft.model import load_model, load_tokenizer, resolve_model_path
+from chatft.saving import OutputDirError, check_output_dir, save_run
+
+logger = logging.getLogger("finetune")
+
+
+def train(argv=None):
+    model_args, data_args, training_args, lora_args = parse_args(argv)
+    transformers.set_seed(training_args.seed)
+    check_output_dir(training_args)
+    train_samples = load_samples(data_args.data_path)
+    eval_samples = load_samples(data_args.eval_data_path) if data_args.eval_data_path else None
+
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer, added_tokens = load_tokenizer(
+        model_path, training_args.model_max_length, data_args.system_message,
+        cache_dir=training_args.cache_dir, trust_remote_code=model_args.trust_remote_code,
+    )
+    train_dataset, eval_dataset = make_datasets(
+        train_samples, eval_samples, tokenizer, training_args.model_max_length,
+        data_args.lazy_preprocess, data_args.system_message,
+    )
+    model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added_tokens)
+
+    trainer = transformers.Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=ChatCollator(pad_token_id=tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    groups = {"model": model_args, "data": data_args, "training": training_args, "lora": lora_args}
+    save_run(trainer, tokenizer, groups, model_path)
+    if trainer.is_world_process_zero():
+        logger.info("Saved %s to %s", "LoRA adapter" if training_args.use_lora else "model", training_args.output_dir)
+    return trainer
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        train(argv)
+    except (ArgumentError, DataError, OutputDirError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
