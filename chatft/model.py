@@ -152,6 +152,19 @@ def embedding_module_names(model) -> list[str]:
     return [name for name, module in model.named_modules() if id(module) in wanted]
 
 
+def linear_projection_names(model) -> list[str]:
+    """Short names of every linear layer except the output layer, e.g. [down_proj, gate_proj, k_proj, ...].
+
+    Found from the model rather than listed per architecture (Qwen-1's c_attn/c_proj/w1/w2 match nothing today).
+    """
+    output_layer = model.get_output_embeddings()
+    return sorted({
+        name.split(".")[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not output_layer
+    })
+
+
 def wrap_lora(model, lora_args, train_embeddings: bool, activation_checkpointing: bool):
     """Add LoRA adapters (new, or continued from --lora_weight_path); only adapters (and embeddings) train."""
     import peft
@@ -165,8 +178,7 @@ def wrap_lora(model, lora_args, train_embeddings: bool, activation_checkpointing
             r=lora_args.lora_r,
             lora_alpha=lora_args.lora_alpha,
             lora_dropout=lora_args.lora_dropout,
-            # "all-linear": every nn.Linear except the output layer, whatever the architecture calls them.
-            target_modules=lora_args.lora_target_modules or "all-linear",
+            target_modules=lora_args.lora_target_modules or linear_projection_names(model),
             bias=lora_args.lora_bias,
             task_type="CAUSAL_LM",
             modules_to_save=modules_to_save,

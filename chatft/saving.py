@@ -49,6 +49,10 @@ def save_run(trainer, tokenizer, argument_groups: dict, base_model_path: str) ->
     trainer.save_model(output_dir)  # rank 0 writes; handles full models and adapters alike
     trainer.save_state()
     if trainer.is_world_process_zero():
+        # The Trainer also pickles its arguments; finetune_args.json says the same without a pickle to load.
+        pickled_args = os.path.join(output_dir, "training_args.bin")
+        if os.path.exists(pickled_args):
+            os.remove(pickled_args)
         tokenizer.save_pretrained(output_dir)
         base.generation_config.save_pretrained(output_dir)
         arguments = {

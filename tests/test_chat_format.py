@@ -1,0 +1,167 @@
+"""Label masks on real tokenizers: labelled tokens decode to exactly each reply + <|im_end|>,
+and input_ids equal the tokenization of the rendered ChatML text (and of apply_chat_template)."""
+
+import pytest
+
+from chatft.chat_format import (
+    IGNORE_INDEX, IM_END, Turn, chatml_template, describe_sample, render_chatml, to_turns, tokenize_conversation,
+)
+from conftest import alpaca_to_conversations, sharegpt_to_conversations, shared_data
+
+SYSTEM = "You are a helpful assistant."
+
+CONVERSATIONS = [
+    [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello! How can I help?"}],
+    [{"from": "system", "value": "Answer in one word."}, {"from": "user", "value": "Capital of France?"},
+     {"from": "assistant", "value": "Paris"}, {"from": "user", "value": "And of Italy?"},
+     {"from": "assistant", "value": "Rome"}],
+    [{"from": "system", "value": ""}, {"from": "user", "value": "empty system prompt"}, {"from": "assistant", "value": "ok"}],
+    [{"from": "user", "value": "안녕하세요? 자기소개 해 주세요."}, {"from": "assistant", "value": "안녕하세요! 저는 도우미입니다. 😀"},
+     {"from": "user", "value": "你好，你是谁？"}, {"from": "assistant", "value": "我是一个乐于助人的助手。🚀✨"}],
+    [{"from": "user", "value": "  spaces around  "}, {"from": "assistant", "value": "  reply with spaces  "}],
+    [{"from": "user", "value": "tabs\tand\ttrailing newline\n"}, {"from": "assistant", "value": "line one\nline two\n\n"}],
+    [{"from": "user", "value": "code?"}, {"from": "assistant", "value": "```python\nprint('hi')\n```"}],
+    [{"from": "user", "value": "emoji only"}, {"from": "assistant", "value": "👍🏽👨‍👩‍👧"}],
+    [{"from": "user", "value": "numbers"}, {"from": "assistant", "value": "12345 + 678 = 13023"}],
+    [{"from": "assistant", "value": "a leading assistant turn is dropped"}, {"from": "user", "value": "q"},
+     {"from": "assistant", "value": "a"}],
+]
+
+
+def expected_text(conversation, system=SYSTEM):
+    """The ChatML rendering, written out independently of chatft."""
+    turns = [t for t in conversation]
+    if turns[0]["from"] == "system":
+        system, turns = turns[0]["value"], turns[1:]
+    if turns[0]["from"] == "assistant":
+        turns = turns[1:]
+    text = f"<|im_start|>system\n{system}<|im_end|>\n"
+    for t in turns:
+        text += f"<|im_start|>{t['from']}\n{t['value']}<|im_end|>\n"
+    return text
+
+
+def labelled_runs(tokenizer, sample):
+    runs, current = [], []
+    for token_id, label in zip(sample.input_ids, sample.labels):
+        if label != IGNORE_INDEX:
+            assert label == token_id, "a label must be the token at its own position (the model shifts)"
+            current.append(token_id)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run) for run in runs]
+
+
+def replies(conversation):
+    return [turn.content for turn in to_turns(conversation) if turn.role == "assistant"]
+
+
+def assert_run_is_reply(run, reply):
+    """A labelled run is the reply and its <|im_end|>. Only where the reply starts with whitespace that the
+    tokenizer merges into one token with the newline after the role name ("\n" + "  text" -> "\n ", " text")
+    does that shared token, which the model must generate, bring the newline along."""
+    if reply[:1].isspace() and run == "\n" + reply + IM_END:
+        return
+    assert run == reply + IM_END
+
+
+def check_conversation(tokenizer, conversation):
+    sample = tokenize_conversation(to_turns(conversation), tokenizer, max_len=100_000, system_message=SYSTEM)
+    text = expected_text(conversation)
+    assert sample.input_ids == tokenizer(text, add_special_tokens=False).input_ids
+    runs = labelled_runs(tokenizer, sample)
+    assert len(runs) == len(replies(conversation))
+    for run, reply in zip(runs, replies(conversation)):
+        assert_run_is_reply(run, reply)
+    return sample
+
+
+@pytest.fixture(params=["smollm2", "qwen"])
+def tokenizer(request, smollm2_tokenizer, qwen_tokenizer):
+    return smollm2_tokenizer if request.param == "smollm2" else qwen_tokenizer
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=range(len(CONVERSATIONS)))
+def test_labels_are_exactly_the_replies(tokenizer, conversation):
+    check_conversation(tokenizer, conversation)
+
+
+def test_public_data_converted_masks(tokenizer):
+    samples = (
+        alpaca_to_conversations(shared_data("alpaca_en_demo.json"))[:150]
+        + alpaca_to_conversations(shared_data("identity.json"), {"{{name}}": "Tessa", "{{author}}": "Lumen Labs"})
+        + sharegpt_to_conversations(shared_data("glaive_toolcall_en_demo.json"))[:100]
+    )
+    for sample in samples:
+        check_conversation(tokenizer, sample["conversations"])
+
+
+def test_reply_starting_with_newline(qwen_tokenizer):
+    # Qwen's tokenizer joins "assistant\n" + "\nText" into one "\n\n" token: input_ids stay those of the
+    # rendered text, and that token is trained, since it carries the reply's first character.
+    conversation = [{"from": "user", "value": "q"}, {"from": "assistant", "value": "\nText"}]
+    sample = tokenize_conversation(to_turns(conversation), qwen_tokenizer, 1000, SYSTEM)
+    assert sample.input_ids == qwen_tokenizer(expected_text(conversation), add_special_tokens=False).input_ids
+    assert labelled_runs(qwen_tokenizer, sample) == ["\n\nText" + IM_END]
+
+
+def test_template_reproduces_training_tokens(tokenizer):
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)  # a private copy to modify
+    for system in (SYSTEM, "Système: réponds en français. 🚀", ""):
+        tokenizer.chat_template = chatml_template(system)
+        for conversation in CONVERSATIONS:
+            turns = to_turns(conversation)
+            messages = [{"role": t.role, "content": t.content} for t in turns]
+            text, _ = render_chatml(turns, system)
+            assert tokenizer.apply_chat_template(messages, tokenize=False) == text
+            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+            assert ids == tokenize_conversation(turns, tokenizer, 100_000, system).input_ids
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+        assert prompt == f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_truncation_at_every_boundary(tokenizer):
+    conversation = CONVERSATIONS[3]
+    full = tokenize_conversation(to_turns(conversation), tokenizer, 100_000, SYSTEM)
+    for max_len in range(1, len(full.input_ids) + 1):
+        cut = tokenize_conversation(to_turns(conversation), tokenizer, max_len, SYSTEM)
+        assert cut.input_ids == full.input_ids[:max_len]
+        assert cut.labels == full.labels[:max_len]
+    first_reply_start = full.labels.index(next(label for label in full.labels if label != IGNORE_INDEX))
+    assert tokenize_conversation(to_turns(conversation), tokenizer, first_reply_start, SYSTEM).num_trainable == 0
+    assert tokenize_conversation(to_turns(conversation), tokenizer, first_reply_start + 1, SYSTEM).num_trainable == 1
+
+
+def test_system_turn_overrides_system_message():
+    text, spans = render_chatml([Turn("system", "S"), Turn("user", "u"), Turn("assistant", "a")], "default")
+    assert text.startswith("<|im_start|>system\nS<|im_end|>\n") and "default" not in text
+    assert [text[a:b] for a, b in spans] == ["a<|im_end|>"]
+
+
+def test_leading_assistant_turn_dropped():
+    turns = to_turns([{"from": "system", "value": "s"}, {"from": "assistant", "value": "x"},
+                      {"from": "user", "value": "u"}, {"from": "assistant", "value": "a"}])
+    assert [t.role for t in turns] == ["system", "user", "assistant"]
+
+
+def test_qwen_compatible_preprocess(qwen_tokenizer):
+    from finetune import preprocess
+
+    sources = [CONVERSATIONS[0], CONVERSATIONS[1], [{"from": "user", "value": "x " * 300}, {"from": "assistant", "value": "y"}]]
+    batch = preprocess(sources, qwen_tokenizer, max_len=64)
+    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    assert len(batch["input_ids"]) == 2  # the third has no reply left within 64 tokens: dropped
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        assert len(ids) == len(labels) == len(mask) and all(m == 1 for m in mask)
+    assert batch["input_ids"][1] == qwen_tokenizer(expected_text(CONVERSATIONS[1]), add_special_tokens=False).input_ids
+
+
+def test_describe_sample_marks_trained_spans(qwen_tokenizer):
+    sample = tokenize_conversation(to_turns(CONVERSATIONS[3]), qwen_tokenizer, 1000, SYSTEM)
+    shown = describe_sample(sample, qwen_tokenizer)
+    assert "[[안녕하세요! 저는 도우미입니다. 😀<|im_end|>]]" in shown
+    assert "[[我是一个乐于助人的助手。🚀✨<|im_end|>]]" in shown
+    assert shown.count("[[") == 2

@@ -1,0 +1,141 @@
+"""Data loading and validation (every problem reported with file, index, id), datasets and the collator."""
+
+import json
+
+import pytest
+import torch
+
+from chatft.chat_format import IGNORE_INDEX
+from chatft.data import (
+    ChatCollator, DataError, LazySupervisedDataset, SupervisedDataset, load_samples, make_datasets,
+)
+from conftest import write_json
+
+GOOD = {"id": "ok", "conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello"}]}
+
+
+def test_json_and_jsonl_load(tmp_path):
+    as_json = write_json(tmp_path / "a.json", [GOOD, GOOD])
+    as_jsonl = tmp_path / "a.jsonl"
+    as_jsonl.write_text(json.dumps(GOOD) + "\n\n" + json.dumps(GOOD) + "\n")
+    assert load_samples(str(as_json)) == load_samples(str(as_jsonl)) == [GOOD, GOOD]
+    jsonl_named_json = tmp_path / "b.json"
+    jsonl_named_json.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD))
+    assert load_samples(str(jsonl_named_json)) == [GOOD, GOOD]
+
+
+BAD_SAMPLES = [
+    ({"id": 7}, "sample 0 (id=7): missing 'conversations'"),
+    ({"conversations": "hi"}, "sample 0: 'conversations' must be a non-empty list"),
+    ({"id": "a", "conversations": [{"value": "x"}, {"from": "assistant", "value": "y"}]},
+     "sample 0 (id='a'): conversations[0]: missing 'from'"),
+    ({"id": "b", "conversations": [{"from": "user"}, {"from": "assistant", "value": "y"}]},
+     "conversations[0]: missing 'value'"),
+    ({"id": "c", "conversations": [{"from": "human", "value": "x"}, {"from": "assistant", "value": "y"}]},
+     "conversations[0]: unknown role 'human' in 'from'"),
+    ({"id": "d", "conversations": [{"from": "user", "value": 3}, {"from": "assistant", "value": "y"}]},
+     "conversations[0]: 'value' must be a string, found a int"),
+    ({"id": "e", "conversations": [{"from": "user", "value": "x"}, {"from": "assistant", "value": "  "}]},
+     "conversations[1]: empty assistant 'value'"),
+    ({"id": "f", "conversations": [{"from": "user", "value": ""}, {"from": "assistant", "value": "y"}]},
+     "conversations[0]: empty user 'value'"),
+    ({"id": "g", "conversations": [{"from": "system", "value": "s"}, {"from": "user", "value": "x"}]},
+     "sample 0 (id='g'): no assistant turn"),
+    ({"id": "h", "conversations": [{"from": "assistant", "value": "only a leading reply"}, {"from": "user", "value": "x"}]},
+     "sample 0 (id='h'): no assistant turn"),
+    (["not", "an", "object"], "sample 0: expected an object with 'conversations', found a list"),
+]
+
+
+@pytest.mark.parametrize("sample,message", BAD_SAMPLES)
+def test_each_bad_sample_is_named(tmp_path, sample, message):
+    path = write_json(tmp_path / "bad.json", [sample])
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")) as error:
+        load_samples(str(path))
+    assert str(path) in str(error.value)
+
+
+def test_empty_system_prompt_is_allowed(tmp_path):
+    sample = {"id": "s", "conversations": [{"from": "system", "value": ""}, *GOOD["conversations"]]}
+    assert load_samples(str(write_json(tmp_path / "d.json", [sample]))) == [sample]
+
+
+def test_all_problems_reported_up_to_a_cap(tmp_path):
+    samples = [GOOD] + [{"id": i, "conversations": [{"from": "bot", "value": "x"}]} for i in range(1, 40)]
+    with pytest.raises(DataError) as error:
+        load_samples(str(write_json(tmp_path / "many.json", samples)))
+    message = str(error.value)
+    assert "sample 1 (id=1)" in message and "sample 20 (id=20)" in message and "sample 39" not in message
+    assert "39 problem(s)" in message and "... and 19 more problems" in message
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "invalid JSON at line 1"),
+    ('{"conversations": []}', "expected a JSON list of samples, found a dict"),
+    ("[]", "contains no samples"),
+])
+def test_bad_files(tmp_path, content, message):
+    path = tmp_path / "x.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_samples(str(path))
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n{oops\n")
+    with pytest.raises(DataError, match="line 2: invalid JSON"):
+        load_samples(str(path))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="no such data file"):
+        load_samples(str(tmp_path / "nope.json"))
+
+
+def test_collator_pads_to_multiple_of_8():
+    batch = ChatCollator(pad_token_id=0)([
+        {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
+        {"input_ids": list(range(1, 11)), "labels": list(range(1, 11))},
+    ])
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["input_ids"][0].tolist() == [5, 6, 7] + [0] * 13
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX, 6, 7] + [IGNORE_INDEX] * 13
+    assert batch["attention_mask"].sum(dim=1).tolist() == [3, 10]
+    assert batch["attention_mask"].dtype == torch.long
+
+
+def long_sample(i):
+    return {"id": f"long{i}", "conversations": [{"from": "user", "value": "word " * 200}, {"from": "assistant", "value": "ok"}]}
+
+
+def test_eager_dataset_drops_untrainable_samples(qwen_tokenizer, caplog):
+    data = [GOOD, long_sample(1), GOOD]
+    dataset = SupervisedDataset(data, qwen_tokenizer, max_len=64)
+    assert len(dataset) == 2
+    assert "Dropped 1 of 3" in caplog.text and "id='long1'" in caplog.text
+
+
+def test_lazy_dataset_never_yields_a_sample_without_loss(qwen_tokenizer, caplog):
+    data = [GOOD, long_sample(1), {**GOOD, "id": "third"}]
+    dataset = LazySupervisedDataset(data, qwen_tokenizer, max_len=64)
+    assert len(dataset) == 3
+    eager = SupervisedDataset(data, qwen_tokenizer, max_len=64)
+    assert dataset[0] == eager[0]
+    assert dataset[1] == eager[1]  # the untrainable sample is replaced by the next one
+    assert any(label != IGNORE_INDEX for label in dataset[1]["labels"])
+    assert "id='long1'" in caplog.text
+
+
+def test_nothing_trainable_is_an_error(qwen_tokenizer):
+    with pytest.raises(DataError, match="raise it"):
+        SupervisedDataset([long_sample(1)], qwen_tokenizer, max_len=64)
+    with pytest.raises(DataError, match="raise it"):
+        LazySupervisedDataset([long_sample(1)], qwen_tokenizer, max_len=64)[0]
+
+
+def test_make_datasets(qwen_tokenizer):
+    train, evaluation = make_datasets([GOOD] * 3, None, qwen_tokenizer, 128, lazy=True, system_message="s")
+    assert isinstance(train, LazySupervisedDataset) and evaluation is None
+    train, evaluation = make_datasets([GOOD] * 3, [GOOD], qwen_tokenizer, 128, lazy=False, system_message="s")
+    assert isinstance(evaluation, SupervisedDataset) and len(evaluation) == 1

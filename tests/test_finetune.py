@@ -1,0 +1,201 @@
+"""finetune.py end to end on tiny random Qwen2/Qwen3 models (real Qwen tokenizer): each mode trains,
+saves, and reloads with plain transformers/peft to the same logits; bad input leaves output_dir untouched."""
+
+import json
+import os
+import subprocess
+import sys
+
+import peft
+import pytest
+import tokenizers
+import torch
+import transformers
+
+import finetune
+from chatft.chat_format import IM_END, IM_START
+from conftest import ROOT, write_json
+
+CONVERSATIONS = [
+    {"id": f"s{i}", "conversations": [
+        {"from": "user", "value": q}, {"from": "assistant", "value": a}]}
+    for i, (q, a) in enumerate([("Who are you?", "I am Tessa."), ("2+2?", "4"), ("你好", "你好！"), ("Bye", "Goodbye!")] * 2)
+]
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    return str(write_json(tmp_path / "train.json", CONVERSATIONS))
+
+
+def run(model_dir, data_file, output_dir, *extra):
+    argv = ["--model_name_or_path", str(model_dir), "--data_path", data_file, "--output_dir", str(output_dir),
+            "--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+            "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "True",
+            "--model_max_length", "64", *extra]
+    return finetune.train(argv)
+
+
+def probe_logits(model, tokenizer):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits.float()
+
+
+def assert_common_outputs(output_dir):
+    files = set(os.listdir(output_dir))
+    assert {"tokenizer.json", "tokenizer_config.json", "finetune_args.json", "trainer_state.json",
+            "generation_config.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files), "weights must be safetensors"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(output_dir)
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    return tokenizer
+
+
+def test_full_parameter(tiny_qwen_dir, data_file, tmp_path):
+    before = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)
+    trainer = run(tiny_qwen_dir, data_file, tmp_path / "out")
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    tokenizer = assert_common_outputs(tmp_path / "out")
+    assert "model.safetensors" in os.listdir(tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(probe_logits(reloaded, tokenizer), probe_logits(trainer.model, tokenizer))
+    assert not torch.allclose(probe_logits(before, tokenizer), probe_logits(reloaded, tokenizer))
+    assert reloaded.config.use_cache is True
+    arguments = json.load(open(tmp_path / "out" / "finetune_args.json"))
+    assert arguments["training"]["max_steps"] == 3 and arguments["model"]["model_name_or_path"] == str(tiny_qwen_dir)
+
+
+def test_lora(tiny_qwen_dir, data_file, tmp_path):
+    trainer = run(tiny_qwen_dir, data_file, tmp_path / "out", "--use_lora", "--lora_r", "8", "--activation_checkpointing")
+    tokenizer = assert_common_outputs(tmp_path / "out")
+    files = set(os.listdir(tmp_path / "out"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    config = json.load(open(tmp_path / "out" / "adapter_config.json"))
+    assert config["base_model_name_or_path"] == str(tiny_qwen_dir)
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not config["modules_to_save"]
+    reloaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(probe_logits(reloaded, tokenizer), probe_logits(trainer.model, tokenizer))
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)
+    assert not torch.allclose(probe_logits(base, tokenizer), probe_logits(reloaded, tokenizer))
+
+
+def test_lora_target_modules_and_continuation(tiny_qwen_dir, data_file, tmp_path):
+    run(tiny_qwen_dir, data_file, tmp_path / "first", "--use_lora", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj")
+    first = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "first")
+    assert set(first.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
+    # learning rate 0: the continued run must save exactly the adapter it started from
+    run(tiny_qwen_dir, data_file, tmp_path / "second", "--use_lora", "--lora_weight_path", str(tmp_path / "first"),
+        "--learning_rate", "0", "--max_steps", "1")
+    second = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "second")
+    first_state, second_state = peft.get_peft_model_state_dict(first), peft.get_peft_model_state_dict(second)
+    assert first_state.keys() == second_state.keys() and first_state
+    for name in first_state:
+        torch.testing.assert_close(first_state[name], second_state[name])
+    assert any(first_state[name].abs().sum() > 0 for name in first_state if "lora_B" in name)
+
+
+def make_non_chatml_model(root, tie):
+    """A tiny Llama whose BPE tokenizer has no <|im_start|>/<|im_end|>, as a non-ChatML base model."""
+    model = tokenizers.models.BPE(unk_token="<unk>")
+    bpe = tokenizers.Tokenizer(model)
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([f"{c['value']} {c['value']}" for s in CONVERSATIONS for c in s["conversations"]] * 5, trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="</s>")
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+                                      eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512)
+    torch.manual_seed(0)
+    path = root / f"non-chatml-tie{tie}"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_added_chatml_tokens_train_embeddings_under_lora(tmp_path, data_file, tie, caplog):
+    base_dir = make_non_chatml_model(tmp_path, tie)
+    base_vocab = len(transformers.AutoTokenizer.from_pretrained(base_dir))
+    trainer = run(base_dir, data_file, tmp_path / "out", "--use_lora", "--lora_r", "4", "--learning_rate", "1e-2")
+    assert "lacks <|im_start|> and <|im_end|>; added them" in caplog.text
+    tokenizer = assert_common_outputs(tmp_path / "out")
+    assert len(tokenizer) == base_vocab + 2 and {IM_START, IM_END} <= set(tokenizer.get_vocab())
+    config = json.load(open(tmp_path / "out" / "adapter_config.json"))
+    short_names = {name.split(".")[-1] for name in config["modules_to_save"]}
+    # tied weights: peft keeps one trainable copy of the shared matrix, registered under the embedding's name
+    assert short_names == ({"embed_tokens"} if tie else {"embed_tokens", "lm_head"})
+    reloaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(probe_logits(reloaded, tokenizer), probe_logits(trainer.model, tokenizer))
+    assert reloaded.get_input_embeddings().weight.shape[0] == base_vocab + 2
+    # embeddings were trained: the saved copy differs from the base model's rows
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    old_rows = base.get_input_embeddings().weight
+    assert not torch.allclose(reloaded.get_input_embeddings().weight[:base_vocab], old_rows)
+    if tie:
+        output = reloaded.get_output_embeddings().weight
+        torch.testing.assert_close(output, reloaded.get_input_embeddings().weight)
+
+
+def test_added_tokens_full_parameter(tmp_path, data_file):
+    base_dir = make_non_chatml_model(tmp_path, tie=False)
+    trainer = run(base_dir, data_file, tmp_path / "out")
+    tokenizer = assert_common_outputs(tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    torch.testing.assert_close(probe_logits(reloaded, tokenizer), probe_logits(trainer.model, tokenizer))
+
+
+def test_train_embeddings_true_without_added_tokens(tiny_qwen_dir, data_file, tmp_path):
+    run(tiny_qwen_dir, data_file, tmp_path / "out", "--use_lora", "--lora_r", "4", "--train_embeddings", "true")
+    assert set(json.load(open(tmp_path / "out" / "adapter_config.json"))["modules_to_save"]) == {"embed_tokens", "lm_head"}
+
+
+BAD_FILES = {
+    "invalid.json": '[{"id": 1, "conversations": [',
+    "unknown_role.json": json.dumps([{"id": "r1", "conversations": [{"from": "bot", "value": "x"}, {"from": "assistant", "value": "y"}]}]),
+    "no_assistant.json": json.dumps([{"id": "n1", "conversations": [{"from": "user", "value": "x"}]}]),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_bad_data_fails_before_loading_and_writes_nothing(tmp_path, name, monkeypatch, capsys):
+    def no_model_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was validated")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model_loading)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_model_loading)
+    data = tmp_path / name
+    data.write_text(BAD_FILES[name])
+    output_dir = tmp_path / "previous_run"
+    output_dir.mkdir()
+    (output_dir / "keep.txt").write_text("earlier results")
+    code = finetune.main(["--model_name_or_path", "any", "--data_path", str(data), "--output_dir", str(output_dir),
+                          "--overwrite_output_dir", "True", "--use_cpu", "True"])
+    assert code == 2
+    assert str(data) in capsys.readouterr().err
+    assert os.listdir(output_dir) == ["keep.txt"] and (output_dir / "keep.txt").read_text() == "earlier results"
+
+
+def test_non_empty_output_dir_is_refused(tmp_path, data_file, capsys):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "model.safetensors").write_text("previous")
+    code = finetune.main(["--model_name_or_path", "any", "--data_path", data_file, "--output_dir", str(output_dir), "--use_cpu", "True"])
+    assert code == 2 and "--overwrite_output_dir" in capsys.readouterr().err
+    assert (output_dir / "model.safetensors").read_text() == "previous"
+
+
+def test_cli_exit_code_and_message(tmp_path):
+    data = write_json(tmp_path / "bad.json", [{"id": "x7", "conversations": [{"from": "user", "value": 5}]}])
+    result = subprocess.run([sys.executable, "finetune.py", "--model_name_or_path", "any", "--data_path", str(data),
+                             "--output_dir", str(tmp_path / "o"), "--use_cpu", "True"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"{data}: sample 0 (id='x7'): conversations[0]: 'value' must be a string" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
