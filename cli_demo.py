@@ -1,0 +1,73 @@
+"""Chat with a fine-tuned model: a full model directory or a LoRA adapter directory (detected).
+
+    $ python cli_demo.py -c output_qwen                          # interactive, streamed
+    $ python cli_demo.py -c output_qwen --query "Who are you?"   # one-shot, greedy, prints the reply
+
+Prompts go through the model's own saved chat template, the one the training run wrote.
+Interactive commands: :clear (forget the history), :history, :exit.
+"""
+
+import argparse
+import sys
+
+import torch
+import transformers
+
+from chatft.chat import generate_reply, load_chat_model
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--checkpoint-path", required=True, help="Model or LoRA adapter directory.")
+    parser.add_argument("--query", action="append", help="Ask this and print the reply (repeatable); no prompt loop.")
+    parser.add_argument("--system", default=None, help="System message (default: the one saved in the chat template).")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--do-sample", action="store_true", help="Sample instead of greedy decoding.")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.8)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--trust-remote-code", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    transformers.set_seed(args.seed)
+    model, tokenizer = load_chat_model(args.checkpoint_path, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+
+    if args.query:
+        for query in args.query:
+            reply = generate_reply(model, tokenizer, system + [{"role": "user", "content": query}],
+                                   args.max_new_tokens, **sampling)
+            print(f"User: {query}\nAssistant: {reply}\n", flush=True)
+        return 0
+
+    history = []
+    streamer = transformers.TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    print("Chat with the model. Commands: :clear, :history, :exit")
+    while True:
+        try:
+            query = input("\nUser: ").strip()
+        except EOFError:
+            return 0
+        if query == ":exit":
+            return 0
+        if query == ":clear":
+            history = []
+            continue
+        if query == ":history":
+            for message in history:
+                print(f"{message['role'].capitalize()}: {message['content']}")
+            continue
+        if not query:
+            continue
+        history.append({"role": "user", "content": query})
+        print("Assistant: ", end="", flush=True)
+        reply = generate_reply(model, tokenizer, system + history, args.max_new_tokens, streamer=streamer, **sampling)
+        history.append({"role": "assistant", "content": reply})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
