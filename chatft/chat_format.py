@@ -114,7 +114,7 @@ def tokenize_conversation(
 
 
 def preprocess(sources, tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE) -> dict:
-    """Qwen-compatible batch preprocessing: `sources` is a list of `conversations` lists.
+    """Qwen-compatible batch preprocessing: `sources` is a list of `conversations` lists (or of whole samples).
 
     Returns `{"input_ids", "labels", "attention_mask"}`, each a list with one unpadded list of
     ints per kept sample (no padding, so every attention_mask is all ones; the collator pads).
@@ -123,6 +123,8 @@ def preprocess(sources, tokenizer, max_len: int, system_message: str = DEFAULT_S
     batch = {"input_ids": [], "labels": [], "attention_mask": []}
     dropped = 0
     for conversation in sources:
+        if isinstance(conversation, dict):  # a whole sample rather than its turns
+            conversation = conversation["conversations"]
         sample = tokenize_conversation(to_turns(conversation), tokenizer, max_len, system_message)
         if sample.num_trainable == 0:
             dropped += 1

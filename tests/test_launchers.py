@@ -1,0 +1,33 @@
+"""The shell launchers: options, pass-through flags, and refusing a missing data file before Python starts."""
+
+import os
+import subprocess
+
+from conftest import ROOT, write_json
+from test_finetune import CONVERSATIONS
+
+LAUNCHER = str(ROOT / "finetune" / "finetune_lora_single_gpu.sh")
+
+
+def test_lora_single_gpu_with_options_and_extra_flags(tiny_qwen_dir, tmp_path):
+    data = write_json(tmp_path / "train.json", CONVERSATIONS)
+    # relative paths resolve against the caller's directory, not the repository
+    result = subprocess.run(
+        ["bash", LAUNCHER, "-m", str(tiny_qwen_dir), "-d", "train.json", "-o", "out", "--max_steps", "2",
+         "--lora_r", "4", "--save_strategy", "no"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(os.listdir(tmp_path / "out"))
+    assert "--use_lora" in result.stderr and "--lora_r 4" in result.stderr  # set -x shows the command
+
+
+def test_missing_data_file_fails_fast(tmp_path):
+    result = subprocess.run(["bash", LAUNCHER, "-d", "nope.json", "-o", "out"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0 and "data file not found: nope.json" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_help():
+    result = subprocess.run(["bash", LAUNCHER, "-h"], capture_output=True, text=True)
+    assert result.returncode == 0 and "-m MODEL" in result.stdout
