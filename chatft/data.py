@@ -29,8 +29,11 @@ class DataError(ValueError):
 
 def _read_json_or_jsonl(path: str) -> tuple[list, list[str]]:
     """Return (records, problems). JSONL is one JSON value a line; blank lines are skipped."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate the BOM some editors write
+            text = f.read()
+    except UnicodeDecodeError as e:
+        return [], [f"{path}: not UTF-8 text (byte {e.start}: {e.reason})"]
     if not path.endswith(".jsonl"):
         try:
             data = json.loads(text)

@@ -81,6 +81,15 @@ def test_bad_files(tmp_path, content, message):
         load_samples(str(path))
 
 
+def test_utf8_bom_is_accepted_and_non_utf8_is_reported(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([GOOD]).encode())
+    assert load_samples(str(path)) == [GOOD]
+    path.write_bytes(json.dumps([GOOD]).encode("utf-16"))
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        load_samples(str(path))
+
+
 def test_bad_jsonl_line_is_named(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text(json.dumps(GOOD) + "\n{oops\n")
