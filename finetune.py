@@ -18,7 +18,7 @@ import transformers
 from chatft.args import ArgumentError, parse_args
 from chatft.chat_format import preprocess  # noqa: F401  (Qwen-compatible: `from finetune import preprocess`)
 from chatft.data import ChatCollator, DataError, LazySupervisedDataset, SupervisedDataset, load_samples, make_datasets  # noqa: F401
-from chatft.model import load_model, load_tokenizer, resolve_model_path
+from chatft.model import join_process_group, load_model, load_tokenizer, resolve_model_path
 from chatft.saving import OutputDirError, check_output_dir, save_run
 
 logger = logging.getLogger("finetune")
@@ -31,6 +31,7 @@ def train(argv=None):
     train_samples = load_samples(data_args.data_path)
     eval_samples = load_samples(data_args.eval_data_path) if data_args.eval_data_path else None
 
+    join_process_group(training_args)
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer, added_tokens = load_tokenizer(
         model_path, training_args.model_max_length, data_args.system_message,

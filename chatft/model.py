@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 import transformers
+from transformers.integrations import is_deepspeed_zero3_enabled
 
+from chatft.args import ArgumentError
 from chatft.chat_format import IM_END, IM_START, chatml_template
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,16 @@ def resolve_model_path(model_name_or_path: str) -> str:
     return model_name_or_path
 
 
+def join_process_group(training_args) -> None:
+    """Join torch.distributed before any model loads: ZeRO-3 partitions weights while loading, and
+    DeepSpeed's communicator must know the world size by then (accelerate leaves it unset on the CPU)."""
+    training_args.device  # accelerate's lazy setup: init_process_group (nccl on CUDA, gloo on the CPU)
+    if training_args.deepspeed and torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
 def load_tokenizer(model_path: str, model_max_length: int, system_message: str, cache_dir=None, trust_remote_code=False):
     """Load the fast tokenizer, add ChatML tokens if missing, install the ChatML chat template.
 
@@ -119,6 +131,15 @@ def resolve_attn_implementation(requested: str, training_args) -> str:
 
 def load_model(model_path: str, model_args, training_args, lora_args, tokenizer, added_tokens: list[str]):
     """Load the causal LM for full-parameter or LoRA training, sized to `tokenizer`."""
+    train_embeddings = {"true": True, "false": False}.get(model_args.train_embeddings, bool(added_tokens))
+    if training_args.use_lora and added_tokens and not train_embeddings:
+        logger.warning("--train_embeddings false: the added %s tokens keep untrained embeddings.", added_tokens)
+    if training_args.use_lora and train_embeddings and is_deepspeed_zero3_enabled():
+        # peft copies modules_to_save, which cannot be done with ZeRO-3's partitioned parameters
+        raise ArgumentError(
+            "LoRA with trainable embeddings (--train_embeddings, or ChatML tokens added to the tokenizer) cannot run "
+            "under DeepSpeed ZeRO-3: use --deepspeed ds_config_zero2.json (finetune/finetune_lora_ds.sh's default)."
+        )
     # Full-parameter training keeps fp32 master weights (the Trainer autocasts to bf16/fp16); LoRA
     # freezes the base, so it is loaded directly in the compute dtype, halving its memory.
     dtype = compute_dtype(training_args) if training_args.use_lora else torch.float32
@@ -132,12 +153,10 @@ def load_model(model_path: str, model_args, training_args, lora_args, tokenizer,
         trust_remote_code=model_args.trust_remote_code,
     )
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0] or added_tokens:
+    # num_embeddings, not weight.shape: under ZeRO-3 the weight is a partitioned, empty placeholder
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings or added_tokens:
         model.resize_token_embeddings(len(tokenizer))
     if training_args.use_lora:
-        train_embeddings = {"true": True, "false": False}.get(model_args.train_embeddings, bool(added_tokens))
-        if added_tokens and not train_embeddings:
-            logger.warning("--train_embeddings false: the added %s tokens keep untrained embeddings.", added_tokens)
         model = wrap_lora(model, lora_args, train_embeddings, training_args.activation_checkpointing)
     elif model_args.train_embeddings == "false":  # full-parameter training trains everything unless told not to
         model.get_input_embeddings().weight.requires_grad_(False)
@@ -187,9 +206,11 @@ def wrap_lora(model, lora_args, train_embeddings: bool, activation_checkpointing
         model = peft.get_peft_model(model, config)
         logger.info("LoRA on %s", ", ".join(sorted(model.peft_config["default"].target_modules)))
     # Trainable weights in fp32 whatever the base dtype: bf16/fp16 optimizer updates lose small steps.
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            parameter.data = parameter.data.float()
+    # (DeepSpeed keeps its own fp32 master copy, and ZeRO-3's parameters are placeholders: leave them.)
+    if not is_deepspeed_zero3_enabled():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
     if activation_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     model.print_trainable_parameters()

@@ -1,0 +1,182 @@
+"""Many processes on the CPU (gloo): DeepSpeed ZeRO-2/3 and FSDP through torchrun and the launchers.
+
+Each run is a real multi-process fine-tune of a tiny random Qwen2 model with the real Qwen tokenizer.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import peft
+import pytest
+import safetensors.torch
+import torch
+import transformers
+
+from conftest import ROOT, _tiny_model_dir, write_json
+from test_finetune import CONVERSATIONS
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return _tiny_model_dir(tmp_path_factory.mktemp("dist-model"), "qwen2")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return str(write_json(tmp_path_factory.mktemp("dist-data") / "train.json", CONVERSATIONS * 2))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc, script, *args, env=None):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def common_flags(model, data, output_dir, *extra):
+    # fp32, no dropout and a fixed seed, so runs that differ only in how the batch is split agree
+    return ["--model_name_or_path", str(model), "--data_path", data, "--output_dir", str(output_dir),
+            "--max_steps", "3", "--learning_rate", "1e-3", "--logging_steps", "1", "--report_to", "none",
+            "--save_strategy", "no", "--use_cpu", "True", "--seed", "11", "--model_max_length", "64", *extra]
+
+
+def losses(output_dir):
+    history = json.load(open(os.path.join(output_dir, "trainer_state.json")))["log_history"]
+    return [(entry["loss"], entry["learning_rate"]) for entry in history if "loss" in entry]
+
+
+def weights(output_dir):
+    return safetensors.torch.load_file(os.path.join(output_dir, "model.safetensors"))
+
+
+ENGINES = {
+    "zero2": ["--deepspeed", "ds_config_zero2.json"],
+    "zero3": ["--deepspeed", "ds_config_zero3.json"],
+    "fsdp": ["--fsdp", "full_shard auto_wrap"],
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_processes_equal_one_process_with_the_whole_batch(engine, tiny_model, data_file, tmp_path):
+    """2 processes x batch 2 and 1 process x batch 4: same loss curve and final weights."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    torchrun(1, "finetune.py", *common_flags(tiny_model, data_file, one, "--per_device_train_batch_size", "4", *ENGINES[engine]))
+    torchrun(2, "finetune.py", *common_flags(tiny_model, data_file, two, "--per_device_train_batch_size", "2", *ENGINES[engine]))
+    curve_one, curve_two = losses(one), losses(two)
+    assert len(curve_one) == 3
+    for (loss_one, lr_one), (loss_two, lr_two) in zip(curve_one, curve_two):
+        assert loss_one == pytest.approx(loss_two, rel=1e-4) and lr_one == pytest.approx(lr_two)
+    base = weights(tiny_model)
+    final_one, final_two = weights(one), weights(two)
+    assert final_one.keys() == final_two.keys()
+    for name in final_one:
+        torch.testing.assert_close(final_two[name], final_one[name], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(final_one[name], base[name]) for name in final_one)
+
+
+def test_learning_rate_follows_the_scheduler_flag(tiny_model, data_file, tmp_path):
+    """The DeepSpeed configs carry no scheduler block, so --lr_scheduler_type is what runs (Qwen's WarmupLR
+    block silently replaced it)."""
+    for scheduler in ("cosine", "constant"):
+        output = tmp_path / scheduler
+        torchrun(2, "finetune.py", *common_flags(tiny_model, data_file, output, "--per_device_train_batch_size", "1",
+                                                 "--max_steps", "4", "--lr_scheduler_type", scheduler,
+                                                 *ENGINES["zero2"]))
+        rates = [lr for _, lr in losses(output)]
+        if scheduler == "cosine":
+            expected = [1e-3 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * k / 4))).item() for k in range(1, 5)]
+        else:
+            expected = [1e-3] * 4
+        assert rates == pytest.approx(expected, abs=1e-9), (scheduler, rates)
+
+
+def test_zero3_save_reload_round_trip(tiny_model, data_file, tmp_path):
+    gathered = tmp_path / "gathered.safetensors"
+    torchrun(2, "tests/helpers/zero3_roundtrip.py", str(gathered),
+             *common_flags(tiny_model, data_file, tmp_path / "out", "--per_device_train_batch_size", "2", *ENGINES["zero3"]))
+    at_end = safetensors.torch.load_file(gathered)
+    reloaded = dict(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").named_parameters())
+    assert at_end.keys() == reloaded.keys()
+    for name, tensor in at_end.items():
+        assert tensor.numel() > 0, f"{name} was saved as an empty ZeRO-3 shard"
+        torch.testing.assert_close(reloaded[name].detach(), tensor)
+
+
+def test_zero3_refuses_trainable_embeddings_under_lora(tiny_model, data_file, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
+               "finetune.py", *common_flags(tiny_model, data_file, tmp_path / "out", "--use_lora", "--train_embeddings",
+                                            "true", *ENGINES["zero3"])]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and "use --deepspeed ds_config_zero2.json" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def launcher(name, *args, env=None):
+    return subprocess.run(["bash", f"finetune/{name}", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "MASTER_PORT": str(free_port()), **(env or {})})
+
+
+SHORT_RUN = ["--", "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+             "--save_strategy", "no", "--model_max_length", "64"]
+
+
+def test_lora_zero2_launcher(tiny_model, data_file, tmp_path):
+    result = launcher("finetune_lora_ds.sh", "-m", str(tiny_model), "-d", data_file, "-o", str(tmp_path / "out"),
+                      *SHORT_RUN, "--lora_r", "4")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "ds_config_zero2.json" in result.stderr and "--nproc_per_node 2" in result.stderr
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out")
+    state = peft.get_peft_model_state_dict(model)
+    assert state and any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # trained, not the zero init
+
+
+def test_full_zero3_launcher(tiny_model, data_file, tmp_path):
+    result = launcher("finetune_ds.sh", "-m", str(tiny_model), "-d", data_file, "-o", str(tmp_path / "out"), *SHORT_RUN)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "ds_config_zero3.json" in result.stderr
+    trained, base = weights(tmp_path / "out"), weights(tiny_model)
+    assert trained.keys() == base.keys()
+    assert any(not torch.equal(trained[n].float(), base[n].float()) for n in base)
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_two_nodes_on_one_machine(tiny_model, data_file, tmp_path):
+    """Two torchrun agents, --nnodes 2, one process each, rendezvous on 127.0.0.1: one run, one output."""
+    port = str(free_port())
+    env = {**os.environ, "NNODES": "2", "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    args = ["bash", "finetune/finetune_lora_ds.sh", "-m", str(tiny_model), "-d", data_file, "-o", str(tmp_path / "out"),
+            *SHORT_RUN, "--lora_r", "4"]
+    nodes = [subprocess.Popen(args, cwd=ROOT, env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stderr[-4000:]
+    assert "--nnodes 2 --node_rank 1" in outputs[1][1]
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    state = json.load(open(tmp_path / "out" / "trainer_state.json"))
+    assert state["global_step"] == 2
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["--bogus"], {}, "unknown option: --bogus"),
+    (["-d", "missing.json"], {}, "data file not found: missing.json"),
+    ([], {"NNODES": "two"}, "NNODES must be a whole number"),
+    (["--deepspeed", "nope.json"], {}, "DeepSpeed config not found"),
+])
+@pytest.mark.parametrize("name", ["finetune_ds.sh", "finetune_lora_ds.sh", "finetune_qlora_ds.sh"])
+def test_bad_launcher_input(name, args, env, message):
+    result = launcher(name, *args, env=env)
+    assert result.returncode == 2 and message in result.stderr and "Usage: bash finetune/" in result.stderr
+    assert "+ torchrun" not in result.stderr  # refused before anything started (set -x would show it)
