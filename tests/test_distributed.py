@@ -180,3 +180,14 @@ def test_bad_launcher_input(name, args, env, message):
     result = launcher(name, *args, env=env)
     assert result.returncode == 2 and message in result.stderr and "Usage: bash finetune/" in result.stderr
     assert "+ torchrun" not in result.stderr  # refused before anything started (set -x would show it)
+
+
+@pytest.mark.parametrize("engine", ["zero3", "fsdp"])
+def test_lora_adapter_is_gathered_not_saved_as_empty_shards(engine, tiny_model, data_file, tmp_path):
+    torchrun(2, "finetune.py", *common_flags(tiny_model, data_file, tmp_path / "out", "--per_device_train_batch_size", "2",
+                                             "--use_lora", "--lora_r", "4", *ENGINES[engine]))
+    saved = safetensors.torch.load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert saved and all(tensor.numel() > 0 for tensor in saved.values())
+    lora_b = [tensor for name, tensor in saved.items() if "lora_B" in name]
+    assert lora_b and all(tensor.shape[1] == 4 for tensor in lora_b) and any(t.abs().sum() > 0 for t in lora_b)
+    peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out")
