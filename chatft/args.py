@@ -6,6 +6,7 @@ then runs `validate_args`, which collects every cross-field problem and raises o
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -112,6 +113,17 @@ def parse_args(argv: list[str] | None = None):
     return model_args, data_args, training_args, lora_args
 
 
+def deepspeed_zero_stage(training_args) -> int | None:
+    """The ZeRO stage of --deepspeed (a config path or dict), or None without DeepSpeed."""
+    config = training_args.deepspeed
+    if not config:
+        return None
+    if isinstance(config, str):
+        with open(config, encoding="utf-8") as f:
+            config = json.load(f)
+    return config.get("zero_optimization", {}).get("stage", 0)
+
+
 def validate_args(model_args, data_args, training_args, lora_args) -> None:
     """Collect every contradiction between flags; raise `ArgumentError` listing them all."""
     problems = []
@@ -127,8 +139,11 @@ def validate_args(model_args, data_args, training_args, lora_args) -> None:
         for flag, value in (("--lora_weight_path", lora_args.lora_weight_path), ("--q_lora", lora_args.q_lora)):
             if value:
                 problems.append(f"{flag} needs --use_lora.")
-    if lora_args.q_lora:
-        problems.append("--q_lora is not available in this version yet; train LoRA on the full-precision model.")
+    if lora_args.q_lora and deepspeed_zero_stage(training_args) == 3:
+        problems.append("--q_lora cannot run under DeepSpeed ZeRO-3 (4-bit weights cannot be partitioned): "
+                        "use --deepspeed ds_config_zero2.json (finetune/finetune_qlora_ds.sh's default).")
+    if lora_args.q_lora and training_args.fsdp:
+        problems.append("--q_lora cannot run under FSDP here: use DeepSpeed ZeRO-2 (finetune/finetune_qlora_ds.sh).")
     if lora_args.lora_weight_path and not os.path.isfile(os.path.join(lora_args.lora_weight_path, "adapter_config.json")):
         problems.append(f"--lora_weight_path {lora_args.lora_weight_path}: no adapter_config.json there.")
     if problems:

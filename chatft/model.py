@@ -129,33 +129,89 @@ def resolve_attn_implementation(requested: str, training_args) -> str:
     return "sdpa"
 
 
-def load_model(model_path: str, model_args, training_args, lora_args, tokenizer, added_tokens: list[str]):
-    """Load the causal LM for full-parameter or LoRA training, sized to `tokenizer`."""
-    train_embeddings = {"true": True, "false": False}.get(model_args.train_embeddings, bool(added_tokens))
-    if training_args.use_lora and added_tokens and not train_embeddings:
+def trainable_embeddings(model_args, training_args, lora_args, added_tokens: list[str]) -> bool:
+    """Whether the embeddings and output layer train; refuses the combinations that cannot work."""
+    train = {"true": True, "false": False}.get(model_args.train_embeddings, bool(added_tokens))
+    if lora_args.q_lora and added_tokens:
+        raise ArgumentError(
+            f"--q_lora: the tokenizer lacks {' and '.join(added_tokens)}, so they would have to be learned, but Q-LoRA "
+            "keeps the base model frozen in 4 bits and its embeddings cannot learn new tokens. Train LoRA on the "
+            "full-precision model instead (drop --q_lora; the embeddings then train as modules_to_save), or start "
+            "from a model whose tokenizer already has the ChatML tokens."
+        )
+    if training_args.use_lora and added_tokens and not train:
         logger.warning("--train_embeddings false: the added %s tokens keep untrained embeddings.", added_tokens)
-    if training_args.use_lora and train_embeddings and is_deepspeed_zero3_enabled():
+    if training_args.use_lora and train and is_deepspeed_zero3_enabled():
         # peft copies modules_to_save, which cannot be done with ZeRO-3's partitioned parameters
         raise ArgumentError(
             "LoRA with trainable embeddings (--train_embeddings, or ChatML tokens added to the tokenizer) cannot run "
             "under DeepSpeed ZeRO-3: use --deepspeed ds_config_zero2.json (finetune/finetune_lora_ds.sh's default)."
         )
+    return train
+
+
+def existing_quantization(model_path: str, trust_remote_code: bool = False) -> str | None:
+    """The quant_method the model was saved with (e.g. "gptq"), or None for a full-precision model."""
+    config = transformers.AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return None
+    return quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+
+
+def quantized_loading(model_path: str, model_args, training_args) -> dict:
+    """from_pretrained arguments for --q_lora: the model's own GPTQ weights, or NF4 quantization on load."""
+    method = existing_quantization(model_path, model_args.trust_remote_code)
+    # One whole copy per process, on its own device: Q-LoRA shards nothing (ZeRO-3 and FSDP are refused).
+    loading = {"device_map": {"": training_args.device}}
+    if method == "gptq":
+        return loading | gptq_loading(model_path)
+    if method is not None:
+        raise ArgumentError(f"--q_lora: {model_path} is quantized with {method}; use a GPTQ or a full-precision model.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ArgumentError("--q_lora on a full-precision model quantizes it with bitsandbytes: pip install bitsandbytes")
+    return loading | {"quantization_config": transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(training_args),
+    )}
+
+
+def gptq_loading(model_path: str) -> dict:
+    raise ArgumentError(f"--q_lora on the GPTQ model {model_path} is not supported yet; use its full-precision original.")
+
+
+def load_model(model_path: str, model_args, training_args, lora_args, tokenizer, added_tokens: list[str]):
+    """Load the causal LM for full-parameter, LoRA or Q-LoRA training, sized to `tokenizer`."""
+    train_embeddings = trainable_embeddings(model_args, training_args, lora_args, added_tokens)
     # Full-parameter training keeps fp32 master weights (the Trainer autocasts to bf16/fp16); LoRA
     # freezes the base, so it is loaded directly in the compute dtype, halving its memory.
     dtype = compute_dtype(training_args) if training_args.use_lora else torch.float32
+    quantization = quantized_loading(model_path, model_args, training_args) if lora_args.q_lora else {}
     attn_implementation = resolve_attn_implementation(model_args.attn_implementation, training_args)
-    logger.info("Loading %s (dtype=%s, attn_implementation=%s)", model_path, dtype, attn_implementation)
+    logger.info("Loading %s (dtype=%s, attn_implementation=%s%s)", model_path, dtype, attn_implementation,
+                ", 4-bit" if quantization else "")
     model = transformers.AutoModelForCausalLM.from_pretrained(
         model_path,
         cache_dir=training_args.cache_dir,
         dtype=dtype,
         attn_implementation=attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
+        **quantization,
     )
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     # num_embeddings, not weight.shape: under ZeRO-3 the weight is a partitioned, empty placeholder
     if len(tokenizer) > model.get_input_embeddings().num_embeddings or added_tokens:
         model.resize_token_embeddings(len(tokenizer))
+    if lora_args.q_lora:
+        import peft
+
+        # fp32 norms and output, input grads for checkpointing: what training on a frozen 4-bit base needs
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(training_args.activation_checkpointing),
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     if training_args.use_lora:
         model = wrap_lora(model, lora_args, train_embeddings, training_args.activation_checkpointing)
     elif model_args.train_embeddings == "false":  # full-parameter training trains everything unless told not to
@@ -180,7 +236,9 @@ def linear_projection_names(model) -> list[str]:
     return sorted({
         name.split(".")[-1]
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not output_layer
+        # bitsandbytes' Linear4bit is an nn.Linear; GPTQ kernels are QuantLinear classes of their own
+        if (isinstance(module, torch.nn.Linear) or type(module).__name__.endswith("QuantLinear"))
+        and module is not output_layer
     })
 
 

@@ -42,17 +42,17 @@ def smollm2_tokenizer(smollm2_dir):
     return transformers.AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-def _tiny_model_dir(root: Path, model_type: str) -> Path:
+def _tiny_model_dir(root: Path, model_type: str, hidden_size: int = 32, intermediate_size: int = 48) -> Path:
     tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
     config = transformers.AutoConfig.for_model(
         model_type,
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=48,  # deliberately not a multiple of the hidden size
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,  # 48 by default: deliberately not a multiple of the hidden size
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
+        head_dim=hidden_size // 4,
         max_position_embeddings=512,
         tie_word_embeddings=False,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
@@ -60,7 +60,7 @@ def _tiny_model_dir(root: Path, model_type: str) -> Path:
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    path = root / f"tiny-{model_type}"
+    path = root / f"tiny-{model_type}-{hidden_size}"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
