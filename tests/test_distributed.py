@@ -191,3 +191,15 @@ def test_lora_adapter_is_gathered_not_saved_as_empty_shards(engine, tiny_model, 
     lora_b = [tensor for name, tensor in saved.items() if "lora_B" in name]
     assert lora_b and all(tensor.shape[1] == 4 for tensor in lora_b) and any(t.abs().sum() > 0 for t in lora_b)
     peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_nf4_qlora_zero2_launcher(tmp_path, data_file):
+    """2 processes, each with its own 4-bit copy of the base (device map per rank), ZeRO-2 over the adapters."""
+    model = _tiny_model_dir(tmp_path, "qwen2", hidden_size=64, intermediate_size=128)
+    result = launcher("finetune_qlora_ds.sh", "-m", str(model), "-d", data_file, "-o", str(tmp_path / "out"),
+                      *SHORT_RUN, "--lora_r", "4")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "--q_lora" in result.stderr and "ds_config_zero2.json" in result.stderr
+    assert "4-bit" in result.stderr  # the loading log line
+    saved = safetensors.torch.load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert any(t.abs().sum() > 0 for name, t in saved.items() if "lora_B" in name)
