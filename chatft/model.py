@@ -11,7 +11,7 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -150,22 +150,23 @@ def trainable_embeddings(model_args, training_args, lora_args, added_tokens: lis
     return train
 
 
-def existing_quantization(model_path: str, trust_remote_code: bool = False) -> str | None:
-    """The quant_method the model was saved with (e.g. "gptq"), or None for a full-precision model."""
+def saved_quantization(model_path: str, trust_remote_code: bool = False) -> dict | None:
+    """The quantization_config the model was saved with (e.g. quant_method "gptq"), or None if full precision."""
     config = transformers.AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     quantization = getattr(config, "quantization_config", None)
     if quantization is None:
         return None
-    return quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+    return quantization if isinstance(quantization, dict) else quantization.to_dict()
 
 
 def quantized_loading(model_path: str, model_args, training_args) -> dict:
     """from_pretrained arguments for --q_lora: the model's own GPTQ weights, or NF4 quantization on load."""
-    method = existing_quantization(model_path, model_args.trust_remote_code)
+    saved = saved_quantization(model_path, model_args.trust_remote_code)
+    method = saved.get("quant_method") if saved else None
     # One whole copy per process, on its own device: Q-LoRA shards nothing (ZeRO-3 and FSDP are refused).
     loading = {"device_map": {"": training_args.device}}
     if method == "gptq":
-        return loading | gptq_loading(model_path)
+        return loading | gptq_loading(saved)
     if method is not None:
         raise ArgumentError(f"--q_lora: {model_path} is quantized with {method}; use a GPTQ or a full-precision model.")
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -178,8 +179,15 @@ def quantized_loading(model_path: str, model_args, training_args) -> dict:
     )}
 
 
-def gptq_loading(model_path: str) -> dict:
-    raise ArgumentError(f"--q_lora on the GPTQ model {model_path} is not supported yet; use its full-precision original.")
+def gptq_loading(saved: dict) -> dict:
+    """Load a GPTQ model with gptqmodel kernels that have a backward pass."""
+    missing = [name for name in ("gptqmodel", "optimum") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ArgumentError(f"--q_lora on a GPTQ model needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+    # gptqmodel sizes its CPU thread pools from this and refuses fewer than 2 workers
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    # "auto" may pick an inference-only kernel (on the CPU it does); "auto_trainable" picks one that trains
+    return {"quantization_config": transformers.GPTQConfig(bits=saved["bits"], backend="auto_trainable")}
 
 
 def load_model(model_path: str, model_args, training_args, lora_args, tokenizer, added_tokens: list[str]):
@@ -227,6 +235,14 @@ def embedding_module_names(model) -> list[str]:
     return [name for name, module in model.named_modules() if id(module) in wanted]
 
 
+def is_linear(module) -> bool:
+    """nn.Linear (bitsandbytes' Linear4bit is one) or a gptqmodel quantized linear kernel."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    gptq_kernels = sys.modules.get("gptqmodel.nn_modules.qlinear")  # imported only if a GPTQ model was loaded
+    return gptq_kernels is not None and isinstance(module, gptq_kernels.BaseQuantLinear)
+
+
 def linear_projection_names(model) -> list[str]:
     """Short names of every linear layer except the output layer, e.g. [down_proj, gate_proj, k_proj, ...].
 
@@ -236,9 +252,7 @@ def linear_projection_names(model) -> list[str]:
     return sorted({
         name.split(".")[-1]
         for name, module in model.named_modules()
-        # bitsandbytes' Linear4bit is an nn.Linear; GPTQ kernels are QuantLinear classes of their own
-        if (isinstance(module, torch.nn.Linear) or type(module).__name__.endswith("QuantLinear"))
-        and module is not output_layer
+        if is_linear(module) and module is not output_layer
     })
 
 

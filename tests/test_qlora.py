@@ -4,6 +4,7 @@ combinations that cannot work, refused before training starts."""
 import json
 
 import peft
+import safetensors.torch
 import pytest
 import torch
 import transformers
@@ -78,3 +79,49 @@ def test_refused_when_chatml_tokens_must_be_added(tmp_path, data_file, capsys, m
                          str(tmp_path / "out"), "--use_lora", "--q_lora", "--use_cpu", "True"], capsys)
     assert code == 2 and "embeddings cannot learn new tokens" in err and "drop --q_lora" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_gptq_dir(tmp_path_factory, monkeypatch_module):
+    """A tiny Qwen2 quantized to 4-bit GPTQ here, with gptqmodel on the CPU."""
+    monkeypatch_module.setenv("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel refuses fewer than 2 workers
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    root = tmp_path_factory.mktemp("gptq")
+    base = _tiny_model_dir(root, "qwen2", hidden_size=64, intermediate_size=128)
+    calibration = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"
+                   for q, a in [("Who are you?", "I am Tessa."), ("2+2?", "4"), ("你好", "你好！"), ("Bye", "Goodbye!")] * 4]
+    model = GPTQModel.load(str(base), QuantizeConfig(bits=4, group_size=32))  # group sizes the CPU kernels take: 32..256
+    model.quantize(calibration, batch_size=1)
+    model.save(str(root / "gptq"))
+    return root / "gptq"
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_gptq_qlora_trains_only_lora_and_reloads(tiny_gptq_dir, data_file, tmp_path):
+    assert json.load(open(tiny_gptq_dir / "config.json"))["quantization_config"]["quant_method"] == "gptq"
+    # fp32 compute: the gptqmodel kernels de-quantize to the input's dtype, so the reload is exact
+    trainer = run(tiny_gptq_dir, data_file, tmp_path / "out", "--use_lora", "--q_lora", "--lora_r", "4",
+                  "--learning_rate", "1e-2", "--lora_dropout", "0")
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == "GPTQLoraLinear" and type(q_proj.base_layer).SUPPORTS_TRAINING
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == {
+        name for name, _ in model.named_parameters() if "lora_" in name}
+    original = safetensors.torch.load_file(next(tiny_gptq_dir.glob("*.safetensors")))
+    trained_buffers = {name.split("base_model.model.", 1)[1].replace(".base_layer", ""): buffer
+                       for name, buffer in model.named_buffers() if name.endswith(".qweight")}
+    assert trained_buffers and all(torch.equal(buffer, original[name]) for name, buffer in trained_buffers.items())
+    assert set(json.load(open(tmp_path / "out" / "adapter_config.json"))["target_modules"]) >= {"q_proj", "down_proj"}
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_gptq_dir, device_map={"": "cpu"}, dtype=torch.float32,
+        quantization_config=transformers.GPTQConfig(bits=4, backend="auto_trainable"))
+    base = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "out")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(probe_logits(reloaded, tokenizer), probe_logits(model, tokenizer), atol=1e-4, rtol=1e-4)
