@@ -31,3 +31,18 @@ def test_missing_data_file_fails_fast(tmp_path):
 def test_help():
     result = subprocess.run(["bash", LAUNCHER, "-h"], capture_output=True, text=True)
     assert result.returncode == 0 and "-m MODEL" in result.stdout
+
+
+def test_qlora_single_gpu(tmp_path):
+    from conftest import _tiny_model_dir
+
+    model = _tiny_model_dir(tmp_path, "qwen2", hidden_size=64, intermediate_size=128)
+    data = write_json(tmp_path / "train.json", CONVERSATIONS)
+    result = subprocess.run(
+        ["bash", str(ROOT / "finetune" / "finetune_qlora_single_gpu.sh"), "-m", str(model), "-d", str(data),
+         "-o", str(tmp_path / "out"), "--max_steps", "2", "--lora_r", "4", "--save_strategy", "no"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--q_lora" in result.stderr and "4-bit" in result.stderr
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
