@@ -8,23 +8,4 @@ OUTPUT="output_qwen"
 DEEPSPEED="ds_config_zero2.json"
 source "$(dirname "${BASH_SOURCE[0]}")/launch_common.sh"
 parse_launcher_options "$@"
-run_torchrun \
-  --num_train_epochs 5 \
-  --per_device_train_batch_size 2 \
-  --per_device_eval_batch_size 1 \
-  --gradient_accumulation_steps 8 \
-  --eval_strategy no \
-  --save_strategy steps \
-  --save_steps 1000 \
-  --save_total_limit 10 \
-  --learning_rate 3e-4 \
-  --weight_decay 0.1 \
-  --adam_beta2 0.95 \
-  --warmup_steps 0.01 \
-  --lr_scheduler_type cosine \
-  --logging_steps 1 \
-  --report_to none \
-  --model_max_length 512 \
-  --lazy_preprocess True \
-  --activation_checkpointing \
-  --use_lora
+run_torchrun "${QWEN_LORA_FLAGS[@]}"

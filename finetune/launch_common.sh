@@ -62,6 +62,15 @@ parse_launcher_options() {
   (( NNODES >= 1 && NODE_RANK < NNODES )) || fail_usage "need NNODES >= 1 and NODE_RANK < NNODES"
 }
 
+# Qwen's LoRA recipe, shared by finetune_lora_ds.sh and finetune_qlora_ds.sh (which adds --q_lora).
+QWEN_LORA_FLAGS=(
+  --num_train_epochs 5 --per_device_train_batch_size 2 --per_device_eval_batch_size 1
+  --gradient_accumulation_steps 8 --eval_strategy no --save_strategy steps --save_steps 1000
+  --save_total_limit 10 --learning_rate 3e-4 --weight_decay 0.1 --adam_beta2 0.95 --warmup_steps 0.01
+  --lr_scheduler_type cosine --logging_steps 1 --report_to none --model_max_length 512
+  --lazy_preprocess True --activation_checkpointing --use_lora
+)
+
 absolute() { [[ "$1" = /* ]] && echo "$1" || echo "$PWD/$1"; }
 
 run_torchrun() {
