@@ -1,4 +1,5 @@
-"""Chat with a fine-tuned model: a full model directory or a LoRA adapter directory (detected).
+"""Chat with a fine-tuned model: a full, merged or GPTQ model directory, or a LoRA/Q-LoRA adapter
+directory (detected).
 
     $ python cli_demo.py -c output_qwen                          # interactive, streamed
     $ python cli_demo.py -c output_qwen --query "Who are you?"   # one-shot, greedy, prints the reply
@@ -16,6 +17,10 @@ import transformers
 from chatft.chat import generate_reply, load_chat_model
 
 
+KIND_NAMES = {"full": "full model", "gptq": "GPTQ-quantized model", "lora": "LoRA adapter",
+              "qlora": "Q-LoRA adapter on its NF4 base"}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--checkpoint-path", required=True, help="Model or LoRA adapter directory.")
@@ -26,6 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--cpu-only", action="store_true", help="Run on the CPU even when CUDA is available.")
     parser.add_argument("--trust-remote-code", action="store_true")
     return parser.parse_args(argv)
 
@@ -33,7 +39,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     transformers.set_seed(args.seed)
-    model, tokenizer = load_chat_model(args.checkpoint_path, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+    try:
+        model, tokenizer, kind = load_chat_model(args.checkpoint_path, trust_remote_code=args.trust_remote_code,
+                                                 device="cpu" if args.cpu_only else None,
+                                                 dtype=torch.float32 if args.cpu_only else None)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"Loaded {args.checkpoint_path} ({KIND_NAMES[kind]}, {model.dtype}, {model.device})", file=sys.stderr)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
 

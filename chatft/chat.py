@@ -2,29 +2,63 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 import transformers
 
 from chatft.chat_format import IM_END
+from chatft.model import saved_quantization
+from chatft.saving import trained_with_qlora
 
 
 def is_adapter_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
-def load_chat_model(path: str, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False):
-    """(model, tokenizer) from a full model directory or a LoRA adapter directory (detected)."""
+def checkpoint_kind(path: str) -> str:
+    """"lora", "qlora" (an adapter trained on a 4-bit NF4 base), "gptq" or "full" (a full or merged model)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such model or adapter directory")
     if is_adapter_dir(path):
+        return "qlora" if trained_with_qlora(path) else "lora"
+    quantization = saved_quantization(path)
+    return "gptq" if quantization and quantization.get("quant_method") == "gptq" else "full"
+
+
+def default_device_and_dtype(kind: str) -> tuple[str, torch.dtype]:
+    """CUDA in bf16 (fp16 for GPTQ kernels, or without bf16 support); the CPU in fp32."""
+    if torch.cuda.is_available():
+        use_bf16 = torch.cuda.is_bf16_supported() and kind != "gptq"
+        return "cuda", torch.bfloat16 if use_bf16 else torch.float16
+    return "cpu", torch.float32
+
+
+def load_chat_model(path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False, device=None):
+    """(model, tokenizer, kind) from a full, merged or GPTQ model directory or a LoRA/Q-LoRA adapter directory.
+
+    A Q-LoRA adapter is served on the same NF4 rounding of its base that it was trained on.
+    """
+    kind = checkpoint_kind(path)
+    default_device, default_dtype = default_device_and_dtype(kind)
+    device, dtype = device or default_device, dtype or default_dtype
+    loading = {"dtype": dtype, "device_map": {"": device}, "trust_remote_code": trust_remote_code}
+    if kind == "qlora":
+        from chatft.model import nf4_config
+
+        base = json.load(open(os.path.join(path, "adapter_config.json"), encoding="utf-8"))["base_model_name_or_path"]
+        if saved_quantization(base) is None:  # an adapter trained on a GPTQ base loads that base as saved
+            loading["quantization_config"] = nf4_config(dtype)
+    if kind in ("lora", "qlora"):
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoPeftModelForCausalLM.from_pretrained(path, **loading)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **loading)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model.eval()
-    return model, tokenizer
+    return model, tokenizer, kind
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -171,12 +171,14 @@ def quantized_loading(model_path: str, model_args, training_args) -> dict:
         raise ArgumentError(f"--q_lora: {model_path} is quantized with {method}; use a GPTQ or a full-precision model.")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ArgumentError("--q_lora on a full-precision model quantizes it with bitsandbytes: pip install bitsandbytes")
-    return loading | {"quantization_config": transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype(training_args),
-    )}
+    return loading | {"quantization_config": nf4_config(compute_dtype(training_args))}
+
+
+def nf4_config(dtype: torch.dtype):
+    """Q-LoRA's quantization: 4-bit NormalFloat with double-quantized scales, computing in `dtype`."""
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+    )
 
 
 def gptq_loading(saved: dict) -> dict:

@@ -8,40 +8,12 @@ import sys
 
 import peft
 import pytest
-import tokenizers
 import torch
 import transformers
 
 import finetune
 from chatft.chat_format import IM_END, IM_START
-from conftest import ROOT, write_json
-
-CONVERSATIONS = [
-    {"id": f"s{i}", "conversations": [
-        {"from": "user", "value": q}, {"from": "assistant", "value": a}]}
-    for i, (q, a) in enumerate([("Who are you?", "I am Tessa."), ("2+2?", "4"), ("你好", "你好！"), ("Bye", "Goodbye!")] * 2)
-]
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    return str(write_json(tmp_path / "train.json", CONVERSATIONS))
-
-
-def run(model_dir, data_file, output_dir, *extra):
-    argv = ["--model_name_or_path", str(model_dir), "--data_path", data_file, "--output_dir", str(output_dir),
-            "--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
-            "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "True",
-            "--model_max_length", "64", *extra]
-    return finetune.train(argv)
-
-
-def probe_logits(model, tokenizer):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    with torch.no_grad():
-        return model.eval()(input_ids=ids).logits.float()
-
+from conftest import CONVERSATIONS, ROOT, make_non_chatml_model, probe_logits, run, write_json
 
 def assert_common_outputs(output_dir):
     files = set(os.listdir(output_dir))
@@ -96,26 +68,6 @@ def test_lora_target_modules_and_continuation(tiny_qwen_dir, data_file, tmp_path
     for name in first_state:
         torch.testing.assert_close(first_state[name], second_state[name])
     assert any(first_state[name].abs().sum() > 0 for name in first_state if "lora_B" in name)
-
-
-def make_non_chatml_model(root, tie):
-    """A tiny Llama whose BPE tokenizer has no <|im_start|>/<|im_end|>, as a non-ChatML base model."""
-    model = tokenizers.models.BPE(unk_token="<unk>")
-    bpe = tokenizers.Tokenizer(model)
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([f"{c['value']} {c['value']}" for s in CONVERSATIONS for c in s["conversations"]] * 5, trainer)
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="</s>")
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                                      eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512)
-    torch.manual_seed(0)
-    path = root / f"non-chatml-tie{tie}"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -34,7 +34,8 @@ def test_lora_identity_through_the_launcher(tmp_path):
     )
     history = losses(output_dir)
     assert sum(history[-5:]) / 5 < 0.5 * sum(history[:5]) / 5, history
-    model, tokenizer = load_chat_model(str(output_dir), dtype=torch.float32)
+    model, tokenizer, kind = load_chat_model(str(output_dir))
+    assert kind == "lora"
     assert type(model).__name__ == "PeftModelForCausalLM"
     reply = generate_reply(model, tokenizer, [{"role": "user", "content": "Who are you?"}], max_new_tokens=40)
     assert "Tessa" in reply, reply

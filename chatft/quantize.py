@@ -1,0 +1,215 @@
+"""GPTQ quantization with gptqmodel, calibrated on conversations in the training data format.
+
+Calibration samples are read and validated by `chatft.data.load_samples` and rendered and
+tokenized by `chatft.chat_format.tokenize_conversation`: the same code as training, so the
+quantizer sees exactly the text the model was fine-tuned on. A held-out part of the data
+(not used for calibration) measures the perplexity of the model on its assistant replies
+before and after quantization.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import transformers
+
+from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, TokenizedSample, to_turns, tokenize_conversation
+from chatft.data import DataError, load_samples
+from chatft.model import saved_quantization
+from chatft.saving import check_new_output_dir, staged_output_dir
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "quantize_report.json"
+
+
+class QuantizeError(ValueError):
+    """The model or settings cannot be quantized as asked; the message says why."""
+
+
+@dataclass
+class GptqSettings:
+    bits: int = 4  # 2, 3, 4 or 8
+    group_size: int | None = None  # columns sharing one scale; -1 for one per row; None: 128 or what fits
+    damp_percent: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean, for stability
+    desc_act: bool = False  # quantize columns by decreasing activation (better, slower kernels)
+    max_len: int = 8192  # calibration and evaluation samples are truncated to this many tokens
+    num_samples: int = 128  # calibration conversations (at most; fewer if the data is smaller)
+    num_eval_samples: int | None = None  # held out for perplexity; default 10% of the data, 1..64
+    seed: int = 42  # which samples are held out
+    system_message: str = DEFAULT_SYSTEM_MESSAGE  # for conversations without a system turn, as in training
+
+
+def split_samples(samples: list, settings: GptqSettings) -> tuple[list, list]:
+    """(calibration, held_out): a seeded shuffle, the first part held out, calibration from the rest."""
+    if len(samples) < 2:
+        raise DataError("run_gptq.py needs at least 2 samples: some to calibrate on, some held out for perplexity.")
+    num_eval = settings.num_eval_samples or min(64, max(1, len(samples) // 10))
+    num_eval = min(num_eval, len(samples) - 1)
+    order = list(range(len(samples)))
+    random.Random(settings.seed).shuffle(order)
+    held_out = [samples[i] for i in order[:num_eval]]
+    calibration = [samples[i] for i in order[num_eval:][: settings.num_samples]]
+    return calibration, held_out
+
+
+def tokenize_samples(samples: list[dict], tokenizer, settings: GptqSettings) -> list[TokenizedSample]:
+    return [
+        tokenize_conversation(to_turns(sample["conversations"]), tokenizer, settings.max_len, settings.system_message)
+        for sample in samples
+    ]
+
+
+@torch.inference_mode()
+def reply_perplexity(model, samples: list[TokenizedSample]) -> float:
+    """exp(mean negative log-likelihood) of the labelled tokens (assistant replies and their <|im_end|>)."""
+    total_nll, total_tokens = 0.0, 0
+    for sample in samples:
+        input_ids = torch.tensor([sample.input_ids], device=model.device)
+        labels = torch.tensor([sample.labels], device=model.device)
+        logits = model(input_ids=input_ids).logits.float()
+        count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        if count == 0:
+            continue
+        nll = torch.nn.functional.cross_entropy(
+            logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="sum")
+        total_nll, total_tokens = total_nll + float(nll), total_tokens + count
+    if total_tokens == 0:
+        raise DataError("The held-out samples have no assistant token within --max_len; nothing to measure.")
+    return math.exp(total_nll / total_tokens)
+
+
+def eval_device_and_dtype() -> tuple[str, torch.dtype]:
+    # fp16 is what GPTQ kernels compute in on CUDA; on the CPU fp32 keeps the comparison free of rounding
+    return ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+
+
+def measure_perplexity(model_path: str, samples: list[TokenizedSample]) -> float:
+    device, dtype = eval_device_and_dtype()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map={"": device})
+    model.eval()
+    try:
+        return reply_perplexity(model, samples)
+    finally:
+        del model
+        gc.collect()
+
+
+def linear_input_widths(model_path: str) -> set[int]:
+    """in_features of every linear layer GPTQ quantizes (all but the output layer), from the config alone."""
+    config = transformers.AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    output_layer = model.get_output_embeddings()
+    return {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output_layer}
+
+
+def choose_group_size(requested: int | None, widths: set[int]) -> int:
+    """The group size to use: every quantized layer's input width must be a whole number of groups
+    (the GPTQ kernels refuse a model otherwise, at load time). None picks 128, else 64, else 32."""
+    if requested is None:
+        for size in (128, 64, 32):
+            if all(width % size == 0 for width in widths):
+                if size != 128:
+                    logger.info("Group size %d: 128 does not divide the layer widths %s", size, sorted(widths))
+                return size
+        raise QuantizeError(f"No group size of 128, 64 or 32 divides the layer widths {sorted(widths)}; "
+                            "pass --group-size -1 (one scale per row) or a size that divides them all.")
+    if requested == -1:
+        return requested
+    if requested <= 0:
+        raise QuantizeError(f"--group-size {requested}: use a positive number of columns, or -1.")
+    uneven = sorted(width for width in widths if width % requested)
+    if uneven:
+        fitting = [size for size in (256, 128, 64, 32, 16) if all(width % size == 0 for width in widths)]
+        raise QuantizeError(f"--group-size {requested} does not divide the input width of layers {uneven} "
+                            f"(the quantized model would not load); use one of {fitting or [-1]}.")
+    return requested
+
+
+def check_quantizable(model_path: str, tokenizer, settings: GptqSettings) -> None:
+    if settings.bits not in (2, 3, 4, 8):
+        raise QuantizeError(f"--bits {settings.bits}: GPTQ supports 2, 3, 4 or 8.")
+    if not 0 < settings.damp_percent < 1:
+        raise QuantizeError(f"--damp_percent {settings.damp_percent}: must be between 0 and 1.")
+    quantization = saved_quantization(model_path)
+    if quantization is not None:
+        raise QuantizeError(f"{model_path} is already quantized ({quantization.get('quant_method')}); "
+                            "quantize the full-precision (merged) model.")
+    missing = [token for token in (IM_START, IM_END) if token not in tokenizer.get_vocab()]
+    if missing:
+        raise QuantizeError(f"The tokenizer of {model_path} lacks {' and '.join(missing)}: it was not trained on "
+                            "ChatML. Quantize the merged output of a finetune.py run (merge_lora.py) instead.")
+
+
+def run_gptq(model_path: str, data_path: str, out_path: str, settings: GptqSettings, overwrite: bool = False) -> dict:
+    """Quantize `model_path` into `out_path` (staged: replaced only when complete); return the report."""
+    check_new_output_dir(out_path, overwrite, inputs=(model_path, data_path))
+    samples = load_samples(data_path)  # DataError, with file/index/id, before any model is loaded
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    check_quantizable(model_path, tokenizer, settings)
+    settings = replace(settings, group_size=choose_group_size(settings.group_size, linear_input_widths(model_path)))
+    calibration, held_out = split_samples(samples, settings)
+    calibration_tokens = [s for s in tokenize_samples(calibration, tokenizer, settings) if len(s.input_ids) > 1]
+    held_out_tokens = tokenize_samples(held_out, tokenizer, settings)
+    logger.info("%d calibration conversations (%d tokens), %d held out for perplexity",
+                len(calibration_tokens), sum(len(s.input_ids) for s in calibration_tokens), len(held_out_tokens))
+
+    logger.info("Perplexity of %s before quantization", model_path)
+    before = measure_perplexity(model_path, held_out_tokens)
+    logger.info("Perplexity before: %.4f", before)
+
+    with staged_output_dir(out_path) as scratch:
+        started = time.time()
+        quantize_with_gptqmodel(model_path, calibration_tokens, settings, scratch)
+        seconds = time.time() - started
+        tokenizer.save_pretrained(scratch)  # with the chat template the training run installed
+        if os.path.isfile(os.path.join(model_path, "generation_config.json")):
+            # gptqmodel rewrites it (turning sampling on); keep the model's own, which stops at <|im_end|>
+            transformers.GenerationConfig.from_pretrained(model_path).save_pretrained(scratch)
+        after = measure_perplexity(scratch, held_out_tokens)
+        report = {
+            "model": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
+            "data": os.path.abspath(data_path),
+            "settings": asdict(settings),
+            "calibration_samples": len(calibration_tokens),
+            "held_out_samples": len(held_out_tokens),
+            "perplexity_measured_on": "assistant reply tokens (the training labels) of the held-out samples",
+            "perplexity_before": before,
+            "perplexity_after": after,
+            "perplexity_ratio": after / before,
+            "quantize_seconds": round(seconds, 1),
+        }
+        with open(os.path.join(scratch, REPORT_FILE), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, ensure_ascii=False)
+    return report
+
+
+def quantize_with_gptqmodel(model_path: str, samples: list[TokenizedSample], settings: GptqSettings, out_dir: str):
+    if torch.cuda.is_available() is False:
+        # gptqmodel sizes its CPU thread pools from this and refuses fewer than 2 workers
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.looper import loop_processor
+
+    # gptqmodel writes per-run logs into ./logs of the working directory; keep them with the output instead
+    loop_processor._PROJECT_LOG_DIR = type(loop_processor._PROJECT_LOG_DIR)(os.path.join(out_dir, "gptq_logs"))
+    config = QuantizeConfig(bits=settings.bits, group_size=settings.group_size,
+                            damp_percent=settings.damp_percent, desc_act=settings.desc_act)
+    logger.info("Quantizing to %d bits (group size %d) with gptqmodel", settings.bits, settings.group_size)
+    model = GPTQModel.load(model_path, config)
+    calibration = [{"input_ids": s.input_ids, "attention_mask": [1] * len(s.input_ids)} for s in samples]
+    model.quantize(calibration, batch_size=1)
+    model.save(out_dir)
+    shutil.rmtree(loop_processor._PROJECT_LOG_DIR, ignore_errors=True)  # scratch logs; quant_log.csv stays
+    del model
+    gc.collect()

@@ -1,0 +1,47 @@
+"""Merge a LoRA or Q-LoRA adapter into its base model and save a standalone model.
+
+    $ python merge_lora.py --adapter_path output_qwen --output_dir output_qwen_merged
+    $ python merge_lora.py --adapter_path output_qlora --output_dir merged --base_model_path Qwen/Qwen2-7B-Instruct
+
+The output loads with plain `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`
+(safetensors shards, tokenizer with the training run's chat template, generation config), chats
+with `cli_demo.py -c`, and quantizes with `run_gptq.py`. A non-empty --output_dir is refused unless
+--overwrite; it is replaced only once the new model is completely written.
+"""
+
+import argparse
+import logging
+import sys
+
+from chatft.export import DTYPES, MergeError, merge_adapter
+from chatft.saving import OutputDirError
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter_path", required=True, help="A LoRA/Q-LoRA output directory of finetune.py.")
+    parser.add_argument("--output_dir", required=True, help="Where the merged model is written.")
+    parser.add_argument("--base_model_path", default=None,
+                        help="Full-precision base model (default: the one recorded in adapter_config.json). "
+                             "Needed for an adapter trained on a GPTQ model.")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                        help="dtype of the merged weights (auto: the base model's saved dtype).")
+    parser.add_argument("--max_shard_size", default="2048MB", help="Largest safetensors shard, e.g. 2048MB or 5GB.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output_dir.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = parse_args(argv)
+    try:
+        merge_adapter(args.adapter_path, args.output_dir, args.base_model_path, args.dtype,
+                      args.max_shard_size, args.overwrite)
+    except (MergeError, OutputDirError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
