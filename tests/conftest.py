@@ -156,3 +156,19 @@ def make_non_chatml_model(root, tie):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq_dir(tmp_path_factory):
+    """A tiny Qwen2 (widths 64/128) quantized to 4-bit GPTQ (group size 32) here, with gptqmodel on the CPU.
+    Its full-precision original is `tiny_gptq_dir.parent / "tiny-qwen2-64"`."""
+    from chatft.chat_format import to_turns, tokenize_conversation
+    from chatft.quantize import GptqSettings, quantize_with_gptqmodel
+
+    root = tmp_path_factory.mktemp("gptq")
+    base = _tiny_model_dir(root, "qwen2", hidden_size=64, intermediate_size=128)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    calibration = [tokenize_conversation(to_turns(sample["conversations"]), tokenizer, 64) for sample in CONVERSATIONS * 2]
+    quantize_with_gptqmodel(str(base), calibration, GptqSettings(bits=4, group_size=32), str(root / "gptq"))
+    return root / "gptq"
+

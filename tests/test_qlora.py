@@ -10,8 +10,7 @@ import torch
 import transformers
 
 import finetune
-from conftest import ROOT, _tiny_model_dir
-from test_finetune import data_file, make_non_chatml_model, probe_logits, run  # noqa: F401  (fixture)
+from conftest import ROOT, _tiny_model_dir, make_non_chatml_model, probe_logits, run
 
 
 @pytest.fixture(scope="module", params=["qwen2", "qwen3"])
@@ -79,28 +78,6 @@ def test_refused_when_chatml_tokens_must_be_added(tmp_path, data_file, capsys, m
                          str(tmp_path / "out"), "--use_lora", "--q_lora", "--use_cpu", "True"], capsys)
     assert code == 2 and "embeddings cannot learn new tokens" in err and "drop --q_lora" in err
     assert not (tmp_path / "out").exists()
-
-
-@pytest.fixture(scope="module")
-def tiny_gptq_dir(tmp_path_factory, monkeypatch_module):
-    """A tiny Qwen2 quantized to 4-bit GPTQ here, with gptqmodel on the CPU."""
-    monkeypatch_module.setenv("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel refuses fewer than 2 workers
-    from gptqmodel import GPTQModel, QuantizeConfig
-
-    root = tmp_path_factory.mktemp("gptq")
-    base = _tiny_model_dir(root, "qwen2", hidden_size=64, intermediate_size=128)
-    calibration = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"
-                   for q, a in [("Who are you?", "I am Tessa."), ("2+2?", "4"), ("你好", "你好！"), ("Bye", "Goodbye!")] * 4]
-    model = GPTQModel.load(str(base), QuantizeConfig(bits=4, group_size=32))  # group sizes the CPU kernels take: 32..256
-    model.quantize(calibration, batch_size=1)
-    model.save(str(root / "gptq"))
-    return root / "gptq"
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
 
 
 def test_gptq_qlora_trains_only_lora_and_reloads(tiny_gptq_dir, data_file, tmp_path):
