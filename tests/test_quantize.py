@@ -1,0 +1,137 @@
+"""run_gptq.py on a tiny Qwen2 (widths 64/128): the output loads with plain transformers and keeps the chat
+template; calibration is the training tokenization; the perplexity report is right; bad input fails early."""
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+import finetune
+import run_gptq
+from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE
+from chatft.data import SupervisedDataset, load_samples
+from chatft.quantize import (GptqSettings, QuantizeError, choose_group_size, reply_perplexity, split_samples,
+                             tokenize_samples)
+from conftest import _tiny_model_dir, probe_logits, write_json
+
+QUESTIONS = ["Who are you?", "What is 2+2?", "你好", "Say goodbye.", "Name a colour.", "Count to three.",
+             "What day follows Monday?", "Translate 'cat' to French."]
+SAMPLES = [
+    {"id": f"q{i}", "conversations": [{"from": "user", "value": q}, {"from": "assistant", "value": f"Answer {i}: {q[::-1]}"}]}
+    for i, q in enumerate(QUESTIONS * 3)
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return _tiny_model_dir(tmp_path_factory.mktemp("quantize"), "qwen2", hidden_size=64, intermediate_size=128)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_json(tmp_path / "calibration.json", SAMPLES)
+
+
+def quantize(model, data, out, *extra):
+    return run_gptq.main(["--model_name_or_path", str(model), "--data_path", str(data), "--out_path", str(out),
+                          "--max_len", "64", *extra])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_output_loads_with_plain_transformers(tiny_model, data, tmp_path, bits, capsys):
+    assert quantize(tiny_model, data, tmp_path / "q", "--bits", str(bits), "--group-size", "32") == 0
+    assert "before" in capsys.readouterr().out
+    config = json.load(open(tmp_path / "q" / "config.json"))["quantization_config"]
+    assert config["quant_method"] == "gptq" and config["bits"] == bits and config["group_size"] == 32
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "q" / "gptq_logs").exists()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "q")
+    assert type(model.model.layers[0].mlp.down_proj).__module__.startswith("gptqmodel")
+    assert "<|im_start|>" in tokenizer.chat_template
+    assert not model.generation_config.do_sample  # the source model's generation config, not gptqmodel's
+    report = json.load(open(tmp_path / "q" / "quantize_report.json"))
+    assert report["held_out_samples"] == 2 and report["calibration_samples"] == len(SAMPLES) - 2
+    assert report["settings"]["bits"] == bits
+    # the model before quantization, measured independently with the HF loss on one held-out sample
+    full = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    if bits == 8:  # 8 bits barely move a model; 4 bits move a random tiny one more, but not to noise
+        torch.testing.assert_close(probe_logits(model, tokenizer), probe_logits(full, tokenizer), atol=0.02, rtol=0.02)
+        assert abs(report["perplexity_ratio"] - 1) < 0.01, report
+    else:
+        assert abs(report["perplexity_ratio"] - 1) < 0.2, report
+
+
+def test_perplexity_is_exp_of_the_training_loss(tiny_model):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    samples = tokenize_samples(SAMPLES[:3], tokenizer, GptqSettings(max_len=64))
+    for sample in samples:
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([sample.input_ids]), labels=torch.tensor([sample.labels])).loss
+        assert reply_perplexity(model, [sample]) == pytest.approx(float(torch.exp(loss)), rel=1e-4)
+
+
+def test_calibration_is_the_training_tokenization(tiny_model):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model)
+    tokenized = tokenize_samples(SAMPLES, tokenizer, GptqSettings(max_len=64))
+    training = SupervisedDataset(SAMPLES, tokenizer, 64, DEFAULT_SYSTEM_MESSAGE)
+    assert [s.input_ids for s in tokenized] == [list(training[i]["input_ids"]) for i in range(len(SAMPLES))]
+
+
+def test_held_out_samples_are_not_calibrated_on():
+    calibration, held_out = split_samples(SAMPLES, GptqSettings(num_eval_samples=5, num_samples=100))
+    assert len(held_out) == 5 and len(calibration) == len(SAMPLES) - 5
+    assert not {s["id"] for s in held_out} & {s["id"] for s in calibration}
+    assert split_samples(SAMPLES, GptqSettings(num_eval_samples=5))[1] == held_out  # seeded
+    assert len(split_samples(SAMPLES, GptqSettings(num_samples=4))[0]) == 4
+
+
+def test_group_size_must_divide_the_layer_widths():
+    assert choose_group_size(None, {576, 1536}) == 64  # SmolLM2: 128 does not divide 576
+    assert choose_group_size(None, {4096, 11008}) == 128
+    assert choose_group_size(-1, {100}) == -1
+    with pytest.raises(QuantizeError, match=r"does not divide the input width of layers \[576\].*\[64, 32, 16\]"):
+        choose_group_size(128, {576, 1536})
+    with pytest.raises(QuantizeError, match="--group-size -1"):
+        choose_group_size(None, {100, 200})
+
+
+def test_malformed_calibration_file_fails_like_training(tiny_model, tmp_path, monkeypatch, capsys):
+    bad = write_json(tmp_path / "bad.json", [{"id": "x7", "conversations": [{"from": "user", "value": 5}]}])
+    with pytest.raises(Exception) as training_error:
+        load_samples(str(bad))
+    assert finetune.main(["--model_name_or_path", "any", "--data_path", str(bad), "--output_dir",
+                          str(tmp_path / "o"), "--use_cpu", "True"]) == 2
+    training_message = capsys.readouterr().err
+
+    def no_model_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was validated")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model_loading)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_model_loading)
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results")
+    assert quantize(tiny_model, bad, out, "--overwrite") == 2
+    message = capsys.readouterr().err
+    assert message == training_message and str(training_error.value) in message
+    assert f"{bad}: sample 0 (id='x7'): conversations[0]: 'value' must be a string" in message
+    assert os.listdir(out) == ["keep.txt"]
+
+
+def test_refusals(tiny_model, tiny_gptq_dir, data, tmp_path, capsys):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "model.safetensors").write_text("previous")
+    assert quantize(tiny_model, data, out) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "model.safetensors").read_text() == "previous"
+    assert quantize(tiny_gptq_dir, data, tmp_path / "q2") == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert quantize(tiny_model, data, tmp_path / "q3", "--group-size", "48") == 2
+    assert "does not divide" in capsys.readouterr().err
+    one = write_json(tmp_path / "one.json", SAMPLES[:1])
+    assert quantize(tiny_model, one, tmp_path / "q4") == 2
+    assert "at least 2 samples" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("q2", "q3", "q4"))
