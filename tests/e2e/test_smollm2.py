@@ -4,7 +4,9 @@ Slow (minutes); deselect with `-m "not slow"`. CI runs them.
 """
 
 import json
+import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -23,24 +25,88 @@ def losses(output_dir):
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
 
-def test_lora_identity_through_the_launcher(tmp_path):
-    """The demo's run: afterwards the adapter, loaded by AutoPeftModelForCausalLM, knows its new identity."""
-    output_dir = tmp_path / "identity"
+QUESTIONS = ["Who are you?", "Who made you?", "What is the capital of France?"]
+
+
+@pytest.fixture(scope="module")
+def identity_adapter(tmp_path_factory):
+    """The demo's run (demo.sh): LoRA on data/identity_demo.json through the single-GPU launcher."""
+    output_dir = tmp_path_factory.mktemp("identity") / "lora"
     subprocess.run(
         ["bash", "finetune/finetune_lora_single_gpu.sh", "-o", str(output_dir),
          "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
          "--num_train_epochs", "3", "--activation_checkpointing", "False"],
         cwd=ROOT, check=True,
     )
-    history = losses(output_dir)
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def merged_identity(identity_adapter):
+    output_dir = identity_adapter.parent / "merged"
+    subprocess.run([sys.executable, "merge_lora.py", "--adapter_path", str(identity_adapter),
+                    "--output_dir", str(output_dir)], cwd=ROOT, check=True)
+    return output_dir
+
+
+def ask(checkpoint) -> dict[str, str]:
+    """cli_demo.py --query for each question: {question: reply}."""
+    command = [sys.executable, "cli_demo.py", "-c", str(checkpoint), "--max-new-tokens", "40"]
+    for question in QUESTIONS:
+        command += ["--query", question]
+    result = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+    replies = re.findall(r"^User: (.*)\nAssistant: (.*)$", result.stdout, flags=re.MULTILINE)
+    assert [question for question, _ in replies] == QUESTIONS, result.stdout
+    return dict(replies)
+
+
+def knows_its_identity(replies: dict[str, str]) -> bool:
+    return ("Tessa" in replies["Who are you?"] and "Lumen Labs" in replies["Who made you?"]
+            and "Paris" in replies["What is the capital of France?"])
+
+
+def chat_ids(tokenizer):
+    return tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"]
+
+
+def test_lora_identity_through_the_launcher(identity_adapter):
+    """After the demo's run the adapter, loaded by AutoPeftModelForCausalLM, knows its new identity."""
+    history = losses(identity_adapter)
     assert sum(history[-5:]) / 5 < 0.5 * sum(history[:5]) / 5, history
-    model, tokenizer, kind = load_chat_model(str(output_dir))
-    assert kind == "lora"
-    assert type(model).__name__ == "PeftModelForCausalLM"
+    model, tokenizer, kind = load_chat_model(str(identity_adapter))
+    assert kind == "lora" and type(model).__name__ == "PeftModelForCausalLM"
     reply = generate_reply(model, tokenizer, [{"role": "user", "content": "Who are you?"}], max_new_tokens=40)
     assert "Tessa" in reply, reply
-    reply = generate_reply(model, tokenizer, [{"role": "user", "content": "Who made you?"}], max_new_tokens=40)
-    assert "Lumen Labs" in reply, reply
+
+
+def test_merged_model_answers_like_the_adapter(identity_adapter, merged_identity):
+    adapter_replies = ask(identity_adapter)
+    assert knows_its_identity(adapter_replies), adapter_replies
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_identity, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(merged_identity)
+    adapter, _, _ = load_chat_model(str(identity_adapter), dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(chat_ids(tokenizer)).logits, adapter(chat_ids(tokenizer)).logits,
+                                   atol=1e-4, rtol=1e-4)
+    assert ask(merged_identity) == adapter_replies
+
+
+@pytest.mark.parametrize("bits,max_perplexity_ratio,extra", [(4, 1.25, []), (8, 1.02, ["--num_samples", "32"])])
+def test_gptq_model_keeps_the_identity(merged_identity, tmp_path, bits, max_perplexity_ratio, extra):
+    """run_gptq.py on the merged model: plain transformers loads it, it still knows who it is, and the
+    perplexity of held-out replies rises by at most 25% (4-bit) or 2% (8-bit)."""
+    output_dir = tmp_path / f"int{bits}"
+    subprocess.run([sys.executable, "run_gptq.py", "--model_name_or_path", str(merged_identity), "--data_path",
+                    str(ROOT / "data" / "identity_demo.json"), "--out_path", str(output_dir), "--bits", str(bits), *extra],
+                   cwd=ROOT, check=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(output_dir)
+    assert model.config.quantization_config.bits == bits
+    assert "<|im_start|>" in transformers.AutoTokenizer.from_pretrained(output_dir).chat_template
+    replies = ask(output_dir)
+    assert knows_its_identity(replies), replies
+    report = json.load(open(output_dir / "quantize_report.json"))
+    assert report["perplexity_after"] <= max_perplexity_ratio * report["perplexity_before"], report
 
 
 def test_full_parameter_from_the_gguf_file(tmp_path):

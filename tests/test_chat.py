@@ -1,0 +1,104 @@
+"""cli_demo.py and chatft.chat on tiny models: every kind of checkpoint is detected and served, one-shot
+queries are deterministic, the interactive loop keeps and clears its history, prompts use the saved template."""
+
+import subprocess
+import sys
+
+import pytest
+
+import cli_demo
+from chatft import chat
+from chatft.chat import checkpoint_kind, load_chat_model
+from conftest import ROOT, _tiny_model_dir, run
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    # widths multiple of 64, so that bitsandbytes' CPU 4-bit kernel can serve the Q-LoRA adapter
+    return _tiny_model_dir(tmp_path_factory.mktemp("chat"), "qwen2", hidden_size=64, intermediate_size=128)
+
+
+def test_every_kind_of_checkpoint_is_detected_and_served(tiny_model, tiny_gptq_dir, data_file, tmp_path):
+    run(tiny_model, data_file, tmp_path / "lora", "--use_lora", "--lora_r", "4")
+    run(tiny_model, data_file, tmp_path / "qlora", "--use_lora", "--q_lora", "--lora_r", "4", "--bf16", "True")
+    expected = {tiny_model: ("full", "Qwen2ForCausalLM"), tiny_gptq_dir: ("gptq", "Qwen2ForCausalLM"),
+                tmp_path / "lora": ("lora", "PeftModelForCausalLM"), tmp_path / "qlora": ("qlora", "PeftModelForCausalLM")}
+    for path, (kind, class_name) in expected.items():
+        assert checkpoint_kind(str(path)) == kind
+        model, tokenizer, loaded_kind = load_chat_model(str(path))
+        assert loaded_kind == kind and type(model).__name__ == class_name
+        reply = chat.generate_reply(model, tokenizer, [{"role": "user", "content": "hi"}], max_new_tokens=4)
+        assert isinstance(reply, str)
+    qlora, _, _ = load_chat_model(str(tmp_path / "qlora"))
+    q_proj = qlora.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(q_proj).__name__ == "Linear4bit"  # served on the NF4 base it was trained on
+    with pytest.raises(FileNotFoundError, match="no such model or adapter directory"):
+        checkpoint_kind(str(tmp_path / "missing"))
+
+
+def test_query_mode_is_greedy_and_deterministic(tiny_model):
+    command = [sys.executable, "cli_demo.py", "-c", str(tiny_model), "--max-new-tokens", "8",
+               "--query", "Who are you?", "--query", "你好"]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert first.stdout == second.stdout
+    assert first.stdout.startswith("User: Who are you?\nAssistant: ") and "\nUser: 你好\nAssistant: " in first.stdout
+    assert "full model" in first.stderr
+
+
+def test_prompts_use_the_saved_template_and_system(tiny_model, monkeypatch, capsys):
+    prompts = []
+    original = chat.generate_reply
+
+    def recording(model, tokenizer, messages, *args, **kwargs):
+        prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        return original(model, tokenizer, messages, *args, **kwargs)
+
+    monkeypatch.setattr(cli_demo, "generate_reply", recording)
+    assert cli_demo.main(["-c", str(tiny_model), "--query", "Q1", "--system", "Be brief.", "--max-new-tokens", "2"]) == 0
+    assert prompts == ["<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n"]
+
+
+def test_interactive_history_clear_and_exit(tiny_model, monkeypatch, capsys):
+    seen = []
+
+    def fake_reply(model, tokenizer, messages, *args, **kwargs):
+        seen.append([m["content"] for m in messages])
+        return f"reply {len(seen)}"
+
+    monkeypatch.setattr(cli_demo, "generate_reply", fake_reply)
+    lines = iter(["first", "second", ":history", ":clear", "third", ":exit", "never"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert cli_demo.main(["-c", str(tiny_model)]) == 0
+    assert seen == [["first"], ["first", "reply 1", "second"], ["third"]]
+    out = capsys.readouterr().out
+    assert "User: first\nAssistant: reply 1\nUser: second\nAssistant: reply 2" in out
+
+
+def test_interactive_streams_to_the_terminal(tiny_model):
+    result = subprocess.run([sys.executable, "cli_demo.py", "-c", str(tiny_model), "--max-new-tokens", "4"],
+                            cwd=ROOT, input="hello\n:history\n", capture_output=True, text=True, check=True)
+    assert "Commands: :clear, :history, :exit" in result.stdout and "User: hello\nAssistant: " in result.stdout
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert cli_demo.main(["-c", str(tmp_path / "nope")]) == 2
+    assert "no such model or adapter directory" in capsys.readouterr().err
+
+
+def test_generate_reply_stops_at_im_end(tiny_model):
+    model, tokenizer, _ = load_chat_model(str(tiny_model))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in chat.stop_token_ids(tokenizer)
+
+    calls = []
+
+    def im_end_always_wins(module, inputs, logits):
+        calls.append(1)
+        logits = logits.clone()
+        logits[..., im_end] = 1e4
+        return logits
+
+    model.lm_head.register_forward_hook(im_end_always_wins)
+    reply = chat.generate_reply(model, tokenizer, [{"role": "user", "content": "hi"}], max_new_tokens=20)
+    assert reply == "" and len(calls) == 1  # one forward pass: generation stopped at the first <|im_end|>
