@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     try:
         merge_adapter(args.adapter_path, args.output_dir, args.base_model_path, args.dtype,
                       args.max_shard_size, args.overwrite)
-    except (MergeError, OutputDirError, FileNotFoundError) as error:
+    except (MergeError, OutputDirError, OSError) as error:  # OSError: a model that cannot be found
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

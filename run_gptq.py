@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     )
     try:
         report = run_gptq(args.model_name_or_path, args.data_path, args.out_path, settings, args.overwrite)
-    except (DataError, QuantizeError, OutputDirError, FileNotFoundError) as error:
+    except (DataError, QuantizeError, OutputDirError, OSError) as error:  # OSError: a model that cannot be found
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Perplexity on {report['held_out_samples']} held-out conversations (assistant replies): "

@@ -155,6 +155,11 @@ def run_gptq(model_path: str, data_path: str, out_path: str, settings: GptqSetti
     """Quantize `model_path` into `out_path` (staged: replaced only when complete); return the report."""
     check_new_output_dir(out_path, overwrite, inputs=(model_path, data_path))
     samples = load_samples(data_path)  # DataError, with file/index/id, before any model is loaded
+    if os.path.isfile(os.path.join(model_path, "adapter_config.json")):
+        raise QuantizeError(f"{model_path} is a LoRA adapter, not a model: merge it first "
+                            f"(python merge_lora.py --adapter_path {model_path} --output_dir MERGED) and quantize MERGED.")
+    if os.path.isdir(model_path) and not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise QuantizeError(f"{model_path}: no config.json; --model_name_or_path must be a model directory.")
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     check_quantizable(model_path, tokenizer, settings)
     settings = replace(settings, group_size=choose_group_size(settings.group_size, linear_input_widths(model_path)))

@@ -131,6 +131,11 @@ def test_refusals(tiny_model, tiny_gptq_dir, data, tmp_path, capsys):
     assert "already quantized" in capsys.readouterr().err
     assert quantize(tiny_model, data, tmp_path / "q3", "--group-size", "48") == 2
     assert "does not divide" in capsys.readouterr().err
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert quantize(adapter, data, tmp_path / "q5") == 2
+    assert "merge it first" in capsys.readouterr().err
     one = write_json(tmp_path / "one.json", SAMPLES[:1])
     assert quantize(tiny_model, one, tmp_path / "q4") == 2
     assert "at least 2 samples" in capsys.readouterr().err
