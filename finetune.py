@@ -17,7 +17,7 @@ import transformers
 
 from chatft.args import ArgumentError, parse_args
 from chatft.chat_format import preprocess  # noqa: F401  (Qwen-compatible: `from finetune import preprocess`)
-from chatft.data import ChatCollator, DataError, LazySupervisedDataset, SupervisedDataset, load_samples, make_datasets  # noqa: F401
+from chatft.data import ChatCollator, DataError, LazySupervisedDataset, SupervisedDataset, load_samples, make_collator, make_datasets  # noqa: F401
 from chatft.model import join_process_group, load_model, load_tokenizer, resolve_model_path
 from chatft.saving import OutputDirError, check_output_dir, save_run
 
@@ -39,7 +39,7 @@ def train(argv=None):
     )
     train_dataset, eval_dataset = make_datasets(
         train_samples, eval_samples, tokenizer, training_args.model_max_length,
-        data_args.lazy_preprocess, data_args.system_message,
+        data_args.lazy_preprocess, data_args.system_message, data_args.packing,
     )
     model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added_tokens)
 
@@ -48,7 +48,7 @@ def train(argv=None):
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=ChatCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=make_collator(tokenizer, data_args.packing, model.config._attn_implementation),
         processing_class=tokenizer,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

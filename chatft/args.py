@@ -47,6 +47,12 @@ class DataArguments:
     data_path: str = field(default=None, metadata={"help": "Training data: a JSON list or JSONL file of conversations."})
     eval_data_path: str = field(default=None, metadata={"help": "Evaluation data, same format."})
     lazy_preprocess: bool = field(default=False, metadata={"help": "Tokenize samples when first used, not up front."})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Concatenate whole samples into rows of up to model_max_length tokens (position_ids restart "
+                  "per sample, so no attention crosses samples) instead of padding each batch. Needs every "
+                  "sample's length up front, so not with --lazy_preprocess."},
+    )
     system_message: str = field(
         default=DEFAULT_SYSTEM_MESSAGE,
         metadata={"help": "System prompt for samples without a leading system turn; saved in the chat template."},
@@ -133,6 +139,9 @@ def validate_args(model_args, data_args, training_args, lora_args) -> None:
         problems.append(f"--train_embeddings must be auto, true or false, not {model_args.train_embeddings!r}.")
     if training_args.model_max_length < 8:
         problems.append(f"--model_max_length {training_args.model_max_length} is too small to hold a conversation.")
+    if data_args.packing and data_args.lazy_preprocess:
+        problems.append("--packing needs every sample's length up front and --lazy_preprocess tokenizes on first use: "
+                        "drop one of them.")
     if lora_args.lora_bias not in ("none", "all", "lora_only"):
         problems.append(f"--lora_bias must be none, all or lora_only, not {lora_args.lora_bias!r}.")
     if not training_args.use_lora:

@@ -203,9 +203,115 @@ class ChatCollator:
         return batch
 
 
-def make_datasets(train_samples, eval_samples, tokenizer, max_len: int, lazy: bool, system_message: str):
-    """Build (train_dataset, eval_dataset or None) from validated samples."""
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Group item indices into bins of total length <= capacity, first-fit decreasing.
+
+    Items go longest first into the first bin with room, found in O(log bins) with a max-tree over the
+    bins' free space. Example: lengths [5, 3, 4, 2], capacity 7 -> [[0, 3], [2, 1]].
+    """
+    if any(length > capacity for length in lengths):
+        raise ValueError(f"an item of length {max(lengths)} does not fit a bin of {capacity}")
+    size = 1
+    while size < max(1, len(lengths)):
+        size *= 2
+    free = [0] * (2 * size)  # leaves: the free space of bins 0..size-1 (unopened bins have `capacity`)
+    for leaf in range(size):
+        free[size + leaf] = capacity
+    for node in range(size - 1, 0, -1):
+        free[node] = max(free[2 * node], free[2 * node + 1])
+    bins: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        node = 1
+        while node < size:  # descend to the leftmost leaf with enough room
+            node = 2 * node if free[2 * node] >= lengths[index] else 2 * node + 1
+        slot = node - size
+        if slot == len(bins):
+            bins.append([])
+        bins[slot].append(index)
+        free[node] -= lengths[index]
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return bins
+
+
+class PackedDataset(Dataset):
+    """Whole tokenized samples concatenated into rows of at most `max_len` tokens (`--packing`).
+
+    Each row carries `position_ids` that restart at 0 for every sample; with no attention_mask, transformers
+    turns them into a block-diagonal causal mask (flash-attention: its variable-length kernel), so no token
+    attends across a sample boundary. The first label of every sample is IGNORE_INDEX: after the model's
+    one-token shift it would be predicted from the previous sample's last token.
+    Rows are filled first-fit decreasing; the Trainer's sampler shuffles the rows every epoch.
+    """
+
+    def __init__(self, samples: Dataset, max_len: int):
+        features = [samples[i] for i in range(len(samples))]
+        self.rows = []
+        for members in first_fit_decreasing([len(f["input_ids"]) for f in features], max_len):
+            input_ids, labels, position_ids = [], [], []
+            for index in members:
+                feature = features[index]
+                input_ids += feature["input_ids"]
+                labels += [IGNORE_INDEX] + feature["labels"][1:]
+                position_ids += list(range(len(feature["input_ids"])))
+            self.rows.append({"input_ids": input_ids, "labels": labels, "position_ids": position_ids})
+        self.num_samples = len(features)
+        logger.info("Packed %d samples into %d rows of at most %d tokens (%.1f%% filled)", len(features),
+                    len(self.rows), max_len, 100 * sum(len(r["input_ids"]) for r in self.rows) / (len(self.rows) * max_len))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i) -> dict:
+        return self.rows[i]
+
+
+@dataclass
+class PackedCollator:
+    """Batches packed rows: input_ids, labels and position_ids, and no attention_mask (the position_ids say
+    where samples start). Rows are padded to the longest; the padding is a sample of its own (positions from
+    0, labels IGNORE_INDEX), so real tokens never attend to it. `flatten=True` puts the whole batch in one
+    row instead, with no padding at all: what flash-attention's variable-length path wants."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 8
+    flatten: bool = False
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if self.flatten:
+            return {name: torch.tensor([sum((f[name] for f in features), [])])
+                    for name in ("input_ids", "labels", "position_ids")}
+        longest = max(len(f["input_ids"]) for f in features)
+        length = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(features), length), self.pad_token_id, dtype=torch.long),
+            "labels": torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long),
+            "position_ids": torch.zeros((len(features), length), dtype=torch.long),
+        }
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            batch["input_ids"][row, :n] = torch.tensor(f["input_ids"])
+            batch["labels"][row, :n] = torch.tensor(f["labels"])
+            batch["position_ids"][row] = torch.tensor(f["position_ids"] + list(range(length - n)))
+        return batch
+
+
+def make_datasets(train_samples, eval_samples, tokenizer, max_len: int, lazy: bool, system_message: str,
+                  packing: bool = False):
+    """Build (train_dataset, eval_dataset or None) from validated samples; packed rows with `packing`."""
     dataset_class = LazySupervisedDataset if lazy else SupervisedDataset
     train = dataset_class(train_samples, tokenizer, max_len, system_message)
     evaluation = dataset_class(eval_samples, tokenizer, max_len, system_message) if eval_samples else None
+    if packing:
+        train = PackedDataset(train, max_len)
+        evaluation = PackedDataset(evaluation, max_len) if evaluation is not None else None
     return train, evaluation
+
+
+def make_collator(tokenizer, packing: bool, attn_implementation: str | None):
+    if packing:  # flash-attention reads sample boundaries from position_ids only in a single flattened row
+        return PackedCollator(tokenizer.pad_token_id, flatten="flash" in (attn_implementation or ""))
+    return ChatCollator(pad_token_id=tokenizer.pad_token_id)
+

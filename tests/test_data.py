@@ -1,15 +1,18 @@
 """Data loading and validation (every problem reported with file, index, id), datasets and the collator."""
 
 import json
+import random
 
 import pytest
 import torch
+import transformers
 
 from chatft.chat_format import IGNORE_INDEX
 from chatft.data import (
-    ChatCollator, DataError, LazySupervisedDataset, SupervisedDataset, load_samples, make_datasets,
+    ChatCollator, DataError, LazySupervisedDataset, PackedCollator, PackedDataset, SupervisedDataset,
+    first_fit_decreasing, load_samples, make_datasets,
 )
-from conftest import write_json
+from conftest import _tiny_model_dir, write_json
 
 GOOD = {"id": "ok", "conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello"}]}
 
@@ -148,3 +151,74 @@ def test_make_datasets(qwen_tokenizer):
     assert isinstance(train, LazySupervisedDataset) and evaluation is None
     train, evaluation = make_datasets([GOOD] * 3, [GOOD], qwen_tokenizer, 128, lazy=False, system_message="s")
     assert isinstance(evaluation, SupervisedDataset) and len(evaluation) == 1
+
+
+# --- packing ---------------------------------------------------------------------------------------------
+
+def test_first_fit_decreasing_fills_bins_without_overflow():
+    assert first_fit_decreasing([5, 3, 4, 2], 7) == [[0, 3], [2, 1]]
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 100) for _ in range(3000)]
+    bins = first_fit_decreasing(lengths, 256)
+    assert sorted(sum(bins, [])) == list(range(3000))
+    assert all(sum(lengths[i] for i in members) <= 256 for members in bins)
+    assert len(bins) <= 1.02 * sum(lengths) / 256 + 1  # nearly full rows
+    with pytest.raises(ValueError):
+        first_fit_decreasing([300], 256)
+
+
+PACKING_SAMPLES = [
+    {"id": "a", "conversations": [{"from": "user", "value": "Who are you?"}, {"from": "assistant", "value": "I am Tessa."}]},
+    {"id": "b", "conversations": [{"from": "system", "value": "Be terse."}, {"from": "user", "value": "2+2?"},
+                                  {"from": "assistant", "value": "4"}, {"from": "user", "value": "and 3+3?"},
+                                  {"from": "assistant", "value": "6, obviously."}]},
+    {"id": "c", "conversations": [{"from": "user", "value": "你好"}, {"from": "assistant", "value": " 你好！有什么可以帮你？"}]},
+]
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_a_packed_sample_gets_the_loss_and_gradients_it_gets_alone(tmp_path, qwen_tokenizer, attn_implementation):
+    model_dir = _tiny_model_dir(tmp_path, "qwen2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn_implementation)
+    samples = SupervisedDataset(PACKING_SAMPLES, qwen_tokenizer, 512)
+    packed = PackedDataset(samples, 512)
+    assert len(packed) == 1 and packed.rows[0]["position_ids"].count(0) == 3
+
+    def summed_loss_and_grads(batch):
+        model.zero_grad()
+        # use_cache=False as in training: with a KV cache transformers ignores position_ids for masking
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        labels = batch["labels"]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                   reduction="none").view(labels.shape[0], -1)
+        losses.sum().backward()
+        return losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    alone_losses, alone_grads = [], None
+    for i in range(len(samples)):
+        loss, grads = summed_loss_and_grads(ChatCollator(qwen_tokenizer.pad_token_id, 1)([samples[i]]))
+        alone_losses.append(loss[0, : len(samples[i]["input_ids"]) - 1])
+        alone_grads = grads if alone_grads is None else {n: alone_grads[n] + g for n, g in grads.items()}
+    # padding after the row (collator to a multiple of 8) is a separate sample that changes nothing
+    packed_losses, packed_grads = summed_loss_and_grads(PackedCollator(qwen_tokenizer.pad_token_id, 8)([packed[0]]))
+    start = 0
+    order = first_fit_decreasing([len(samples[i]["input_ids"]) for i in range(len(samples))], 512)[0]
+    for i in order:  # per-token losses of each sample, at its place in the row
+        n = len(samples[i]["input_ids"])
+        torch.testing.assert_close(packed_losses[0, start : start + n - 1], alone_losses[i], atol=1e-5, rtol=1e-4)
+        if start > 0:  # the first token of a later sample is never predicted from the previous sample
+            assert packed_losses[0, start - 1] == 0 and packed[0]["labels"][start] == IGNORE_INDEX
+        start += n
+    for name, grad in alone_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_collator_flatten_and_padding(qwen_tokenizer):
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 1, 2]},
+            {"input_ids": [4, 5], "labels": [-100, 5], "position_ids": [0, 1]}]
+    batch = PackedCollator(pad_token_id=0, pad_to_multiple_of=4)(rows)
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (2, 4)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100], [-100, 5, -100, -100]]
+    flat = PackedCollator(pad_token_id=0, flatten=True)(rows)
+    assert flat["input_ids"].tolist() == [[1, 2, 3, 4, 5]] and flat["position_ids"].tolist() == [[0, 1, 2, 0, 1]]

@@ -151,3 +151,26 @@ def test_cli_exit_code_and_message(tmp_path):
     assert result.returncode == 2
     assert f"{data}: sample 0 (id='x7'): conversations[0]: 'value' must be a string" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_packing_takes_the_same_step_as_padding(tiny_qwen_dir, data_file, tmp_path):
+    """One optimizer step over all 8 samples: packed rows and padded batches give the same weights."""
+    common = ["--per_device_train_batch_size", "8", "--max_steps", "1", "--optim", "sgd", "--learning_rate", "1.0",
+              "--lr_scheduler_type", "constant"]
+    padded = run(tiny_qwen_dir, data_file, tmp_path / "padded", *common)
+    packed = run(tiny_qwen_dir, data_file, tmp_path / "packed", *common, "--packing", "True")
+    assert len(packed.train_dataset) < len(padded.train_dataset) == 8  # fewer, fuller rows
+    assert packed.train_dataset.num_samples == 8
+    padded_state, packed_state = padded.model.state_dict(), packed.model.state_dict()
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_dir).state_dict()
+    assert any(not torch.allclose(padded_state[name], base[name]) for name in base)
+    for name in padded_state:
+        torch.testing.assert_close(packed_state[name], padded_state[name], atol=1e-5, rtol=1e-4)
+    losses = [entry["loss"] for entry in packed.state.log_history if "loss" in entry]
+    assert losses == pytest.approx([entry["loss"] for entry in padded.state.log_history if "loss" in entry], rel=1e-4)
+
+
+def test_packing_with_lazy_preprocess_is_refused(tiny_qwen_dir, data_file, tmp_path, capsys):
+    code = finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path", data_file, "--output_dir",
+                          str(tmp_path / "o"), "--packing", "True", "--lazy_preprocess", "True", "--use_cpu", "True"])
+    assert code == 2 and "--packing needs every sample's length up front" in capsys.readouterr().err
