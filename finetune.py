@@ -20,6 +20,7 @@ from chatft.chat_format import preprocess  # noqa: F401  (Qwen-compatible: `from
 from chatft.data import ChatCollator, DataError, LazySupervisedDataset, SupervisedDataset, load_samples, make_collator, make_datasets  # noqa: F401
 from chatft.model import join_process_group, load_model, load_tokenizer, resolve_model_path
 from chatft.saving import OutputDirError, check_output_dir, save_run
+from chatft.trainer import ChatTrainer
 
 logger = logging.getLogger("finetune")
 
@@ -43,13 +44,14 @@ def train(argv=None):
     )
     model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added_tokens)
 
-    trainer = transformers.Trainer(
+    trainer = ChatTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=make_collator(tokenizer, data_args.packing, model.config._attn_implementation),
         processing_class=tokenizer,
+        labelled_logits=training_args.labelled_logits_only,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     groups = {"model": model_args, "data": data_args, "training": training_args, "lora": lora_args}

@@ -67,6 +67,11 @@ class TrainingArguments(transformers.TrainingArguments):
         default=8192, metadata={"help": "Maximum tokens per sample; longer samples are truncated on the right."}
     )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all parameters."})
+    labelled_logits_only: bool = field(
+        default=True,
+        metadata={"help": "Compute the output layer and the loss only at labelled positions, in chunks: the same "
+                  "loss and gradients with far less memory. False: the model's own loss over full logits."},
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into a non-empty output_dir (refused otherwise)."}
     )
