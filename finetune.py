@@ -49,7 +49,8 @@ def train(argv=None):
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=make_collator(tokenizer, data_args.packing, model.config._attn_implementation),
+        data_collator=make_collator(tokenizer, data_args.packing, model.config._attn_implementation,
+                                    training_args.model_max_length if data_args.pad_to_max_length else None),
         processing_class=tokenizer,
         labelled_logits=training_args.labelled_logits_only,
     )

@@ -53,6 +53,11 @@ class DataArguments:
                   "per sample, so no attention crosses samples) instead of padding each batch. Needs every "
                   "sample's length up front, so not with --lazy_preprocess."},
     )
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata={"help": "The seed's way, kept for finetune/benchmark.py's comparison only: pad every batch to "
+                  "model_max_length (most of the compute then goes to padding)."},
+    )
     system_message: str = field(
         default=DEFAULT_SYSTEM_MESSAGE,
         metadata={"help": "System prompt for samples without a leading system turn; saved in the chat template."},
@@ -147,6 +152,8 @@ def validate_args(model_args, data_args, training_args, lora_args) -> None:
     if data_args.packing and data_args.lazy_preprocess:
         problems.append("--packing needs every sample's length up front and --lazy_preprocess tokenizes on first use: "
                         "drop one of them.")
+    if data_args.packing and data_args.pad_to_max_length:
+        problems.append("--pad_to_max_length pads batches of single samples; it cannot be combined with --packing.")
     if lora_args.lora_bias not in ("none", "all", "lora_only"):
         problems.append(f"--lora_bias must be none, all or lora_only, not {lora_args.lora_bias!r}.")
     if not training_args.use_lora:

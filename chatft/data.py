@@ -186,10 +186,12 @@ class ChatCollator:
 
     pad_token_id: int
     pad_to_multiple_of: int = 8
+    pad_to_length: int | None = None  # the seed's way (every batch this long); only for the benchmark's comparison
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
         length = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        length = max(length, self.pad_to_length or 0)
         batch = {
             "input_ids": torch.full((len(features), length), self.pad_token_id, dtype=torch.long),
             "labels": torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long),
@@ -310,8 +312,8 @@ def make_datasets(train_samples, eval_samples, tokenizer, max_len: int, lazy: bo
     return train, evaluation
 
 
-def make_collator(tokenizer, packing: bool, attn_implementation: str | None):
+def make_collator(tokenizer, packing: bool, attn_implementation: str | None, pad_to_length: int | None = None):
     if packing:  # flash-attention reads sample boundaries from position_ids only in a single flattened row
         return PackedCollator(tokenizer.pad_token_id, flatten="flash" in (attn_implementation or ""))
-    return ChatCollator(pad_token_id=tokenizer.pad_token_id)
+    return ChatCollator(pad_token_id=tokenizer.pad_token_id, pad_to_length=pad_to_length)
 

@@ -1,0 +1,252 @@
+"""Training throughput and memory of this toolkit against the seed's padding and TRL's SFTTrainer, in one run.
+
+    $ python finetune/benchmark.py --data ../shared/data/alpaca_en_demo.json       # bundled SmolLM2-135M
+    $ python finetune/benchmark.py -m MODEL --data FILE --num_samples 64 --max_length 512 --batch_size 4 \
+        --modes lora,full --precisions fp32,bf16 --json benchmark.json
+
+Every variant trains one epoch over the same first `--num_samples` conversations (Qwen format, or alpaca
+records, converted), with the same model, sequence length, batch size, optimizer (AdamW), learning rate
+and loss (assistant tokens only), each in a fresh process. Reported per variant:
+- real tokens/s: non-padding tokens trained on, over the Trainer's train_runtime (model loading excluded);
+- padded: the fraction of positions that were padding;
+- peak RSS (CPU: the process's peak resident memory, model included) or peak CUDA memory;
+- MFU: real tokens/s x training FLOPs per token (6N full-parameter, 4N LoRA: no weight gradients; N = the
+  model's parameters, attention scores not counted) over this device's measured matmul rate;
+- the ratio of this toolkit's default to every other variant.
+Variants: chatft (the toolkit's defaults: per-batch padding or packing as --packing says, loss on labelled
+positions only), chatft_packed, seed (every batch padded to --max_length, full-logits loss), and, when TRL is
+installed, trl (SFTTrainer, padded batches) and trl_padding_free.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CHATFT_VARIANTS = {
+    "chatft": [],
+    "chatft_packed": ["--packing", "True"],
+    "seed": ["--pad_to_max_length", "True", "--labelled_logits_only", "False"],
+}
+TRL_VARIANTS = {"trl": False, "trl_padding_free": True}  # the latter: TRL's packed, padding-free rows
+
+
+def to_conversations(records: list[dict]) -> list[dict]:
+    """Qwen-format samples as they are; alpaca records (instruction, input, output) become one exchange."""
+    samples = []
+    for index, record in enumerate(records):
+        if "conversations" in record:
+            samples.append(record)
+            continue
+        question = record["instruction"] + (f"\n{record['input']}" if record.get("input") else "")
+        samples.append({"id": f"alpaca_{index}", "conversations": [
+            {"from": "user", "value": question}, {"from": "assistant", "value": record["output"]}]})
+    return samples
+
+
+def matmul_flops_per_second(dtype_name: str, size: int = 2048, seconds: float = 2.0) -> float:
+    """This device's sustained dense matmul rate (FLOP/s) in fp32, or in bf16 where autocast would use it."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+class CountingCollator:
+    """Wraps a collator; counts real (non-padding) and total positions of every batch it makes."""
+
+    def __init__(self, collator, pad_token_id):
+        self.collator, self.pad_token_id = collator, pad_token_id
+        self.real_tokens = self.positions = 0
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        ids = batch["input_ids"]
+        if "attention_mask" in batch:
+            real = int(batch["attention_mask"].sum())
+        elif "position_ids" in batch and "labels" in batch:  # packed or flattened: the padding tail is unlabelled
+            lengths = [len(f["input_ids"]) for f in features]
+            real = sum(lengths)
+        else:
+            real = int((ids != self.pad_token_id).sum())
+        self.real_tokens += real
+        self.positions += ids.numel()
+        return batch
+
+
+def run_chatft(config: dict, data_file: str, output_dir: str) -> dict:
+    import finetune
+    from chatft import data as chat_data
+
+    counters = []
+    make_collator = chat_data.make_collator
+
+    def counting_collator(tokenizer, *args, **kwargs):
+        counters.append(CountingCollator(make_collator(tokenizer, *args, **kwargs), tokenizer.pad_token_id))
+        return counters[-1]
+
+    finetune.make_collator = counting_collator
+    argv = ["--model_name_or_path", config["model"], "--data_path", data_file, "--output_dir", output_dir,
+            "--num_train_epochs", "1", "--per_device_train_batch_size", str(config["batch_size"]),
+            "--learning_rate", "1e-4", "--lr_scheduler_type", "constant", "--model_max_length", str(config["max_length"]),
+            "--logging_steps", "1000", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
+            "--dataloader_num_workers", "0", "--lora_dropout", "0", "--disable_tqdm", "True"]
+    argv += ["--use_lora"] if config["mode"] == "lora" else []
+    argv += ["--bf16", "True"] if config["precision"] == "bf16" else []
+    argv += [] if config["cuda"] else ["--use_cpu", "True"]
+    trainer = finetune.train(argv + CHATFT_VARIANTS[config["variant"]])
+    runtime = trainer.state.log_history[-1]["train_runtime"]
+    return {"train_runtime": runtime, "real_tokens": counters[-1].real_tokens, "positions": counters[-1].positions,
+            "num_parameters": sum(p.numel() for p in trainer.model.parameters() if p.dim() > 0)}
+
+
+def run_trl(config: dict, data_file: str, output_dir: str) -> dict:
+    import datasets
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    with open(data_file, encoding="utf-8") as f:
+        samples = json.load(f)
+    rows = []
+    for sample in samples:  # prompt/completion: TRL's way to train on the assistant reply only
+        turns = sample["conversations"]
+        rows.append({"prompt": [{"role": "user", "content": turns[0]["value"]}],
+                     "completion": [{"role": "assistant", "content": turns[1]["value"]}]})
+    tokenizer = transformers.AutoTokenizer.from_pretrained(config["model"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(config["model"], dtype=torch.float32)
+    args = trl.SFTConfig(
+        output_dir=output_dir, num_train_epochs=1, per_device_train_batch_size=config["batch_size"],
+        learning_rate=1e-4, lr_scheduler_type="constant", max_length=config["max_length"], logging_steps=1000,
+        save_strategy="no", report_to="none", seed=0, bf16=config["precision"] == "bf16",
+        use_cpu=not config["cuda"], gradient_checkpointing=False,
+        # TRL enforces max_length in padding-free mode only through its best-fit-decreasing packing
+        padding_free=TRL_VARIANTS[config["variant"]], packing=TRL_VARIANTS[config["variant"]], packing_strategy="bfd",
+        completion_only_loss=True, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    lora = peft.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tokenizer, peft_config=lora if config["mode"] == "lora" else None)
+    counter = CountingCollator(trainer.data_collator, tokenizer.pad_token_id)
+    trainer.data_collator = counter
+    result = trainer.train()
+    return {"train_runtime": result.metrics["train_runtime"], "real_tokens": counter.real_tokens,
+            "positions": counter.positions,
+            "num_parameters": sum(p.numel() for p in trainer.model.parameters() if p.dim() > 0)}
+
+
+def worker(config: dict) -> dict:
+    """One variant in this (fresh) process."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as scratch:
+        data_file = os.path.join(scratch, "train.json")
+        with open(config["data"], encoding="utf-8") as f:
+            samples = to_conversations(json.load(f))[: config["num_samples"]]
+        with open(data_file, "w", encoding="utf-8") as f:
+            json.dump(samples, f, ensure_ascii=False)
+        runner = run_trl if config["variant"] in TRL_VARIANTS else run_chatft
+        result = runner(config, data_file, os.path.join(scratch, "out"))
+    result["peak_memory_mib"] = (torch.cuda.max_memory_allocated() / 2**20 if config["cuda"]
+                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return result
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-m", "--model", default=None, help="Model directory (default: the bundled SmolLM2-135M).")
+    parser.add_argument("--data", default=os.path.join(ROOT, "data", "identity_demo.json"),
+                        help="Qwen-format or alpaca JSON file.")
+    parser.add_argument("--num_samples", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--modes", default="lora,full")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--variants", default=None, help="Comma-separated (default: all available).")
+    parser.add_argument("--json", default=None, help="Also write the results here.")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    import importlib.util
+
+    import torch
+
+    from chatft.bundled import bundled_model_dir
+
+    model = args.model or str(bundled_model_dir())
+    variants = args.variants.split(",") if args.variants else [
+        *CHATFT_VARIANTS, *(TRL_VARIANTS if importlib.util.find_spec("trl") else [])]
+    cuda = torch.cuda.is_available()
+    gemm = {precision: matmul_flops_per_second(precision) for precision in args.precisions.split(",")}
+    print("matmul rate: " + ", ".join(f"{p} {rate / 1e9:.0f} GFLOP/s" for p, rate in gemm.items()), flush=True)
+    results = []
+    for mode in args.modes.split(","):
+        for precision in args.precisions.split(","):
+            for variant in variants:
+                config = {"model": model, "data": os.path.abspath(args.data), "num_samples": args.num_samples,
+                          "max_length": args.max_length, "batch_size": args.batch_size, "mode": mode,
+                          "precision": precision, "variant": variant, "cuda": cuda}
+                print(f"--- {mode} {precision} {variant}", flush=True)
+                done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(config)],
+                                      capture_output=True, text=True, cwd=ROOT)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                if done.returncode or not lines:
+                    print(done.stderr[-3000:], file=sys.stderr)
+                    results.append({**config, "error": f"exit {done.returncode}"})
+                    continue
+                result = {**config, **json.loads(lines[-1][len("RESULT "):])}
+                result["tokens_per_second"] = result["real_tokens"] / result["train_runtime"]
+                result["padded_fraction"] = 1 - result["real_tokens"] / result["positions"]
+                flops_per_token = (4 if mode == "lora" else 6) * result["num_parameters"]
+                result["mfu"] = result["tokens_per_second"] * flops_per_token / gemm[precision]
+                results.append(result)
+                print(f"    {result['tokens_per_second']:.1f} real tokens/s, {100 * result['padded_fraction']:.0f}% "
+                      f"padding, peak {result['peak_memory_mib']:.0f} MiB, MFU {100 * result['mfu']:.1f}%", flush=True)
+    print_table(results)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"matmul_flops_per_second": gemm, "results": results}, f, indent=2)
+    return 0
+
+
+def print_table(results: list[dict]) -> None:
+    print("\n| mode | precision | variant | real tokens/s | padding | peak memory MiB | MFU | chatft's speed / this |")
+    print("|---|---|---|---|---|---|---|---|")
+    for result in results:
+        if "error" in result:
+            print(f"| {result['mode']} | {result['precision']} | {result['variant']} | failed: {result['error']} |||||")
+            continue
+        own = next((r for r in results if r["variant"] == "chatft" and r["mode"] == result["mode"]
+                    and r["precision"] == result["precision"] and "error" not in r), None)
+        ratio = f"{own['tokens_per_second'] / result['tokens_per_second']:.2f}x" if own else "-"
+        print(f"| {result['mode']} | {result['precision']} | {result['variant']} | {result['tokens_per_second']:.1f} | "
+              f"{100 * result['padded_fraction']:.0f}% | {result['peak_memory_mib']:.0f} | {100 * result['mfu']:.1f}% | "
+              f"{ratio} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
