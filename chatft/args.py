@@ -73,9 +73,9 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all parameters."})
     labelled_logits_only: bool = field(
-        default=True,
-        metadata={"help": "Compute the output layer and the loss only at labelled positions, in chunks: the same "
-                  "loss and gradients with far less memory. False: the model's own loss over full logits."},
+        default=False,
+        metadata={"help": "Experimental: compute the output layer and the loss only at labelled positions, in "
+                  "chunks (the same loss and gradients, less memory; one process or DeepSpeed only)."},
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into a non-empty output_dir (refused otherwise)."}

@@ -79,6 +79,12 @@ class ChatTrainer(transformers.Trainer):
         if labelled_logits and not self.labelled_logits:
             logger.info("%s transforms its logits after the output layer; computing the loss on full logits.",
                         type(model).__name__)
+        # DDP and FSDP count on every parameter being used inside the wrapped forward, once; the output layer
+        # applied after it breaks that when it trains (full-parameter). Verified: one process, DeepSpeed ZeRO-2/3.
+        wrapped_elsewhere = self.is_fsdp_enabled or (self.args.world_size > 1 and not self.is_deepspeed_enabled)
+        if self.labelled_logits and wrapped_elsewhere and any(p.requires_grad for p in model.get_output_embeddings().parameters()):
+            logger.info("The output layer trains under DDP/FSDP: computing the loss on full logits.")
+            self.labelled_logits = False
         self.label_smoothing_active = self.label_smoother is not None or self.compute_loss_func is not None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

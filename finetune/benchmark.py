@@ -33,6 +33,7 @@ sys.path.insert(0, ROOT)
 CHATFT_VARIANTS = {
     "chatft": [],
     "chatft_packed": ["--packing", "True"],
+    "chatft_packed_labelled": ["--packing", "True", "--labelled_logits_only", "True"],
     "seed": ["--pad_to_max_length", "True", "--labelled_logits_only", "False"],
 }
 TRL_VARIANTS = {"trl": False, "trl_padding_free": True}  # the latter: TRL's packed, padding-free rows

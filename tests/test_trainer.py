@@ -50,7 +50,7 @@ def test_same_loss_and_gradients_as_the_full_logits(tiny_qwen_dir, qwen_tokenize
 def test_training_steps_match_the_plain_loss(tiny_qwen_dir, data_file, tmp_path, extra):
     common = ["--max_steps", "2", "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", *extra]
     plain = run(tiny_qwen_dir, data_file, tmp_path / "plain", *common, "--labelled_logits_only", "False")
-    labelled = run(tiny_qwen_dir, data_file, tmp_path / "labelled", *common)
+    labelled = run(tiny_qwen_dir, data_file, tmp_path / "labelled", *common, "--labelled_logits_only", "True")
     assert labelled.labelled_logits and not plain.labelled_logits
     losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (plain, labelled)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
@@ -64,7 +64,7 @@ def test_trainable_tied_embeddings_under_lora(tmp_path, data_file):
     common = ["--use_lora", "--lora_r", "4", "--max_steps", "2", "--optim", "sgd", "--learning_rate", "0.5",
               "--per_device_train_batch_size", "4"]
     plain = run(base_dir, data_file, tmp_path / "plain", *common, "--labelled_logits_only", "False")
-    labelled = run(base_dir, data_file, tmp_path / "labelled", *common)
+    labelled = run(base_dir, data_file, tmp_path / "labelled", *common, "--labelled_logits_only", "True")
     for name, value in plain.model.state_dict().items():
         torch.testing.assert_close(labelled.model.state_dict()[name], value, atol=1e-5, rtol=1e-4)
 
