@@ -38,10 +38,13 @@ def train(argv=None):
         model_path, training_args.model_max_length, data_args.system_message,
         cache_dir=training_args.cache_dir, trust_remote_code=model_args.trust_remote_code,
     )
-    train_dataset, eval_dataset = make_datasets(
-        train_samples, eval_samples, tokenizer, training_args.model_max_length,
-        data_args.lazy_preprocess, data_args.system_message, data_args.packing,
-    )
+    # The first process of each machine tokenizes (and caches); the others wait, then read its cache.
+    with training_args.main_process_first(local=True, desc="tokenizing the data"):
+        train_dataset, eval_dataset = make_datasets(
+            train_samples, eval_samples, tokenizer, training_args.model_max_length,
+            data_args.lazy_preprocess, data_args.system_message, data_args.packing,
+            data_args.preprocessing_num_workers, data_args.tokenized_cache_dir,
+        )
     model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added_tokens)
 
     trainer = ChatTrainer(

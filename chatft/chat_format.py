@@ -6,8 +6,8 @@ One sample goes through three separate steps:
    `chatft.data` beforehand), dropping a leading assistant turn as Qwen's script did.
 2. `render_chatml` builds the exact text the model sees, and the character spans of
    what the model must generate: each assistant reply and its closing `<|im_end|>`.
-3. `tokenize_conversation` tokenizes that text once, with offsets, and labels every
-   token that carries a character of a trainable span.
+3. `tokenize_conversations` tokenizes the texts of many samples in one batched call, with
+   offsets, and labels every token that carries a character of a trainable span.
 
 Because the whole text is tokenized in one call, `input_ids` are exactly what
 `tokenizer(text)` and `tokenizer.apply_chat_template` (with `chatml_template`) give
@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -81,19 +83,27 @@ def render_chatml(turns: list[Turn], system_message: str = DEFAULT_SYSTEM_MESSAG
     return text, spans
 
 
-def _token_is_trainable(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
-    # A token that carries any character of a reply is one the model must generate. Tokens
-    # only straddle a span's start when a reply begins with a newline that merges with the
-    # one after the role name ("assistant\n" + "\nText" -> "\n\n"); such a token is trained.
-    if start == end:  # zero-width offsets (some byte-level pieces): place at `start`
-        return any(a <= start < b for a, b in spans)
-    return any(start < b and end > a for a, b in spans)
+def trainable_tokens(offsets: np.ndarray, span_starts: np.ndarray, span_ends: np.ndarray) -> np.ndarray:
+    """Which tokens (character `offsets`, [N, 2]) carry a character of a trainable span (sorted, disjoint).
+
+    A token that carries any character of a reply is one the model must generate. Tokens only straddle
+    a span's start when a reply begins with a newline that merges with the one after the role name
+    ("assistant\\n" + "\\nText" -> "\\n\\n"); such a token is trained. A zero-width token (some byte-level
+    pieces) counts as sitting at its start. Vectorized: for each token, the first span ending after its
+    start is the only one it can overlap.
+    """
+    if len(span_ends) == 0:
+        return np.zeros(len(offsets), dtype=bool)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    candidate = np.searchsorted(span_ends, starts, side="right")  # first span with end > token start
+    in_range = candidate < len(span_ends)
+    candidate = np.minimum(candidate, len(span_ends) - 1)
+    return in_range & (span_starts[candidate] < np.maximum(ends, starts + 1))
 
 
-def tokenize_conversation(
-    turns: list[Turn], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE
-) -> TokenizedSample:
-    """Tokenize one conversation; truncate to `max_len` tokens.
+def tokenize_conversations(conversations: list[list[Turn]], tokenizer, max_len: int,
+                           system_message: str = DEFAULT_SYSTEM_MESSAGE) -> list[TokenizedSample]:
+    """Tokenize many conversations with one batched fast-tokenizer call; truncate each to `max_len` tokens.
 
     Invariants: `input_ids == tokenizer(render_chatml(...)[0], add_special_tokens=False).input_ids[:max_len]`;
     decoding the labelled tokens gives each assistant reply followed by `<|im_end|>`.
@@ -103,14 +113,33 @@ def tokenize_conversation(
             f"{type(tokenizer).__name__} is a slow tokenizer; labels are placed with character offsets, "
             "which only fast (Rust) tokenizers return. Load the tokenizer with use_fast=True."
         )
-    text, spans = render_chatml(turns, system_message)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = encoding["input_ids"][:max_len]
-    labels = [
-        token_id if _token_is_trainable(start, end, spans) else IGNORE_INDEX
-        for token_id, (start, end) in zip(input_ids, encoding["offset_mapping"])
-    ]
-    return TokenizedSample(input_ids=input_ids, labels=labels)
+    if not conversations:
+        return []
+    rendered = [render_chatml(turns, system_message) for turns in conversations]
+    encoding = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    # All samples at once: shift each sample's offsets and spans by its place in one long string (plus a
+    # gap of one character, so no token of one sample can reach a span of the next).
+    bases = np.cumsum([0] + [len(text) + 1 for text, _ in rendered[:-1]])
+    lengths = [len(ids) for ids in encoding["input_ids"]]
+    offsets = np.array([pair for sample in encoding["offset_mapping"] for pair in sample], dtype=np.int64)
+    offsets = offsets.reshape(-1, 2) + np.repeat(bases, lengths)[:, None]
+    spans = np.array([(a + base, b + base) for (_, sample_spans), base in zip(rendered, bases)
+                      for a, b in sample_spans], dtype=np.int64).reshape(-1, 2)
+    trainable = trainable_tokens(offsets, spans[:, 0], spans[:, 1])
+    samples, start = [], 0
+    for ids, length in zip(encoding["input_ids"], lengths):
+        ids = ids[:max_len]
+        mask = trainable[start : start + len(ids)]
+        samples.append(TokenizedSample(input_ids=ids, labels=np.where(mask, ids, IGNORE_INDEX).tolist()))
+        start += length
+    return samples
+
+
+def tokenize_conversation(
+    turns: list[Turn], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE
+) -> TokenizedSample:
+    """Tokenize one conversation (see `tokenize_conversations`)."""
+    return tokenize_conversations([turns], tokenizer, max_len, system_message)[0]
 
 
 def preprocess(sources, tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE) -> dict:
@@ -120,12 +149,10 @@ def preprocess(sources, tokenizer, max_len: int, system_message: str = DEFAULT_S
     ints per kept sample (no padding, so every attention_mask is all ones; the collator pads).
     Samples with no trainable token left after truncation are dropped, with a warning.
     """
+    conversations = [c["conversations"] if isinstance(c, dict) else c for c in sources]  # whole samples or turns
     batch = {"input_ids": [], "labels": [], "attention_mask": []}
     dropped = 0
-    for conversation in sources:
-        if isinstance(conversation, dict):  # a whole sample rather than its turns
-            conversation = conversation["conversations"]
-        sample = tokenize_conversation(to_turns(conversation), tokenizer, max_len, system_message)
+    for sample in tokenize_conversations([to_turns(c) for c in conversations], tokenizer, max_len, system_message):
         if sample.num_trainable == 0:
             dropped += 1
             continue

@@ -7,16 +7,25 @@ reporting all problems at once (file, index, id, what is wrong) before any model
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+import safetensors.numpy
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
-from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, ROLES, to_turns, tokenize_conversation
+from chatft import chat_format
+from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, ROLES, TokenizedSample, to_turns,
+                                tokenize_conversation, tokenize_conversations)
 
 logger = logging.getLogger(__name__)
 
@@ -114,18 +123,102 @@ def _sample_name(raw: dict, index: int) -> str:
     return f"sample {index} (id={raw['id']!r})" if "id" in raw else f"sample {index}"
 
 
+TOKENIZED_FORMAT = "chatft-tokenized-1"  # the cache file's layout
+TOKENIZE_BATCH = 512  # conversations per batched tokenizer call (and per progress step, per worker task)
+
+
+def tokenized_cache_key(raw_data: list[dict], tokenizer, max_len: int, system_message: str) -> str:
+    """A digest of everything the tokenized samples depend on: data content, tokenizer, template, length, and
+    the code that renders and labels (chat_format.py's source), so an upgrade never reads a stale cache."""
+    digest = hashlib.sha256()
+    code = Path(chat_format.__file__).read_text(encoding="utf-8")
+    for part in (TOKENIZED_FORMAT, code, type(tokenizer).__name__, tokenizer.backend_tokenizer.to_str(), system_message,
+                 str(max_len), json.dumps(raw_data, sort_keys=True, ensure_ascii=False)):
+        digest.update(part.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()[:40]
+
+
+def _save_tokenized(samples: list[TokenizedSample], path: Path) -> None:
+    """safetensors (no pickle), written to a scratch name and renamed: readers never see half a file."""
+    lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
+    input_ids = np.concatenate([np.asarray(s.input_ids, dtype=np.int64) for s in samples] or [np.zeros(0, np.int64)])
+    labelled = np.concatenate([np.asarray(s.labels) != IGNORE_INDEX for s in samples] or [np.zeros(0, bool)])
+    labelled = labelled.astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    safetensors.numpy.save_file({"input_ids": input_ids, "labelled": labelled, "lengths": lengths}, str(scratch))
+    os.replace(scratch, path)
+
+
+def _load_tokenized(path: Path) -> list[TokenizedSample]:
+    arrays = safetensors.numpy.load_file(str(path))
+    bounds = np.cumsum(arrays["lengths"])[:-1]
+    input_ids = np.split(arrays["input_ids"], bounds)
+    labels = np.split(np.where(arrays["labelled"].astype(bool), arrays["input_ids"], IGNORE_INDEX), bounds)
+    return [TokenizedSample(ids.tolist(), lab.tolist()) for ids, lab in zip(input_ids, labels)]
+
+
+_worker_job: dict = {}  # set once in each preprocessing worker process (inherited by fork, not pickled)
+
+
+def _init_worker(tokenizer, max_len, system_message):
+    _worker_job.update(tokenizer=tokenizer, max_len=max_len, system_message=system_message)
+
+
+def _tokenize_in_worker(conversations):
+    return tokenize_conversations(conversations, **_worker_job)
+
+
+def tokenize_samples(raw_data: list[dict], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE,
+                     num_workers: int = 1, cache_dir: str | os.PathLike | None = None,
+                     desc: str = "Tokenizing") -> list[TokenizedSample]:
+    """Every sample tokenized, in order, in batched calls (in `num_workers` processes when > 1).
+
+    With `cache_dir`, the result is stored there under `tokenized_cache_key` and a later call with the same
+    data, tokenizer, template and length reads it back instead (the other ranks of a distributed run, the
+    next run).
+    """
+    cache_path = None
+    if cache_dir:
+        cache_path = Path(cache_dir) / f"{tokenized_cache_key(raw_data, tokenizer, max_len, system_message)}.safetensors"
+        if cache_path.is_file():
+            logger.info("%s: reusing %d tokenized samples from %s", desc, len(raw_data), cache_path)
+            return _load_tokenized(cache_path)
+    conversations = [to_turns(raw["conversations"]) for raw in raw_data]
+    batches = [conversations[i : i + TOKENIZE_BATCH] for i in range(0, len(conversations), TOKENIZE_BATCH)]
+    progress = tqdm(total=len(conversations), desc=desc, unit=" samples", disable=len(batches) < 4)
+    samples = []
+    if num_workers > 1 and len(batches) > 1:
+        # fork: the workers inherit the tokenizer instead of unpickling it for every batch
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(tokenizer, max_len, system_message)) as pool:
+            for result in pool.map(_tokenize_in_worker, batches):
+                samples += result
+                progress.update(len(result))
+    else:
+        for batch in batches:
+            samples += tokenize_conversations(batch, tokenizer, max_len, system_message)
+            progress.update(len(batch))
+    progress.close()
+    if cache_path is not None:
+        try:
+            _save_tokenized(samples, cache_path)
+        except OSError as error:  # a read-only or full cache costs the next run time, not this one its data
+            logger.warning("Could not cache the tokenized data in %s: %s", cache_dir, error)
+    return samples
+
+
 class SupervisedDataset(Dataset):
     """Tokenizes every sample up front (Qwen's default); drops samples left with no trainable token."""
 
-    def __init__(self, raw_data: list[dict], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE):
-        self.samples = []
-        dropped = []
-        for index, raw in enumerate(raw_data):
-            sample = tokenize_conversation(to_turns(raw["conversations"]), tokenizer, max_len, system_message)
-            if sample.num_trainable:
-                self.samples.append(sample)
-            else:
-                dropped.append(_sample_name(raw, index))
+    def __init__(self, raw_data: list[dict], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE,
+                 num_workers: int = 1, cache_dir: str | os.PathLike | None = None):
+        tokenized = tokenize_samples(raw_data, tokenizer, max_len, system_message, num_workers, cache_dir)
+        self.samples = [sample for sample in tokenized if sample.num_trainable]
+        dropped = [_sample_name(raw, index) for index, (raw, sample) in enumerate(zip(raw_data, tokenized))
+                   if not sample.num_trainable]
         if dropped:
             logger.warning(
                 "Dropped %d of %d samples with no assistant token within model_max_length=%d: %s",
@@ -301,11 +394,16 @@ class PackedCollator:
 
 
 def make_datasets(train_samples, eval_samples, tokenizer, max_len: int, lazy: bool, system_message: str,
-                  packing: bool = False):
-    """Build (train_dataset, eval_dataset or None) from validated samples; packed rows with `packing`."""
-    dataset_class = LazySupervisedDataset if lazy else SupervisedDataset
-    train = dataset_class(train_samples, tokenizer, max_len, system_message)
-    evaluation = dataset_class(eval_samples, tokenizer, max_len, system_message) if eval_samples else None
+                  packing: bool = False, num_workers: int = 1, cache_dir: str | os.PathLike | None = None):
+    """Build (train_dataset, eval_dataset or None) from validated samples; packed rows with `packing`;
+    tokenized in `num_workers` processes and cached in `cache_dir` (unless `lazy`)."""
+    if lazy:
+        train = LazySupervisedDataset(train_samples, tokenizer, max_len, system_message)
+        evaluation = LazySupervisedDataset(eval_samples, tokenizer, max_len, system_message) if eval_samples else None
+    else:
+        train = SupervisedDataset(train_samples, tokenizer, max_len, system_message, num_workers, cache_dir)
+        evaluation = (SupervisedDataset(eval_samples, tokenizer, max_len, system_message, num_workers, cache_dir)
+                      if eval_samples else None)
     if packing:
         train = PackedDataset(train, max_len)
         evaluation = PackedDataset(evaluation, max_len) if evaluation is not None else None

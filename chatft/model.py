@@ -19,15 +19,11 @@ import torch
 import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from chatft import cache_root
 from chatft.args import ArgumentError
 from chatft.chat_format import IM_END, IM_START, chatml_template
 
 logger = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    """Where converted models are kept: $CHATFT_CACHE, else ~/.cache/chatft."""
-    return Path(os.environ.get("CHATFT_CACHE") or Path.home() / ".cache" / "chatft")
 
 
 def gguf_to_hf_dir(gguf_path: str | os.PathLike) -> Path:

@@ -2,10 +2,14 @@
 
 In SFT most positions carry no label (prompts, system turns, padding), yet a causal LM computes a
 vocabulary-wide row of logits for every position (151k wide for Qwen) and the loss upcasts them
-all to fp32. `ChatTrainer` instead runs the model with its output layer passing the final hidden
-states through, gathers the positions whose next token is labelled, and applies the output layer
-and cross-entropy to them in chunks that are recomputed in the backward pass, so a logits tensor for
-the whole batch never exists. Loss and gradients equal the plain path's (tests/test_trainer.py).
+all to fp32. `ChatTrainer` instead makes the output layer itself compute the loss: for one forward
+call its `forward` is replaced by `labelled_cross_entropy`, which takes the final hidden states,
+keeps the positions whose next token is labelled, and runs the output layer and cross-entropy on
+them a chunk of rows at a time, computing the gradients as it goes (one matmul fewer than autograd
+with recomputation, and no logits tensor for the whole batch ever exists). The loss comes out of the
+model as its "logits". Because the output layer still runs inside the model's forward, DDP, FSDP and
+DeepSpeed see every parameter used exactly once, where they expect it. Loss and gradients equal the
+plain path's (tests/test_trainer.py, tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import logging
 
 import torch
 import transformers
-from torch.utils.checkpoint import checkpoint
 
 from chatft.chat_format import IGNORE_INDEX
 
@@ -24,49 +27,98 @@ logger = logging.getLogger(__name__)
 # Config attributes of models that transform the logits after the output layer (soft-capping, scaling):
 # computing the head ourselves would skip that, so those models keep the plain path.
 POST_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-LOGITS_PER_CHUNK = 1 << 26  # elements of one chunk's logits: 256 MiB in fp32, whatever the vocabulary
+LOGITS_PER_CHUNK = 1 << 25  # elements of one chunk's logits: 128 MiB in fp32, whatever the vocabulary
+
+
+def head_linears(model) -> list[torch.nn.Linear] | None:
+    """The plain nn.Linear modules that may compute the model's logits (the output layer, or the copies peft's
+    modules_to_save keeps of it); None when the output layer is something else (LoRA on it, quantized)."""
+    head = model.get_output_embeddings()
+    if head is None or any(getattr(model.config, name, None) for name in POST_HEAD_TRANSFORMS):
+        return None
+    if type(head) is torch.nn.Linear:
+        return [head]
+    if type(head).__name__ == "ModulesToSaveWrapper":  # peft: the original layer and one trainable copy per adapter
+        inner = [m for m in head.modules() if m is not head and not isinstance(m, torch.nn.ModuleDict)]
+        if inner and all(type(m) is torch.nn.Linear for m in inner):
+            return inner
+    return None
 
 
 def supports_labelled_logits(model) -> bool:
-    """Whether the output layer can be applied outside the model's forward without changing the result."""
-    head = model.get_output_embeddings()
-    config = model.config
-    return head is not None and not any(getattr(config, name, None) for name in POST_HEAD_TRANSFORMS)
+    return head_linears(model) is not None
+
+
+class LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i cross_entropy(hidden[i] @ weight.T + bias, targets[i]), with the gradients computed in the forward
+    pass one chunk of rows at a time, so each chunk's logits live only while it is processed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype):
+        need_weight, need_bias = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        w = weight.to(compute_dtype)
+        b = bias.to(compute_dtype) if bias is not None else None
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size].to(compute_dtype)
+            t = targets[start : start + chunk_size]
+            logits = torch.nn.functional.linear(h, w, b).float()
+            log_norm = logits.logsumexp(-1, keepdim=True)
+            total += (log_norm.squeeze(1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            # d loss / d logits = softmax - one_hot(target), in place over the logits
+            grad_logits = logits.sub_(log_norm).exp_()
+            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+            grad_logits = grad_logits.to(compute_dtype)
+            grad_hidden[start : start + chunk_size] = grad_logits @ w
+            if need_weight and compute_dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.t(), h)
+            elif need_weight:  # a half-precision product, accumulated in fp32
+                grad_weight += grad_logits.t() @ h
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (grad_hidden * grad_output,
+                (grad_weight * grad_output).to(weight_dtype) if grad_weight is not None else None,
+                (grad_bias * grad_output).to(bias_dtype) if grad_bias is not None else None,
+                None, None, None)
+
+
+def labelled_cross_entropy(hidden_states: torch.Tensor, labels: torch.Tensor, head: torch.nn.Linear,
+                           chunk_size: int) -> torch.Tensor:
+    """The sum of the token losses of a causal LM (position t predicts labels[t + 1]) with `head` applied only at
+    labelled positions, `chunk_size` rows at a time, in the autocast dtype when autocast is on (as the plain path)."""
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    hidden = hidden_states[:, :-1][labelled]  # [K, H]; an empty K still connects the graph (zero gradients)
+    device_type = hidden.device.type
+    compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                     else head.weight.dtype)
+    with torch.autocast(device_type, enabled=False):
+        return LinearCrossEntropySum.apply(hidden, head.weight, head.bias, targets[labelled], chunk_size, compute_dtype)
 
 
 @contextlib.contextmanager
-def passthrough(module: torch.nn.Module):
-    """Within the block, `module` returns its input: the model's "logits" are then its final hidden states.
-    (An instance attribute shadows the class's forward; hooks such as ZeRO-3's still run around it.)"""
-    module.forward = lambda hidden_states, *args, **kwargs: hidden_states
+def head_computes_loss(linears: list[torch.nn.Linear], labels: torch.Tensor, chunk_size: int):
+    """Within the block, the output layer returns the summed loss over `labels` instead of logits. (An instance
+    attribute shadows the class's forward; hooks such as ZeRO-3's and FSDP's still run around the call.)"""
+    for linear in linears:
+        linear.forward = lambda hidden_states, linear=linear: labelled_cross_entropy(hidden_states, labels, linear,
+                                                                                       chunk_size)
     try:
         yield
     finally:
-        del module.forward
-
-
-def labelled_cross_entropy(hidden_states: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module,
-                           chunk_size: int) -> tuple[torch.Tensor, int]:
-    """(sum of the token losses, number of labelled tokens) for a causal LM: position t predicts labels[t + 1].
-
-    Only positions with a label go through `head`, `chunk_size` rows at a time; each chunk's logits are
-    freed after its loss and recomputed in the backward pass.
-    """
-    targets = labels[:, 1:]
-    labelled = targets != IGNORE_INDEX
-    hidden = hidden_states[:, :-1][labelled]  # [K, H]
-    targets = targets[labelled]  # [K]
-
-    def chunk_loss(hidden_chunk, target_chunk):
-        return torch.nn.functional.cross_entropy(head(hidden_chunk).float(), target_chunk, reduction="sum")
-
-    total = hidden_states.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        total = total + checkpoint(chunk_loss, hidden[start : start + chunk_size], targets[start : start + chunk_size],
-                                   use_reentrant=False)
-    if hidden.shape[0] == 0:  # keep the graph connected so every rank runs the same backward
-        total = total + 0.0 * hidden_states.sum()
-    return total, int(targets.numel())
+        for linear in linears:
+            del linear.forward
 
 
 class ChatTrainer(transformers.Trainer):
@@ -75,16 +127,14 @@ class ChatTrainer(transformers.Trainer):
     def __init__(self, *args, labelled_logits: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         model = self.accelerator.unwrap_model(self.model)
-        self.labelled_logits = labelled_logits and supports_labelled_logits(model)
+        self.head_linears = head_linears(model) if labelled_logits else None
+        self.labelled_logits = self.head_linears is not None
         if labelled_logits and not self.labelled_logits:
-            logger.info("%s transforms its logits after the output layer; computing the loss on full logits.",
-                        type(model).__name__)
-        # DDP and FSDP count on every parameter being used inside the wrapped forward, once; the output layer
-        # applied after it breaks that when it trains (full-parameter). Verified: one process, DeepSpeed ZeRO-2/3.
-        wrapped_elsewhere = self.is_fsdp_enabled or (self.args.world_size > 1 and not self.is_deepspeed_enabled)
-        if self.labelled_logits and wrapped_elsewhere and any(p.requires_grad for p in model.get_output_embeddings().parameters()):
-            logger.info("The output layer trains under DDP/FSDP: computing the loss on full logits.")
-            self.labelled_logits = False
+            logger.info("%s's output layer is not a plain linear layer or transforms its logits; computing the loss "
+                        "on full logits.", type(model).__name__)
+        # num_embeddings, not weight.shape: under ZeRO-3 the weight is a partitioned placeholder
+        vocab_size = model.get_input_embeddings().num_embeddings
+        self.chunk_size = max(64, LOGITS_PER_CHUNK // vocab_size)
         self.label_smoothing_active = self.label_smoother is not None or self.compute_loss_func is not None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -92,19 +142,13 @@ class ChatTrainer(transformers.Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        with passthrough(head):
-            hidden_states = model(**inputs).logits
-        # num_embeddings, not weight.shape: under ZeRO-3 the weight is a partitioned placeholder
-        vocab_size = self.accelerator.unwrap_model(model).get_input_embeddings().num_embeddings
-        chunk_size = max(64, LOGITS_PER_CHUNK // vocab_size)
-        with self.accelerator.autocast():  # the dtype the output layer computes in on the plain path
-            loss_sum, count = labelled_cross_entropy(hidden_states, labels, head, chunk_size)
+        with head_computes_loss(self.head_linears, labels, self.chunk_size):
+            loss_sum = model(**inputs).logits
         # the same normalization as the model's own loss and Trainer.compute_loss
         if num_items_in_batch is not None:
             loss = loss_sum / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         else:
-            loss = loss_sum / max(count, 1)
+            loss = loss_sum / max(int((labels[:, 1:] != IGNORE_INDEX).sum()), 1)
         return loss

@@ -3,6 +3,7 @@
     $ python finetune/benchmark.py --data ../shared/data/alpaca_en_demo.json       # bundled SmolLM2-135M
     $ python finetune/benchmark.py -m MODEL --data FILE --num_samples 64 --max_length 512 --batch_size 4 \
         --modes lora,full --precisions fp32,bf16 --json benchmark.json
+    $ python finetune/benchmark.py --preprocess_only --data ../shared/data/alpaca_en_demo.json --num_samples 0
 
 Every variant trains one epoch over the same first `--num_samples` conversations (Qwen format, or alpaca
 records, converted), with the same model, sequence length, batch size, optimizer (AdamW), learning rate
@@ -171,6 +172,86 @@ def worker(config: dict) -> dict:
     return result
 
 
+def seed_preprocess(sources, tokenizer, max_len: int, system_message: str) -> dict:
+    """The seed's (Qwen's finetune.py) preprocessing, for the timing comparison: every turn tokenized by its own
+    tokenizer calls, every sample padded to max_len."""
+    import torch
+
+    ignore = -100
+    roles = {"user": "<|im_start|>user", "assistant": "<|im_start|>assistant"}
+    im_start, im_end = tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    nl_tokens = tokenizer("\n").input_ids
+    _system = tokenizer("system").input_ids + nl_tokens
+    input_ids, targets = [], []
+    for source in sources:
+        if roles[source[0]["from"]] != roles["user"]:
+            source = source[1:]
+        system = [im_start] + _system + tokenizer(system_message).input_ids + [im_end] + nl_tokens
+        input_id, target = list(system), [im_start] + [ignore] * (len(system) - 3) + [im_end] + nl_tokens
+        for sentence in source:
+            role = roles[sentence["from"]]
+            _input_id = tokenizer(role).input_ids + nl_tokens + tokenizer(sentence["value"]).input_ids + [im_end] + nl_tokens
+            input_id += _input_id
+            if role == "<|im_start|>user":
+                _target = [im_start] + [ignore] * (len(_input_id) - 3) + [im_end] + nl_tokens
+            else:
+                _target = ([im_start] + [ignore] * len(tokenizer(role).input_ids)
+                           + _input_id[len(tokenizer(role).input_ids) + 1 : -2] + [im_end] + nl_tokens)
+            target += _target
+        input_id += [tokenizer.pad_token_id] * (max_len - len(input_id))
+        target += [ignore] * (max_len - len(target))
+        input_ids.append(input_id[:max_len])
+        targets.append(target[:max_len])
+    input_ids = torch.tensor(input_ids, dtype=torch.int)
+    return {"input_ids": input_ids, "labels": torch.tensor(targets, dtype=torch.int),
+            "attention_mask": input_ids.ne(tokenizer.pad_token_id)}
+
+
+def best_time(function, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def benchmark_preprocessing(model: str, data: str, num_samples: int | None, max_length: int, workers: int,
+                            repeats: int) -> dict:
+    """Conversations per second: this toolkit's preprocessing (cold, with workers, from its cache), the seed's
+    per-turn tokenization, and one batched fast-tokenizer call over the same rendered texts (the floor)."""
+    import transformers
+
+    from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, render_chatml, to_turns
+    from chatft.data import SupervisedDataset
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+    with open(data, encoding="utf-8") as f:
+        samples = to_conversations(json.load(f))[:num_samples]
+    texts = [render_chatml(to_turns(s["conversations"]), DEFAULT_SYSTEM_MESSAGE)[0] for s in samples]
+    timings = {}
+    with tempfile.TemporaryDirectory() as cache:
+        timings["chatft"] = best_time(lambda: SupervisedDataset(samples, tokenizer, max_length), repeats)
+        if workers > 1:
+            timings[f"chatft_{workers}_workers"] = best_time(
+                lambda: SupervisedDataset(samples, tokenizer, max_length, num_workers=workers), repeats)
+        SupervisedDataset(samples, tokenizer, max_length, cache_dir=cache)  # fills the cache
+        timings["chatft_cached"] = best_time(lambda: SupervisedDataset(samples, tokenizer, max_length, cache_dir=cache),
+                                             repeats)
+    timings["seed_per_turn"] = best_time(
+        lambda: seed_preprocess([s["conversations"] for s in samples], tokenizer, max_length, DEFAULT_SYSTEM_MESSAGE),
+        repeats)
+    timings["batched_call_floor"] = best_time(lambda: tokenizer(texts, add_special_tokens=False), repeats)
+    print(f"\n{len(samples)} conversations, {sum(map(len, texts))} characters, max_length {max_length}, "
+          f"best of {repeats}\n")
+    print("| preprocessing | conversations/s | seconds | vs seed per-turn | vs batched call |")
+    print("|---|---|---|---|---|")
+    for name, seconds in timings.items():
+        print(f"| {name} | {len(samples) / seconds:,.0f} | {seconds:.3f} | {timings['seed_per_turn'] / seconds:.1f}x | "
+              f"{timings['batched_call_floor'] / seconds:.2f}x |")
+    return {"num_conversations": len(samples), "seconds": timings}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", default=None, help="Model directory (default: the bundled SmolLM2-135M).")
@@ -183,6 +264,11 @@ def parse_args(argv=None):
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--variants", default=None, help="Comma-separated (default: all available).")
     parser.add_argument("--json", default=None, help="Also write the results here.")
+    parser.add_argument("--preprocess_only", action="store_true",
+                        help="Time preprocessing only (no training): this toolkit vs the seed's per-turn tokenization "
+                        "vs one batched tokenizer call. --num_samples 0: the whole file.")
+    parser.add_argument("--preprocessing_num_workers", type=int, default=2, help="With --preprocess_only.")
+    parser.add_argument("--repeats", type=int, default=3, help="With --preprocess_only: best of this many.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -199,6 +285,13 @@ def main(argv=None) -> int:
     from chatft.bundled import bundled_model_dir
 
     model = args.model or str(bundled_model_dir())
+    if args.preprocess_only:
+        result = benchmark_preprocessing(model, args.data, args.num_samples or None, args.max_length,
+                                         args.preprocessing_num_workers, args.repeats)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=2)
+        return 0
     variants = args.variants.split(",") if args.variants else [
         *CHATFT_VARIANTS, *(TRL_VARIANTS if importlib.util.find_spec("trl") else [])]
     cuda = torch.cuda.is_available()

@@ -5,6 +5,7 @@ import pytest
 
 from chatft.chat_format import (
     IGNORE_INDEX, IM_END, Turn, chatml_template, describe_sample, render_chatml, to_turns, tokenize_conversation,
+    tokenize_conversations,
 )
 from conftest import alpaca_to_conversations, sharegpt_to_conversations, shared_data
 
@@ -165,3 +166,18 @@ def test_describe_sample_marks_trained_spans(qwen_tokenizer):
     assert "[[안녕하세요! 저는 도우미입니다. 😀<|im_end|>]]" in shown
     assert "[[我是一个乐于助人的助手。🚀✨<|im_end|>]]" in shown
     assert shown.count("[[") == 2
+
+
+def test_one_batched_call_equals_one_call_per_sample(tokenizer):
+    """Offsets of all samples are resolved together: no sample's labels may leak into its neighbour's."""
+    samples = (alpaca_to_conversations(shared_data("alpaca_en_demo.json"))[:60]
+               + sharegpt_to_conversations(shared_data("glaive_toolcall_en_demo.json"))[:40]
+               + [{"conversations": c} for c in CONVERSATIONS])
+    conversations = [to_turns(s["conversations"]) for s in samples]
+    for max_len in (48, 100_000):
+        batched = tokenize_conversations(conversations, tokenizer, max_len, SYSTEM)
+        assert batched == [tokenize_conversation(turns, tokenizer, max_len, SYSTEM) for turns in conversations]
+        for sample, turns in zip(batched, conversations):
+            text, _ = render_chatml(turns, SYSTEM)
+            assert sample.input_ids == tokenizer(text, add_special_tokens=False).input_ids[:max_len]
+    assert tokenize_conversations([], tokenizer, 10, SYSTEM) == []

@@ -1,17 +1,19 @@
 """Data loading and validation (every problem reported with file, index, id), datasets and the collator."""
 
 import json
+import logging
 import random
 
 import pytest
 import torch
 import transformers
 
-from chatft.chat_format import IGNORE_INDEX
+from chatft.chat_format import IGNORE_INDEX, to_turns, tokenize_conversation
 from chatft.data import (
     ChatCollator, DataError, LazySupervisedDataset, PackedCollator, PackedDataset, SupervisedDataset,
-    first_fit_decreasing, load_samples, make_datasets,
+    first_fit_decreasing, load_samples, make_datasets, tokenize_samples,
 )
+import chatft.data
 from conftest import _tiny_model_dir, write_json
 
 GOOD = {"id": "ok", "conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello"}]}
@@ -151,6 +153,53 @@ def test_make_datasets(qwen_tokenizer):
     assert isinstance(train, LazySupervisedDataset) and evaluation is None
     train, evaluation = make_datasets([GOOD] * 3, [GOOD], qwen_tokenizer, 128, lazy=False, system_message="s")
     assert isinstance(evaluation, SupervisedDataset) and len(evaluation) == 1
+
+
+# --- tokenizing: batches, workers, the on-disk cache ------------------------------------------------------
+
+def many_samples(n):
+    return [{"id": i, "conversations": [{"from": "user", "value": f"Question {i}: " + "why? " * (i % 7)},
+                                        {"from": "assistant", "value": f"Answer {i}." + " Because." * (i % 5)}]}
+            for i in range(n)]
+
+
+def test_workers_give_the_same_samples_in_order(qwen_tokenizer, monkeypatch):
+    monkeypatch.setattr(chatft.data, "TOKENIZE_BATCH", 7)  # several batches per worker
+    data = many_samples(40)
+    alone = tokenize_samples(data, qwen_tokenizer, 32, "s")
+    assert tokenize_samples(data, qwen_tokenizer, 32, "s", num_workers=2) == alone
+    assert alone == [tokenize_conversation(to_turns(d["conversations"]), qwen_tokenizer, 32, "s") for d in data]
+
+
+def test_the_cache_is_reused_only_for_the_same_inputs(qwen_tokenizer, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="chatft.data")
+    data = many_samples(30) + [long_sample(1)]
+    first = tokenize_samples(data, qwen_tokenizer, 64, "s", cache_dir=tmp_path)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".safetensors"  # no scratch file left behind
+
+    calls = []
+    real = chatft.data.tokenize_conversations
+    monkeypatch.setattr(chatft.data, "tokenize_conversations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert tokenize_samples(data, qwen_tokenizer, 64, "s", cache_dir=tmp_path) == first
+    assert calls == [] and "reusing 31 tokenized samples" in caplog.text
+    dataset = SupervisedDataset(data, qwen_tokenizer, 64, "s", cache_dir=tmp_path)
+    assert len(dataset) == 30 and calls == []  # the untrainable long sample is still dropped
+
+    changed = [{**data[0], "conversations": [data[0]["conversations"][0], {"from": "assistant", "value": "New."}]}]
+    for other in [(changed + data[1:], 64, "s"), (data, 65, "s"), (data, 64, "t")]:  # data, length, template
+        calls.clear()
+        assert tokenize_samples(other[0], qwen_tokenizer, other[1], other[2], cache_dir=tmp_path) == \
+            tokenize_samples(other[0], qwen_tokenizer, other[1], other[2])
+        assert calls, other[1:]
+    assert len(list(tmp_path.iterdir())) == 4
+
+
+def test_an_unwritable_cache_only_warns(qwen_tokenizer, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    samples = tokenize_samples(many_samples(3), qwen_tokenizer, 64, "s", cache_dir=blocker / "cache")
+    assert len(samples) == 3 and "Could not cache" in caplog.text
 
 
 # --- packing ---------------------------------------------------------------------------------------------

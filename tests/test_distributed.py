@@ -62,6 +62,7 @@ def weights(output_dir):
 
 
 ENGINES = {
+    "ddp": [],
     "zero2": ["--deepspeed", "ds_config_zero2.json"],
     "zero3": ["--deepspeed", "ds_config_zero3.json"],
     "fsdp": ["--fsdp", "full_shard auto_wrap"],
@@ -84,6 +85,16 @@ def test_two_processes_equal_one_process_with_the_whole_batch(engine, tiny_model
     for name in final_one:
         torch.testing.assert_close(final_two[name], final_one[name], rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(final_one[name], base[name]) for name in final_one)
+
+
+def test_first_rank_tokenizes_and_the_other_reads_its_cache(tiny_model, data_file, tmp_path):
+    cache = tmp_path / "cache"
+    result = torchrun(2, "finetune.py", *common_flags(tiny_model, data_file, tmp_path / "out", "--max_steps", "1",
+                                                      "--per_device_train_batch_size", "1",
+                                                      "--preprocessing_cache_dir", str(cache)))
+    assert len(list(cache.iterdir())) == 1
+    log = result.stdout + result.stderr
+    assert log.count("reusing 16 tokenized samples") == 1, log[-3000:]  # rank 1 only
 
 
 def test_learning_rate_follows_the_scheduler_flag(tiny_model, data_file, tmp_path):
