@@ -48,11 +48,11 @@ class DataArguments:
     data_path: str = field(default=None, metadata={"help": "Training data: a JSON list or JSONL file of conversations."})
     eval_data_path: str = field(default=None, metadata={"help": "Evaluation data, same format."})
     lazy_preprocess: bool = field(default=False, metadata={"help": "Tokenize samples when first used, not up front."})
-    packing: bool = field(
-        default=False,
+    packing: bool | None = field(
+        default=None,
         metadata={"help": "Concatenate whole samples into rows of up to model_max_length tokens (position_ids restart "
-                  "per sample, so no attention crosses samples) instead of padding each batch. Needs every "
-                  "sample's length up front, so not with --lazy_preprocess."},
+                  "per sample, so no attention crosses samples) instead of padding each batch. Default: on, unless "
+                  "--lazy_preprocess (packing needs every sample's length up front) or --pad_to_max_length."},
     )
     preprocessing_num_workers: int = field(
         default=1,
@@ -146,6 +146,8 @@ def parse_args(argv: list[str] | None = None):
         raise ArgumentError(f"Invalid arguments: {error}") from error
     model_args, data_args, training_args, lora_args = parsed
     validate_args(model_args, data_args, training_args, lora_args)
+    if data_args.packing is None:
+        data_args.packing = not (data_args.lazy_preprocess or data_args.pad_to_max_length)
     return model_args, data_args, training_args, lora_args
 
 

@@ -14,9 +14,10 @@ and loss (assistant tokens only), each in a fresh process. Reported per variant:
 - MFU: real tokens/s x training FLOPs per token (6N full-parameter, 4N LoRA: no weight gradients; N = the
   model's parameters, attention scores not counted) over this device's measured matmul rate;
 - the ratio of this toolkit's default to every other variant.
-Variants: chatft (the toolkit's defaults: per-batch padding or packing as --packing says, loss on labelled
-positions only), chatft_packed, seed (every batch padded to --max_length, full-logits loss), and, when TRL is
-installed, trl (SFTTrainer, padded batches) and trl_padding_free.
+Variants: chatft (the toolkit's defaults: packed rows, loss on labelled positions only), chatft_padded and
+chatft_full_logits (one default turned off each), seed (every batch padded to --max_length, full-logits loss),
+and, when TRL is installed, trl (SFTTrainer, padded batches) and trl_padding_free (its packed, padding-free rows).
+Peak memory is also given above the process's resident memory before the model was loaded (the libraries).
 """
 
 import argparse
@@ -32,9 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CHATFT_VARIANTS = {
-    "chatft": [],
-    "chatft_packed": ["--packing", "True"],
-    "chatft_packed_labelled": ["--packing", "True", "--labelled_logits_only", "True"],
+    "chatft": [],  # the defaults: packed rows, loss at labelled positions only
+    "chatft_padded": ["--packing", "False"],  # ablations: what each default is worth
+    "chatft_full_logits": ["--labelled_logits_only", "False"],
     "seed": ["--pad_to_max_length", "True", "--labelled_logits_only", "False"],
 }
 TRL_VARIANTS = {"trl": False, "trl_padding_free": True}  # the latter: TRL's packed, padding-free rows
@@ -93,9 +94,16 @@ class CountingCollator:
         return batch
 
 
+def resident_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def run_chatft(config: dict, data_file: str, output_dir: str) -> dict:
     import finetune
     from chatft import data as chat_data
+
+    baseline_mib = resident_mib()
 
     counters = []
     make_collator = chat_data.make_collator
@@ -116,7 +124,8 @@ def run_chatft(config: dict, data_file: str, output_dir: str) -> dict:
     trainer = finetune.train(argv + CHATFT_VARIANTS[config["variant"]])
     runtime = trainer.state.log_history[-1]["train_runtime"]
     return {"train_runtime": runtime, "real_tokens": counters[-1].real_tokens, "positions": counters[-1].positions,
-            "num_parameters": sum(p.numel() for p in trainer.model.parameters() if p.dim() > 0)}
+            "num_parameters": sum(p.numel() for p in trainer.model.parameters() if p.dim() > 0),
+            "baseline_mib": baseline_mib}
 
 
 def run_trl(config: dict, data_file: str, output_dir: str) -> dict:
@@ -126,6 +135,7 @@ def run_trl(config: dict, data_file: str, output_dir: str) -> dict:
     import transformers
     import trl
 
+    baseline_mib = resident_mib()
     with open(data_file, encoding="utf-8") as f:
         samples = json.load(f)
     rows = []
@@ -152,7 +162,8 @@ def run_trl(config: dict, data_file: str, output_dir: str) -> dict:
     result = trainer.train()
     return {"train_runtime": result.metrics["train_runtime"], "real_tokens": counter.real_tokens,
             "positions": counter.positions,
-            "num_parameters": sum(p.numel() for p in trainer.model.parameters() if p.dim() > 0)}
+            "num_parameters": sum(p.numel() for p in trainer.model.parameters() if p.dim() > 0),
+            "baseline_mib": baseline_mib}
 
 
 def worker(config: dict) -> dict:
@@ -169,6 +180,8 @@ def worker(config: dict) -> dict:
         result = runner(config, data_file, os.path.join(scratch, "out"))
     result["peak_memory_mib"] = (torch.cuda.max_memory_allocated() / 2**20 if config["cuda"]
                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result["peak_above_baseline_mib"] = (result["peak_memory_mib"] if config["cuda"]
+                                         else result["peak_memory_mib"] - result["baseline_mib"])
     return result
 
 
@@ -319,7 +332,8 @@ def main(argv=None) -> int:
                 result["mfu"] = result["tokens_per_second"] * flops_per_token / gemm[precision]
                 results.append(result)
                 print(f"    {result['tokens_per_second']:.1f} real tokens/s, {100 * result['padded_fraction']:.0f}% "
-                      f"padding, peak {result['peak_memory_mib']:.0f} MiB, MFU {100 * result['mfu']:.1f}%", flush=True)
+                      f"padding, peak {result['peak_memory_mib']:.0f} MiB ({result['peak_above_baseline_mib']:.0f} "
+                      f"above the libraries), MFU {100 * result['mfu']:.1f}%", flush=True)
     print_table(results)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -328,18 +342,21 @@ def main(argv=None) -> int:
 
 
 def print_table(results: list[dict]) -> None:
-    print("\n| mode | precision | variant | real tokens/s | padding | peak memory MiB | MFU | chatft's speed / this |")
-    print("|---|---|---|---|---|---|---|---|")
+    """Markdown, with the ratio of this toolkit's default to each variant: speed (x faster) and memory."""
+    print("\n| mode | precision | variant | real tokens/s | padding | peak memory MiB (above libraries) | MFU "
+          "| chatft speed / this | chatft memory / this |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for result in results:
         if "error" in result:
-            print(f"| {result['mode']} | {result['precision']} | {result['variant']} | failed: {result['error']} |||||")
+            print(f"| {result['mode']} | {result['precision']} | {result['variant']} | failed: {result['error']} ||||||")
             continue
         own = next((r for r in results if r["variant"] == "chatft" and r["mode"] == result["mode"]
                     and r["precision"] == result["precision"] and "error" not in r), None)
-        ratio = f"{own['tokens_per_second'] / result['tokens_per_second']:.2f}x" if own else "-"
+        speed = f"{own['tokens_per_second'] / result['tokens_per_second']:.2f}x" if own else "-"
+        memory = f"{own['peak_above_baseline_mib'] / result['peak_above_baseline_mib']:.2f}" if own else "-"
         print(f"| {result['mode']} | {result['precision']} | {result['variant']} | {result['tokens_per_second']:.1f} | "
-              f"{100 * result['padded_fraction']:.0f}% | {result['peak_memory_mib']:.0f} | {100 * result['mfu']:.1f}% | "
-              f"{ratio} |")
+              f"{100 * result['padded_fraction']:.0f}% | {result['peak_memory_mib']:.0f} "
+              f"({result['peak_above_baseline_mib']:.0f}) | {100 * result['mfu']:.1f}% | {speed} | {memory} |")
 
 
 if __name__ == "__main__":

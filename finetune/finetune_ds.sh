@@ -25,5 +25,4 @@ run_torchrun \
   --logging_steps 1 \
   --report_to none \
   --model_max_length 512 \
-  --activation_checkpointing \
-  --lazy_preprocess True
+  --activation_checkpointing

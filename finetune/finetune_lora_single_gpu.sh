@@ -67,7 +67,6 @@ set -x
   --logging_steps 1 \
   --report_to none \
   --model_max_length 512 \
-  --lazy_preprocess True \
   --activation_checkpointing \
   --use_lora \
   "${EXTRA[@]}"

@@ -68,7 +68,7 @@ QWEN_LORA_FLAGS=(
   --gradient_accumulation_steps 8 --eval_strategy no --save_strategy steps --save_steps 1000
   --save_total_limit 10 --learning_rate 3e-4 --weight_decay 0.1 --adam_beta2 0.95 --warmup_steps 0.01
   --lr_scheduler_type cosine --logging_steps 1 --report_to none --model_max_length 512
-  --lazy_preprocess True --activation_checkpointing --use_lora
+  --activation_checkpointing --use_lora
 )
 
 absolute() { [[ "$1" = /* ]] && echo "$1" || echo "$PWD/$1"; }

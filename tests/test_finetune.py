@@ -12,6 +12,7 @@ import torch
 import transformers
 
 import finetune
+from chatft.args import parse_args
 from chatft.chat_format import IM_END, IM_START
 from conftest import CONVERSATIONS, ROOT, make_non_chatml_model, probe_logits, run, write_json
 
@@ -157,8 +158,8 @@ def test_packing_takes_the_same_step_as_padding(tiny_qwen_dir, data_file, tmp_pa
     """One optimizer step over all 8 samples: packed rows and padded batches give the same weights."""
     common = ["--per_device_train_batch_size", "8", "--max_steps", "1", "--optim", "sgd", "--learning_rate", "1.0",
               "--lr_scheduler_type", "constant"]
-    padded = run(tiny_qwen_dir, data_file, tmp_path / "padded", *common)
-    packed = run(tiny_qwen_dir, data_file, tmp_path / "packed", *common, "--packing", "True")
+    padded = run(tiny_qwen_dir, data_file, tmp_path / "padded", *common, "--packing", "False")
+    packed = run(tiny_qwen_dir, data_file, tmp_path / "packed", *common)  # the default
     assert len(packed.train_dataset) < len(padded.train_dataset) == 8  # fewer, fuller rows
     assert packed.train_dataset.num_samples == 8
     padded_state, packed_state = padded.model.state_dict(), packed.model.state_dict()
@@ -174,3 +175,10 @@ def test_packing_with_lazy_preprocess_is_refused(tiny_qwen_dir, data_file, tmp_p
     code = finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path", data_file, "--output_dir",
                           str(tmp_path / "o"), "--packing", "True", "--lazy_preprocess", "True", "--use_cpu", "True"])
     assert code == 2 and "--packing needs every sample's length up front" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, packing", [([], True), (["--lazy_preprocess", "True"], False),
+                                            (["--pad_to_max_length", "True"], False), (["--packing", "False"], False)])
+def test_packing_is_on_unless_something_needs_it_off(flags, packing):
+    _, data_args, _, _ = parse_args(["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o", *flags])
+    assert data_args.packing is packing
