@@ -17,7 +17,8 @@ import transformers
 
 from chatft.args import ArgumentError, parse_args
 from chatft.chat_format import preprocess  # noqa: F401  (Qwen-compatible: `from finetune import preprocess`)
-from chatft.data import ChatCollator, DataError, LazySupervisedDataset, SupervisedDataset, load_samples, make_collator, make_datasets  # noqa: F401
+from chatft.data import (ChatCollator, DataError, LazySupervisedDataset, SupervisedDataset,  # noqa: F401
+                         load_samples, make_collator, make_datasets, split_off_eval)
 from chatft.model import join_process_group, load_model, load_tokenizer, resolve_model_path
 from chatft.saving import OutputDirError, check_output_dir, save_run
 from chatft.trainer import ChatTrainer
@@ -29,8 +30,13 @@ def train(argv=None):
     model_args, data_args, training_args, lora_args = parse_args(argv)
     transformers.set_seed(training_args.seed)
     check_output_dir(training_args)
-    train_samples = load_samples(data_args.data_path)
-    eval_samples = load_samples(data_args.eval_data_path) if data_args.eval_data_path else None
+    train_samples = load_samples(data_args.data_path, data_args.data_format)
+    if data_args.eval_fraction is not None:
+        train_samples, eval_samples = split_off_eval(train_samples, data_args.eval_fraction, training_args.seed)
+    elif data_args.eval_data_path:
+        eval_samples = load_samples(data_args.eval_data_path, data_args.data_format)
+    else:
+        eval_samples = None
 
     join_process_group(training_args)
     model_path = resolve_model_path(model_args.model_name_or_path)

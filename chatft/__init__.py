@@ -2,6 +2,7 @@
 
 args         command-line dataclasses and their cross-field checks
 chat_format  conversation -> ChatML text -> input_ids and labels
+formats      ShareGPT, OpenAI messages and alpaca records -> the seed's conversations
 data         loading and validating data files, tokenized datasets (cached), packing, collators
 model        tokenizer and model loading (GGUF, added tokens, LoRA, Q-LoRA)
 trainer      the HF Trainer with the loss computed at labelled positions only

@@ -15,6 +15,7 @@ import transformers
 
 from chatft import cache_root
 from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE
+from chatft.formats import FORMATS
 
 
 class ArgumentError(ValueError):
@@ -45,8 +46,21 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str = field(default=None, metadata={"help": "Training data: a JSON list or JSONL file of conversations."})
-    eval_data_path: str = field(default=None, metadata={"help": "Evaluation data, same format."})
+    data_path: str = field(
+        default=None,
+        metadata={"help": "Training data: JSON or JSONL files, or directories of them, comma-separated; in the seed's "
+                  "conversations, ShareGPT, OpenAI messages or alpaca format (detected per file)."},
+    )
+    eval_data_path: str = field(
+        default=None,
+        metadata={"help": "Evaluation data, like --data_path; or a fraction such as 0.05, split off the training data "
+                  "with --seed."},
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={"help": "auto|conversations|sharegpt|messages|alpaca: the format of every data file (auto: detected "
+                  "per file from its records)."},
+    )
     lazy_preprocess: bool = field(default=False, metadata={"help": "Tokenize samples when first used, not up front."})
     packing: bool | None = field(
         default=None,
@@ -70,6 +84,14 @@ class DataArguments:
         metadata={"help": "The seed's way, kept for finetune/benchmark.py's comparison only: pad every batch to "
                   "model_max_length (most of the compute then goes to padding)."},
     )
+
+    @property
+    def eval_fraction(self) -> float | None:
+        """--eval_data_path given as a number: the fraction of the training data to evaluate on."""
+        try:
+            return float(self.eval_data_path) if self.eval_data_path else None
+        except ValueError:
+            return None
 
     @property
     def tokenized_cache_dir(self) -> str | None:
@@ -166,7 +188,7 @@ def validate_args(model_args, data_args, training_args, lora_args) -> None:
     """Collect every contradiction between flags; raise `ArgumentError` listing them all."""
     problems = []
     if not data_args.data_path:
-        problems.append("--data_path is required: a JSON or JSONL file of conversations.")
+        problems.append("--data_path is required: JSON or JSONL files of conversations.")
     if model_args.train_embeddings not in ("auto", "true", "false"):
         problems.append(f"--train_embeddings must be auto, true or false, not {model_args.train_embeddings!r}.")
     if training_args.model_max_length < 8:
@@ -174,6 +196,10 @@ def validate_args(model_args, data_args, training_args, lora_args) -> None:
     if data_args.packing and data_args.lazy_preprocess:
         problems.append("--packing needs every sample's length up front and --lazy_preprocess tokenizes on first use: "
                         "drop one of them.")
+    if data_args.data_format not in FORMATS:
+        problems.append(f"--data_format must be one of {', '.join(FORMATS)}, not {data_args.data_format!r}.")
+    if data_args.eval_fraction is not None and not 0 < data_args.eval_fraction < 1:
+        problems.append(f"--eval_data_path {data_args.eval_data_path}: a fraction must be between 0 and 1.")
     if data_args.preprocessing_num_workers < 1:
         problems.append(f"--preprocessing_num_workers must be at least 1, not {data_args.preprocessing_num_workers}.")
     if data_args.preprocessing_num_workers > 1 and data_args.lazy_preprocess:

@@ -13,6 +13,7 @@ import logging
 import math
 import multiprocessing
 import os
+import random
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from chatft import chat_format
+from chatft.formats import file_format, to_sample
 from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, ROLES, TokenizedSample, to_turns,
                                 tokenize_conversation, tokenize_conversations)
 
@@ -65,8 +67,11 @@ def _read_json_or_jsonl(path: str) -> tuple[list, list[str]]:
     return records, problems
 
 
-def sample_problems(sample, index: int, path: str) -> list[str]:
-    """Everything wrong with one sample, each message naming file, index and id."""
+def sample_problems(sample, index: int, path: str, names: tuple[str, str, str] = ("conversations", "from", "value"),
+                    ) -> list[str]:
+    """Everything wrong with one sample (in the seed's format), each message naming file, index and id; `names`
+    are the list, role and text fields to name in messages (a converted sample's original ones)."""
+    turns_name, role_name, value_name = names
     where = f"{path}: sample {index}"
     if not isinstance(sample, dict):
         return [f"{where}: expected an object with 'conversations', found a {type(sample).__name__}"]
@@ -76,10 +81,10 @@ def sample_problems(sample, index: int, path: str) -> list[str]:
     if conversation is None:
         return [f"{where}: missing 'conversations'"]
     if not isinstance(conversation, list) or not conversation:
-        return [f"{where}: 'conversations' must be a non-empty list of turns"]
+        return [f"{where}: '{turns_name}' must be a non-empty list of turns"]
     problems = []
     for j, turn in enumerate(conversation):
-        at = f"{where}: conversations[{j}]"
+        at = f"{where}: {turns_name}[{j}]"
         if not isinstance(turn, dict):
             problems.append(f"{at}: expected an object with 'from' and 'value', found a {type(turn).__name__}")
             continue
@@ -91,9 +96,9 @@ def sample_problems(sample, index: int, path: str) -> list[str]:
         if role not in ROLES:
             problems.append(f"{at}: unknown role {role!r} in 'from' (expected one of {', '.join(ROLES)})")
         if not isinstance(value, str):
-            problems.append(f"{at}: 'value' must be a string, found a {type(value).__name__}")
+            problems.append(f"{at}: '{value_name}' must be a string, found a {type(value).__name__}")
         elif role in ("user", "assistant") and not value.strip():
-            problems.append(f"{at}: empty {role} 'value'")
+            problems.append(f"{at}: empty {role} '{value_name}'")
     if not problems and not any(t.role == "assistant" for t in to_turns(conversation)):
         problems.append(
             f"{where}: no assistant turn to learn from (a leading assistant turn is dropped, "
@@ -102,21 +107,59 @@ def sample_problems(sample, index: int, path: str) -> list[str]:
     return problems
 
 
-def load_samples(path: str) -> list[dict]:
-    """Read and validate one data file; raise `DataError` listing every problem found."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such data file")
-    records, problems = _read_json_or_jsonl(path)
-    for index, sample in enumerate(records):
-        problems += sample_problems(sample, index, path)
-    if not problems and not records:
-        problems.append(f"{path}: contains no samples")
+def data_files(spec: str) -> tuple[list[str], list[str]]:
+    """(files, problems) for a --data_path: files and directories (their .json/.jsonl files), comma-separated."""
+    files, problems = [], []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if os.path.isdir(part):
+            found = sorted(os.path.join(part, n) for n in os.listdir(part) if n.endswith((".json", ".jsonl")))
+            files += found
+            if not found:
+                problems.append(f"{part}: a directory with no .json or .jsonl file")
+        elif os.path.isfile(part):
+            files.append(part)
+        else:
+            problems.append(f"{part}: no such data file")
+    return files, problems
+
+
+def load_samples(spec: str, data_format: str = "auto") -> list[dict]:
+    """Read, convert (chatft.formats) and validate the data of a --data_path (files and directories,
+    comma-separated); raise `DataError` listing every problem found."""
+    files, problems = data_files(spec)
+    samples = []
+    for path in [] if problems else files:
+        records, file_problems = _read_json_or_jsonl(path)
+        found_format = file_format(records, data_format)
+        names = ("messages", "role", "content") if found_format == "messages" else ("conversations", "from", "value")
+        for index, record in enumerate(records):
+            sample, record_problems = to_sample(record, found_format, index, path)
+            if sample is not None:
+                record_problems += sample_problems(sample, index, path, names)
+            file_problems += record_problems
+            samples.append(sample)
+        if not file_problems and not records:
+            file_problems.append(f"{path}: contains no samples")
+        problems += file_problems
     if problems:
         shown = problems[:MAX_REPORTED_PROBLEMS]
         if len(problems) > len(shown):
             shown.append(f"... and {len(problems) - len(shown)} more problems")
-        raise DataError(f"{len(problems)} problem(s) in {path}:\n  " + "\n  ".join(shown))
-    return records
+        raise DataError(f"{len(problems)} problem(s) in {spec}:\n  " + "\n  ".join(shown))
+    return samples
+
+
+def split_off_eval(samples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval): a seeded random `fraction` of the samples (at least one) held out for evaluation."""
+    count = max(1, round(fraction * len(samples)))
+    if count >= len(samples):
+        raise DataError(f"--eval_data_path {fraction}: {len(samples)} sample(s) are too few to hold out {count} and "
+                        "still train on some.")
+    held_out = set(random.Random(seed).sample(range(len(samples)), count))
+    return ([s for i, s in enumerate(samples) if i not in held_out],
+            [s for i, s in enumerate(samples) if i in held_out])
 
 
 def _sample_name(raw: dict, index: int) -> str:

@@ -11,7 +11,7 @@ import transformers
 from chatft.chat_format import IGNORE_INDEX, to_turns, tokenize_conversation
 from chatft.data import (
     ChatCollator, DataError, LazySupervisedDataset, PackedCollator, PackedDataset, SupervisedDataset,
-    first_fit_decreasing, load_samples, make_datasets, tokenize_samples,
+    first_fit_decreasing, load_samples, make_datasets, split_off_eval, tokenize_samples,
 )
 import chatft.data
 from conftest import _tiny_model_dir, write_json
@@ -36,8 +36,21 @@ BAD_SAMPLES = [
      "sample 0 (id='a'): conversations[0]: missing 'from'"),
     ({"id": "b", "conversations": [{"from": "user"}, {"from": "assistant", "value": "y"}]},
      "conversations[0]: missing 'value'"),
-    ({"id": "c", "conversations": [{"from": "human", "value": "x"}, {"from": "assistant", "value": "y"}]},
-     "conversations[0]: unknown role 'human' in 'from'"),
+    ({"id": "c", "conversations": [{"from": "bot", "value": "x"}, {"from": "assistant", "value": "y"}]},
+     "conversations[0]: unknown role 'bot' in 'from'"),
+    ({"id": "c2", "conversations": [{"from": "human", "value": "x"}, {"from": "robot", "value": "y"}]},  # ShareGPT
+     "conversations[1]: unknown role 'robot' in 'from' (expected one of human, gpt, system"),
+    ({"id": "c3", "conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "{}"}]},
+     "conversations[1]: 'function_call' turns (tool calls) are not supported yet"),
+    ({"id": "m", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ["y"]}]},
+     "messages[1]: 'content' must be a string, found a list"),
+    ({"id": "m2", "messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "y"}]},
+     "messages[0]: empty user 'content'"),
+    ({"id": "m3", "messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]},
+     "messages[1]: unknown role 'bot' (expected system, user or assistant)"),
+    ({"instruction": "x", "output": 3}, "sample 0: 'output' must be a string, found a int"),
+    ({"instruction": "x", "output": " "}, "sample 0: 'output' is empty"),
+    ({"instruction": "x", "output": "y", "history": [["q"]]}, "'history' must be a list of [query, reply] string pairs"),
     ({"id": "d", "conversations": [{"from": "user", "value": 3}, {"from": "assistant", "value": "y"}]},
      "conversations[0]: 'value' must be a string, found a int"),
     ({"id": "e", "conversations": [{"from": "user", "value": "x"}, {"from": "assistant", "value": "  "}]},
@@ -153,6 +166,68 @@ def test_make_datasets(qwen_tokenizer):
     assert isinstance(train, LazySupervisedDataset) and evaluation is None
     train, evaluation = make_datasets([GOOD] * 3, [GOOD], qwen_tokenizer, 128, lazy=False, system_message="s")
     assert isinstance(evaluation, SupervisedDataset) and len(evaluation) == 1
+
+
+# --- formats --------------------------------------------------------------------------------------------
+
+SAME_CONVERSATION = {
+    "conversations": [{"id": "s1", "conversations": [
+        {"from": "system", "value": "Be brief."}, {"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello"},
+        {"from": "user", "value": "What is 2+2?\nAnswer."}, {"from": "assistant", "value": "4"}]}],
+    "sharegpt": [{"id": "s1", "system": "Be brief.", "conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+        {"from": "human", "value": "What is 2+2?\nAnswer."}, {"from": "gpt", "value": "4"}]}],
+    "messages": [{"id": "s1", "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "What is 2+2?\nAnswer."},
+        {"role": "assistant", "content": "4"}]}],
+    "alpaca": [{"id": "s1", "system": "Be brief.", "history": [["Hi", "Hello"]], "instruction": "What is 2+2?",
+                "input": "Answer.", "output": "4"}],
+}
+
+
+@pytest.mark.parametrize("data_format", SAME_CONVERSATION)
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_every_format_gives_the_same_sample(tmp_path, data_format, suffix, qwen_tokenizer):
+    path = tmp_path / f"data{suffix}"
+    records = SAME_CONVERSATION[data_format]
+    path.write_text(json.dumps(records) if suffix == ".json" else "\n".join(json.dumps(r) for r in records))
+    assert load_samples(str(path)) == SAME_CONVERSATION["conversations"]  # detected
+    assert load_samples(str(path), data_format) == SAME_CONVERSATION["conversations"]  # named
+
+
+def test_public_alpaca_and_sharegpt_files_load(tmp_path):
+    from conftest import SHARED_DATA, alpaca_to_conversations, shared_data
+
+    alpaca = load_samples(str(SHARED_DATA / "alpaca_en_demo.json"))
+    expected = alpaca_to_conversations(shared_data("alpaca_en_demo.json"))
+    assert [s["conversations"] for s in alpaca] == [s["conversations"] for s in expected]
+    with pytest.raises(DataError, match="not supported yet"):  # glaive's tool calls: not rendered yet
+        load_samples(str(SHARED_DATA / "glaive_toolcall_en_demo.json"))
+
+
+def test_several_files_and_directories(tmp_path):
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    write_json(directory / "a.json", SAME_CONVERSATION["alpaca"])
+    write_json(directory / "b.json", SAME_CONVERSATION["messages"])
+    (directory / "notes.txt").write_text("ignored")
+    single = write_json(tmp_path / "c.json", [GOOD])
+    expected = SAME_CONVERSATION["conversations"] * 2 + [GOOD]
+    assert load_samples(f"{directory},{single}") == expected
+    with pytest.raises(DataError, match="nope.json: no such data file"):
+        load_samples(f"{single},{tmp_path / 'nope.json'}")
+
+
+def test_eval_fraction_is_a_seeded_disjoint_split():
+    samples = [{**GOOD, "id": i} for i in range(40)]
+    train, evaluation = split_off_eval(samples, 0.1, seed=3)
+    assert len(evaluation) == 4 and len(train) == 36 and sorted(s["id"] for s in train + evaluation) == list(range(40))
+    assert split_off_eval(samples, 0.1, seed=3) == (train, evaluation)
+    assert split_off_eval(samples, 0.1, seed=4)[1] != evaluation
+    assert len(split_off_eval(samples[:3], 0.01, seed=0)[1]) == 1  # at least one
+    with pytest.raises(DataError, match="too few"):
+        split_off_eval(samples[:1], 0.5, seed=0)
 
 
 # --- tokenizing: batches, workers, the on-disk cache ------------------------------------------------------

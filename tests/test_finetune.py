@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import finetune
-from chatft.args import parse_args
+from chatft.args import ArgumentError, parse_args
 from chatft.chat_format import IM_END, IM_START
 from conftest import CONVERSATIONS, ROOT, make_non_chatml_model, probe_logits, run, write_json
 
@@ -182,3 +182,16 @@ def test_packing_with_lazy_preprocess_is_refused(tiny_qwen_dir, data_file, tmp_p
 def test_packing_is_on_unless_something_needs_it_off(flags, packing):
     _, data_args, _, _ = parse_args(["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o", *flags])
     assert data_args.packing is packing
+
+
+def test_eval_fraction_held_out_of_the_training_data(tiny_qwen_dir, data_file, tmp_path):
+    trainer = run(tiny_qwen_dir, data_file, tmp_path / "out", "--eval_data_path", "0.25", "--eval_strategy", "steps",
+                  "--eval_steps", "1", "--packing", "False")
+    assert len(trainer.train_dataset) == 6 and len(trainer.eval_dataset) == 2  # 8 samples
+    assert any("eval_loss" in entry for entry in trainer.state.log_history)
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.1"])
+def test_bad_eval_fraction_is_refused(value):
+    with pytest.raises(ArgumentError, match="a fraction must be between 0 and 1"):
+        parse_args(["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o", "--eval_data_path", value])
