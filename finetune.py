@@ -20,7 +20,7 @@ from chatft.chat_format import preprocess  # noqa: F401  (Qwen-compatible: `from
 from chatft.data import (ChatCollator, DataError, LazySupervisedDataset, SupervisedDataset,  # noqa: F401
                          load_samples, make_collator, make_datasets, split_off_eval)
 from chatft.model import join_process_group, load_model, load_tokenizer, resolve_model_path
-from chatft.saving import OutputDirError, check_output_dir, save_run
+from chatft.saving import OutputDirError, check_output_dir, plot_losses, run_summary, save_run
 from chatft.trainer import ChatTrainer
 
 logger = logging.getLogger("finetune")
@@ -67,7 +67,8 @@ def train(argv=None):
     groups = {"model": model_args, "data": data_args, "training": training_args, "lora": lora_args}
     save_run(trainer, tokenizer, groups, model_path)
     if trainer.is_world_process_zero():
-        logger.info("Saved %s to %s", "LoRA adapter" if training_args.use_lora else "model", training_args.output_dir)
+        plot_losses(trainer.state.log_history, os.path.join(training_args.output_dir, "loss.png"))
+        print(run_summary(trainer, "LoRA adapter" if training_args.use_lora else "model"), flush=True)
     return trainer
 
 

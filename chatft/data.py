@@ -273,6 +273,10 @@ class SupervisedDataset(Dataset):
     def __len__(self):
         return len(self.samples)
 
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(sample.input_ids) for sample in self.samples)
+
     def __getitem__(self, i) -> dict:
         return {"input_ids": self.samples[i].input_ids, "labels": self.samples[i].labels}
 
@@ -401,6 +405,10 @@ class PackedDataset(Dataset):
 
     def __len__(self):
         return len(self.rows)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(row["input_ids"]) for row in self.rows)
 
     def __getitem__(self, i) -> dict:
         return self.rows[i]

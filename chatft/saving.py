@@ -1,5 +1,6 @@
 """Writing a run to output_dir: model or adapter, tokenizer with chat template, generation config,
-trainer state and the arguments used. Also the guard that keeps earlier runs safe."""
+trainer state and the arguments used, the loss curve and the end-of-run summary. Also the guard that keeps
+earlier runs safe."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import tempfile
+
+import torch
 
 from chatft.chat_format import IM_END
 
@@ -119,3 +123,53 @@ def save_run(trainer, tokenizer, argument_groups: dict, base_model_path: str) ->
         }
         with open(os.path.join(output_dir, "finetune_args.json"), "w", encoding="utf-8") as f:
             json.dump(arguments, f, indent=2, ensure_ascii=False)
+
+
+def plot_losses(log_history: list[dict], path: str) -> dict[str, int]:
+    """Write the train (and eval) loss against optimizer steps to `path` (PNG); return each curve's point count."""
+    from matplotlib.figure import Figure  # no pyplot: no display, no global state
+
+    curves = {"train": [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e],
+              "eval": [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]}
+    figure = Figure(figsize=(7, 4))
+    axis = figure.subplots()
+    for name, points in curves.items():
+        if points:
+            axis.plot(*zip(*points), marker="o" if name == "eval" or len(points) < 30 else None, label=name)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.grid(True, alpha=0.3)
+    if any(curves.values()):
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return {name: len(points) for name, points in curves.items()}
+
+
+def peak_memory_text() -> str:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB on the GPU (this process)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident (this process)"
+
+
+def run_summary(trainer, what_was_saved: str) -> str:
+    """One screen: time, real tokens/s, peak memory, final losses, where things were saved."""
+    state, output_dir = trainer.state, trainer.args.output_dir
+    history = state.log_history
+    runtime = next((e["train_runtime"] for e in reversed(history) if "train_runtime" in e), None)
+    epoch_tokens = getattr(trainer.train_dataset, "num_tokens", None)  # not known up front with --lazy_preprocess
+    losses = [e["loss"] for e in history if "loss" in e]
+    eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
+    lines = ["", "=" * 60, "Training finished"]
+    if runtime:
+        speed = f"; about {epoch_tokens * (state.epoch or 0) / runtime:,.0f} real tokens/s" if epoch_tokens else ""
+        lines.append(f"  time        {runtime / 60:.1f} min for {state.global_step} steps, {state.epoch or 0:.2f} "
+                     f"epochs{speed}")
+    lines.append(f"  peak memory {peak_memory_text()}")
+    if losses:
+        lines.append(f"  train loss  {losses[0]:.4f} at the first logged step -> {losses[-1]:.4f} at the last")
+    if eval_losses:
+        lines.append(f"  eval loss   {eval_losses[-1]:.4f} (last evaluation)")
+    lines += [f"  saved       {what_was_saved} in {output_dir}",
+              f"  loss curve  {os.path.join(output_dir, 'loss.png')}", "=" * 60]
+    return "\n".join(lines)

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 import finetune
+from chatft.saving import plot_losses
 from chatft.args import ArgumentError, parse_args
 from chatft.chat_format import IM_END, IM_START
 from conftest import CONVERSATIONS, ROOT, make_non_chatml_model, probe_logits, run, write_json
@@ -195,3 +196,15 @@ def test_eval_fraction_held_out_of_the_training_data(tiny_qwen_dir, data_file, t
 def test_bad_eval_fraction_is_refused(value):
     with pytest.raises(ArgumentError, match="a fraction must be between 0 and 1"):
         parse_args(["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o", "--eval_data_path", value])
+
+
+def test_loss_curve_and_summary(tiny_qwen_dir, data_file, tmp_path, capsys):
+    output = tmp_path / "out"
+    trainer = run(tiny_qwen_dir, data_file, output, "--eval_data_path", "0.25", "--eval_strategy", "steps",
+                  "--eval_steps", "2", "--max_steps", "4")
+    png = (output / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_losses(trainer.state.log_history, str(tmp_path / "again.png")) == {"train": 4, "eval": 2}
+    summary = capsys.readouterr().out
+    assert "Training finished" in summary and f"model in {output}" in summary and "real tokens/s" in summary
+    assert "train loss" in summary and "eval loss" in summary and str(output / "loss.png") in summary
