@@ -6,7 +6,8 @@
 
 Every transformers.TrainingArguments flag works. The steps, in order: check the flags and
 output_dir, read and validate the data (errors before any model is loaded), load the
-tokenizer and model, train with the HF Trainer, save into output_dir.
+tokenizer (--dry_run: report on the tokenized data and stop), the model, train with the HF
+Trainer, save into output_dir.
 """
 
 import logging
@@ -20,6 +21,7 @@ from chatft.chat_format import preprocess  # noqa: F401  (Qwen-compatible: `from
 from chatft.data import (ChatCollator, DataError, LazySupervisedDataset, SupervisedDataset,  # noqa: F401
                          load_samples, make_collator, make_datasets, split_off_eval)
 from chatft.model import join_process_group, load_model, load_tokenizer, resolve_model_path
+from chatft.report import dry_run_report
 from chatft.saving import OutputDirError, check_output_dir, plot_losses, run_summary, save_run
 from chatft.trainer import ChatTrainer
 
@@ -29,7 +31,8 @@ logger = logging.getLogger("finetune")
 def train(argv=None):
     model_args, data_args, training_args, lora_args = parse_args(argv)
     transformers.set_seed(training_args.seed)
-    check_output_dir(training_args)
+    if not data_args.dry_run:
+        check_output_dir(training_args)
     train_samples = load_samples(data_args.data_path, data_args.data_format)
     if data_args.eval_fraction is not None:
         train_samples, eval_samples = split_off_eval(train_samples, data_args.eval_fraction, training_args.seed)
@@ -38,12 +41,19 @@ def train(argv=None):
     else:
         eval_samples = None
 
-    join_process_group(training_args)
+    if not data_args.dry_run:
+        join_process_group(training_args)
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer, added_tokens = load_tokenizer(
         model_path, training_args.model_max_length, data_args.system_message,
         cache_dir=training_args.cache_dir, trust_remote_code=model_args.trust_remote_code,
     )
+    if data_args.dry_run:  # the tokenizer only: no model, nothing written
+        for name, samples in (("training data", train_samples), ("evaluation data", eval_samples)):
+            if samples:
+                print(dry_run_report(name, samples, tokenizer, training_args.model_max_length, data_args.system_message,
+                                     data_args.packing, training_args.per_device_train_batch_size, training_args.seed))
+        return None
     # The first process of each machine tokenizes (and caches); the others wait, then read its cache.
     with training_args.main_process_first(local=True, desc="tokenizing the data"):
         train_dataset, eval_dataset = make_datasets(

@@ -68,6 +68,11 @@ class DataArguments:
                   "per sample, so no attention crosses samples) instead of padding each batch. Default: on, unless "
                   "--lazy_preprocess (packing needs every sample's length up front) or --pad_to_max_length."},
     )
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Load only the tokenizer, check and tokenize the data, print what would be trained on "
+                  "(counts, truncation, drops, lengths, padding, one rendered sample) and exit. Writes nothing."},
+    )
     preprocessing_num_workers: int = field(
         default=1,
         metadata={"help": "Processes tokenizing the data (1: in this process; the fast tokenizer already uses every "

@@ -208,3 +208,27 @@ def test_loss_curve_and_summary(tiny_qwen_dir, data_file, tmp_path, capsys):
     summary = capsys.readouterr().out
     assert "Training finished" in summary and f"model in {output}" in summary and "real tokens/s" in summary
     assert "train loss" in summary and "eval loss" in summary and str(output / "loss.png") in summary
+
+
+def test_dry_run_reports_and_loads_no_model(tiny_qwen_dir, tmp_path, capsys, monkeypatch):
+    from conftest import SHARED_DATA
+
+    monkeypatch.setattr(finetune, "load_model", lambda *a, **k: pytest.fail("--dry_run loaded a model"))
+    output = tmp_path / "out"
+    code = finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path",
+                          str(SHARED_DATA / "alpaca_en_demo.json"), "--output_dir", str(output), "--dry_run", "True",
+                          "--model_max_length", "256", "--eval_data_path", "0.1", "--use_cpu", "True"])
+    report = capsys.readouterr().out
+    assert code == 0 and not output.exists()
+    assert "== training data: 899 samples, 1798 turns" in report and "== evaluation data: 100 samples" in report
+    assert "cut from" in report and "(truncated)" in report and "rows of 256 tokens" in report
+    assert "<|im_start|>assistant\n[[" in report and "<|im_end|>]]" in report
+
+
+def test_dry_run_lists_every_problem(tiny_qwen_dir, tmp_path, capsys):
+    bad = write_json(tmp_path / "bad.json", [{"id": "a", "messages": [{"role": "user", "content": 1}]},
+                                               {"id": "b", "messages": [{"role": "bot", "content": "x"}]}])
+    code = finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path", str(bad), "--output_dir",
+                          str(tmp_path / "o"), "--dry_run", "True", "--use_cpu", "True"])
+    error = capsys.readouterr().err
+    assert code == 2 and "2 problem(s)" in error and "(id='a'): messages[0]" in error and "(id='b'): messages[0]" in error

@@ -1,0 +1,85 @@
+"""`finetune.py --dry_run`: what the model would be trained on, from the tokenizer alone.
+
+Counts (samples, turns, tokens: total, trainable, cut by truncation), the samples dropped and why, a
+histogram of sample lengths against model_max_length, the padding a batch would carry (or how full packed
+rows are), and one rendered sample with its trained spans in [[...]].
+"""
+
+from __future__ import annotations
+
+import random
+
+from chatft.chat_format import IGNORE_INDEX, describe_sample, to_turns
+from chatft.data import PackedDataset, tokenize_samples
+
+HISTOGRAM_BINS = 8
+BAR_WIDTH = 40
+
+
+def length_histogram(lengths: list[int], max_len: int) -> list[str]:
+    """Lines of a text histogram: HISTOGRAM_BINS equal bins up to max_len, and one for longer samples."""
+    edges = [round(max_len * k / HISTOGRAM_BINS) for k in range(HISTOGRAM_BINS + 1)]
+    counts = [sum(edges[k] < n <= edges[k + 1] for n in lengths) for k in range(HISTOGRAM_BINS)]
+    labels = [f"{edges[k] + 1:>6}-{edges[k + 1]:<6}" for k in range(HISTOGRAM_BINS)]
+    counts.append(sum(n > max_len for n in lengths))
+    labels.append(f"  > {max_len:<8}")
+    widest = max(counts) or 1
+    return [f"  {label} {count:>7}  {'#' * round(BAR_WIDTH * count / widest)}" + ("  (truncated)" if k == HISTOGRAM_BINS
+                                                                                    and count else "")
+            for k, (label, count) in enumerate(zip(labels, counts))]
+
+
+def padded_fraction(lengths: list[int], batch_size: int, seed: int, multiple: int = 8) -> float:
+    """The fraction of positions that would be padding, with shuffled batches padded to their longest sample."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    real = padded = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start : start + batch_size]]
+        width = -(-max(batch) // multiple) * multiple
+        real += sum(batch)
+        padded += width * len(batch)
+    return 1 - real / padded if padded else 0.0
+
+
+def dry_run_report(name: str, raw_samples: list[dict], tokenizer, max_len: int, system_message: str, packing: bool,
+                   batch_size: int, seed: int) -> str:
+    full = tokenize_samples(raw_samples, tokenizer, 10**9, system_message, desc=f"Tokenizing {name}")
+    kept = [s for s in full if any(label != IGNORE_INDEX for label in s.labels[:max_len])]
+    lengths = [len(s.input_ids) for s in full]
+    truncated = [n - max_len for n in lengths if n > max_len]
+    trainable = sum(sum(label != IGNORE_INDEX for label in s.labels[:max_len]) for s in kept)
+    cut_trainable = sum(sum(label != IGNORE_INDEX for label in s.labels[max_len:]) for s in full)
+    turns = sum(len(to_turns(raw["conversations"])) for raw in raw_samples)
+    dropped = [(i, raw.get("id")) for i, (raw, s) in enumerate(zip(raw_samples, full))
+               if not any(label != IGNORE_INDEX for label in s.labels[:max_len])]
+    lines = [f"== {name}: {len(raw_samples)} samples, {turns} turns",
+             f"tokens: {sum(min(n, max_len) for n in lengths):,} after truncation to model_max_length={max_len} "
+             f"({trainable:,} trainable, {100 * trainable / max(1, sum(min(n, max_len) for n in lengths)):.1f}%); "
+             f"{sum(truncated):,} cut from {len(truncated)} sample(s) longer than {max_len} "
+             f"({cut_trainable:,} of them trainable)"]
+    if dropped:
+        shown = ", ".join(f"{i}" + (f" (id={sample_id!r})" if sample_id is not None else "") for i, sample_id in dropped[:10])
+        lines.append(f"dropped: {len(dropped)} sample(s) with no assistant token within {max_len} tokens: {shown}"
+                     + (" ..." if len(dropped) > 10 else ""))
+    else:
+        lines.append("dropped: none")
+    lines.append(f"sample lengths (tokens, before truncation; longest {max(lengths)}, mean {sum(lengths) / len(lengths):.0f}):")
+    lines += length_histogram(lengths, max_len)
+    kept_lengths = [min(len(s.input_ids), max_len) for s in kept]
+    if not kept:
+        lines.append("batches: nothing to train on")
+    elif packing:
+        rows = PackedDataset([{"input_ids": [0] * n, "labels": [0] * n} for n in kept_lengths], max_len)
+        fill = sum(kept_lengths) / (len(rows) * max_len)
+        lines.append(f"batches: packing {len(kept)} samples into {len(rows)} rows of {max_len} tokens "
+                     f"({100 * fill:.1f}% filled); {-(-len(rows) // batch_size)} batches of {batch_size} rows per epoch "
+                     "per process")
+    else:
+        lines.append(f"batches: {-(-len(kept) // batch_size)} of {batch_size} per epoch per process; about "
+                     f"{100 * padded_fraction(kept_lengths, batch_size, seed):.1f}% of their positions would be padding")
+    if kept:
+        shown = kept[0]
+        lines.append("first sample as trained (trained tokens in [[...]]):")
+        lines.append(describe_sample(type(shown)(shown.input_ids[:max_len], shown.labels[:max_len]), tokenizer))
+    return "\n".join(lines)
