@@ -23,7 +23,7 @@ from chatft.data import (ChatCollator, DataError, LazySupervisedDataset, Supervi
 from chatft.model import join_process_group, load_model, load_tokenizer, resolve_model_path
 from chatft.report import dry_run_report
 from chatft.saving import OutputDirError, check_output_dir, plot_losses, run_summary, save_run
-from chatft.trainer import ChatTrainer
+from chatft.trainer import ChatTrainer, StopOnSigterm
 
 logger = logging.getLogger("finetune")
 
@@ -73,7 +73,19 @@ def train(argv=None):
         processing_class=tokenizer,
         labelled_logits=training_args.labelled_logits_only,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    sigterm = StopOnSigterm()
+    trainer.add_callback(sigterm)
+    sigterm.install()
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    finally:
+        sigterm.uninstall()
+    if sigterm.received:  # pre-empted: the checkpoint is the result; the run is not finished
+        if trainer.is_world_process_zero():
+            print(f"Stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
+                  f"{os.path.join(training_args.output_dir, f'checkpoint-{trainer.state.global_step}')}. Continue with "
+                  "the same command plus --resume_from_checkpoint True.", flush=True)
+        return trainer
     groups = {"model": model_args, "data": data_args, "training": training_args, "lora": lora_args}
     save_run(trainer, tokenizer, groups, model_path)
     if trainer.is_world_process_zero():

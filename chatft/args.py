@@ -133,6 +133,8 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
+        if str(self.resume_from_checkpoint).lower() in ("true", "false"):  # True: the latest checkpoint in output_dir
+            self.resume_from_checkpoint = str(self.resume_from_checkpoint).lower() == "true" or None
         if self.warmup_ratio is not None:  # transformers 5 folded warmup_ratio into a fractional warmup_steps
             self.warmup_steps = self.warmup_ratio
         super().__post_init__()

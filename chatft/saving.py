@@ -24,6 +24,8 @@ class OutputDirError(ValueError):
 def check_output_dir(training_args) -> None:
     """Refuse a non-empty output_dir unless --overwrite_output_dir, before anything is loaded or written."""
     output_dir = training_args.output_dir
+    if training_args.resume_from_checkpoint:  # continuing the run that is in output_dir
+        return
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not training_args.overwrite_output_dir:
         raise OutputDirError(
             f"output_dir {output_dir} is not empty; choose another --output_dir or pass --overwrite_output_dir."

@@ -16,9 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
+import signal
 
 import torch
 import transformers
+import transformers.trainer as hf_trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from chatft.chat_format import IGNORE_INDEX
 
@@ -121,6 +126,40 @@ def head_computes_loss(linears: list[torch.nn.Linear], labels: torch.Tensor, chu
             del linear.forward
 
 
+SCRATCH_CHECKPOINT_PREFIX = "tmp-" + PREFIX_CHECKPOINT_DIR  # not matched by --resume_from_checkpoint True
+
+
+class StopOnSigterm(transformers.TrainerCallback):
+    """SIGTERM (what schedulers send before pre-empting a job): finish the current optimizer step, save a
+    checkpoint and stop. Every rank stops at the same step: the flag is combined across processes each step."""
+
+    def __init__(self):
+        self.received = False
+        self.previous_handler = None
+
+    def install(self):
+        self.previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def uninstall(self):
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGTERM, self.previous_handler)
+
+    def _on_signal(self, signum, frame):
+        self.received = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.received
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([1.0 if stop else 0.0], device=args.device)
+            torch.distributed.all_reduce(flag)
+            stop = bool(flag.item())
+        if stop:
+            self.received = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
 class ChatTrainer(transformers.Trainer):
     """transformers.Trainer whose training loss computes logits only at labelled positions (`labelled_logits`)."""
 
@@ -136,6 +175,32 @@ class ChatTrainer(transformers.Trainer):
         vocab_size = model.get_input_embeddings().num_embeddings
         self.chunk_size = max(64, LOGITS_PER_CHUNK // vocab_size)
         self.label_smoothing_active = self.label_smoother is not None or self.compute_loss_func is not None
+
+    def _save_checkpoint(self, model, trial):
+        """Write the checkpoint under a scratch name and rename it to checkpoint-N only once every process has
+        finished writing: a crash mid-save never leaves a partial checkpoint for a resume to pick up."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        scratch, final = (os.path.join(run_dir, f"{SCRATCH_CHECKPOINT_PREFIX}-{self.state.global_step}"),
+                          os.path.join(run_dir, name))
+        hf_trainer.PREFIX_CHECKPOINT_DIR = SCRATCH_CHECKPOINT_PREFIX  # the folder name transformers writes to
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            hf_trainer.PREFIX_CHECKPOINT_DIR = PREFIX_CHECKPOINT_DIR
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save and os.path.isdir(scratch):
+            if os.path.isdir(final):  # the same step saved again (e.g. SIGTERM right after a scheduled save)
+                shutil.rmtree(final)
+            os.rename(scratch, final)
+            # transformers rotated before the rename, not counting this checkpoint: apply --save_total_limit again
+            hf_trainer.rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                                          best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        if self.state.best_global_step:  # transformers looked for the best checkpoint under the scratch prefix
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if os.path.isdir(best):
+                self.state.best_model_checkpoint = best
+        self.accelerator.wait_for_everyone()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.labelled_logits or return_outputs or self.label_smoothing_active or "labels" not in inputs:

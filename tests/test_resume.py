@@ -1,0 +1,103 @@
+"""Interruption: a run killed with SIGKILL and resumed ends where an uninterrupted run ends; SIGTERM saves a
+checkpoint and exits cleanly; a crash while saving never leaves a partial checkpoint for a resume to pick."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import safetensors.torch
+import torch
+from transformers.trainer_utils import get_last_checkpoint
+
+from conftest import ROOT, _tiny_model_dir, run
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_dir(tmp_path_factory):  # one architecture is enough here
+    return _tiny_model_dir(tmp_path_factory.mktemp("resume-model"), "qwen2")
+
+
+def command(model, data, output, *extra):
+    # LoRA with dropout: resuming must also restore the random state, not only weights and optimizer
+    return [sys.executable, "finetune.py", "--model_name_or_path", str(model), "--data_path", data,
+            "--output_dir", str(output), "--use_lora", "--lora_r", "4", "--lora_dropout", "0.1",
+            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--logging_steps", "1",
+            "--report_to", "none", "--use_cpu", "True", "--model_max_length", "64", "--seed", "5",
+            "--packing", "False", "--save_steps", "5", *extra]
+
+
+def final_losses(output):
+    import json
+
+    history = json.load(open(os.path.join(output, "trainer_state.json")))["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tiny_qwen_dir, data_file, tmp_path):
+    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
+    steps = ["--max_steps", "30"]  # 4 batches an epoch: several epochs, so the data order must resume too
+    subprocess.run(command(tiny_qwen_dir, data_file, whole, *steps), cwd=ROOT, check=True, capture_output=True)
+
+    process = subprocess.Popen(command(tiny_qwen_dir, data_file, interrupted, *steps), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (interrupted / "checkpoint-10").is_dir() and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL and not (interrupted / "adapter_model.safetensors").exists()
+
+    resumed = subprocess.run(command(tiny_qwen_dir, data_file, interrupted, *steps, "--resume_from_checkpoint", "True"),
+                             cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert final_losses(interrupted)[-1] == pytest.approx(final_losses(whole)[-1], rel=1e-5)
+    expected = safetensors.torch.load_file(whole / "adapter_model.safetensors")
+    got = safetensors.torch.load_file(interrupted / "adapter_model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, atol=1e-6, rtol=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_qwen_dir, data_file, tmp_path):
+    output = tmp_path / "out"
+    process = subprocess.Popen(command(tiny_qwen_dir, data_file, output, "--max_steps", "100000", "--save_strategy",
+                                       "no"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+
+    def read():
+        for line in process.stdout:
+            lines.append(line)
+            if "'loss'" in line and len(lines) and not any("SENT" in x for x in lines):
+                lines.append("SENT")
+                process.send_signal(signal.SIGTERM)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert process.wait(timeout=600) == 0
+    reader.join()
+    log = "".join(lines)
+    assert "Stopped by SIGTERM at step" in log, log[-3000:]
+    checkpoint = get_last_checkpoint(str(output))
+    assert checkpoint and os.path.isfile(os.path.join(checkpoint, "trainer_state.json"))
+    assert os.path.isfile(os.path.join(checkpoint, "adapter_model.safetensors"))
+    assert not (output / "adapter_model.safetensors").exists()  # an interrupted run is not saved as finished
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_the_latest(tiny_qwen_dir, data_file, tmp_path, monkeypatch):
+    from chatft.trainer import ChatTrainer
+
+    original = ChatTrainer._save_rng_state
+
+    def crash_on_the_second_save(self, output_dir):
+        if self.state.global_step == 4:
+            raise RuntimeError("disk full")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(ChatTrainer, "_save_rng_state", crash_on_the_second_save)
+    output = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        run(tiny_qwen_dir, data_file, output, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2")
+    assert (output / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (output / "checkpoint-4").exists() and (output / "tmp-checkpoint-4").is_dir()
+    assert get_last_checkpoint(str(output)) == str(output / "checkpoint-2")
