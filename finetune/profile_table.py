@@ -27,6 +27,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmark import resident_mib  # noqa: E402  (finetune/benchmark.py, beside this file)
+
 MODES = {
     "lora": ["--use_lora"],
     "lora_emb": ["--use_lora", "--train_embeddings", "true"],
@@ -44,11 +46,6 @@ def synthetic_samples(count: int, length: int, seed: int = 0) -> list[dict]:
         {"from": "user", "value": "Write a long text."},
         {"from": "assistant", "value": " ".join(rng.choice(words) for _ in range(length + 64))}]}
         for i in range(count)]
-
-
-def resident_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run_cell(cell: dict) -> dict:
