@@ -2,10 +2,13 @@
 
 One sample goes through three separate steps:
 
-1. `to_turns` turns a sample's `conversations` list into `Turn`s (roles checked by
-   `chatft.data` beforehand), dropping a leading assistant turn as Qwen's script did.
+1. `to_conversation` turns a sample (`conversations`, optional `tools`) into a `Conversation` of `Turn`s
+   (checked by `chatft.data` beforehand), dropping a leading assistant turn as Qwen's script did.
 2. `render_chatml` builds the exact text the model sees, and the character spans of
-   what the model must generate: each assistant reply and its closing `<|im_end|>`.
+   what the model must generate: each assistant reply (text and tool calls) and its closing `<|im_end|>`.
+   Tools are rendered as Qwen2.5/Qwen3's chat templates do: their definitions in the system message
+   (`<tools>`), calls as `<tool_call>` blocks in the assistant's message, results as `<tool_response>`
+   blocks in a user message (not trained).
 3. `tokenize_conversations` tokenizes the texts of many samples in one batched call, with
    offsets, and labels every token that carries a character of a trainable span.
 
@@ -28,13 +31,35 @@ IGNORE_INDEX = -100
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "function_call", "observation")  # a sample's `from` values
+TOOLS_HEADER = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOLS_FOOTER = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call>"
+)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, exactly as rendered
 
 
 @dataclass(frozen=True)
 class Turn:
-    role: str  # one of ROLES
+    role: str  # system, user, assistant or tool (a tool's result)
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's calls, rendered after its text
+
+
+@dataclass(frozen=True)
+class Conversation:
+    turns: tuple[Turn, ...]
+    tools: tuple[str, ...] = ()  # tool definitions, each as its JSON text
 
 
 @dataclass
@@ -47,36 +72,141 @@ class TokenizedSample:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def to_turns(conversation: list[dict]) -> list[Turn]:
-    """Qwen-format turns (`{"from", "value"}`) -> `Turn`s.
+def _json_text(value) -> str:
+    return json.dumps(value, ensure_ascii=False)  # as transformers' `tojson` filter writes it
 
-    A conversation that opens with an assistant turn (after an optional system turn)
-    loses that turn: there is no user message for it to answer.
+
+def parse_tools(tools) -> tuple[str, ...]:
+    """A sample's `tools` (a list of definitions, or that list as JSON text as ShareGPT files carry it) -> each
+    definition's JSON text. Bare definitions (`{"name", "description", "parameters"}`) are wrapped as OpenAI's
+    `{"type": "function", "function": ...}`, the form Qwen's templates get from an OpenAI-compatible server.
+    Raises ValueError saying what is wrong."""
+    if tools is None or tools == "":
+        return ()
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON (column {e.colno}: {e.msg})") from None
+    if not isinstance(tools, list):
+        raise ValueError(f"expected a list of tool definitions, found a {type(tools).__name__}")
+    texts = []
+    for k, tool in enumerate(tools):
+        wrapped = isinstance(tool, dict) and tool.get("type") == "function"
+        function = tool.get("function") if wrapped else tool
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f"tool {k} is not a definition with a 'name'")
+        texts.append(_json_text(tool if wrapped else {"type": "function", "function": tool}))
+    return tuple(texts)
+
+
+def parse_tool_calls(calls) -> tuple[ToolCall, ...]:
+    """A `function_call` turn's value (JSON text) or OpenAI `tool_calls` -> `ToolCall`s: one call
+    `{"name", "arguments"}` or a list of them (parallel calls), each optionally wrapped as OpenAI's
+    `{"type": "function", "function": {...}}`. `arguments` is an object, or JSON text kept verbatim
+    (as Qwen3's template does). Raises ValueError saying what is wrong."""
+    if isinstance(calls, str):
+        try:
+            calls = json.loads(calls)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"a tool call must be JSON {{\"name\": ..., \"arguments\": {{...}}}} "
+                             f"(column {e.colno}: {e.msg})") from None
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls:
+        raise ValueError("no tool call in an empty list")
+    parsed = []
+    for call in calls:
+        if isinstance(call, dict) and isinstance(call.get("function"), dict):
+            call = call["function"]
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"].strip():
+            raise ValueError("a tool call must be an object with a 'name' and 'arguments'")
+        if "arguments" not in call:
+            raise ValueError(f"tool call {call['name']!r} has no 'arguments'")
+        arguments = call["arguments"]
+        if isinstance(arguments, str):
+            try:
+                decoded = json.loads(arguments)
+            except json.JSONDecodeError:
+                decoded = None
+            if not isinstance(decoded, dict):
+                raise ValueError(f"tool call {call['name']!r}: 'arguments' text is not a JSON object")
+        elif not isinstance(arguments, dict):
+            raise ValueError(f"tool call {call['name']!r}: 'arguments' must be an object, found a "
+                             f"{type(arguments).__name__}")
+        parsed.append(ToolCall(call["name"], arguments if isinstance(arguments, str) else _json_text(arguments)))
+    return tuple(parsed)
+
+
+def to_turns(conversation: list[dict]) -> list[Turn]:
+    """A sample's turns (`{"from", "value"}`) -> `Turn`s.
+
+    `function_call` turns become assistant turns with tool calls (merged into the assistant turn just before,
+    if that one has text only: its text, then its calls, in one message, as Qwen renders them); `observation`
+    turns become `tool` turns. A conversation that opens with an assistant turn (after an optional system
+    turn) loses that turn: there is no user message for it to answer.
     """
-    turns = [Turn(t["from"], t["value"]) for t in conversation]
+    turns: list[Turn] = []
+    for turn in conversation:
+        role, value = turn["from"], turn["value"]
+        if role == "function_call":
+            calls = parse_tool_calls(value)
+            if turns and turns[-1].role == "assistant" and not turns[-1].tool_calls:
+                turns[-1] = Turn("assistant", turns[-1].content, calls)
+            else:
+                turns.append(Turn("assistant", "", calls))
+        else:
+            turns.append(Turn("tool" if role == "observation" else role, value))
     first = 1 if turns and turns[0].role == "system" else 0
     if len(turns) > first and turns[first].role == "assistant":
         turns = turns[:first] + turns[first + 1 :]
     return turns
 
 
-def render_chatml(turns: list[Turn], system_message: str = DEFAULT_SYSTEM_MESSAGE) -> tuple[str, list[tuple[int, int]]]:
-    """Render turns as ChatML; return the text and the trainable character spans.
+def to_conversation(sample: dict) -> Conversation:
+    """A validated sample (`conversations`, optional `tools`) -> `Conversation`."""
+    return Conversation(tuple(to_turns(sample["conversations"])), parse_tools(sample.get("tools")))
 
-    A leading system turn replaces `system_message`. Every assistant turn contributes
-    one span covering its content and its `<|im_end|>`.
+
+def _assistant_text(turn: Turn) -> str:
+    """An assistant message's body: its text, then each call in a `<tool_call>` block (Qwen's layout)."""
+    text = turn.content
+    for call in turn.tool_calls:
+        text += ("\n" if text else "") + f'<tool_call>\n{{"name": "{call.name}", "arguments": {call.arguments}}}\n</tool_call>'
+    return text
+
+
+def render_chatml(conversation: Conversation | list[Turn], system_message: str = DEFAULT_SYSTEM_MESSAGE
+                  ) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation as ChatML; return the text and the trainable character spans.
+
+    A leading system turn replaces `system_message`; tool definitions follow it in the system message.
+    Every assistant turn contributes one span covering its text, its tool calls and its `<|im_end|>`.
+    Consecutive tool results share one user message, as `<tool_response>` blocks; they are not trained.
 
     >>> render_chatml([Turn("user", "Hi"), Turn("assistant", "Hello!")], "Be brief.")
     ('<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n', [(91, 107)])
     """
+    if not isinstance(conversation, Conversation):
+        conversation = Conversation(tuple(conversation))
+    turns = conversation.turns
     if turns and turns[0].role == "system":
         system_message, turns = turns[0].content, turns[1:]
-    text = f"{IM_START}system\n{system_message}{IM_END}\n"
+    text = f"{IM_START}system\n{system_message}"
+    if conversation.tools:
+        text += TOOLS_HEADER + "".join("\n" + tool for tool in conversation.tools) + TOOLS_FOOTER
+    text += f"{IM_END}\n"
     spans = []
-    for turn in turns:
+    for j, turn in enumerate(turns):
+        if turn.role == "tool":
+            if j == 0 or turns[j - 1].role != "tool":
+                text += f"{IM_START}user"
+            text += f"\n<tool_response>\n{turn.content}\n</tool_response>"
+            if j == len(turns) - 1 or turns[j + 1].role != "tool":
+                text += f"{IM_END}\n"
+            continue
         text += f"{IM_START}{turn.role}\n"
         start = len(text)
-        text += f"{turn.content}{IM_END}"
+        text += (_assistant_text(turn) if turn.role == "assistant" else turn.content) + IM_END
         if turn.role == "assistant":
             spans.append((start, len(text)))
         text += "\n"
@@ -101,12 +231,12 @@ def trainable_tokens(offsets: np.ndarray, span_starts: np.ndarray, span_ends: np
     return in_range & (span_starts[candidate] < np.maximum(ends, starts + 1))
 
 
-def tokenize_conversations(conversations: list[list[Turn]], tokenizer, max_len: int,
+def tokenize_conversations(conversations: list[Conversation | list[Turn]], tokenizer, max_len: int,
                            system_message: str = DEFAULT_SYSTEM_MESSAGE) -> list[TokenizedSample]:
     """Tokenize many conversations with one batched fast-tokenizer call; truncate each to `max_len` tokens.
 
     Invariants: `input_ids == tokenizer(render_chatml(...)[0], add_special_tokens=False).input_ids[:max_len]`;
-    decoding the labelled tokens gives each assistant reply followed by `<|im_end|>`.
+    decoding the labelled tokens gives each assistant reply (text and tool calls) followed by `<|im_end|>`.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
@@ -136,10 +266,10 @@ def tokenize_conversations(conversations: list[list[Turn]], tokenizer, max_len: 
 
 
 def tokenize_conversation(
-    turns: list[Turn], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE
+    conversation: Conversation | list[Turn], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE
 ) -> TokenizedSample:
     """Tokenize one conversation (see `tokenize_conversations`)."""
-    return tokenize_conversations([turns], tokenizer, max_len, system_message)[0]
+    return tokenize_conversations([conversation], tokenizer, max_len, system_message)[0]
 
 
 def preprocess(sources, tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE) -> dict:
@@ -149,10 +279,10 @@ def preprocess(sources, tokenizer, max_len: int, system_message: str = DEFAULT_S
     ints per kept sample (no padding, so every attention_mask is all ones; the collator pads).
     Samples with no trainable token left after truncation are dropped, with a warning.
     """
-    conversations = [c["conversations"] if isinstance(c, dict) else c for c in sources]  # whole samples or turns
+    conversations = [to_conversation(c) if isinstance(c, dict) else to_turns(c) for c in sources]  # samples or turns
     batch = {"input_ids": [], "labels": [], "attention_mask": []}
     dropped = 0
-    for sample in tokenize_conversations([to_turns(c) for c in conversations], tokenizer, max_len, system_message):
+    for sample in tokenize_conversations(conversations, tokenizer, max_len, system_message):
         if sample.num_trainable == 0:
             dropped += 1
             continue
@@ -168,22 +298,44 @@ def preprocess(sources, tokenizer, max_len: int, system_message: str = DEFAULT_S
 
 
 def chatml_template(system_message: str = DEFAULT_SYSTEM_MESSAGE) -> str:
-    """A Jinja chat template that renders exactly like `render_chatml`.
+    """A Jinja chat template that renders exactly like `render_chatml`, tools included.
 
     Saved with every fine-tuned tokenizer so that `apply_chat_template` reproduces the
     training format token for token, including the run's default system message.
+    Messages are OpenAI's: `tool_calls` on assistant messages, `tool` messages for results, `tools=[...]`.
     """
     # json.dumps gives a Jinja string literal; ensure_ascii=False keeps emoji out of \\u surrogate pairs.
     default_system = json.dumps(system_message, ensure_ascii=False)
+    header, footer = json.dumps(TOOLS_HEADER), json.dumps(TOOLS_FOOTER)
     return (
         "{%- if messages and messages[0]['role'] == 'system' %}"
         "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
         "{%- else %}"
         "{%- set system_message = " + default_system + " %}{%- set loop_messages = messages %}"
         "{%- endif %}"
-        "{{- '<|im_start|>system\\n' + system_message + '<|im_end|>\\n' }}"
+        "{{- '<|im_start|>system\\n' + system_message }}"
+        "{%- if tools %}{{- " + header + " }}"
+        "{%- for tool in tools %}{{- '\\n' }}"
+        "{%- if tool['type'] == 'function' %}{{- tool | tojson }}"
+        "{%- else %}{{- {'type': 'function', 'function': tool} | tojson }}{%- endif %}"
+        "{%- endfor %}{{- " + footer + " }}{%- endif %}"
+        "{{- '<|im_end|>\\n' }}"
         "{%- for message in loop_messages %}"
-        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- if message['role'] == 'tool' %}"
+        "{%- if loop.first or loop_messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+        "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+        "{%- if loop.last or loop_messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+        "{%- else %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}"
+        "{%- for call in message['tool_calls'] or [] %}"
+        "{%- if call['function'] is defined %}{%- set call = call['function'] %}{%- endif %}"
+        "{%- if message['content'] or not loop.first %}{{- '\\n' }}{%- endif %}"
+        "{{- '<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' }}"
+        "{%- if call['arguments'] is string %}{{- call['arguments'] }}{%- else %}{{- call['arguments'] | tojson }}{%- endif %}"
+        "{{- '}\\n</tool_call>' }}"
+        "{%- endfor %}"
+        "{{- '<|im_end|>\\n' }}"
+        "{%- endif %}"
         "{%- endfor %}"
         "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
     )

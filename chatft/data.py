@@ -1,6 +1,7 @@
 """Data files -> validated samples -> datasets -> padded batches.
 
-A sample is Qwen's `{"id": ..., "conversations": [{"from": "user"|"assistant"|"system", "value": str}]}`.
+A sample is Qwen's `{"id": ..., "conversations": [{"from": "user"|"assistant"|"system", "value": str}]}`, optionally
+with tool use (`function_call`/`observation` turns and `tools`, see chatft.formats).
 `load_samples` reads JSON (a list) or JSONL (one sample a line) and checks every sample,
 reporting all problems at once (file, index, id, what is wrong) before any model is loaded.
 """
@@ -26,8 +27,8 @@ from tqdm.auto import tqdm
 
 from chatft import chat_format
 from chatft.formats import file_format, to_sample
-from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, ROLES, TokenizedSample, to_turns,
-                                tokenize_conversation, tokenize_conversations)
+from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, ROLES, TokenizedSample, parse_tool_calls,
+                                parse_tools, to_conversation, to_turns, tokenize_conversation, tokenize_conversations)
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +69,10 @@ def _read_json_or_jsonl(path: str) -> tuple[list, list[str]]:
 
 
 def sample_problems(sample, index: int, path: str, names: tuple[str, str, str] = ("conversations", "from", "value"),
-                    ) -> list[str]:
+                    turn_sources: list[str] | None = None) -> list[str]:
     """Everything wrong with one sample (in the seed's format), each message naming file, index and id; `names`
-    are the list, role and text fields to name in messages (a converted sample's original ones)."""
+    are the list, role and text fields to name in messages and `turn_sources` where each turn came from (a
+    converted sample's original ones)."""
     turns_name, role_name, value_name = names
     where = f"{path}: sample {index}"
     if not isinstance(sample, dict):
@@ -83,8 +85,14 @@ def sample_problems(sample, index: int, path: str, names: tuple[str, str, str] =
     if not isinstance(conversation, list) or not conversation:
         return [f"{where}: '{turns_name}' must be a non-empty list of turns"]
     problems = []
+    if "tools" in sample:
+        try:
+            parse_tools(sample["tools"])
+        except ValueError as error:
+            problems.append(f"{where}: 'tools': {error}")
+    turn_at = [f"{where}: {turn_sources[j] if turn_sources else f'{turns_name}[{j}]'}" for j in range(len(conversation))]
     for j, turn in enumerate(conversation):
-        at = f"{where}: {turns_name}[{j}]"
+        at = turn_at[j]
         if not isinstance(turn, dict):
             problems.append(f"{at}: expected an object with 'from' and 'value', found a {type(turn).__name__}")
             continue
@@ -99,7 +107,30 @@ def sample_problems(sample, index: int, path: str, names: tuple[str, str, str] =
             problems.append(f"{at}: '{value_name}' must be a string, found a {type(value).__name__}")
         elif role in ("user", "assistant") and not value.strip():
             problems.append(f"{at}: empty {role} '{value_name}'")
-    if not problems and not any(t.role == "assistant" for t in to_turns(conversation)):
+        elif role == "function_call":
+            try:
+                parse_tool_calls(value)
+            except ValueError as error:
+                problems.append(f"{at}: {error}")
+    if problems:
+        return problems
+    roles = [turn["from"] for turn in conversation]
+    for j, role in enumerate(roles):  # a tool call is answered by its results; results answer a call
+        before, after = roles[j - 1] if j else None, roles[j + 1] if j + 1 < len(roles) else None
+        if role == "function_call" and after not in (None, "observation"):
+            problems.append(f"{turn_at[j]}: tool call out of order: it must be followed by its result (a tool "
+                            f"result turn), found a {after} turn")
+        if role == "observation" and before not in ("function_call", "observation"):
+            problems.append(f"{turn_at[j]}: tool result out of order: it must follow a tool call (or another "
+                            f"result), found after {f'a {before} turn' if before else 'nothing'}")
+    if problems:
+        return problems
+    turns = to_turns(conversation)
+    opening = turns[1:] if turns and turns[0].role == "system" else turns
+    if opening and opening[0].role == "tool":
+        problems.append(f"{where}: the conversation opens with a tool call and its result (a leading assistant "
+                        "turn is dropped, since no user message precedes it)")
+    elif not any(t.role == "assistant" for t in turns):
         problems.append(
             f"{where}: no assistant turn to learn from (a leading assistant turn is dropped, "
             "since no user message precedes it)"
@@ -135,9 +166,9 @@ def load_samples(spec: str, data_format: str = "auto") -> list[dict]:
         found_format = file_format(records, data_format)
         names = ("messages", "role", "content") if found_format == "messages" else ("conversations", "from", "value")
         for index, record in enumerate(records):
-            sample, record_problems = to_sample(record, found_format, index, path)
+            sample, record_problems, turn_sources = to_sample(record, found_format, index, path)
             if sample is not None:
-                record_problems += sample_problems(sample, index, path, names)
+                record_problems += sample_problems(sample, index, path, names, turn_sources)
             file_problems += record_problems
             samples.append(sample)
         if not file_problems and not records:
@@ -228,7 +259,7 @@ def tokenize_samples(raw_data: list[dict], tokenizer, max_len: int, system_messa
         if cache_path.is_file():
             logger.info("%s: reusing %d tokenized samples from %s", desc, len(raw_data), cache_path)
             return _load_tokenized(cache_path)
-    conversations = [to_turns(raw["conversations"]) for raw in raw_data]
+    conversations = [to_conversation(raw) for raw in raw_data]
     batches = [conversations[i : i + TOKENIZE_BATCH] for i in range(0, len(conversations), TOKENIZE_BATCH)]
     progress = tqdm(total=len(conversations), desc=desc, unit=" samples", disable=len(batches) < 4)
     samples = []
@@ -299,8 +330,8 @@ class LazySupervisedDataset(Dataset):
 
     def _tokenized(self, i):
         if i not in self.cache:
-            turns = to_turns(self.raw_data[i]["conversations"])
-            self.cache[i] = tokenize_conversation(turns, self.tokenizer, self.max_len, self.system_message)
+            conversation = to_conversation(self.raw_data[i])
+            self.cache[i] = tokenize_conversation(conversation, self.tokenizer, self.max_len, self.system_message)
             if not self.cache[i].num_trainable:
                 logger.warning(
                     "%s has no assistant token within model_max_length=%d; using the next sample instead.",

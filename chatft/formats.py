@@ -7,15 +7,26 @@ Detected per file from its records (`--data_format` overrides):
     messages       OpenAI-style: {"messages": [{"role": "system"|"user"|"assistant", "content": str}]}
     alpaca         {"instruction": str, "input"?: str, "output": str, "system"?: str, "history"?: [[query, reply]]}
 
+Tool use, as LLaMA-Factory's ShareGPT writes it, is part of the seed's format too: `function_call` turns (the
+assistant's call, JSON `{"name", "arguments"}` or a list of them) and `observation` turns (the tool's result),
+with the tool definitions in the sample's `tools` (a list, or that list as JSON text). OpenAI messages carry
+the same as `tool_calls` on assistant messages, `tool` messages and `tools`.
+
 Every format becomes the seed's sample, so a conversation gives identical tokens and labels whatever
-format it came in. Problems are returned as messages naming the file, sample index, id and field.
+format it came in. Problems are returned as messages naming the file, sample index, id and field; each
+converter also names, for every turn of the sample it returns, where that turn came from in the record.
 """
 
 from __future__ import annotations
 
+import json
+
+from chatft.chat_format import parse_tool_calls
+
 FORMATS = ("auto", "conversations", "sharegpt", "messages", "alpaca")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
-TOOL_ROLES = ("function_call", "observation", "tool", "function")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
+                  "function_call": "function_call", "observation": "observation", "tool": "observation"}
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 
 
 def detect_format(record) -> str | None:
@@ -29,7 +40,7 @@ def detect_format(record) -> str | None:
     if "conversations" in record:
         turns = record["conversations"] if isinstance(record["conversations"], list) else []
         roles = {turn.get("from") for turn in turns if isinstance(turn, dict)}
-        return "sharegpt" if roles & {"human", "gpt", *TOOL_ROLES} or "system" in record else "conversations"
+        return "sharegpt" if roles & {"human", "gpt", "tool"} or "system" in record else "conversations"
     return None
 
 
@@ -46,55 +57,77 @@ def where(path: str, index: int, record) -> str:
     return name + (f" (id={record['id']!r})" if isinstance(record, dict) and "id" in record else "")
 
 
-def _with_id(record: dict, conversations: list[dict]) -> dict:
-    return ({"id": record["id"]} if "id" in record else {}) | {"conversations": conversations}
+def _sample(record: dict, conversations: list[dict]) -> dict:
+    """The seed's sample: the record's id and tools (when it has them) and `conversations`."""
+    return ({"id": record["id"]} if "id" in record else {}) | {"conversations": conversations} | (
+        {"tools": record["tools"]} if record.get("tools") not in (None, "", []) else {})
 
 
-def from_sharegpt(record: dict, at: str) -> tuple[dict | None, list[str]]:
+Converted = tuple[dict | None, list[str], list[str]]  # (sample, problems, where each of its turns came from)
+
+
+def from_sharegpt(record: dict, at: str) -> Converted:
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
-        return None, [f"{at}: 'conversations' must be a non-empty list of turns"]
-    problems, conversations = [], []
+        return None, [f"{at}: 'conversations' must be a non-empty list of turns"], []
+    problems, conversations, sources = [], [], []
     system = record.get("system")
     if system is not None:
         if isinstance(system, str):
             conversations.append({"from": "system", "value": system})
+            sources.append("'system'")
         else:
             problems.append(f"{at}: 'system' must be a string, found a {type(system).__name__}")
     for j, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             problems.append(f"{at}: conversations[{j}]: expected an object with 'from' and 'value'")
-        elif turn["from"] in TOOL_ROLES:
-            problems.append(f"{at}: conversations[{j}]: {turn['from']!r} turns (tool calls) are not supported yet")
         elif turn["from"] not in SHAREGPT_ROLES:
             problems.append(f"{at}: conversations[{j}]: unknown role {turn['from']!r} in 'from' "
                             f"(expected one of {', '.join(SHAREGPT_ROLES)})")
         else:
             conversations.append({"from": SHAREGPT_ROLES[turn["from"]], "value": turn["value"]})
-    return (None, problems) if problems else (_with_id(record, conversations), [])
+            sources.append(f"conversations[{j}]")
+    return (None, problems, []) if problems else (_sample(record, conversations), [], sources)
 
 
-def from_messages(record: dict, at: str) -> tuple[dict | None, list[str]]:
+def from_messages(record: dict, at: str) -> Converted:
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
-        return None, [f"{at}: 'messages' must be a non-empty list of messages"]
-    problems, conversations = [], []
+        return None, [f"{at}: 'messages' must be a non-empty list of messages"], []
+    problems, conversations, sources = [], [], []
     for j, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            problems.append(f"{at}: messages[{j}]: expected an object with 'role' and 'content'")
-        elif message["role"] in TOOL_ROLES or message.get("tool_calls"):
-            problems.append(f"{at}: messages[{j}]: tool calls and tool results are not supported yet")
-        elif message["role"] not in ("system", "user", "assistant"):
-            problems.append(f"{at}: messages[{j}]: unknown role {message['role']!r} (expected system, user or assistant)")
-        elif not isinstance(message["content"], str):
-            problems.append(f"{at}: messages[{j}]: 'content' must be a string, found a "
-                            f"{type(message['content']).__name__}")
+        here = f"{at}: messages[{j}]"
+        if not isinstance(message, dict) or "role" not in message:
+            problems.append(f"{here}: expected an object with 'role' and 'content'")
+            continue
+        role, content = message["role"], message.get("content")
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if role not in MESSAGE_ROLES:
+            problems.append(f"{here}: unknown role {role!r} (expected {', '.join(MESSAGE_ROLES)})")
+        elif content is None and not calls:
+            problems.append(f"{here}: missing 'content'")
+        elif content is not None and not isinstance(content, str):
+            problems.append(f"{here}: 'content' must be a string, found a {type(content).__name__}")
+        elif calls:
+            try:
+                parse_tool_calls(calls)
+            except ValueError as error:
+                problems.append(f"{here}: 'tool_calls': {error}")
+                continue
+            if content and content.strip():  # text before the calls: one message, merged back by to_turns
+                conversations.append({"from": "assistant", "value": content})
+                sources.append(f"messages[{j}]")
+            calls = [call.get("function", call) if isinstance(call, dict) else call for call in calls]
+            conversations.append({"from": "function_call", "value": json.dumps(
+                [{"name": call["name"], "arguments": call["arguments"]} for call in calls], ensure_ascii=False)})
+            sources.append(f"messages[{j}]")
         else:
-            conversations.append({"from": message["role"], "value": message["content"]})
-    return (None, problems) if problems else (_with_id(record, conversations), [])
+            conversations.append({"from": "observation" if role == "tool" else role, "value": content})
+            sources.append(f"messages[{j}]")
+    return (None, problems, []) if problems else (_sample(record, conversations), [], sources)
 
 
-def from_alpaca(record: dict, at: str) -> tuple[dict | None, list[str]]:
+def from_alpaca(record: dict, at: str) -> Converted:
     problems = []
     for field, required in (("instruction", True), ("output", True), ("input", False), ("system", False)):
         if required and field not in record:
@@ -106,26 +139,32 @@ def from_alpaca(record: dict, at: str) -> tuple[dict | None, list[str]]:
             isinstance(pair, list) and len(pair) == 2 and all(isinstance(text, str) for text in pair) for pair in history):
         problems.append(f"{at}: 'history' must be a list of [query, reply] string pairs")
     if problems:
-        return None, problems
+        return None, problems, []
     if not record["output"].strip():
         problems.append(f"{at}: 'output' is empty")
     query = record["instruction"] + (f"\n{record['input']}" if record.get("input") else "")
     if not query.strip():
         problems.append(f"{at}: 'instruction' and 'input' are empty")
     if problems:
-        return None, problems
-    conversations = [{"from": "system", "value": record["system"]}] if record.get("system") is not None else []
-    for past_query, past_reply in history:
+        return None, problems, []
+    conversations, sources = [], []
+    if record.get("system") is not None:
+        conversations.append({"from": "system", "value": record["system"]})
+        sources.append("'system'")
+    for k, (past_query, past_reply) in enumerate(history):
         conversations += [{"from": "user", "value": past_query}, {"from": "assistant", "value": past_reply}]
+        sources += [f"history[{k}][0]", f"history[{k}][1]"]
     conversations += [{"from": "user", "value": query}, {"from": "assistant", "value": record["output"]}]
-    return _with_id(record, conversations), []
+    sources += ["'instruction'", "'output'"]
+    return _sample(record, conversations), [], sources
 
 
-def to_sample(record, data_format: str, index: int, path: str) -> tuple[dict | None, list[str]]:
-    """(the seed's sample, problems) for one record of a file in `data_format`; the seed's format passes through."""
+def to_sample(record, data_format: str, index: int, path: str) -> Converted:
+    """(the seed's sample, problems, where each of its turns came from) for one record of a file in `data_format`;
+    the seed's format passes through (its turns are named by chatft.data's checks)."""
     at = where(path, index, record)
     if data_format == "conversations":
-        return record, []  # checked, like every converted sample, by chatft.data.sample_problems
+        return record, [], []  # checked, like every converted sample, by chatft.data.sample_problems
     if not isinstance(record, dict):
-        return None, [f"{at}: expected an object ({data_format} format), found a {type(record).__name__}"]
+        return None, [f"{at}: expected an object ({data_format} format), found a {type(record).__name__}"], []
     return {"sharegpt": from_sharegpt, "messages": from_messages, "alpaca": from_alpaca}[data_format](record, at)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import transformers
 
-from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, TokenizedSample, to_turns, tokenize_conversation
+from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, TokenizedSample, to_conversation, tokenize_conversation
 from chatft.data import DataError, load_samples
 from chatft.model import saved_quantization
 from chatft.saving import check_new_output_dir, staged_output_dir
@@ -64,7 +64,7 @@ def split_samples(samples: list, settings: GptqSettings) -> tuple[list, list]:
 
 def tokenize_samples(samples: list[dict], tokenizer, settings: GptqSettings) -> list[TokenizedSample]:
     return [
-        tokenize_conversation(to_turns(sample["conversations"]), tokenizer, settings.max_len, settings.system_message)
+        tokenize_conversation(to_conversation(sample), tokenizer, settings.max_len, settings.system_message)
         for sample in samples
     ]
 

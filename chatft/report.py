@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from chatft.chat_format import IGNORE_INDEX, describe_sample, to_turns
+from chatft.chat_format import IGNORE_INDEX, describe_sample, to_conversation
 from chatft.data import PackedDataset, tokenize_samples
 
 HISTOGRAM_BINS = 8
@@ -50,10 +50,15 @@ def dry_run_report(name: str, raw_samples: list[dict], tokenizer, max_len: int, 
     truncated = [n - max_len for n in lengths if n > max_len]
     trainable = sum(sum(label != IGNORE_INDEX for label in s.labels[:max_len]) for s in kept)
     cut_trainable = sum(sum(label != IGNORE_INDEX for label in s.labels[max_len:]) for s in full)
-    turns = sum(len(to_turns(raw["conversations"])) for raw in raw_samples)
+    conversations = [to_conversation(raw) for raw in raw_samples]
+    turns = sum(len(c.turns) for c in conversations)
+    tool_calls = sum(len(turn.tool_calls) for c in conversations for turn in c.turns)
+    with_tools = sum(bool(c.tools) for c in conversations)
     dropped = [(i, raw.get("id")) for i, (raw, s) in enumerate(zip(raw_samples, full))
                if not any(label != IGNORE_INDEX for label in s.labels[:max_len])]
-    lines = [f"== {name}: {len(raw_samples)} samples, {turns} turns",
+    lines = [f"== {name}: {len(raw_samples)} samples, {turns} turns"
+             + (f"; {with_tools} sample(s) define tools, {tool_calls} tool call(s) (trained; results are not)"
+                if with_tools or tool_calls else ""),
              f"tokens: {sum(min(n, max_len) for n in lengths):,} after truncation to model_max_length={max_len} "
              f"({trainable:,} trainable, {100 * trainable / max(1, sum(min(n, max_len) for n in lengths)):.1f}%); "
              f"{sum(truncated):,} cut from {len(truncated)} sample(s) longer than {max_len} "

@@ -235,13 +235,13 @@ def benchmark_preprocessing(model: str, data: str, num_samples: int | None, max_
     per-turn tokenization, and one batched fast-tokenizer call over the same rendered texts (the floor)."""
     import transformers
 
-    from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, render_chatml, to_turns
+    from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, render_chatml, to_conversation
     from chatft.data import SupervisedDataset
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model)
     with open(data, encoding="utf-8") as f:
         samples = to_conversations(json.load(f))[:num_samples]
-    texts = [render_chatml(to_turns(s["conversations"]), DEFAULT_SYSTEM_MESSAGE)[0] for s in samples]
+    texts = [render_chatml(to_conversation(s), DEFAULT_SYSTEM_MESSAGE)[0] for s in samples]
     timings = {}
     with tempfile.TemporaryDirectory() as cache:
         timings["chatft"] = best_time(lambda: SupervisedDataset(samples, tokenizer, max_length), repeats)

@@ -1,10 +1,13 @@
 """Label masks on real tokenizers: labelled tokens decode to exactly each reply + <|im_end|>,
 and input_ids equal the tokenization of the rendered ChatML text (and of apply_chat_template)."""
 
+import json
+
 import pytest
 
 from chatft.chat_format import (
-    IGNORE_INDEX, IM_END, Turn, chatml_template, describe_sample, render_chatml, to_turns, tokenize_conversation,
+    IGNORE_INDEX, IM_END, Turn, chatml_template, describe_sample, render_chatml, to_conversation, to_turns,
+    tokenize_conversation,
     tokenize_conversations,
 )
 from conftest import alpaca_to_conversations, sharegpt_to_conversations, shared_data
@@ -181,3 +184,91 @@ def test_one_batched_call_equals_one_call_per_sample(tokenizer):
             text, _ = render_chatml(turns, SYSTEM)
             assert sample.input_ids == tokenizer(text, add_special_tokens=False).input_ids[:max_len]
     assert tokenize_conversations([], tokenizer, 10, SYSTEM) == []
+
+
+# Tool calls: rendered as Qwen2.5/Qwen3's own chat template renders them, trained on calls, not on results.
+
+QWEN3_EMPTY_THINK = "<think>\n\n</think>\n\n"  # Qwen3's template adds this to the final assistant message only
+
+
+def openai_messages(conversation, system=SYSTEM):
+    """A `Conversation` as the OpenAI-style messages and tools that `apply_chat_template` takes."""
+    messages = [{"role": "system", "content": system}]
+    for turn in conversation.turns:
+        message = {"role": turn.role, "content": turn.content}
+        if turn.tool_calls:
+            message["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": json.loads(c.arguments)}}
+                                     for c in turn.tool_calls]
+        messages.append(message)
+    return messages, [json.loads(tool) for tool in conversation.tools] or None
+
+
+@pytest.fixture(scope="module")
+def glaive_conversations():
+    from chatft.data import load_samples
+    from conftest import SHARED_DATA
+
+    return [to_conversation(s) for s in load_samples(str(SHARED_DATA / "glaive_toolcall_en_demo.json"))]
+
+
+def test_tool_calls_render_as_qwens_own_template(qwen_tokenizer, glaive_conversations):
+    """Every glaive sample, with the real Qwen tokenizer's chat template (Qwen3's, with tool support):
+    every prompt the model answers at inference (all turns before an assistant turn, plus the generation
+    prompt) is exactly the training text up to that reply; the whole conversation is the training text
+    but for Qwen3's empty think block in its final reply (a thinking-mode marker, not part of ChatML)."""
+    assert "<tool_call>" in qwen_tokenizer.chat_template
+    checked_prompts = 0
+    for conversation in glaive_conversations:
+        text, spans = render_chatml(conversation, SYSTEM)
+        messages, tools = openai_messages(conversation)
+        whole = qwen_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+        cut = whole.rindex(QWEN3_EMPTY_THINK)
+        assert whole[:cut] + whole[cut + len(QWEN3_EMPTY_THINK):] == text
+        assistant_turns = [k + 1 for k, turn in enumerate(conversation.turns) if turn.role == "assistant"]
+        for k, (start, _) in zip(assistant_turns, spans):
+            prompt = qwen_tokenizer.apply_chat_template(messages[:k], tools=tools, tokenize=False,
+                                                        add_generation_prompt=True)
+            assert prompt == text[:start]
+            checked_prompts += 1
+    assert sum(bool(c.tools) for c in glaive_conversations) == 191 and checked_prompts >= 957
+
+
+def test_tool_calls_trained_results_not(tokenizer, glaive_conversations):
+    conversation = glaive_conversations[0]  # reply, call, result, reply, reply
+    sample = tokenize_conversation(conversation, tokenizer, 100_000, SYSTEM)
+    call = ('<tool_call>\n{"name": "search_recipes", "arguments": {"ingredients": ["chicken", "bell peppers", '
+            '"rice"]}}\n</tool_call>')
+    replies = [t.content for t in conversation.turns if t.role == "assistant"]
+    assert labelled_runs(tokenizer, sample) == [replies[0] + IM_END, call + IM_END] + [r + IM_END for r in replies[2:]]
+    assert "<tool_response>" in tokenizer.decode(sample.input_ids)
+    for conversation in glaive_conversations:  # results and tool definitions are never trained
+        trained = "".join(labelled_runs(tokenizer, tokenize_conversation(conversation, tokenizer, 100_000, SYSTEM)))
+        assert "<tool_response>" not in trained and "<tools>" not in trained
+
+
+def test_template_reproduces_tool_conversations(smollm2_tokenizer, glaive_conversations):
+    tokenizer = smollm2_tokenizer.__class__.from_pretrained(smollm2_tokenizer.name_or_path)  # a private copy
+    tokenizer.chat_template = chatml_template(SYSTEM)
+    for conversation in glaive_conversations[:60]:
+        messages, tools = openai_messages(conversation)
+        text, _ = render_chatml(conversation, SYSTEM)
+        assert tokenizer.apply_chat_template(messages[1:], tools=tools, tokenize=False) == text
+        bare_tools = [json.loads(t)["function"] for t in conversation.tools] or None  # wrapped the same way
+        assert tokenizer.apply_chat_template(messages, tools=bare_tools, tokenize=False) == text
+
+
+def test_parallel_calls_and_string_arguments():
+    turns = to_turns([
+        {"from": "user", "value": "q"}, {"from": "assistant", "value": "Two calls."},
+        {"from": "function_call", "value": '[{"name": "f", "arguments": "{\\"x\\": 1}"}, '
+                                           '{"type": "function", "function": {"name": "g", "arguments": {"y": "é"}}}]'},
+        {"from": "observation", "value": "1"}, {"from": "observation", "value": "2"},
+        {"from": "assistant", "value": "done"}])
+    text, spans = render_chatml(turns, "s")
+    assert text == (
+        "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\nTwo calls.\n"
+        '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "g", "arguments": {"y": "é"}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n1\n</tool_response>\n<tool_response>\n2\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\ndone<|im_end|>\n")
+    assert [text[a:b] for a, b in spans][1] == "done<|im_end|>"

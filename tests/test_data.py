@@ -41,13 +41,50 @@ BAD_SAMPLES = [
     ({"id": "c2", "conversations": [{"from": "human", "value": "x"}, {"from": "robot", "value": "y"}]},  # ShareGPT
      "conversations[1]: unknown role 'robot' in 'from' (expected one of human, gpt, system"),
     ({"id": "c3", "conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "{}"}]},
-     "conversations[1]: 'function_call' turns (tool calls) are not supported yet"),
+     "conversations[1]: a tool call must be an object with a 'name' and 'arguments'"),
+    ({"id": "t1", "conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "{name: f}"}]},
+     "conversations[1]: a tool call must be JSON"),
+    ({"id": "t2", "conversations": [{"from": "human", "value": "x"},
+                                    {"from": "function_call", "value": '{"name": "f", "arguments": [1]}'}]},
+     "conversations[1]: tool call 'f': 'arguments' must be an object, found a list"),
+    ({"id": "t3", "conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": '{"name": "f"}'}]},
+     "conversations[1]: tool call 'f' has no 'arguments'"),
+    ({"id": "t4", "conversations": [{"from": "human", "value": "x"},  # a call never answered
+                                    {"from": "function_call", "value": '{"name": "f", "arguments": {}}'},
+                                    {"from": "gpt", "value": "y"}]},
+     "conversations[1]: tool call out of order: it must be followed by its result (a tool result turn), found a "
+     "assistant turn"),
+    ({"id": "t5", "conversations": [{"from": "human", "value": "x"}, {"from": "observation", "value": "42"},
+                                    {"from": "gpt", "value": "y"}]},
+     "conversations[1]: tool result out of order: it must follow a tool call (or another result), found after a "
+     "user turn"),
+    ({"id": "t6", "conversations": [{"from": "function_call", "value": '{"name": "f", "arguments": {}}'},
+                                    {"from": "observation", "value": "42"}, {"from": "gpt", "value": "y"}]},
+     "sample 0 (id='t6'): the conversation opens with a tool call and its result"),
+    ({"id": "t7", "tools": '[{"name": "f"', "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]},
+     "sample 0 (id='t7'): 'tools': not valid JSON"),
+    ({"id": "t8", "tools": [{"description": "no name"}], "conversations": [
+        {"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]},
+     "sample 0 (id='t8'): 'tools': tool 0 is not a definition with a 'name'"),
+    ({"id": "t9", "system": "s", "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": " "}]},
+     "conversations[1]: empty assistant 'value'"),  # named in the record, not shifted by the system turn
+    ({"id": "m4", "messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "42"},
+                               {"role": "assistant", "content": "y"}]},
+     "messages[1]: tool result out of order"),
+    ({"id": "m5", "messages": [{"role": "user", "content": "x"},
+                               {"role": "assistant", "content": "Let me look.", "tool_calls": [
+                                   {"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                               {"role": "user", "content": "z"}, {"role": "assistant", "content": "y"}]},
+     "messages[1]: tool call out of order"),  # its text and its call are one message, named once
+    ({"id": "m6", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "not json"}}]}]},
+     "messages[1]: 'tool_calls': tool call 'f': 'arguments' text is not a JSON object"),
     ({"id": "m", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ["y"]}]},
      "messages[1]: 'content' must be a string, found a list"),
     ({"id": "m2", "messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "y"}]},
      "messages[0]: empty user 'content'"),
     ({"id": "m3", "messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]},
-     "messages[1]: unknown role 'bot' (expected system, user or assistant)"),
+     "messages[1]: unknown role 'bot' (expected system, user, assistant, tool)"),
     ({"instruction": "x", "output": 3}, "sample 0: 'output' must be a string, found a int"),
     ({"instruction": "x", "output": " "}, "sample 0: 'output' is empty"),
     ({"instruction": "x", "output": "y", "history": [["q"]]}, "'history' must be a list of [query, reply] string pairs"),
@@ -202,8 +239,59 @@ def test_public_alpaca_and_sharegpt_files_load(tmp_path):
     alpaca = load_samples(str(SHARED_DATA / "alpaca_en_demo.json"))
     expected = alpaca_to_conversations(shared_data("alpaca_en_demo.json"))
     assert [s["conversations"] for s in alpaca] == [s["conversations"] for s in expected]
-    with pytest.raises(DataError, match="not supported yet"):  # glaive's tool calls: not rendered yet
-        load_samples(str(SHARED_DATA / "glaive_toolcall_en_demo.json"))
+    glaive = load_samples(str(SHARED_DATA / "glaive_toolcall_en_demo.json"))  # ShareGPT with tool calls
+    records = shared_data("glaive_toolcall_en_demo.json")
+    assert len(glaive) == len(records)
+    for sample, record in zip(glaive, records):
+        roles = {"human": "user", "gpt": "assistant"}
+        assert sample["conversations"] == [{"from": roles.get(t["from"], t["from"]), "value": t["value"]}
+                                           for t in record["conversations"]]
+        assert sample.get("tools", "[]") == record["tools"]
+
+
+TOOL_TOOLS = [{"name": "get_weather", "description": "Weather in a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+SAME_TOOL_CONVERSATION = {  # text before a call, two parallel calls, their two results, a non-ASCII answer
+    "conversations": [{"id": "w", "tools": TOOL_TOOLS, "conversations": [
+        {"from": "user", "value": "Weather in Paris and Zürich?"},
+        {"from": "assistant", "value": "Checking both."},
+        {"from": "function_call", "value": json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}},
+                                                       {"name": "get_weather", "arguments": {"city": "Zürich"}}])},
+        {"from": "observation", "value": "12°C"}, {"from": "observation", "value": "8°C"},
+        {"from": "assistant", "value": "Paris 12°C, Zürich 8°C."}]}],
+    "sharegpt": [{"id": "w", "tools": json.dumps(TOOL_TOOLS), "conversations": [
+        {"from": "human", "value": "Weather in Paris and Zürich?"},
+        {"from": "gpt", "value": "Checking both."},
+        {"from": "function_call", "value": json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}},
+                                                       {"name": "get_weather", "arguments": {"city": "Zürich"}}],
+                                                      ensure_ascii=False)},
+        {"from": "observation", "value": "12°C"}, {"from": "observation", "value": "8°C"},
+        {"from": "gpt", "value": "Paris 12°C, Zürich 8°C."}]}],
+    "messages": [{"id": "w", "tools": [{"type": "function", "function": tool} for tool in TOOL_TOOLS], "messages": [
+        {"role": "user", "content": "Weather in Paris and Zürich?"},
+        {"role": "assistant", "content": "Checking both.", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12°C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "8°C"},
+        {"role": "assistant", "content": "Paris 12°C, Zürich 8°C."}]}],
+}
+
+
+@pytest.mark.parametrize("data_format", SAME_TOOL_CONVERSATION)
+def test_tool_calls_give_the_same_tokens_in_every_format(tmp_path, data_format, qwen_tokenizer):
+    from chatft.chat_format import render_chatml, to_conversation
+
+    path = write_json(tmp_path / "tools.json", SAME_TOOL_CONVERSATION[data_format])
+    expected = to_conversation(SAME_TOOL_CONVERSATION["conversations"][0])
+    [sample] = load_samples(str(path))
+    assert to_conversation(sample) == expected
+    assert [t.role for t in expected.turns] == ["user", "assistant", "tool", "tool", "assistant"]
+    assert [c.arguments for c in expected.turns[1].tool_calls] == ['{"city": "Paris"}', '{"city": "Zürich"}']
+    tokens = tokenize_samples([sample], qwen_tokenizer, 4096)
+    assert tokens == tokenize_samples(SAME_TOOL_CONVERSATION["conversations"], qwen_tokenizer, 4096)
+    text, _ = render_chatml(expected)
+    assert tokens[0].input_ids == qwen_tokenizer(text, add_special_tokens=False).input_ids
 
 
 def test_several_files_and_directories(tmp_path):

@@ -225,6 +225,19 @@ def test_dry_run_reports_and_loads_no_model(tiny_qwen_dir, tmp_path, capsys, mon
     assert "<|im_start|>assistant\n[[" in report and "<|im_end|>]]" in report
 
 
+def test_dry_run_on_tool_calls(tiny_qwen_dir, tmp_path, capsys):
+    from conftest import SHARED_DATA
+
+    code = finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path",
+                          str(SHARED_DATA / "glaive_toolcall_en_demo.json"), "--output_dir", str(tmp_path / "o"),
+                          "--dry_run", "True", "--model_max_length", "2048", "--use_cpu", "True"])
+    report = capsys.readouterr().out
+    assert code == 0 and "300 samples" in report and "191 sample(s) define tools, 211 tool call(s)" in report
+    assert '<tools>\n{"type": "function", "function": {"name": "search_recipes"' in report
+    assert '<|im_start|>assistant\n[[<tool_call>\n{"name": "search_recipes"' in report
+    assert "<|im_start|>user\n<tool_response>\n{" in report and "[[<tool_response>" not in report
+
+
 def test_dry_run_lists_every_problem(tiny_qwen_dir, tmp_path, capsys):
     bad = write_json(tmp_path / "bad.json", [{"id": "a", "messages": [{"role": "user", "content": 1}]},
                                                {"id": "b", "messages": [{"role": "bot", "content": "x"}]}])
