@@ -6,6 +6,7 @@ then runs `validate_args`, which collects every cross-field problem and raises o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -157,6 +158,10 @@ class LoraArguments:
     q_lora: bool = field(default=False, metadata={"help": "LoRA on a 4-bit quantized base model."})
 
 
+# --report_to integrations -> the package each needs, checked before any model is loaded
+REPORTING_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                      "clearml": "clearml", "swanlab": "swanlab", "trackio": "trackio"}
+
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments, LoraArguments)
 
 
@@ -227,5 +232,9 @@ def validate_args(model_args, data_args, training_args, lora_args) -> None:
         problems.append("--q_lora cannot run under FSDP here: use DeepSpeed ZeRO-2 (finetune/finetune_qlora_ds.sh).")
     if lora_args.lora_weight_path and not os.path.isfile(os.path.join(lora_args.lora_weight_path, "adapter_config.json")):
         problems.append(f"--lora_weight_path {lora_args.lora_weight_path}: no adapter_config.json there.")
+    for integration in training_args.report_to or []:
+        package = REPORTING_PACKAGES.get(integration)
+        if package and importlib.util.find_spec(package) is None:
+            problems.append(f"--report_to {integration} needs the {package} package: pip install {package}")
     if problems:
         raise ArgumentError("Invalid arguments:\n  " + "\n  ".join(problems))
