@@ -162,11 +162,14 @@ def run_summary(trainer, what_was_saved: str) -> str:
     epoch_tokens = getattr(trainer.train_dataset, "num_tokens", None)  # not known up front with --lazy_preprocess
     losses = [e["loss"] for e in history if "loss" in e]
     eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
+    start = getattr(trainer, "run_start", None)  # chatft.trainer.RunStart: a resumed run began at its checkpoint
+    start_epoch, start_step = (start.epoch, start.step) if start is not None else (0.0, 0)
+    epochs, steps = (state.epoch or 0) - start_epoch, state.global_step - start_step
     lines = ["", "=" * 60, "Training finished"]
     if runtime:
-        speed = f"; about {epoch_tokens * (state.epoch or 0) / runtime:,.0f} real tokens/s" if epoch_tokens else ""
-        lines.append(f"  time        {runtime / 60:.1f} min for {state.global_step} steps, {state.epoch or 0:.2f} "
-                     f"epochs{speed}")
+        speed = f"; about {epoch_tokens * epochs / runtime:,.0f} real tokens/s" if epoch_tokens else ""
+        resumed = f" (resumed at step {start_step}, {state.global_step} in all)" if start_step else ""
+        lines.append(f"  time        {runtime / 60:.1f} min for {steps} steps, {epochs:.2f} epochs{resumed}{speed}")
     lines.append(f"  peak memory {peak_memory_text()}")
     if losses:
         lines.append(f"  train loss  {losses[0]:.4f} at the first logged step -> {losses[-1]:.4f} at the last")

@@ -160,6 +160,17 @@ class StopOnSigterm(transformers.TrainerCallback):
         return control
 
 
+class RunStart(transformers.TrainerCallback):
+    """Where this process's training began: a resumed run starts at its checkpoint's step and epoch, and its
+    runtime covers only what it trained, so speeds are computed from here."""
+
+    epoch: float = 0.0
+    step: int = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.epoch, self.step = state.epoch or 0.0, state.global_step
+
+
 class ChatTrainer(transformers.Trainer):
     """transformers.Trainer whose training loss computes logits only at labelled positions (`labelled_logits`)."""
 
@@ -175,6 +186,8 @@ class ChatTrainer(transformers.Trainer):
         vocab_size = model.get_input_embeddings().num_embeddings
         self.chunk_size = max(64, LOGITS_PER_CHUNK // vocab_size)
         self.label_smoothing_active = self.label_smoother is not None or self.compute_loss_func is not None
+        self.run_start = RunStart()
+        self.add_callback(self.run_start)
 
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint under a scratch name and rename it to checkpoint-N only once every process has

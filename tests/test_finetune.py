@@ -268,3 +268,17 @@ def test_report_to_a_missing_package_is_refused_before_loading():
         pytest.fail("wandb is installed here; pick another missing integration")
     with pytest.raises(ArgumentError, match="--report_to wandb needs the wandb package: pip install wandb"):
         parse_args(["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o", "--report_to", "wandb"])
+
+
+def test_summary_speed_counts_only_what_this_run_trained():
+    from types import SimpleNamespace
+
+    from chatft.saving import run_summary
+
+    state = SimpleNamespace(log_history=[{"loss": 2.0, "step": 30}, {"train_runtime": 10.0}], epoch=3.0, global_step=30)
+    trainer = SimpleNamespace(state=state, args=SimpleNamespace(output_dir="out"),
+                              train_dataset=SimpleNamespace(num_tokens=1000), run_start=SimpleNamespace(epoch=1.0, step=10))
+    summary = run_summary(trainer, "model")  # resumed at epoch 1: 2 epochs of 1000 tokens in 10 s
+    assert "for 20 steps, 2.00 epochs (resumed at step 10, 30 in all); about 200 real tokens/s" in summary
+    trainer.run_start = SimpleNamespace(epoch=0.0, step=0)
+    assert "for 30 steps, 3.00 epochs; about 300 real tokens/s" in run_summary(trainer, "model")

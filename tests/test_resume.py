@@ -52,6 +52,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tiny_qwen_dir, data
     resumed = subprocess.run(command(tiny_qwen_dir, data_file, interrupted, *steps, "--resume_from_checkpoint", "True"),
                              cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "min for 20 steps, " in resumed.stdout and "(resumed at step 10, 30 in all)" in resumed.stdout  # its speed too
     assert final_losses(interrupted)[-1] == pytest.approx(final_losses(whole)[-1], rel=1e-5)
     expected = safetensors.torch.load_file(whole / "adapter_model.safetensors")
     got = safetensors.torch.load_file(interrupted / "adapter_model.safetensors")
