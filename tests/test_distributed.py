@@ -214,3 +214,44 @@ def test_nf4_qlora_zero2_launcher(tmp_path, data_file):
     assert "4-bit" in result.stderr  # the loading log line
     saved = safetensors.torch.load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert any(t.abs().sum() > 0 for name, t in saved.items() if "lora_B" in name)
+
+
+def test_sigterm_to_one_process_stops_all_at_one_checkpoint_and_resumes(tiny_model, data_file, tmp_path):
+    """A pre-emption signal reaching one rank only: the stop flag is combined across ranks each step, so every
+    rank stops after the same step and the checkpoint is whole; a 2-process resume from it then finishes."""
+    import signal
+    import threading
+
+    import psutil
+
+    output = tmp_path / "out"
+    flags = common_flags(tiny_model, data_file, output, "--per_device_train_batch_size", "1", "--use_lora", "True",
+                         "--lora_r", "4")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "finetune.py", *flags, "--max_steps", "100000"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, signalled = [], []
+
+    def read():
+        for line in process.stdout:
+            lines.append(line)
+            if "'loss'" in line and not signalled:
+                workers = psutil.Process(process.pid).children()
+                assert len(workers) == 2
+                signalled.append(workers[-1].pid)
+                workers[-1].send_signal(signal.SIGTERM)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert process.wait(timeout=600) == 0, "".join(lines)[-4000:]
+    reader.join()
+    log = "".join(lines)
+    assert signalled and log.count("Stopped by SIGTERM at step") == 1, log[-4000:]  # printed by rank 0
+    [checkpoint] = [p for p in output.iterdir() if p.name.startswith("checkpoint-")]
+    step = int(checkpoint.name.split("-")[1])
+    assert step < 100 and json.load(open(checkpoint / "trainer_state.json"))["global_step"] == step
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (output / "adapter_model.safetensors").exists()
+
+    torchrun(2, "finetune.py", *flags, "--max_steps", str(step + 2), "--resume_from_checkpoint", "True")
+    history = json.load(open(output / "trainer_state.json"))["log_history"]
+    assert [entry["step"] for entry in history if "loss" in entry] == list(range(1, step + 3))
