@@ -27,6 +27,8 @@ FORMATS = ("auto", "conversations", "sharegpt", "messages", "alpaca")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
                   "function_call": "function_call", "observation": "observation", "tool": "observation"}
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+# other names for tool turns in published `messages` files: LLaMA-Factory's tags, OpenAI's legacy function role
+MESSAGE_ROLE_ALIASES = {"function_call": "function_call", "observation": "observation", "function": "observation"}
 
 
 def detect_format(record) -> str | None:
@@ -101,8 +103,11 @@ def from_messages(record: dict, at: str) -> Converted:
             problems.append(f"{here}: expected an object with 'role' and 'content'")
             continue
         role, content = message["role"], message.get("content")
-        calls = message.get("tool_calls") if role == "assistant" else None
-        if role not in MESSAGE_ROLES:
+        calls = message.get("tool_calls") or message.get("function_call") if role == "assistant" else None
+        if role in MESSAGE_ROLE_ALIASES and isinstance(content, str):
+            conversations.append({"from": MESSAGE_ROLE_ALIASES[role], "value": content})
+            sources.append(f"messages[{j}]")
+        elif role not in MESSAGE_ROLES:
             problems.append(f"{here}: unknown role {role!r} (expected {', '.join(MESSAGE_ROLES)})")
         elif content is None and not calls:
             problems.append(f"{here}: missing 'content'")
@@ -110,16 +115,16 @@ def from_messages(record: dict, at: str) -> Converted:
             problems.append(f"{here}: 'content' must be a string, found a {type(content).__name__}")
         elif calls:
             try:
-                parse_tool_calls(calls)
+                parsed = parse_tool_calls(calls)
             except ValueError as error:
-                problems.append(f"{here}: 'tool_calls': {error}")
+                problems.append(f"{here}: {'tool_calls' if message.get('tool_calls') else 'function_call'!r}: {error}")
                 continue
             if content and content.strip():  # text before the calls: one message, merged back by to_turns
                 conversations.append({"from": "assistant", "value": content})
                 sources.append(f"messages[{j}]")
-            calls = [call.get("function", call) if isinstance(call, dict) else call for call in calls]
+            # arguments as the exact JSON text they render to: an object's, or a text kept verbatim
             conversations.append({"from": "function_call", "value": json.dumps(
-                [{"name": call["name"], "arguments": call["arguments"]} for call in calls], ensure_ascii=False)})
+                [{"name": call.name, "arguments": call.arguments} for call in parsed], ensure_ascii=False)})
             sources.append(f"messages[{j}]")
         else:
             conversations.append({"from": "observation" if role == "tool" else role, "value": content})

@@ -278,6 +278,16 @@ SAME_TOOL_CONVERSATION = {  # text before a call, two parallel calls, their two 
 }
 
 
+SAME_TOOL_CONVERSATION["messages (legacy roles)"] = [{  # LLaMA-Factory's tags / OpenAI's legacy function calling
+    "id": "w", "tools": json.dumps(TOOL_TOOLS), "messages": [
+        {"role": "user", "content": "Weather in Paris and Zürich?"},
+        {"role": "assistant", "content": "Checking both."},
+        {"role": "function_call", "content": json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}},
+                                                         {"name": "get_weather", "arguments": '{"city": "Zürich"}'}])},
+        {"role": "observation", "content": "12°C"}, {"role": "function", "content": "8°C"},
+        {"role": "assistant", "content": "Paris 12°C, Zürich 8°C."}]}]
+
+
 @pytest.mark.parametrize("data_format", SAME_TOOL_CONVERSATION)
 def test_tool_calls_give_the_same_tokens_in_every_format(tmp_path, data_format, qwen_tokenizer):
     from chatft.chat_format import render_chatml, to_conversation
@@ -434,3 +444,16 @@ def test_packed_collator_flatten_and_padding(qwen_tokenizer):
     assert batch["labels"].tolist() == [[-100, 2, 3, -100], [-100, 5, -100, -100]]
     flat = PackedCollator(pad_token_id=0, flatten=True)(rows)
     assert flat["input_ids"].tolist() == [[1, 2, 3, 4, 5]] and flat["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+
+
+def test_openai_legacy_function_call_message(tmp_path):
+    from chatft.chat_format import ToolCall, to_conversation
+
+    path = write_json(tmp_path / "legacy.json", [{"messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": '{"a": 1}'}},
+        {"role": "function", "name": "f", "content": "r"}, {"role": "assistant", "content": "y"}]}])
+    [sample] = load_samples(str(path))
+    turns = to_conversation(sample).turns
+    assert [(t.role, t.content, t.tool_calls) for t in turns] == [
+        ("user", "x", ()), ("assistant", "", (ToolCall("f", '{"a": 1}'),)), ("tool", "r", ()), ("assistant", "y", ())]
