@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from chatft import chat_format
-from chatft.formats import file_format, to_sample
+from chatft.formats import file_format, format_mismatch, to_sample
 from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, ROLES, TokenizedSample, parse_tool_calls,
                                 parse_tools, to_conversation, to_turns, tokenize_conversation, tokenize_conversations)
 
@@ -166,6 +166,11 @@ def load_samples(spec: str, data_format: str = "auto") -> list[dict]:
         found_format = file_format(records, data_format)
         names = ("messages", "role", "content") if found_format == "messages" else ("conversations", "from", "value")
         for index, record in enumerate(records):
+            mismatch = format_mismatch(record, found_format, index, path) if data_format == "auto" else None
+            if mismatch:
+                file_problems.append(mismatch)
+                samples.append(None)
+                continue
             sample, record_problems, turn_sources = to_sample(record, found_format, index, path)
             if sample is not None:
                 record_problems += sample_problems(sample, index, path, names, turn_sources)

@@ -47,11 +47,24 @@ def detect_format(record) -> str | None:
 
 
 def file_format(records: list, requested: str = "auto") -> str:
-    """One file's format: `requested`, else that of its first record in a known format, else the seed's (whose
-    checks then say what is missing)."""
+    """One file's format: `requested`, else that of its first record in a known format (ShareGPT when any record
+    uses ShareGPT's roles or fields: it reads the seed's records too), else the seed's (whose checks then say what
+    is missing)."""
     if requested != "auto":
         return requested
-    return next((found for found in map(detect_format, records) if found), "conversations")
+    found = [f for f in map(detect_format, records) if f]
+    if found and found[0] == "conversations" and "sharegpt" in found:
+        return "sharegpt"
+    return found[0] if found else "conversations"
+
+
+def format_mismatch(record, file_format_: str, index: int, path: str) -> str | None:
+    """A problem when a record is plainly in another format than its (auto-detected) file's."""
+    found = detect_format(record)
+    if found is None or found == file_format_ or {found, file_format_} == {"conversations", "sharegpt"}:
+        return None
+    return (f"{where(path, index, record)}: a record in {found} format in a file detected as {file_format_} (from its first record); use one format "
+            "per file")
 
 
 def where(path: str, index: int, record) -> str:

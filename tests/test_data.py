@@ -457,3 +457,12 @@ def test_openai_legacy_function_call_message(tmp_path):
     turns = to_conversation(sample).turns
     assert [(t.role, t.content, t.tool_calls) for t in turns] == [
         ("user", "x", ()), ("assistant", "", (ToolCall("f", '{"a": 1}'),)), ("tool", "r", ()), ("assistant", "y", ())]
+
+
+def test_mixed_formats_in_one_file(tmp_path):
+    seed, sharegpt = SAME_CONVERSATION["conversations"][0], SAME_CONVERSATION["sharegpt"][0]
+    # the seed's records and ShareGPT's mix: ShareGPT's reading covers both
+    assert load_samples(str(write_json(tmp_path / "a.json", [seed, sharegpt]))) == [seed, seed]
+    mixed = write_json(tmp_path / "b.json", [SAME_CONVERSATION["messages"][0], SAME_CONVERSATION["alpaca"][0]])
+    with pytest.raises(DataError, match=r"sample 1 \(id='s1'\): a record in alpaca format in a file detected as messages"):
+        load_samples(str(mixed))
