@@ -5,7 +5,8 @@ directory (detected).
     $ python cli_demo.py -c output_qwen --query "Who are you?"   # one-shot, greedy, prints the reply
 
 Prompts go through the model's own saved chat template, the one the training run wrote.
-Interactive commands: :clear (forget the history), :history, :exit.
+Interactive commands: :clear (forget the history), :history, :exit; with --tools, `:tool TEXT` gives the
+model a tool's result (after it answered with a <tool_call>) and lets it continue.
 """
 
 import argparse
@@ -14,7 +15,7 @@ import sys
 import torch
 import transformers
 
-from chatft.chat import generate_reply, load_chat_model
+from chatft.chat import generate_reply, load_chat_model, load_tools
 
 
 KIND_NAMES = {"full": "full model", "gptq": "GPTQ-quantized model", "lora": "LoRA adapter",
@@ -26,6 +27,8 @@ def parse_args(argv=None):
     parser.add_argument("-c", "--checkpoint-path", required=True, help="Model or LoRA adapter directory.")
     parser.add_argument("--query", action="append", help="Ask this and print the reply (repeatable); no prompt loop.")
     parser.add_argument("--system", default=None, help="System message (default: the one saved in the chat template).")
+    parser.add_argument("--tools", default=None, help="JSON file with a list of tool definitions for the model to call "
+                                                      "(as in the training data's `tools`).")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--do-sample", action="store_true", help="Sample instead of greedy decoding.")
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -40,14 +43,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     transformers.set_seed(args.seed)
     try:
+        tools = load_tools(args.tools) if args.tools else None
         model, tokenizer, kind = load_chat_model(args.checkpoint_path, trust_remote_code=args.trust_remote_code,
                                                  device="cpu" if args.cpu_only else None,
                                                  dtype=torch.float32 if args.cpu_only else None)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Loaded {args.checkpoint_path} ({KIND_NAMES[kind]}, {model.dtype}, {model.device})", file=sys.stderr)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
+    sampling["tools"] = tools
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
 
     if args.query:
@@ -76,7 +81,10 @@ def main(argv=None) -> int:
             continue
         if not query:
             continue
-        history.append({"role": "user", "content": query})
+        if query.startswith(":tool "):
+            history.append({"role": "tool", "content": query[len(":tool "):]})
+        else:
+            history.append({"role": "user", "content": query})
         print("Assistant: ", end="", flush=True)
         reply = generate_reply(model, tokenizer, system + history, args.max_new_tokens, streamer=streamer, **sampling)
         history.append({"role": "assistant", "content": reply})

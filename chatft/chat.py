@@ -61,6 +61,19 @@ def load_chat_model(path: str, dtype: torch.dtype | None = None, trust_remote_co
     return model, tokenizer, kind
 
 
+def load_tools(path: str) -> list[dict]:
+    """Tool definitions from a JSON file: a list of definitions (bare or OpenAI-wrapped), as in training data's
+    `tools`; wrapped as in training (chatft.chat_format.parse_tools)."""
+    from chatft.chat_format import parse_tools
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return [json.loads(tool) for tool in parse_tools(text)]
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     ids = [tokenizer.convert_tokens_to_ids(IM_END)]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -69,12 +82,15 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, streamer=None, **sampling) -> str:
-    """One assistant reply to `messages` ([{"role", "content"}]) rendered by the tokenizer's chat template.
+def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, streamer=None, tools=None,
+                   **sampling) -> str:
+    """One assistant reply to `messages` ([{"role", "content"}]) rendered by the tokenizer's chat template, with the
+    tool definitions `tools` (a list of dicts) in the system message when given.
 
     Greedy unless `do_sample=True` is passed in `sampling` (with temperature, top_p, top_k).
     """
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
     inputs = {name: tensor.to(model.device) for name, tensor in inputs.items()}
     sampling.setdefault("do_sample", False)
     output = model.generate(

@@ -102,3 +102,35 @@ def test_generate_reply_stops_at_im_end(tiny_model):
     model.lm_head.register_forward_hook(im_end_always_wins)
     reply = chat.generate_reply(model, tokenizer, [{"role": "user", "content": "hi"}], max_new_tokens=20)
     assert reply == "" and len(calls) == 1  # one forward pass: generation stopped at the first <|im_end|>
+
+
+def test_tools_are_offered_as_in_training(tiny_model, data_file, tmp_path, monkeypatch, capsys):
+    import json
+
+    from chatft.chat_format import Conversation, Turn, parse_tools, render_chatml
+
+    definitions = [{"name": "get_weather", "description": "Weather in a city",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    tools_file = tmp_path / "tools.json"
+    tools_file.write_text(json.dumps(definitions))
+    prompts = []
+    original = chat.generate_reply
+
+    def recording(model, tokenizer, messages, *args, **kwargs):
+        prompts.append(tokenizer.apply_chat_template(messages, tools=kwargs.get("tools"), add_generation_prompt=True,
+                                                     tokenize=False))
+        return original(model, tokenizer, messages, *args, **kwargs)
+
+    monkeypatch.setattr(cli_demo, "generate_reply", recording)
+    lines = iter(["Weather in Paris?", ":tool 12°C", ":exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    trained_model = tmp_path / "out"  # a fine-tuned model: its tokenizer carries the training run's chat template
+    run(tiny_model, data_file, trained_model)
+    assert cli_demo.main(["-c", str(trained_model), "--tools", str(tools_file), "--max-new-tokens", "2"]) == 0
+    trained, _ = render_chatml(Conversation((Turn("user", "Weather in Paris?"),), parse_tools(definitions)))
+    assert prompts[0] == trained + "<|im_start|>assistant\n"  # exactly the training rendering, tools included
+    assert prompts[1].endswith("<|im_start|>user\n<tool_response>\n12°C\n</tool_response><|im_end|>\n"
+                               "<|im_start|>assistant\n")
+    tools_file.write_text('{"name": "not a list"}')
+    assert cli_demo.main(["-c", str(trained_model), "--tools", str(tools_file)]) == 2
+    assert "expected a list of tool definitions" in capsys.readouterr().err
