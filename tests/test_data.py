@@ -466,3 +466,28 @@ def test_mixed_formats_in_one_file(tmp_path):
     mixed = write_json(tmp_path / "b.json", [SAME_CONVERSATION["messages"][0], SAME_CONVERSATION["alpaca"][0]])
     with pytest.raises(DataError, match=r"sample 1 \(id='s1'\): a record in alpaca format in a file detected as messages"):
         load_samples(str(mixed))
+
+
+def test_glaive_as_openai_messages_gives_the_same_tokens(tmp_path, qwen_tokenizer):
+    """The public ShareGPT tool-call file, rewritten as OpenAI messages (tool_calls with JSON-text arguments, tool
+    messages, wrapped tools) in JSONL: every sample tokenizes and labels exactly as the original."""
+    from conftest import SHARED_DATA, shared_data
+
+    as_messages = []
+    for record in shared_data("glaive_toolcall_en_demo.json"):
+        messages = []
+        for turn in record["conversations"]:
+            if turn["from"] == "function_call":
+                call = json.loads(turn["value"])
+                messages.append({"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+                    "name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}]})
+            else:
+                role = {"human": "user", "gpt": "assistant", "observation": "tool"}[turn["from"]]
+                messages.append({"role": role, "content": turn["value"]})
+        tools = [{"type": "function", "function": tool} for tool in json.loads(record["tools"] or "[]")]
+        as_messages.append({"messages": messages, **({"tools": tools} if tools else {})})
+    path = tmp_path / "glaive_messages.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in as_messages), encoding="utf-8")
+    original = tokenize_samples(load_samples(str(SHARED_DATA / "glaive_toolcall_en_demo.json")), qwen_tokenizer, 4096)
+    converted = tokenize_samples(load_samples(str(path)), qwen_tokenizer, 4096)
+    assert len(converted) == 300 and converted == original
