@@ -4,7 +4,8 @@ Detected per file from its records (`--data_format` overrides):
 
     conversations  the seed's: {"id", "conversations": [{"from": "user"|"assistant"|"system", "value": str}]}
     sharegpt       {"conversations": [{"from": "human"|"gpt"|"system", "value": str}], "system"?: str}
-    messages       OpenAI-style: {"messages": [{"role": "system"|"user"|"assistant", "content": str}]}
+    messages       OpenAI-style: {"messages": [{"role": "system"|"user"|"assistant", "content": str}]} (also under
+                   "conversations", as some datasets have it)
     alpaca         {"instruction": str, "input"?: str, "output": str, "system"?: str, "history"?: [[query, reply]]}
 
 Tool use, as LLaMA-Factory's ShareGPT writes it, is part of the seed's format too: `function_call` turns (the
@@ -25,24 +26,32 @@ from chatft.chat_format import parse_tool_calls
 
 FORMATS = ("auto", "conversations", "sharegpt", "messages", "alpaca")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
-                  "function_call": "function_call", "observation": "observation", "tool": "observation"}
+                  "function_call": "function_call", "observation": "observation", "tool": "observation",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}  # the last: raw ShareGPT dumps
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 # other names for tool turns in published `messages` files: LLaMA-Factory's tags, OpenAI's legacy function role
 MESSAGE_ROLE_ALIASES = {"function_call": "function_call", "observation": "observation", "function": "observation"}
+
+
+def _role_content_turns(turns) -> bool:
+    """OpenAI-style turns under another key (`"conversations": [{"role", "content"}]`, as some datasets have it)."""
+    return (isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "role" in turns[0]
+            and "from" not in turns[0])
 
 
 def detect_format(record) -> str | None:
     """The format one record is in, or None when it matches none."""
     if not isinstance(record, dict):
         return None
-    if isinstance(record.get("messages"), list):
+    if isinstance(record.get("messages"), list) or _role_content_turns(record.get("conversations")):
         return "messages"
     if "instruction" in record and "output" in record:
         return "alpaca"
     if "conversations" in record:
         turns = record["conversations"] if isinstance(record["conversations"], list) else []
         roles = {turn.get("from") for turn in turns if isinstance(turn, dict)}
-        return "sharegpt" if roles & {"human", "gpt", "tool"} or "system" in record else "conversations"
+        return ("sharegpt" if roles & {"human", "gpt", "tool", "chatgpt", "bing", "bard"} or "system" in record
+                else "conversations")
     return None
 
 
@@ -106,12 +115,13 @@ def from_sharegpt(record: dict, at: str) -> Converted:
 
 
 def from_messages(record: dict, at: str) -> Converted:
-    messages = record.get("messages")
+    key = "messages" if "messages" in record else "conversations"  # OpenAI turns under either key
+    messages = record.get(key)
     if not isinstance(messages, list) or not messages:
-        return None, [f"{at}: 'messages' must be a non-empty list of messages"], []
+        return None, [f"{at}: {key!r} must be a non-empty list of messages"], []
     problems, conversations, sources = [], [], []
     for j, message in enumerate(messages):
-        here = f"{at}: messages[{j}]"
+        here = f"{at}: {key}[{j}]"
         if not isinstance(message, dict) or "role" not in message:
             problems.append(f"{here}: expected an object with 'role' and 'content'")
             continue
@@ -119,7 +129,7 @@ def from_messages(record: dict, at: str) -> Converted:
         calls = message.get("tool_calls") or message.get("function_call") if role == "assistant" else None
         if role in MESSAGE_ROLE_ALIASES and isinstance(content, str):
             conversations.append({"from": MESSAGE_ROLE_ALIASES[role], "value": content})
-            sources.append(f"messages[{j}]")
+            sources.append(f"{key}[{j}]")
         elif role not in MESSAGE_ROLES:
             problems.append(f"{here}: unknown role {role!r} (expected {', '.join(MESSAGE_ROLES)})")
         elif content is None and not calls:
@@ -134,14 +144,14 @@ def from_messages(record: dict, at: str) -> Converted:
                 continue
             if content and content.strip():  # text before the calls: one message, merged back by to_turns
                 conversations.append({"from": "assistant", "value": content})
-                sources.append(f"messages[{j}]")
+                sources.append(f"{key}[{j}]")
             # arguments as the exact JSON text they render to: an object's, or a text kept verbatim
             conversations.append({"from": "function_call", "value": json.dumps(
                 [{"name": call.name, "arguments": call.arguments} for call in parsed], ensure_ascii=False)})
-            sources.append(f"messages[{j}]")
+            sources.append(f"{key}[{j}]")
         else:
             conversations.append({"from": "observation" if role == "tool" else role, "value": content})
-            sources.append(f"messages[{j}]")
+            sources.append(f"{key}[{j}]")
     return (None, problems, []) if problems else (_sample(record, conversations), [], sources)
 
 

@@ -491,3 +491,16 @@ def test_glaive_as_openai_messages_gives_the_same_tokens(tmp_path, qwen_tokenize
     original = tokenize_samples(load_samples(str(SHARED_DATA / "glaive_toolcall_en_demo.json")), qwen_tokenizer, 4096)
     converted = tokenize_samples(load_samples(str(path)), qwen_tokenizer, 4096)
     assert len(converted) == 300 and converted == original
+
+
+def test_role_content_turns_under_conversations_and_raw_sharegpt_roles(tmp_path):
+    messages = SAME_CONVERSATION["messages"][0]
+    under_conversations = {"id": "s1", "conversations": messages["messages"]}
+    assert load_samples(str(write_json(tmp_path / "a.json", [under_conversations]))) == SAME_CONVERSATION["conversations"]
+    raw_sharegpt = [{"id": "r", "conversations": [{"from": "human", "value": "q"}, {"from": "chatgpt", "value": "a"},
+                                                  {"from": "human", "value": "q2"}, {"from": "bing", "value": "b"}]}]
+    [sample] = load_samples(str(write_json(tmp_path / "b.json", raw_sharegpt)))
+    assert [t["from"] for t in sample["conversations"]] == ["user", "assistant", "user", "assistant"]
+    bad = [{"id": "x", "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}]}]
+    with pytest.raises(DataError, match=r"sample 0 \(id='x'\): conversations\[1\]: 'content' must be a string"):
+        load_samples(str(write_json(tmp_path / "c.json", bad)))
