@@ -12,10 +12,8 @@ model a tool's result (after it answered with a <tool_call>) and lets it continu
 import argparse
 import sys
 
-import torch
-import transformers
-
-from chatft.chat import generate_reply, load_chat_model, load_tools
+from chatft import console
+from chatft.checkpoints import checkpoint_kind
 
 
 KIND_NAMES = {"full": "full model", "gptq": "GPTQ-quantized model", "lora": "LoRA adapter",
@@ -39,17 +37,28 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
+# What loading each kind of checkpoint imports (chatft.console.OPTIONAL_PACKAGES)
+PACKAGES_FOR_KIND = {"full": (), "lora": (), "qlora": ("bitsandbytes", "gptqmodel"), "gptq": ("gptqmodel",)}
+
+
+def chat(argv=None) -> int:
     args = parse_args(argv)
-    transformers.set_seed(args.seed)
     try:
-        tools = load_tools(args.tools) if args.tools else None
-        model, tokenizer, kind = load_chat_model(args.checkpoint_path, trust_remote_code=args.trust_remote_code,
-                                                 device="cpu" if args.cpu_only else None,
-                                                 dtype=torch.float32 if args.cpu_only else None)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        kind = checkpoint_kind(args.checkpoint_path)
+    except (OSError, ValueError):  # not a readable checkpoint: load_chat_model says what is wrong with it
+        kind = "full"
+    if __name__ == "__main__":  # the libraries are imported only now: they look at what is installed then
+        console.start(uses=PACKAGES_FOR_KIND[kind])
+    import torch
+    import transformers
+
+    from chatft.chat import generate_reply, load_chat_model, load_tools
+
+    transformers.set_seed(args.seed)
+    tools = load_tools(args.tools) if args.tools else None
+    model, tokenizer, kind = load_chat_model(args.checkpoint_path, trust_remote_code=args.trust_remote_code,
+                                             device="cpu" if args.cpu_only else None,
+                                             dtype=torch.float32 if args.cpu_only else None)
     print(f"Loaded {args.checkpoint_path} ({KIND_NAMES[kind]}, {model.dtype}, {model.device})", file=sys.stderr)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
     sampling["tools"] = tools
@@ -88,6 +97,10 @@ def main(argv=None) -> int:
         print("Assistant: ", end="", flush=True)
         reply = generate_reply(model, tokenizer, system + history, args.max_new_tokens, streamer=streamer, **sampling)
         history.append({"role": "assistant", "content": reply})
+
+
+def main(argv=None) -> int:
+    return console.run_entry_point(chat, argv)
 
 
 if __name__ == "__main__":

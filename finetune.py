@@ -14,16 +14,22 @@ import logging
 import os
 import sys
 
-import transformers
+from chatft import console
 
-from chatft.args import ArgumentError, parse_args
-from chatft.chat_format import preprocess  # noqa: F401  (Qwen-compatible: `from finetune import preprocess`)
-from chatft.data import (ChatCollator, DataError, LazySupervisedDataset, SupervisedDataset,  # noqa: F401
+if __name__ == "__main__":  # before the libraries are imported: they look at what is installed when imported
+    console.start(uses=console.uses_in_argv(sys.argv[1:], "--q_lora", ("bitsandbytes", "gptqmodel")))
+
+import transformers  # noqa: E402
+
+from chatft.args import parse_args  # noqa: E402
+from chatft.chat_format import preprocess  # noqa: F401, E402  (Qwen-compatible: `from finetune import preprocess`)
+from chatft.data import (ChatCollator, LazySupervisedDataset, SupervisedDataset,  # noqa: F401, E402
                          load_samples, make_collator, make_datasets, split_off_eval)
-from chatft.model import join_process_group, load_model, load_tokenizer, resolve_model_path
-from chatft.report import dry_run_report
-from chatft.saving import OutputDirError, check_output_dir, plot_losses, run_summary, save_run
-from chatft.trainer import ChatTrainer, StopOnSigterm
+from chatft.model import (join_process_group, load_model, load_tokenizer, resolve_model_path,  # noqa: E402
+                          trainable_embeddings)
+from chatft.report import dry_run_report  # noqa: E402
+from chatft.saving import check_output_dir, plot_losses, run_summary, save_run  # noqa: E402
+from chatft.trainer import ChatTrainer, StopOnSigterm  # noqa: E402
 
 logger = logging.getLogger("finetune")
 
@@ -48,6 +54,7 @@ def train(argv=None):
         model_path, training_args.model_max_length, data_args.system_message,
         cache_dir=training_args.cache_dir, trust_remote_code=model_args.trust_remote_code,
     )
+    train_embeddings = trainable_embeddings(model_args, training_args, lora_args, added_tokens)
     if data_args.dry_run:  # the tokenizer only: no model, nothing written
         for name, samples in (("training data", train_samples), ("evaluation data", eval_samples)):
             if samples:
@@ -61,7 +68,7 @@ def train(argv=None):
             data_args.lazy_preprocess, data_args.system_message, data_args.packing,
             data_args.preprocessing_num_workers, data_args.tokenized_cache_dir,
         )
-    model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added_tokens)
+    model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added_tokens, train_embeddings)
 
     trainer = ChatTrainer(
         model=model,
@@ -95,13 +102,8 @@ def train(argv=None):
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        train(argv)
-    except (ArgumentError, DataError, OutputDirError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    """train(), with a user's mistake (chatft.errors.ChatftError) as an `error:` line and exit status 2."""
+    return console.run_entry_point(train, argv)
 
 
 if __name__ == "__main__":

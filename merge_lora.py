@@ -10,11 +10,14 @@ with `cli_demo.py -c`, and quantizes with `run_gptq.py`. A non-empty --output_di
 """
 
 import argparse
-import logging
 import sys
 
-from chatft.export import DTYPES, MergeError, merge_adapter
-from chatft.saving import OutputDirError
+from chatft import console
+
+if __name__ == "__main__":  # before the libraries are imported: they look at what is installed when imported
+    console.start()  # a Q-LoRA adapter merges into its full-precision base: neither bitsandbytes nor gptqmodel
+
+from chatft.export import DTYPES, merge_adapter  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -31,16 +34,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+def merge(argv=None) -> None:
     args = parse_args(argv)
-    try:
-        merge_adapter(args.adapter_path, args.output_dir, args.base_model_path, args.dtype,
-                      args.max_shard_size, args.overwrite)
-    except (MergeError, OutputDirError, OSError) as error:  # OSError: a model that cannot be found
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    merge_adapter(args.adapter_path, args.output_dir, args.base_model_path, args.dtype, args.max_shard_size,
+                  args.overwrite)
+
+
+def main(argv=None) -> int:
+    return console.run_entry_point(merge, argv)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ Runs on CUDA, or on the CPU (slowly).
 """
 
 import argparse
-import logging
 import sys
 
-from chatft.data import DataError
-from chatft.quantize import GptqSettings, QuantizeError, REPORT_FILE, run_gptq
-from chatft.saving import OutputDirError
+from chatft import console
+
+if __name__ == "__main__":  # before the libraries are imported: they look at what is installed when imported
+    console.start(uses=("gptqmodel",))
+
+from chatft.quantize import GptqSettings, REPORT_FILE, run_gptq  # noqa: E402
 
 DEFAULTS = GptqSettings()
 
@@ -44,23 +46,21 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+def quantize(argv=None) -> None:
     args = parse_args(argv)
     settings = GptqSettings(
         bits=args.bits, group_size=args.group_size, damp_percent=args.damp_percent, desc_act=args.desc_act,
         max_len=args.max_len, num_samples=args.num_samples, num_eval_samples=args.num_eval_samples,
         seed=args.seed, system_message=args.system_message,
     )
-    try:
-        report = run_gptq(args.model_name_or_path, args.data_path, args.out_path, settings, args.overwrite)
-    except (DataError, QuantizeError, OutputDirError, OSError) as error:  # OSError: a model that cannot be found
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    report = run_gptq(args.model_name_or_path, args.data_path, args.out_path, settings, args.overwrite)
     print(f"Perplexity on {report['held_out_samples']} held-out conversations (assistant replies): "
           f"{report['perplexity_before']:.3f} before, {report['perplexity_after']:.3f} after "
           f"{args.bits}-bit GPTQ (x{report['perplexity_ratio']:.3f}). Report: {args.out_path}/{REPORT_FILE}")
-    return 0
+
+
+def main(argv=None) -> int:
+    return console.run_entry_point(quantize, argv)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ import transformers
 
 from chatft import cache_root
 from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE
+from chatft.checkpoints import model_source_problems
+from chatft.errors import ArgumentError
 from chatft.formats import FORMATS
-
-
-class ArgumentError(ValueError):
-    """The flags contradict each other or name something that does not exist."""
+from chatft.model import training_setup_problems
 
 
 @dataclass
@@ -236,5 +235,11 @@ def validate_args(model_args, data_args, training_args, lora_args) -> None:
         package = REPORTING_PACKAGES.get(integration)
         if package and importlib.util.find_spec(package) is None:
             problems.append(f"--report_to {integration} needs the {package} package: pip install {package}")
+    model_problems = model_source_problems(model_args.model_name_or_path, "--model_name_or_path",
+                                           trust_remote_code=model_args.trust_remote_code,
+                                           cache_dir=training_args.cache_dir)
+    if not model_problems:  # the model's config is readable: check the flags against it
+        model_problems = training_setup_problems(model_args, training_args, lora_args)
+    problems += model_problems
     if problems:
-        raise ArgumentError("Invalid arguments:\n  " + "\n  ".join(problems))
+        raise ArgumentError("\n".join(problems))

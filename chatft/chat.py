@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 import transformers
 
 from chatft.chat_format import IM_END
-from chatft.model import saved_quantization
-from chatft.saving import trained_with_qlora
-
-
-def is_adapter_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "adapter_config.json"))
-
-
-def checkpoint_kind(path: str) -> str:
-    """"lora", "qlora" (an adapter trained on a 4-bit NF4 base), "gptq" or "full" (a full or merged model)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such model or adapter directory")
-    if is_adapter_dir(path):
-        return "qlora" if trained_with_qlora(path) else "lora"
-    quantization = saved_quantization(path)
-    return "gptq" if quantization and quantization.get("quant_method") == "gptq" else "full"
+from chatft.checkpoints import adapter_base, checkpoint_kind, model_source_problems, saved_quant_method
+from chatft.errors import ArgumentError, ModelPathError
 
 
 def default_device_and_dtype(kind: str) -> tuple[str, torch.dtype]:
@@ -40,15 +25,24 @@ def load_chat_model(path: str, dtype: torch.dtype | None = None, trust_remote_co
 
     A Q-LoRA adapter is served on the same NF4 rounding of its base that it was trained on.
     """
+    problems = model_source_problems(path, "--checkpoint-path", allow_adapter=True, trust_remote_code=trust_remote_code)
+    if problems:
+        raise ModelPathError("\n".join(problems))
     kind = checkpoint_kind(path)
+    if kind in ("lora", "qlora"):
+        base = adapter_base(path)
+        problems = model_source_problems(base, f"the base model recorded in {path}/adapter_config.json:",
+                                         trust_remote_code=trust_remote_code)
+        if problems:
+            raise ModelPathError("\n".join(problems))
     default_device, default_dtype = default_device_and_dtype(kind)
     device, dtype = device or default_device, dtype or default_dtype
-    loading = {"dtype": dtype, "device_map": {"": device}, "trust_remote_code": trust_remote_code}
+    loading = {"dtype": dtype, "device_map": {"": device}, "trust_remote_code": trust_remote_code,
+               "use_safetensors": True}
     if kind == "qlora":
         from chatft.model import nf4_config
 
-        base = json.load(open(os.path.join(path, "adapter_config.json"), encoding="utf-8"))["base_model_name_or_path"]
-        if saved_quantization(base) is None:  # an adapter trained on a GPTQ base loads that base as saved
+        if saved_quant_method(base) is None:  # an adapter trained on a GPTQ base loads that base as saved
             loading["quantization_config"] = nf4_config(dtype)
     if kind in ("lora", "qlora"):
         from peft import AutoPeftModelForCausalLM
@@ -66,12 +60,12 @@ def load_tools(path: str) -> list[dict]:
     `tools`; wrapped as in training (chatft.chat_format.parse_tools)."""
     from chatft.chat_format import parse_tools
 
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
     try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
         return [json.loads(tool) for tool in parse_tools(text)]
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+    except (OSError, ValueError) as error:
+        raise ArgumentError(f"--tools {path}: {error}") from None
 
 
 def stop_token_ids(tokenizer) -> list[int]:

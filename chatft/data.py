@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from chatft import chat_format
+from chatft.errors import DataError
 from chatft.formats import file_format, format_mismatch, to_sample
 from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, ROLES, TokenizedSample, parse_tool_calls,
                                 parse_tools, to_conversation, to_turns, tokenize_conversation, tokenize_conversations)
@@ -33,10 +34,6 @@ from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, ROLES, Tok
 logger = logging.getLogger(__name__)
 
 MAX_REPORTED_PROBLEMS = 20
-
-
-class DataError(ValueError):
-    """A data file cannot be used; the message lists every problem found (up to a cap)."""
 
 
 def _read_json_or_jsonl(path: str) -> tuple[list, list[str]]:

@@ -3,7 +3,14 @@
     python -m chatft.device    # e.g. "--bf16 True" on a recent GPU, "--bf16 True --use_cpu True" on an AMX CPU
 """
 
-import torch
+import sys
+
+from chatft import console
+
+if __name__ == "__main__":  # before the libraries are imported: they look at what is installed when imported
+    console.start()
+
+import torch  # noqa: E402
 
 
 def device_flags() -> str:
@@ -15,4 +22,4 @@ def device_flags() -> str:
 
 
 if __name__ == "__main__":
-    print(device_flags())
+    sys.exit(console.run_entry_point(lambda _: console.print_value(device_flags)))

@@ -15,21 +15,14 @@ import os
 import torch
 import transformers
 
+from chatft.errors import MergeError, ModelPathError
 from chatft.model import saved_quantization
-from chatft.saving import chat_generation_config, check_new_output_dir, staged_output_dir, trained_with_qlora
+from chatft.checkpoints import ADAPTER_CONFIG_FILE, adapter_base, is_adapter_dir, model_source_problems, trained_with_qlora
+from chatft.saving import chat_generation_config, check_new_output_dir, staged_output_dir
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class MergeError(ValueError):
-    """The adapter cannot be merged as asked; the message says why and what to do."""
-
-
-def read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def merge_base_path(adapter_path: str, base_model_path: str | None = None) -> str:
@@ -39,16 +32,21 @@ def merge_base_path(adapter_path: str, base_model_path: str | None = None) -> st
     (re-quantizing would round most of it away), so the full-precision model it was quantized
     from must be given.
     """
-    config_file = os.path.join(adapter_path, "adapter_config.json")
-    if not os.path.isfile(config_file):
-        raise MergeError(f"{adapter_path}: no adapter_config.json; --adapter_path must be a LoRA output directory.")
-    recorded = read_json(config_file).get("base_model_name_or_path")
-    base = base_model_path or recorded
+    if os.path.isdir(adapter_path) and not is_adapter_dir(adapter_path):
+        raise MergeError(f"--adapter_path {adapter_path}: no adapter_config.json; it must be the output directory "
+                         "of a LoRA or Q-LoRA run of finetune.py.")
+    problems = model_source_problems(adapter_path, "--adapter_path", allow_adapter=True)
+    if problems:
+        raise ModelPathError("\n".join(problems))
+    config_file = os.path.join(adapter_path, ADAPTER_CONFIG_FILE)
+    base = base_model_path or adapter_base(adapter_path)
     if not base:
         raise MergeError(f"{config_file} records no base model; pass --base_model_path.")
-    if not os.path.exists(base) and not base_model_path:
-        raise MergeError(f"The base model recorded in {config_file}, {base}, does not exist here; "
-                         "pass --base_model_path with its location.")
+    flag = "--base_model_path" if base_model_path else f"the base model recorded in {config_file}:"
+    problems = model_source_problems(base, flag)
+    if problems:
+        hint = "" if base_model_path else " Pass --base_model_path with where that model is now."
+        raise ModelPathError("\n".join(problems) + hint)
     quantization = saved_quantization(base)
     if quantization is not None:
         raise MergeError(
@@ -79,7 +77,7 @@ def load_merged(adapter_path: str, base_path: str, dtype="auto"):
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(adapter_path)
     logger.info("Loading the base model %s", base_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES.get(dtype, dtype))
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES.get(dtype, dtype), use_safetensors=True)
     # Tokens added in training (the ChatML ones) widen the embedding; the trained rows are in the adapter.
     rows = adapter_vocab_size(adapter_path) or max(len(tokenizer), model.get_input_embeddings().num_embeddings)
     if rows != model.get_input_embeddings().num_embeddings:

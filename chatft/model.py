@@ -20,8 +20,8 @@ import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from chatft import cache_root
-from chatft.args import ArgumentError
 from chatft.chat_format import IM_END, IM_START, chatml_template
+from chatft.errors import ArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -146,27 +146,69 @@ def trainable_embeddings(model_args, training_args, lora_args, added_tokens: lis
     return train
 
 
+def model_config(model_path: str, trust_remote_code: bool = False, cache_dir: str | None = None):
+    """The model's config, from a model directory, a cached hub id or a .gguf file (its metadata only)."""
+    if model_path.endswith(".gguf"):
+        path = Path(model_path).expanduser().resolve()
+        return transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    return transformers.AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+
+
 def saved_quantization(model_path: str, trust_remote_code: bool = False) -> dict | None:
     """The quantization_config the model was saved with (e.g. quant_method "gptq"), or None if full precision."""
-    config = transformers.AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    quantization = getattr(config, "quantization_config", None)
-    if quantization is None:
+    quantization = getattr(model_config(model_path, trust_remote_code), "quantization_config", None)
+    if quantization is None or model_path.endswith(".gguf"):  # a GGUF file is de-quantized on load
         return None
     return quantization if isinstance(quantization, dict) else quantization.to_dict()
 
 
+QLORA_PACKAGES = {"gptq": ("gptqmodel", "optimum"), None: ("bitsandbytes",)}
+
+
+def training_setup_problems(model_args, training_args, lora_args) -> list[str]:
+    """What the model's own config says against the flags, found from the config alone (before any data is
+    tokenized or weights load): a quantized model trained without --q_lora, --q_lora's packages, LoRA target
+    modules the model lacks."""
+    path = model_args.model_name_or_path
+    config = model_config(path, model_args.trust_remote_code, training_args.cache_dir)
+    saved = saved_quantization(path, model_args.trust_remote_code)
+    method = saved.get("quant_method", "unknown") if saved else None
+    problems = []
+    if method and not lora_args.q_lora:
+        problems.append(f"--model_name_or_path {path}: a {method}-quantized model cannot be trained itself; train "
+                        "LoRA adapters on it with --use_lora --q_lora, or start from its full-precision model.")
+    if lora_args.q_lora and method not in QLORA_PACKAGES:
+        problems.append(f"--q_lora: {path} is quantized with {method}; use a GPTQ or a full-precision model.")
+    elif lora_args.q_lora:
+        missing = [name for name in QLORA_PACKAGES[method] if importlib.util.find_spec(name) is None]
+        if missing:
+            problems.append(f"--q_lora on {'a GPTQ' if method else 'a full-precision'} model needs "
+                            f"{' and '.join(missing)}: pip install {' '.join(missing)}")
+    if training_args.use_lora and lora_args.lora_target_modules and not lora_args.lora_weight_path:
+        problems += lora_target_problems(config, lora_args.lora_target_modules, model_args.trust_remote_code)
+    return problems
+
+
+def lora_target_problems(config, targets: list[str], trust_remote_code: bool = False) -> list[str]:
+    """--lora_target_modules names that match no module of the model (peft matches a name or a dotted suffix)."""
+    with torch.device("meta"):  # the module tree alone: no memory, no weights
+        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    names = [name for name, _ in model.named_modules()]
+    unknown = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    if not unknown:
+        return []
+    return [f"--lora_target_modules: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a module of "
+            f"this {type(model).__name__}; its linear layers are {', '.join(linear_projection_names(model))}"]
+
+
 def quantized_loading(model_path: str, model_args, training_args) -> dict:
-    """from_pretrained arguments for --q_lora: the model's own GPTQ weights, or NF4 quantization on load."""
+    """from_pretrained arguments for --q_lora: the model's own GPTQ weights, or NF4 quantization on load.
+    (What --q_lora needs was checked with the flags: training_setup_problems.)"""
     saved = saved_quantization(model_path, model_args.trust_remote_code)
-    method = saved.get("quant_method") if saved else None
     # One whole copy per process, on its own device: Q-LoRA shards nothing (ZeRO-3 and FSDP are refused).
     loading = {"device_map": {"": training_args.device}}
-    if method == "gptq":
+    if saved and saved.get("quant_method") == "gptq":
         return loading | gptq_loading(saved)
-    if method is not None:
-        raise ArgumentError(f"--q_lora: {model_path} is quantized with {method}; use a GPTQ or a full-precision model.")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ArgumentError("--q_lora on a full-precision model quantizes it with bitsandbytes: pip install bitsandbytes")
     return loading | {"quantization_config": nf4_config(compute_dtype(training_args))}
 
 
@@ -179,18 +221,16 @@ def nf4_config(dtype: torch.dtype):
 
 def gptq_loading(saved: dict) -> dict:
     """Load a GPTQ model with gptqmodel kernels that have a backward pass."""
-    missing = [name for name in ("gptqmodel", "optimum") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ArgumentError(f"--q_lora on a GPTQ model needs {' and '.join(missing)}: pip install {' '.join(missing)}")
     # gptqmodel sizes its CPU thread pools from this and refuses fewer than 2 workers
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
     # "auto" may pick an inference-only kernel (on the CPU it does); "auto_trainable" picks one that trains
     return {"quantization_config": transformers.GPTQConfig(bits=saved["bits"], backend="auto_trainable")}
 
 
-def load_model(model_path: str, model_args, training_args, lora_args, tokenizer, added_tokens: list[str]):
-    """Load the causal LM for full-parameter, LoRA or Q-LoRA training, sized to `tokenizer`."""
-    train_embeddings = trainable_embeddings(model_args, training_args, lora_args, added_tokens)
+def load_model(model_path: str, model_args, training_args, lora_args, tokenizer, added_tokens: list[str],
+               train_embeddings: bool):
+    """Load the causal LM for full-parameter, LoRA or Q-LoRA training, sized to `tokenizer`; `train_embeddings`:
+    whether the embeddings and output layer train (trainable_embeddings)."""
     # Full-parameter training keeps fp32 master weights (the Trainer autocasts to bf16/fp16); LoRA
     # freezes the base, so it is loaded directly in the compute dtype, halving its memory.
     dtype = compute_dtype(training_args) if training_args.use_lora else torch.float32
@@ -204,6 +244,7 @@ def load_model(model_path: str, model_args, training_args, lora_args, tokenizer,
         dtype=dtype,
         attn_implementation=attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
+        use_safetensors=True,  # weights never come from a pickle
         **quantization,
     )
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing

@@ -23,17 +23,15 @@ import torch
 import transformers
 
 from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, TokenizedSample, to_conversation, tokenize_conversation
-from chatft.data import DataError, load_samples
+from chatft.data import load_samples
+from chatft.checkpoints import model_source_problems
+from chatft.errors import DataError, ModelPathError, QuantizeError
 from chatft.model import saved_quantization
 from chatft.saving import check_new_output_dir, staged_output_dir
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "quantize_report.json"
-
-
-class QuantizeError(ValueError):
-    """The model or settings cannot be quantized as asked; the message says why."""
 
 
 @dataclass
@@ -95,7 +93,8 @@ def eval_device_and_dtype() -> tuple[str, torch.dtype]:
 
 def measure_perplexity(model_path: str, samples: list[TokenizedSample]) -> float:
     device, dtype = eval_device_and_dtype()
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map={"": device})
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map={"": device},
+                                                              use_safetensors=True)
     model.eval()
     try:
         return reply_perplexity(model, samples)
@@ -158,8 +157,9 @@ def run_gptq(model_path: str, data_path: str, out_path: str, settings: GptqSetti
     if os.path.isfile(os.path.join(model_path, "adapter_config.json")):
         raise QuantizeError(f"{model_path} is a LoRA adapter, not a model: merge it first "
                             f"(python merge_lora.py --adapter_path {model_path} --output_dir MERGED) and quantize MERGED.")
-    if os.path.isdir(model_path) and not os.path.isfile(os.path.join(model_path, "config.json")):
-        raise QuantizeError(f"{model_path}: no config.json; --model_name_or_path must be a model directory.")
+    problems = model_source_problems(model_path, "--model_name_or_path")
+    if problems:
+        raise ModelPathError("\n".join(problems))
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     check_quantizable(model_path, tokenizer, settings)
     settings = replace(settings, group_size=choose_group_size(settings.group_size, linear_input_widths(model_path)))

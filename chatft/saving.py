@@ -15,10 +15,7 @@ import tempfile
 import torch
 
 from chatft.chat_format import IM_END
-
-
-class OutputDirError(ValueError):
-    """output_dir holds a previous run and --overwrite_output_dir was not given."""
+from chatft.errors import OutputDirError
 
 
 def check_output_dir(training_args) -> None:
@@ -76,15 +73,6 @@ def staged_output_dir(output_dir: str):
     os.rename(scratch, output_dir)
     if previous:
         shutil.rmtree(previous, ignore_errors=True)
-
-
-def trained_with_qlora(output_dir: str) -> bool:
-    """Whether the run saved in output_dir trained with --q_lora (from the finetune_args.json it wrote)."""
-    args_file = os.path.join(output_dir, "finetune_args.json")
-    if not os.path.isfile(args_file):
-        return False
-    with open(args_file, encoding="utf-8") as f:
-        return bool(json.load(f).get("lora", {}).get("q_lora"))
 
 
 def chat_generation_config(model, tokenizer):

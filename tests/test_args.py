@@ -6,11 +6,20 @@ import pytest
 import yaml
 
 from chatft.args import ArgumentError, parse_args
+from conftest import _tiny_model_dir
 
-BASE = ["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "out"]
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(_tiny_model_dir(tmp_path_factory.mktemp("args-model"), "qwen2"))
 
 
-def test_qwen_defaults_and_flags():
+@pytest.fixture
+def BASE(model):
+    return ["--model_name_or_path", model, "--data_path", "d.json", "--output_dir", "out"]
+
+
+def test_qwen_defaults_and_flags(BASE):
     model, data, training, lora = parse_args(BASE + ["--use_lora", "--lazy_preprocess", "True", "--warmup_ratio", "0.01"])
     assert (lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.lora_bias) == (64, 16, 0.05, "none")
     assert lora.lora_target_modules is None and lora.lora_weight_path == "" and lora.q_lora is False
@@ -20,7 +29,7 @@ def test_qwen_defaults_and_flags():
     assert data.system_message == "You are a helpful assistant."
 
 
-def test_every_training_argument_is_available():
+def test_every_training_argument_is_available(BASE):
     _, _, training, lora = parse_args(BASE + ["--lr_scheduler_type", "cosine", "--adam_beta2", "0.95",
                                               "--lora_target_modules", "q_proj", "v_proj", "--seed", "7"])
     assert training.lr_scheduler_type == "cosine" and training.adam_beta2 == 0.95 and training.seed == 7
@@ -28,8 +37,8 @@ def test_every_training_argument_is_available():
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
-def test_single_config_file(tmp_path, suffix):
-    config = {"model_name_or_path": "m", "data_path": "d.json", "output_dir": str(tmp_path / "o"),
+def test_single_config_file(tmp_path, suffix, model):
+    config = {"model_name_or_path": model, "data_path": "d.json", "output_dir": str(tmp_path / "o"),
               "use_lora": True, "lora_r": 8, "system_message": "Be brief."}
     path = tmp_path / f"run{suffix}"
     path.write_text(json.dumps(config) if suffix == ".json" else yaml.safe_dump(config))
@@ -37,9 +46,9 @@ def test_single_config_file(tmp_path, suffix):
     assert lora.lora_r == 8 and training.use_lora and data.system_message == "Be brief."
 
 
-def test_all_contradictions_reported_together():
+def test_all_contradictions_reported_together(model):
     with pytest.raises(ArgumentError) as error:
-        parse_args(["--model_name_or_path", "m", "--lora_weight_path", "x", "--train_embeddings", "maybe",
+        parse_args(["--model_name_or_path", model, "--lora_weight_path", "x", "--train_embeddings", "maybe",
                     "--lora_bias", "some"])
     message = str(error.value)
     for expected in ("--data_path is required", "--train_embeddings must be auto, true or false",
@@ -47,11 +56,11 @@ def test_all_contradictions_reported_together():
         assert expected in message
 
 
-def test_lora_weight_path_must_hold_an_adapter(tmp_path):
+def test_lora_weight_path_must_hold_an_adapter(tmp_path, BASE):
     with pytest.raises(ArgumentError, match="no adapter_config.json"):
         parse_args(BASE + ["--use_lora", "--lora_weight_path", str(tmp_path)])
 
 
-def test_transformers_own_checks_become_argument_errors():
+def test_transformers_own_checks_become_argument_errors(BASE):
     with pytest.raises(ArgumentError, match="Invalid arguments"):
         parse_args(BASE + ["--bf16", "True", "--fp16", "True"])

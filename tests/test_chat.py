@@ -9,6 +9,7 @@ import pytest
 import cli_demo
 from chatft import chat
 from chatft.chat import checkpoint_kind, load_chat_model
+from chatft.errors import ModelPathError
 from conftest import ROOT, _tiny_model_dir, run
 
 
@@ -32,8 +33,8 @@ def test_every_kind_of_checkpoint_is_detected_and_served(tiny_model, tiny_gptq_d
     qlora, _, _ = load_chat_model(str(tmp_path / "qlora"))
     q_proj = qlora.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert type(q_proj).__name__ == "Linear4bit"  # served on the NF4 base it was trained on
-    with pytest.raises(FileNotFoundError, match="no such model or adapter directory"):
-        checkpoint_kind(str(tmp_path / "missing"))
+    with pytest.raises(ModelPathError, match="missing: no such file or directory"):
+        load_chat_model(str(tmp_path / "missing"))
 
 
 def test_query_mode_is_greedy_and_deterministic(tiny_model):
@@ -54,7 +55,7 @@ def test_prompts_use_the_saved_template_and_system(tiny_model, monkeypatch, caps
         prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         return original(model, tokenizer, messages, *args, **kwargs)
 
-    monkeypatch.setattr(cli_demo, "generate_reply", recording)
+    monkeypatch.setattr(chat, "generate_reply", recording)
     assert cli_demo.main(["-c", str(tiny_model), "--query", "Q1", "--system", "Be brief.", "--max-new-tokens", "2"]) == 0
     assert prompts == ["<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n"]
 
@@ -66,7 +67,7 @@ def test_interactive_history_clear_and_exit(tiny_model, monkeypatch, capsys):
         seen.append([m["content"] for m in messages])
         return f"reply {len(seen)}"
 
-    monkeypatch.setattr(cli_demo, "generate_reply", fake_reply)
+    monkeypatch.setattr(chat, "generate_reply", fake_reply)
     lines = iter(["first", "second", ":history", ":clear", "third", ":exit", "never"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert cli_demo.main(["-c", str(tiny_model)]) == 0
@@ -83,7 +84,7 @@ def test_interactive_streams_to_the_terminal(tiny_model):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert cli_demo.main(["-c", str(tmp_path / "nope")]) == 2
-    assert "no such model or adapter directory" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: --checkpoint-path {tmp_path / 'nope'}: no such file or directory\n"
 
 
 def test_generate_reply_stops_at_im_end(tiny_model):
@@ -121,7 +122,7 @@ def test_tools_are_offered_as_in_training(tiny_model, data_file, tmp_path, monke
                                                      tokenize=False))
         return original(model, tokenizer, messages, *args, **kwargs)
 
-    monkeypatch.setattr(cli_demo, "generate_reply", recording)
+    monkeypatch.setattr(chat, "generate_reply", recording)
     lines = iter(["Weather in Paris?", ":tool 12°C", ":exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     trained_model = tmp_path / "out"  # a fine-tuned model: its tokenizer carries the training run's chat template

@@ -1,0 +1,135 @@
+"""What reaches the console, in one place.
+
+Every entry point calls `start(...)` first, before transformers, peft or DeepSpeed are imported:
+- the toolkit's own loggers (chatft.*, finetune) print INFO lines in one format; libraries print only their
+  warnings and errors;
+- the library messages listed in HARMLESS_LOG_RECORDS and HARMLESS_WARNINGS are dropped, each with why it is
+  harmless (anything not listed still shows: a new warning may mean something);
+- optional packages the run does not use are not imported at all (transformers and peft import whatever is
+  installed, and gptqmodel prints a banner, blank lines and changes CUDA settings when imported);
+- CHATFT_VERBOSE=1 shows everything: every library's INFO lines, the listed messages, progress bars.
+`print_value` prints a command's result alone on stdout, so `$(python -m chatft.bundled)` captures only it.
+`run_entry_point` runs an entry point's main: a user's mistake (ChatftError) becomes one `error:` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from typing import Callable, Iterable
+
+from chatft.errors import ChatftError
+
+VERBOSE_VARIABLE = "CHATFT_VERBOSE"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TOOLKIT_LOGGERS = ("chatft", "finetune")
+
+# Installed for some runs only; importing them costs time and prints (see above). Name -> what needs it.
+OPTIONAL_PACKAGES = {
+    "bitsandbytes": "--q_lora on a full-precision model (NF4), and chatting with a Q-LoRA adapter",
+    "gptqmodel": "GPTQ models (--q_lora on one, chatting with one) and run_gptq.py",
+}
+
+# (logger name, start of the message, why it is harmless)
+HARMLESS_LOG_RECORDS = [
+    ("DeepSpeed", "Setting accelerator to CPU",
+     "no CUDA device: the CPU is the device the run asked for (DeepSpeed logs it on stdout at import)"),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward",
+     "an optional fused CPU kernel that bitsandbytes fetches from a hub at run time; it falls back to its own"),
+    ("torch.utils._pytree", "",
+     "torchao (imported by transformers' quantizer registry) registers enums the old way; torch.compile only"),
+    ("torch.utils.cpp_extension", "No CUDA runtime is found",
+     "DeepSpeed's op builder probing for CUDA on a machine without it; the CPU ops build without it"),
+]
+
+# (warning category, regular expression matched at the start of the message, why it is harmless)
+HARMLESS_WARNINGS = [
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated",
+     "peft reads transformers' deprecated alias itself; nothing for a user to change"),
+    (FutureWarning, r"`torch\.distributed\.[\w.]+` is deprecated",
+     "DeepSpeed calls torch collectives under their old names (hundreds of times under ZeRO-3); same results"),
+]
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
+
+
+class _DropHarmless(logging.Filter):
+    def __init__(self, message_start: str):
+        super().__init__()
+        self.message_start = message_start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.message_start)
+
+
+def hide_unused_packages(used: Iterable[str]) -> list[str]:
+    """Make the OPTIONAL_PACKAGES not in `used` look uninstalled to this process; return their names.
+
+    A None entry in sys.modules is Python's documented way to block an import: `importlib.util.find_spec`
+    returns None and `import` raises ModuleNotFoundError, which is exactly how transformers and peft detect
+    a package that is not installed, so they take their well-trodden "not installed" path. Must run before
+    transformers is imported (it records what is available then)."""
+    hidden = []
+    for name in OPTIONAL_PACKAGES:
+        if name not in used and name not in sys.modules:
+            sys.modules[name] = None
+            hidden.append(name)
+    return hidden
+
+
+def start(uses: Iterable[str] = ()) -> None:
+    """Set up the console for an entry point; `uses`: the OPTIONAL_PACKAGES this run needs."""
+    hide_unused_packages(set(uses))
+    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO if verbose() else logging.WARNING)
+    for name in TOOLKIT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    if verbose():
+        return
+    # Loading-weights and shard-writing bars from transformers/huggingface_hub: seconds each, one per load.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for logger_name, message_start, _why in HARMLESS_LOG_RECORDS:
+        logging.getLogger(logger_name).addFilter(_DropHarmless(message_start))
+    for category, pattern, _why in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+
+
+def uses_in_argv(argv: list[str], flag: str, packages: Iterable[str]) -> list[str]:
+    """`packages` if `flag` may be on in `argv` (as a flag, or a key of a single .json/.yaml arguments file),
+    else none. Deliberately generous: a package allowed but unused costs only its import time."""
+    words = list(argv)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(argv[0]):
+        with open(argv[0], encoding="utf-8", errors="replace") as f:
+            words.append(f.read())
+    return list(packages) if any(flag.lstrip("-") in word for word in words) else []
+
+
+def print_value(compute: Callable[[], object]) -> None:
+    """Print `compute()`'s result alone on stdout. Whatever is printed while it runs (by libraries, Python or
+    C code alike) goes to stderr: stdout's file descriptor points at stderr's until the value is ready."""
+    sys.stdout.flush()
+    saved_stdout = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        value = compute()
+        sys.stdout.flush()
+    finally:
+        os.dup2(saved_stdout, 1)
+        os.close(saved_stdout)
+    print(value, flush=True)
+
+
+def run_entry_point(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
+    """Run an entry point's main; a ChatftError (a user's mistake) prints one `error:` line on stderr (one per
+    problem, when several were found at once) and gives exit status 2."""
+    try:
+        status = main(argv)
+    except ChatftError as error:
+        for line in str(error).splitlines():  # indented lines continue the one above (e.g. a file's problems)
+            print(line if line[:1].isspace() else f"error: {line}", file=sys.stderr, flush=True)
+        return 2
+    return status if isinstance(status, int) else 0
+

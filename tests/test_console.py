@@ -1,0 +1,219 @@
+"""chatft.console on a machine's first day: captured commands print only their value, runs print no library
+noise (CHATFT_VERBOSE=1 shows it), and a bad model path is one `error:` line with exit status 2 from every
+entry point, with nothing written."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import cli_demo
+import finetune
+import merge_lora
+import run_gptq
+from conftest import ROOT, write_json
+from console_noise import library_noise
+
+
+def fresh_machine_env(tmp_path) -> dict:
+    """As on a machine that never ran the project: empty toolkit cache and home (no ~/.cache at all)."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    cache = tmp_path / "chatft-cache"
+    return {**os.environ, "HOME": str(home), "CHATFT_CACHE": str(cache), "CHATFT_VERBOSE": ""}
+
+
+def run(command, env=None, check=True):
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_bundled_prints_only_its_directory_from_an_empty_cache(tmp_path):
+    """The demo's first step converts the GGUF file (DeepSpeed gets imported on the way): stdout must still be
+    exactly the directory, as `MODEL="$(python -m chatft.bundled)"` captures it."""
+    env = fresh_machine_env(tmp_path)
+    result = run([sys.executable, "-m", "chatft.bundled"], env)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and os.path.isfile(os.path.join(lines[0], "config.json")), result.stdout
+    assert lines[0].startswith(env["CHATFT_CACHE"]) and "Converting" in result.stderr  # it converted, here
+    assert library_noise(result.stderr) == []
+
+
+def test_device_flags_are_the_only_output():
+    result = run([sys.executable, "-m", "chatft.device"])
+    assert re.fullmatch(r"(--bf16 True |--fp16 True )?(--use_cpu True)?\n", result.stdout), result.stdout
+    assert library_noise(result.stderr) == []
+
+
+@pytest.mark.slow
+def test_launcher_without_a_model_from_an_empty_cache(tmp_path):
+    """finetune_lora_single_gpu.sh with no -m captures the bundled model's directory: one existing directory."""
+    env = fresh_machine_env(tmp_path)
+    result = run(["bash", "finetune/finetune_lora_single_gpu.sh", "-o", str(tmp_path / "out"), "--dry_run", "True"],
+                 env)
+    model = re.search(r"^\+ \S+ finetune\.py --model_name_or_path (.*?) --data_path ", result.stderr, re.MULTILINE)
+    assert model and os.path.isfile(os.path.join(model.group(1), "config.json")), result.stderr[-3000:]
+    assert model.group(1).startswith(env["CHATFT_CACHE"])
+    assert "samples" in result.stdout  # the dry-run report: the run went through with that model
+    assert library_noise(result.stderr) == []
+
+
+def test_a_lora_run_and_a_chat_print_no_library_noise(tiny_qwen_dir, data_file, tmp_path):
+    """No banner, deprecation warning or "Failed to load" line from a library; the switch shows them again."""
+    output_dir = tmp_path / "lora"
+    train = [sys.executable, "finetune.py", "--model_name_or_path", str(tiny_qwen_dir), "--data_path", data_file,
+             "--output_dir", str(output_dir), "--use_lora", "--max_steps", "2", "--per_device_train_batch_size", "2",
+             "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "True",
+             "--model_max_length", "64", "--activation_checkpointing"]
+    env = fresh_machine_env(tmp_path)
+    trained = run(train, env)
+    assert library_noise(trained.stdout + trained.stderr) == []
+    assert "Training finished" in trained.stdout
+    chat = run([sys.executable, "cli_demo.py", "-c", str(output_dir), "--query", "Who are you?",
+                "--max-new-tokens", "3"], env)
+    assert library_noise(chat.stdout + chat.stderr) == []
+    assert chat.stdout.startswith("User: Who are you?\nAssistant: ")
+
+    verbose = run(train + ["--overwrite_output_dir", "True"], {**env, "CHATFT_VERBOSE": "1"})
+    assert library_noise(verbose.stdout + verbose.stderr) != []  # the libraries' lines are still there to see
+
+
+# Bad model paths: one line, exit status 2, nothing written, from every entry point.
+
+def model_like(root, name, files):
+    directory = root / name
+    directory.mkdir()
+    for file in files:
+        (directory / file).write_text("{}" if file.endswith(".json") else "x")
+    return directory
+
+
+@pytest.fixture
+def bad_models(tmp_path):
+    return {
+        "missing": (str(tmp_path / "no" / "such" / "model"), "no such file or directory"),
+        "not a model": (str(model_like(tmp_path, "notes", ["readme.txt"])), "not a model directory (no config.json)"),
+        "no weights": (str(model_like(tmp_path, "empty", ["config.json", "tokenizer.json"])), "no model weights"),
+        "pickled weights": (str(model_like(tmp_path, "pickled", ["config.json", "tokenizer.json", "pytorch_model.bin"])),
+                            "only in pickle files (pytorch_model.bin)"),
+        "no tokenizer": (str(model_like(tmp_path, "untokenized", ["config.json", "model.safetensors"])),
+                         "no tokenizer files"),
+        "hub id": ("someone/not-downloaded-model", "is not in the local hub cache"),
+    }
+
+
+CASES = ["missing", "not a model", "no weights", "pickled weights", "no tokenizer", "hub id"]
+
+
+def assert_one_error_line(capsys, flag, path, problem):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {flag} {path}: ") and problem in err, err
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_finetune_refuses_a_bad_model_path(case, bad_models, data_file, tmp_path, capsys):
+    path, problem = bad_models[case]
+    output_dir = tmp_path / "out"
+    code = finetune.main(["--model_name_or_path", path, "--data_path", data_file, "--output_dir", str(output_dir),
+                          "--use_cpu", "True"])
+    assert code == 2 and not output_dir.exists()
+    assert_one_error_line(capsys, "--model_name_or_path", path, problem)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cli_demo_refuses_a_bad_checkpoint(case, bad_models, capsys):
+    path, problem = bad_models[case]
+    assert cli_demo.main(["-c", path, "--query", "hi"]) == 2
+    assert_one_error_line(capsys, "--checkpoint-path", path, problem)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_run_gptq_refuses_a_bad_model(case, bad_models, data_file, tmp_path, capsys):
+    path, problem = bad_models[case]
+    out = tmp_path / "int4"
+    assert run_gptq.main(["--model_name_or_path", path, "--data_path", data_file, "--out_path", str(out)]) == 2
+    assert not out.exists()
+    assert_one_error_line(capsys, "--model_name_or_path", path, problem)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_merge_lora_refuses_a_bad_base_model(case, bad_models, tmp_path, capsys):
+    path, problem = bad_models[case]
+    adapter = model_like(tmp_path, "adapter", ["adapter_model.safetensors", "tokenizer.json"])
+    write_json(adapter / "adapter_config.json", {"base_model_name_or_path": "/elsewhere/base", "peft_type": "LORA"})
+    out = tmp_path / "merged"
+    assert merge_lora.main(["--adapter_path", str(adapter), "--output_dir", str(out), "--base_model_path", path]) == 2
+    assert not out.exists()
+    assert_one_error_line(capsys, "--base_model_path", path, problem)
+
+
+def test_merge_lora_refuses_a_missing_adapter_and_a_moved_base(tmp_path, capsys):
+    missing = tmp_path / "no-adapter"
+    assert merge_lora.main(["--adapter_path", str(missing), "--output_dir", str(tmp_path / "m")]) == 2
+    assert_one_error_line(capsys, "--adapter_path", missing, "no such file or directory")
+    adapter = model_like(tmp_path, "adapter", ["adapter_model.safetensors", "tokenizer.json"])
+    write_json(adapter / "adapter_config.json", {"base_model_name_or_path": "/elsewhere/base", "peft_type": "LORA"})
+    assert merge_lora.main(["--adapter_path", str(adapter), "--output_dir", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/elsewhere/base: no such file or directory" in err
+    assert "--base_model_path" in err and not (tmp_path / "m").exists()
+
+
+def test_unknown_lora_target_lists_the_linear_layers(tiny_qwen_dir, data_file, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    code = finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path", data_file, "--output_dir",
+                          str(output_dir), "--use_lora", "--lora_target_modules", "q_proj", "c_attn", "--use_cpu", "True"])
+    assert code == 2 and not output_dir.exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert re.match(r"error: --lora_target_modules: c_attn is not a module of this Qwen[23]ForCausalLM; its linear "
+                    r"layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj$", err), err
+
+
+def test_flag_and_model_problems_are_listed_together(data_file, tmp_path, capsys):
+    code = finetune.main(["--model_name_or_path", str(tmp_path / "nothing"), "--data_path", data_file,
+                          "--output_dir", str(tmp_path / "out"), "--lora_bias", "some", "--q_lora", "--use_cpu", "True"])
+    assert code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), lines
+    assert any("--lora_bias" in line for line in lines) and any("--q_lora needs --use_lora" in line for line in lines)
+    assert any("no such file or directory" in line for line in lines)
+
+
+def test_a_quantized_model_without_q_lora_is_refused_before_tokenizing(tiny_gptq_dir, data_file, tmp_path, capsys,
+                                                                       monkeypatch):
+    import chatft.data
+
+    monkeypatch.setattr(chatft.data, "make_datasets", lambda *a, **k: pytest.fail("the data was tokenized"))
+    code = finetune.main(["--model_name_or_path", str(tiny_gptq_dir), "--data_path", data_file, "--output_dir",
+                          str(tmp_path / "out"), "--use_lora", "--use_cpu", "True"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "gptq-quantized model cannot be trained itself" in err and "--q_lora" in err, err
+
+
+def test_cli_error_is_one_line_without_traceback(data_file, tmp_path):
+    result = run([sys.executable, "finetune.py", "--model_name_or_path", "/path/that/does/not/exist", "--data_path",
+                  data_file, "--output_dir", str(tmp_path / "out")], check=False)
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
+    assert result.stderr == "error: --model_name_or_path /path/that/does/not/exist: no such file or directory\n"
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_good_models_and_adapters_pass_the_checks(tiny_qwen_dir, tmp_path):
+    """No false alarms: a model directory, a GGUF file and an adapter directory are accepted."""
+    from chatft.bundled import bundled_gguf_path
+    from chatft.checkpoints import model_source_problems
+
+    assert model_source_problems(str(tiny_qwen_dir), "--model_name_or_path") == []
+    assert model_source_problems(str(bundled_gguf_path()), "--model_name_or_path") == []
+    adapter = model_like(tmp_path, "adapter", ["adapter_model.safetensors", "tokenizer.json"])
+    write_json(adapter / "adapter_config.json", {"base_model_name_or_path": str(tiny_qwen_dir)})
+    assert model_source_problems(str(adapter), "-c", allow_adapter=True) == []
+    assert "is a LoRA adapter directory" in model_source_problems(str(adapter), "--model_name_or_path")[0]
