@@ -7,6 +7,7 @@ import json
 import torch
 import transformers
 
+from chatft import console
 from chatft.chat_format import IM_END
 from chatft.checkpoints import adapter_base, checkpoint_kind, model_source_problems, saved_quant_method
 from chatft.errors import ArgumentError, ModelPathError
@@ -44,6 +45,8 @@ def load_chat_model(path: str, dtype: torch.dtype | None = None, trust_remote_co
 
         if saved_quant_method(base) is None:  # an adapter trained on a GPTQ base loads that base as saved
             loading["quantization_config"] = nf4_config(dtype)
+    if kind == "gptq" or (kind == "qlora" and "quantization_config" not in loading):  # a GPTQ model or base
+        console.import_gptqmodel()
     if kind in ("lora", "qlora"):
         from peft import AutoPeftModelForCausalLM
 

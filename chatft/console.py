@@ -14,9 +14,11 @@ Every entry point calls `start(...)` first, before transformers, peft or DeepSpe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from typing import Callable, Iterable
 
@@ -42,6 +44,8 @@ HARMLESS_LOG_RECORDS = [
      "torchao (imported by transformers' quantizer registry) registers enums the old way; torch.compile only"),
     ("torch.utils.cpp_extension", "No CUDA runtime is found",
      "DeepSpeed's op builder probing for CUDA on a machine without it; the CPU ops build without it"),
+    ("transformers.modeling_utils", "`loss_type=None` was set in the config but it is unrecognized",
+     "gptqmodel reads the model's loss function while loading it; the default causal-LM loss is the right one"),
 ]
 
 # (warning category, regular expression matched at the start of the message, why it is harmless)
@@ -95,6 +99,48 @@ def start(uses: Iterable[str] = ()) -> None:
         logging.getLogger(logger_name).addFilter(_DropHarmless(message_start))
     for category, pattern, _why in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=category)
+
+
+def import_gptqmodel(info_lines: bool = False):
+    """gptqmodel, imported without what it prints when imported (an ASCII banner, version table, environment
+    notes and blank lines, on stdout); its logger (logbar) is set to WARNING unless `info_lines` (run_gptq.py
+    keeps its per-layer quantization report). Everything shows as it is with CHATFT_VERBOSE=1."""
+    # gptqmodel sizes its CPU thread pools from this and refuses fewer than 2 workers
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    quiet = "gptqmodel" not in sys.modules and not verbose()
+    with _output_shown_only_on_failure() if quiet else contextlib.nullcontext():
+        import gptqmodel
+    if quiet:
+        logging.getLogger("logbar").setLevel(logging.INFO if info_lines else logging.WARNING)
+    return gptqmodel
+
+
+@contextlib.contextmanager
+def _output_shown_only_on_failure():
+    """Send everything written to stdout and stderr (Python and C alike) to a scratch file; replay it on stderr
+    only if the block raises, so a failure is never silent."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as scratch:
+        os.dup2(scratch.fileno(), 1)
+        os.dup2(scratch.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[1], 2)
+            scratch.seek(0)
+            sys.stderr.write(scratch.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def uses_in_argv(argv: list[str], flag: str, packages: Iterable[str]) -> list[str]:

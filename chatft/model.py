@@ -19,7 +19,7 @@ import torch
 import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from chatft import cache_root
+from chatft import cache_root, console
 from chatft.chat_format import IM_END, IM_START, chatml_template
 from chatft.errors import ArgumentError
 
@@ -221,8 +221,7 @@ def nf4_config(dtype: torch.dtype):
 
 def gptq_loading(saved: dict) -> dict:
     """Load a GPTQ model with gptqmodel kernels that have a backward pass."""
-    # gptqmodel sizes its CPU thread pools from this and refuses fewer than 2 workers
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    console.import_gptqmodel()
     # "auto" may pick an inference-only kernel (on the CPU it does); "auto_trainable" picks one that trains
     return {"quantization_config": transformers.GPTQConfig(bits=saved["bits"], backend="auto_trainable")}
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import transformers
 
+from chatft import console
 from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, TokenizedSample, to_conversation, tokenize_conversation
 from chatft.data import load_samples
 from chatft.checkpoints import model_source_problems
@@ -200,9 +201,7 @@ def run_gptq(model_path: str, data_path: str, out_path: str, settings: GptqSetti
 
 
 def quantize_with_gptqmodel(model_path: str, samples: list[TokenizedSample], settings: GptqSettings, out_dir: str):
-    if torch.cuda.is_available() is False:
-        # gptqmodel sizes its CPU thread pools from this and refuses fewer than 2 workers
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    console.import_gptqmodel(info_lines=True)
     from gptqmodel import GPTQModel, QuantizeConfig
     from gptqmodel.looper import loop_processor
 

@@ -4,9 +4,11 @@ Slow (minutes); deselect with `-m "not slow"`. CI runs them.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import finetune
 from chatft.bundled import bundled_gguf_path
 from chatft.chat import generate_reply, load_chat_model
 from conftest import ROOT
+from console_noise import library_noise
 
 pytestmark = pytest.mark.slow
 
@@ -29,24 +32,52 @@ QUESTIONS = ["Who are you?", "Who made you?", "What is the capital of France?"]
 
 
 @pytest.fixture(scope="module")
-def identity_adapter(tmp_path_factory):
-    """The demo's run (demo.sh): LoRA on data/identity_demo.json through the single-GPU launcher."""
-    output_dir = tmp_path_factory.mktemp("identity") / "lora"
-    subprocess.run(
-        ["bash", "finetune/finetune_lora_single_gpu.sh", "-o", str(output_dir),
-         "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
-         "--num_train_epochs", "4", "--activation_checkpointing", "False"],
-        cwd=ROOT, check=True,
-    )
-    return output_dir
+def demo(tmp_path_factory):
+    """`bash demo.sh`, the README's main job, as a new user runs it: fresh home, empty toolkit cache (so the
+    GGUF conversion happens in it), default console. LoRA on data/identity_demo.json through the single-GPU
+    launcher, merge, 4-bit GPTQ, a chat after each stage."""
+    root = tmp_path_factory.mktemp("demo")
+    (root / "home").mkdir()
+    env = {**os.environ, "HOME": str(root / "home"), "CHATFT_CACHE": str(root / "cache"), "CHATFT_VERBOSE": ""}
+    result = subprocess.run(["bash", "demo.sh", str(root / "out")], cwd=ROOT, capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stages = dict(re.findall(r"^=== (.*?)\n(.*?)(?=^=== |\Z)", result.stdout, flags=re.MULTILINE | re.DOTALL))
+    return SimpleNamespace(adapter=root / "out", merged=root / "out_merged", int4=root / "out_int4",
+                           stdout=result.stdout, stderr=result.stderr, stages=stages)
 
 
 @pytest.fixture(scope="module")
-def merged_identity(identity_adapter):
-    output_dir = identity_adapter.parent / "merged"
-    subprocess.run([sys.executable, "merge_lora.py", "--adapter_path", str(identity_adapter),
-                    "--output_dir", str(output_dir)], cwd=ROOT, check=True)
-    return output_dir
+def identity_adapter(demo):
+    return demo.adapter
+
+
+@pytest.fixture(scope="module")
+def merged_identity(demo):
+    return demo.merged
+
+
+def replies_in(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^User: (.*)\nAssistant: (.*)$", text, flags=re.MULTILINE))
+
+
+def test_demo_prints_no_library_noise(demo):
+    """Every console line of the demo is the toolkit's: no banner, warning or progress bar it did not choose."""
+    assert library_noise(demo.stdout) == [] and library_noise(demo.stderr) == []
+
+
+def test_demo_answers_with_the_learned_identity_after_each_stage(demo):
+    titles = list(demo.stages)
+    assert [t.split(":")[0].split(" ->")[0] for t in titles] == [
+        "Before fine-tuning", "LoRA fine-tuning on data/identity_demo.json", "After fine-tuning",
+        "Merging the adapter into the model", "4-bit GPTQ quantization",
+        "After fine-tuning, merging and 4-bit quantization"], titles
+    before, adapter, int4 = (replies_in(demo.stages[titles[i]]) for i in (0, 2, 5))
+    assert set(before) == set(QUESTIONS) and not knows_its_identity(before), before
+    assert knows_its_identity(adapter), adapter
+    assert knows_its_identity(int4), int4
+    report = json.load(open(demo.int4 / "quantize_report.json"))
+    assert report["perplexity_after"] <= 1.25 * report["perplexity_before"], report  # 4-bit: at most +25%
 
 
 def ask(checkpoint) -> dict[str, str]:
@@ -92,10 +123,10 @@ def test_merged_model_answers_like_the_adapter(identity_adapter, merged_identity
     assert ask(merged_identity) == adapter_replies
 
 
-@pytest.mark.parametrize("bits,max_perplexity_ratio,extra", [(4, 1.25, []), (8, 1.02, ["--num_samples", "32"])])
+@pytest.mark.parametrize("bits,max_perplexity_ratio,extra", [(8, 1.02, ["--num_samples", "32"])])
 def test_gptq_model_keeps_the_identity(merged_identity, tmp_path, bits, max_perplexity_ratio, extra):
     """run_gptq.py on the merged model: plain transformers loads it, it still knows who it is, and the
-    perplexity of held-out replies rises by at most 25% (4-bit) or 2% (8-bit)."""
+    perplexity of held-out replies rises by at most 2% (8-bit; the demo checks 4-bit)."""
     output_dir = tmp_path / f"int{bits}"
     subprocess.run([sys.executable, "run_gptq.py", "--model_name_or_path", str(merged_identity), "--data_path",
                     str(ROOT / "data" / "identity_demo.json"), "--out_path", str(output_dir), "--bits", str(bits), *extra],
