@@ -170,10 +170,11 @@ def print_value(compute: Callable[[], object]) -> None:
 
 def run_entry_point(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
     """Run an entry point's main; a ChatftError (a user's mistake) prints one `error:` line on stderr (one per
-    problem, when several were found at once) and gives exit status 2."""
+    problem, when several were found at once) and gives exit status 2. So does an OSError (the system refused a
+    file operation: a full disk, a permission): not a bug either, and the message names the file."""
     try:
         status = main(argv)
-    except ChatftError as error:
+    except (ChatftError, OSError) as error:
         for line in str(error).splitlines():  # indented lines continue the one above (e.g. a file's problems)
             print(line if line[:1].isspace() else f"error: {line}", file=sys.stderr, flush=True)
         return 2

@@ -36,7 +36,7 @@ def measure(mode: str, model_path: str, seq_len: int, batch_size: int, steps: in
     import torch
 
     from chatft.args import parse_args
-    from chatft.model import join_process_group, load_model, load_tokenizer
+    from chatft.model import join_process_group, load_model, load_tokenizer, trainable_embeddings
 
     on_cuda = torch.cuda.is_available()
     flags = ["--model_name_or_path", model_path, "--data_path", "unused.json", "--output_dir", "unused",
@@ -47,7 +47,8 @@ def measure(mode: str, model_path: str, seq_len: int, batch_size: int, steps: in
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     tokenizer, added = load_tokenizer(model_path, seq_len, data_args.system_message)
-    model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added)
+    model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added,
+                       trainable_embeddings(model_args, training_args, lora_args, added))
     model.to(training_args.device) if mode != "qlora" else None  # 4-bit weights were placed by their device map
     model.train()
     if training_args.activation_checkpointing:

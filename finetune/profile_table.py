@@ -156,7 +156,8 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(run_cell(json.loads(args.cell))), flush=True)
         return 0
     from chatft.bundled import bundled_model_dir
-    from chatft.saving import OutputDirError, check_new_output_dir
+    from chatft.errors import OutputDirError
+    from chatft.saving import check_new_output_dir
 
     modes, lengths = args.modes.split(","), [int(n) for n in args.lengths.split(",")]
     unknown = [mode for mode in modes if mode not in MODES]
