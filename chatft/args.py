@@ -164,10 +164,18 @@ REPORTING_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments, LoraArguments)
 
 
+class FlagParser(transformers.HfArgumentParser):
+    """HfArgumentParser whose parse errors are ArgumentErrors: argparse would print the usage of every
+    TrainingArguments flag (hundreds of lines) above the one line that matters."""
+
+    def error(self, message):
+        raise ArgumentError(f"{message} (python finetune.py --help lists every flag)")
+
+
 def parse_args(argv: list[str] | None = None):
     """Parse flags (or one .json/.yaml file) into (model, data, training, lora) arguments and validate them."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = transformers.HfArgumentParser(ARGUMENT_CLASSES)
+    parser = FlagParser(ARGUMENT_CLASSES)
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
             parsed = parser.parse_json_file(os.path.abspath(argv[0]))

@@ -217,3 +217,13 @@ def test_good_models_and_adapters_pass_the_checks(tiny_qwen_dir, tmp_path):
     write_json(adapter / "adapter_config.json", {"base_model_name_or_path": str(tiny_qwen_dir)})
     assert model_source_problems(str(adapter), "-c", allow_adapter=True) == []
     assert "is a LoRA adapter directory" in model_source_problems(str(adapter), "--model_name_or_path")[0]
+
+
+def test_a_malformed_flag_is_one_line_not_the_whole_usage(tiny_qwen_dir, data_file, tmp_path, capsys):
+    code = finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path", data_file, "--output_dir",
+                          str(tmp_path / "out"), "--learning_rate", "abc"])
+    assert code == 2 and not (tmp_path / "out").exists()
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        "error: argument --learning_rate/--learning-rate: invalid float value: 'abc' "
+        "(python finetune.py --help lists every flag)\n")
