@@ -34,7 +34,7 @@ OPTIONAL_PACKAGES = {
     "gptqmodel": "GPTQ models (--q_lora on one, chatting with one) and run_gptq.py",
 }
 
-# (logger name, start of the message, why it is harmless)
+# (logger name, text the message contains, why it is harmless)
 HARMLESS_LOG_RECORDS = [
     ("DeepSpeed", "Setting accelerator to CPU",
      "no CUDA device: the CPU is the device the run asked for (DeepSpeed logs it on stdout at import)"),
@@ -44,6 +44,9 @@ HARMLESS_LOG_RECORDS = [
      "torchao (imported by transformers' quantizer registry) registers enums the old way; torch.compile only"),
     ("torch.utils.cpp_extension", "No CUDA runtime is found",
      "DeepSpeed's op builder probing for CUDA on a machine without it; the CPU ops build without it"),
+    ("accelerate.accelerator", "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1",
+     "with DeepSpeed the Trainer leaves accumulation to DeepSpeed, whose config takes --gradient_accumulation_steps "
+     "(\"auto\"): the value used is the flag's"),
     ("transformers.modeling_utils", "`loss_type=None` was set in the config but it is unrecognized",
      "gptqmodel reads the model's loss function while loading it; the default causal-LM loss is the right one"),
 ]
@@ -62,12 +65,12 @@ def verbose() -> bool:
 
 
 class _DropHarmless(logging.Filter):
-    def __init__(self, message_start: str):
+    def __init__(self, text: str):
         super().__init__()
-        self.message_start = message_start
+        self.text = text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(self.message_start)
+        return self.text not in str(record.getMessage())
 
 
 def hide_unused_packages(used: Iterable[str]) -> list[str]:
@@ -95,8 +98,8 @@ def start(uses: Iterable[str] = ()) -> None:
         return
     # Loading-weights and shard-writing bars from transformers/huggingface_hub: seconds each, one per load.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for logger_name, message_start, _why in HARMLESS_LOG_RECORDS:
-        logging.getLogger(logger_name).addFilter(_DropHarmless(message_start))
+    for logger_name, text, _why in HARMLESS_LOG_RECORDS:
+        logging.getLogger(logger_name).addFilter(_DropHarmless(text))
     for category, pattern, _why in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=category)
 
@@ -113,6 +116,13 @@ def import_gptqmodel(info_lines: bool = False):
     if quiet:
         logging.getLogger("logbar").setLevel(logging.INFO if info_lines else logging.WARNING)
     return gptqmodel
+
+
+def library_output_hidden():
+    """A block whose library output is dropped, shown only if it fails (as it is with CHATFT_VERBOSE=1): for
+    libraries that print with print() where no logging filter reaches, e.g. DeepSpeed's "... built successfully"
+    on stdout, or a compiler's lines while it builds an op."""
+    return contextlib.nullcontext() if verbose() else _output_shown_only_on_failure()
 
 
 @contextlib.contextmanager

@@ -78,7 +78,11 @@ def join_process_group(training_args) -> None:
     if training_args.deepspeed and torch.distributed.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+        if not torch.cuda.is_available() and torch.distributed.get_rank() == 0:
+            logger.info("Starting DeepSpeed's CPU communication (its first run on a machine builds the op, about "
+                        "90 s on 2 cores)")
+        with console.library_output_hidden():  # the op's compiler lines and DeepSpeed's print() of the result
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
 
 def load_tokenizer(model_path: str, model_max_length: int, system_message: str, cache_dir=None, trust_remote_code=False):

@@ -84,6 +84,7 @@ run_torchrun() {
     if (( cuda_devices > 0 )); then GPUS_PER_NODE="$cuda_devices"; else GPUS_PER_NODE="${NPROC_PER_NODE:-2}"; fi
   fi
   device_flags="$("$PYTHON" -m chatft.device)"  # bf16/fp16, and --use_cpu True without CUDA (gloo backend)
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # torchrun's own default, set so that it does not warn about it
   set -x
   torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
