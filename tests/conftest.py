@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ import torch
 import transformers
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# Public test data beside the project's CI checkout (CHATFT_SHARED_DATA: elsewhere, e.g. to test shared_data_path)
+SHARED_DATA = Path(os.environ.get("CHATFT_SHARED_DATA") or ROOT.parent / "shared" / "data")
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: everything must load from disk
 
@@ -72,10 +74,54 @@ def tiny_qwen_dir(request, tmp_path_factory) -> Path:
     return _tiny_model_dir(tmp_path_factory.mktemp("models"), request.param)
 
 
-def shared_data(name: str):
+def assert_close_up_to_rounding(actual, expected, *, terms: int, dtype: torch.dtype | None = None,
+                                magnitude: float | None = None, factor: float = 4.0):
+    """`actual` equals `expected` but for rounding: the same sums taken in another order (chunks, kernels, processes).
+    Summing n terms in a float type of machine epsilon eps (the type the sums ran in: bf16 under bf16 autocast) errs by
+    about sqrt(n) * eps * the terms' magnitude, independent errors adding like a random walk (n * eps, all alike, would
+    allow 2% over a 150k-token vocabulary in fp32). Magnitude: max|expected| unless given (an element that cancels to ~0
+    keeps its terms' rounding: rtol 0). atol = factor * sqrt(terms) * eps * magnitude; 4 covers the worst of many."""
+    expected = torch.as_tensor(expected)
+    actual = actual if isinstance(actual, torch.Tensor) else torch.as_tensor(actual, dtype=expected.dtype)
+    atol = rounding_atol(expected, terms=terms, dtype=dtype, magnitude=magnitude, factor=factor)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=lambda text: (
+        f"{text}\n(allowed: the rounding of {terms} terms in {dtype or expected.dtype}: {atol:.3g})"))
+
+
+def rounding_atol(expected, *, terms: int, dtype: torch.dtype | None = None, magnitude: float | None = None,
+                  factor: float = 4.0) -> float:
+    """assert_close_up_to_rounding's tolerance; a check that something changed asserts a difference beyond it."""
+    expected = torch.as_tensor(expected).detach()
+    dtype = dtype or (expected.dtype if expected.is_floating_point() else torch.float32)
+    if magnitude is None:
+        magnitude = float(expected.abs().max()) if expected.numel() else 0.0
+    return factor * math.sqrt(terms) * torch.finfo(dtype).eps * float(torch.as_tensor(magnitude).detach())
+
+
+def decoder_terms(config, *, loss: bool = False) -> int:
+    """The `terms` of a decoder's outputs: the terms summed along one value's way. Per layer four sums over the hidden
+    size (norm, q/k/v, o, gate/up projections) and one over the intermediate size, then the output layer's; a loss,
+    or gradients and weights trained on one, add the vocabulary's log-sum-exp and softmax and the way back."""
+    forward = config.num_hidden_layers * (4 * config.hidden_size + config.intermediate_size) + config.hidden_size
+    return 2 * forward + config.vocab_size if loss else forward
+
+
+def shared_data_path(name: str) -> Path:
+    """The path of a public data file in ../shared/data, for every test that reads one. Where it is absent (a user's
+    clone) the test is skipped with the reason; under CI=true it fails instead, so CI never skips it silently."""
     path = SHARED_DATA / name
-    assert path.is_file(), f"{path} is missing: tests read the public data in ../shared/data"
-    with open(path, encoding="utf-8") as f:
+    if not path.is_file():
+        shown = f"../shared/data/{name}" if "CHATFT_SHARED_DATA" not in os.environ else str(path)
+        reason = f"{shown} is not here: public test data present only beside the project's CI checkout"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; CI=true, and CI must run the tests that read it, not skip them "
+                        f"(expected at {path.resolve()})", pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
+def shared_data(name: str):
+    with open(shared_data_path(name), encoding="utf-8") as f:
         return json.load(f)
 
 

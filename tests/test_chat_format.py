@@ -206,9 +206,9 @@ def openai_messages(conversation, system=SYSTEM):
 @pytest.fixture(scope="module")
 def glaive_conversations():
     from chatft.data import load_samples
-    from conftest import SHARED_DATA
+    from conftest import shared_data_path
 
-    return [to_conversation(s) for s in load_samples(str(SHARED_DATA / "glaive_toolcall_en_demo.json"))]
+    return [to_conversation(s) for s in load_samples(str(shared_data_path("glaive_toolcall_en_demo.json")))]
 
 
 def test_tool_calls_render_as_qwens_own_template(qwen_tokenizer, glaive_conversations):

@@ -10,7 +10,8 @@ import torch
 import transformers
 
 import finetune
-from conftest import ROOT, _tiny_model_dir, make_non_chatml_model, probe_logits, run
+from conftest import (ROOT, _tiny_model_dir, assert_close_up_to_rounding, decoder_terms, make_non_chatml_model,
+                      probe_logits, run)
 
 
 @pytest.fixture(scope="module", params=["qwen2", "qwen3"])
@@ -41,7 +42,10 @@ def test_nf4_qlora_trains_only_lora_and_reloads(tiny_qwen_dir, data_file, tmp_pa
     base = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)  # fp32 norms, as in training
     reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "out")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
-    # bf16 compute on 4-bit weights: equal to bf16 precision, and training moved the logits well beyond it
+    # Not exact, and not a reordering: bitsandbytes repacks 4-bit weights at a model's first inference forward (CPUs
+    # with AVX512-bf16), here (`before`) ahead of prepare_model_for_kbit_training, in the trained model after it, and
+    # the two then differ by bf16 rounding (without `before` they agree exactly): about one bf16 step, 2^-8..2^-7
+    # relative (0.6% of the largest logit seen). 0.01 + 1% of each logit, well under the 0.1 training moved them.
     torch.testing.assert_close(probe_logits(reloaded, tokenizer), probe_logits(model, tokenizer), atol=1e-2, rtol=1e-2)
     assert (before - probe_logits(reloaded, tokenizer)).abs().max() > 0.1
 
@@ -101,4 +105,6 @@ def test_gptq_qlora_trains_only_lora_and_reloads(tiny_gptq_dir, data_file, tmp_p
     base = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "out")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
-    torch.testing.assert_close(probe_logits(reloaded, tokenizer), probe_logits(model, tokenizer), atol=1e-4, rtol=1e-4)
+    # the same fp32 computation on the same int4 weights; only kernel sum order may differ (observed: identical)
+    assert_close_up_to_rounding(probe_logits(reloaded, tokenizer), probe_logits(model, tokenizer),
+                                terms=decoder_terms(base.config))

@@ -11,9 +11,10 @@ import time
 import pytest
 import safetensors.torch
 import torch
+import transformers
 from transformers.trainer_utils import get_last_checkpoint
 
-from conftest import ROOT, _tiny_model_dir, run
+from conftest import ROOT, _tiny_model_dir, assert_close_up_to_rounding, decoder_terms, run
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +54,16 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tiny_qwen_dir, data
                              cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "min for 20 steps, " in resumed.stdout and "(resumed at step 10, 30 in all)" in resumed.stdout  # its speed too
-    assert final_losses(interrupted)[-1] == pytest.approx(final_losses(whole)[-1], rel=1e-5)
+    # the same computation, step for step (weights, optimizer, data order and dropout's random state restored); only
+    # the kernels of two processes may order a sum differently (observed: bit-identical here)
+    config = transformers.AutoConfig.from_pretrained(tiny_qwen_dir)
+    terms = decoder_terms(config, loss=True)
+    assert_close_up_to_rounding(torch.tensor(final_losses(interrupted)[-1]), torch.tensor(final_losses(whole)[-1]),
+                                terms=terms)
     expected = safetensors.torch.load_file(whole / "adapter_model.safetensors")
     got = safetensors.torch.load_file(interrupted / "adapter_model.safetensors")
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, atol=1e-6, rtol=1e-5)
+    for name, tensor in expected.items():  # Adam moves each weight by about lr a step: 30 steps of lr 1e-3
+        assert_close_up_to_rounding(got[name], tensor, terms=terms, magnitude=tensor.abs().max() + 30 * 1e-3)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_qwen_dir, data_file, tmp_path):
