@@ -27,6 +27,7 @@ from chatft.data import (ChatCollator, LazySupervisedDataset, SupervisedDataset,
                          load_samples, make_collator, make_datasets, split_off_eval)
 from chatft.model import (join_process_group, load_model, load_tokenizer, resolve_model_path,  # noqa: E402
                           trainable_embeddings)
+from chatft.distributed import end_run  # noqa: E402
 from chatft.report import dry_run_report  # noqa: E402
 from chatft.saving import check_output_dir, plot_losses, run_summary, save_run  # noqa: E402
 from chatft.trainer import ChatTrainer, StopOnSigterm  # noqa: E402
@@ -92,12 +93,16 @@ def train(argv=None):
             print(f"Stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
                   f"{os.path.join(training_args.output_dir, f'checkpoint-{trainer.state.global_step}')}. Continue with "
                   "the same command plus --resume_from_checkpoint True.", flush=True)
+        end_run(trainer, exit_when_done=__name__ == "__main__")
         return trainer
     groups = {"model": model_args, "data": data_args, "training": training_args, "lora": lora_args}
     save_run(trainer, tokenizer, groups, model_path)
     if trainer.is_world_process_zero():
         plot_losses(trainer.state.log_history, os.path.join(training_args.output_dir, "loss.png"))
         print(run_summary(trainer, "LoRA adapter" if training_args.use_lora else "model"), flush=True)
+    # Multi-process runs: every rank waits here until rank 0 has written everything, then the process groups are
+    # destroyed; when finetune.py is the program, the process exits here with status 0 (chatft.distributed: why).
+    end_run(trainer, exit_when_done=__name__ == "__main__")
     return trainer
 
 

@@ -53,8 +53,9 @@ HARMLESS_LOG_RECORDS = [
 
 # (warning category, regular expression matched at the start of the message, why it is harmless)
 HARMLESS_WARNINGS = [
-    (FutureWarning, r"`is_gradient_checkpointing` is deprecated",
-     "peft reads transformers' deprecated alias itself; nothing for a user to change"),
+    (FutureWarning, r"`(is_gradient_checkpointing|gradient_checkpointing_enable)` is deprecated",
+     "peft (its PeftModel, and prepare_model_for_kbit_training for --q_lora) uses transformers' deprecated aliases "
+     "of activation checkpointing itself; the same methods run"),
     (FutureWarning, r"`torch\.distributed\.[\w.]+` is deprecated",
      "DeepSpeed calls torch collectives under their old names (hundreds of times under ZeRO-3); same results"),
 ]
