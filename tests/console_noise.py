@@ -22,17 +22,15 @@ TOOLKIT_LINE = re.compile("|".join([
 
 
 def library_noise(output: str) -> list[str]:
-    """The lines of `output` (stdout and stderr together; progress bars split at carriage returns) that the
-    toolkit did not print. An assistant's reply (from "Assistant: " to the blank line cli_demo ends it with)
+    """The lines of `output` (progress bars split at their carriage returns) that the toolkit did not print. An assistant's reply (from "Assistant: " to the blank line cli_demo ends it with)
     is the model's text, not noise, whatever it says."""
     noise, in_reply = [], False
-    for line in re.split(r"[\r\n]", output):
-        if in_reply:
+    for line in output.split("\n"):
+        if in_reply:  # the reply may hold any character, carriage returns included
             in_reply = line.strip() != ""
             continue
         if line.startswith("Assistant: "):
             in_reply = True
             continue
-        if line.strip() and not TOOLKIT_LINE.match(line):
-            noise.append(line)
+        noise += [part for part in line.split("\r") if part.strip() and not TOOLKIT_LINE.match(part)]
     return noise
