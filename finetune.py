@@ -28,7 +28,7 @@ from chatft.data import (ChatCollator, LazySupervisedDataset, SupervisedDataset,
 from chatft.model import (join_process_group, load_model, load_tokenizer, resolve_model_path,  # noqa: E402
                           trainable_embeddings)
 from chatft.distributed import end_run  # noqa: E402
-from chatft.report import dry_run_report  # noqa: E402
+from chatft.report import dry_run_report, packing_summary  # noqa: E402
 from chatft.saving import check_output_dir, plot_losses, run_summary, save_run  # noqa: E402
 from chatft.trainer import ChatTrainer, StopOnSigterm  # noqa: E402
 
@@ -60,7 +60,9 @@ def train(argv=None):
         for name, samples in (("training data", train_samples), ("evaluation data", eval_samples)):
             if samples:
                 print(dry_run_report(name, samples, tokenizer, training_args.model_max_length, data_args.system_message,
-                                     data_args.packing, training_args.per_device_train_batch_size, training_args.seed))
+                                     data_args.packing, data_args.padding_free,
+                                     training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
+                                     int(os.environ.get("WORLD_SIZE", "1")), training_args.seed))
         return None
     # The first process of each machine tokenizes (and caches); the others wait, then read its cache.
     with training_args.main_process_first(local=True, desc="tokenizing the data"):
@@ -69,6 +71,9 @@ def train(argv=None):
             data_args.lazy_preprocess, data_args.system_message, data_args.packing,
             data_args.preprocessing_num_workers, data_args.tokenized_cache_dir,
         )
+    if data_args.packing and training_args.should_log:  # the batch no longer means what the flags say: say so
+        logger.info(packing_summary(train_dataset, training_args.per_device_train_batch_size,
+                                    training_args.gradient_accumulation_steps, training_args.world_size))
     model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added_tokens, train_embeddings)
 
     trainer = ChatTrainer(
@@ -76,7 +81,7 @@ def train(argv=None):
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=make_collator(tokenizer, data_args.packing, model.config._attn_implementation,
+        data_collator=make_collator(tokenizer, data_args.padding_free,
                                     training_args.model_max_length if data_args.pad_to_max_length else None),
         processing_class=tokenizer,
         labelled_logits=training_args.labelled_logits_only,

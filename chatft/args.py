@@ -62,11 +62,19 @@ class DataArguments:
                   "per file from its records)."},
     )
     lazy_preprocess: bool = field(default=False, metadata={"help": "Tokenize samples when first used, not up front."})
-    packing: bool | None = field(
-        default=None,
-        metadata={"help": "Concatenate whole samples into rows of up to model_max_length tokens (position_ids restart "
-                  "per sample, so no attention crosses samples) instead of padding each batch. Default: on, unless "
-                  "--lazy_preprocess (packing needs every sample's length up front) or --pad_to_max_length."},
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "Each batch (per_device_train_batch_size samples, drawn as a padded run draws them) as one "
+                  "row with no padding, position_ids restarting per sample and attention inside each sample: the "
+                  "padded run's steps, samples and loss, without computing padding. False: pad each batch to its "
+                  "longest sample."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Concatenate whole samples into rows of up to model_max_length tokens (first-fit "
+                  "decreasing) and batch rows: per_device_train_batch_size then counts rows of several samples, so "
+                  "an epoch has fewer, larger optimizer steps (the run says how many samples a step sees). For "
+                  "large data and recipes tuned for it."},
     )
     dry_run: bool = field(
         default=False,
@@ -187,8 +195,6 @@ def parse_args(argv: list[str] | None = None):
         raise ArgumentError(f"Invalid arguments: {error}") from error
     model_args, data_args, training_args, lora_args = parsed
     validate_args(model_args, data_args, training_args, lora_args)
-    if data_args.packing is None:
-        data_args.packing = not (data_args.lazy_preprocess or data_args.pad_to_max_length)
     return model_args, data_args, training_args, lora_args
 
 
@@ -226,6 +232,8 @@ def validate_args(model_args, data_args, training_args, lora_args) -> None:
                         "first use: drop one of them.")
     if data_args.packing and data_args.pad_to_max_length:
         problems.append("--pad_to_max_length pads batches of single samples; it cannot be combined with --packing.")
+    if data_args.packing and not data_args.padding_free:
+        problems.append("--packing batches rows without padding; it cannot be combined with --padding_free False.")
     if lora_args.lora_bias not in ("none", "all", "lora_only"):
         problems.append(f"--lora_bias must be none, all or lora_only, not {lora_args.lora_bias!r}.")
     if not training_args.use_lora:

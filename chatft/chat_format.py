@@ -20,12 +20,10 @@ at inference: no per-turn tokenization whose joins differ from the real text.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 IM_START = "<|im_start|>"
@@ -273,28 +271,27 @@ def tokenize_conversation(
 
 
 def preprocess(sources, tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE) -> dict:
-    """Qwen-compatible batch preprocessing: `sources` is a list of `conversations` lists (or of whole samples).
+    """Qwen's `preprocess`, in Qwen's shape: `sources` is a list of `conversations` lists (or of whole samples).
 
-    Returns `{"input_ids", "labels", "attention_mask"}`, each a list with one unpadded list of
-    ints per kept sample (no padding, so every attention_mask is all ones; the collator pads).
-    Samples with no trainable token left after truncation are dropped, with a warning.
+    Returns `{"input_ids", "labels", "attention_mask"}`, tensors with one row per source, in order, each padded
+    (with the tokenizer's pad token, labels with IGNORE_INDEX) or truncated to `max_len`; attention_mask is True on
+    the sample's own tokens. A source left with no trainable token after truncation keeps its row, with every
+    label IGNORE_INDEX (training drops such samples when it builds the dataset, and says so). input_ids and
+    labels are int64 (Qwen's were int32), what embeddings and the loss take.
     """
+    import torch  # here, so that rendering and labelling stay free of torch
+
     conversations = [to_conversation(c) if isinstance(c, dict) else to_turns(c) for c in sources]  # samples or turns
-    batch = {"input_ids": [], "labels": [], "attention_mask": []}
-    dropped = 0
-    for sample in tokenize_conversations(conversations, tokenizer, max_len, system_message):
-        if sample.num_trainable == 0:
-            dropped += 1
-            continue
-        batch["input_ids"].append(sample.input_ids)
-        batch["labels"].append(sample.labels)
-        batch["attention_mask"].append([1] * len(sample.input_ids))
-    if dropped:
-        logger.warning(
-            "Dropped %d of %d samples with no assistant token left within max_len=%d tokens.",
-            dropped, len(sources), max_len,
-        )
-    return batch
+    samples = tokenize_conversations(conversations, tokenizer, max_len, system_message)
+    input_ids = torch.full((len(samples), max_len), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), max_len), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), max_len), dtype=torch.bool)
+    for row, sample in enumerate(samples):
+        n = len(sample.input_ids)
+        input_ids[row, :n] = torch.tensor(sample.input_ids)
+        labels[row, :n] = torch.tensor(sample.labels)
+        attention_mask[row, :n] = True
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 def chatml_template(system_message: str = DEFAULT_SYSTEM_MESSAGE) -> str:

@@ -412,11 +412,12 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 class PackedDataset(Dataset):
-    """Whole tokenized samples concatenated into rows of at most `max_len` tokens (`--packing`).
+    """Whole tokenized samples concatenated into rows of at most `max_len` tokens (`--packing True`).
 
-    Each row carries `position_ids` that restart at 0 for every sample; with no attention_mask, transformers
-    turns them into a block-diagonal causal mask (flash-attention: its variable-length kernel), so no token
-    attends across a sample boundary. The first label of every sample is IGNORE_INDEX: after the model's
+    A row is then what the Trainer batches: `per_device_train_batch_size` counts rows, each of several samples,
+    so an optimizer step sees more samples than the flags say (finetune.py says how many at the start).
+    Each row carries `position_ids` that restart at 0 for every sample, so no attention crosses a sample
+    boundary (chatft.attention), and the first label of every sample is IGNORE_INDEX: after the model's
     one-token shift it would be predicted from the previous sample's last token.
     Rows are filled first-fit decreasing; the Trainer's sampler shuffles the rows every epoch.
     """
@@ -433,8 +434,12 @@ class PackedDataset(Dataset):
                 position_ids += list(range(len(feature["input_ids"])))
             self.rows.append({"input_ids": input_ids, "labels": labels, "position_ids": position_ids})
         self.num_samples = len(features)
-        logger.info("Packed %d samples into %d rows of at most %d tokens (%.1f%% filled)", len(features),
-                    len(self.rows), max_len, 100 * sum(len(r["input_ids"]) for r in self.rows) / (len(self.rows) * max_len))
+        self.max_len = max_len
+
+    @property
+    def fill(self) -> float:
+        """The fraction of the rows' max_len tokens that hold sample tokens."""
+        return self.num_tokens / (len(self.rows) * self.max_len)
 
     def __len__(self):
         return len(self.rows)
@@ -448,33 +453,25 @@ class PackedDataset(Dataset):
 
 
 @dataclass
-class PackedCollator:
-    """Batches packed rows: input_ids, labels and position_ids, and no attention_mask (the position_ids say
-    where samples start). Rows are padded to the longest; the padding is a sample of its own (positions from
-    0, labels IGNORE_INDEX), so real tokens never attend to it. `flatten=True` puts the whole batch in one
-    row instead, with no padding at all: what flash-attention's variable-length path wants."""
+class PaddingFreeCollator:
+    """A batch as one row with no padding (the default; what TRL calls padding-free): the batch's samples (or
+    packed rows) concatenated, `position_ids` restarting at 0 for each sample, and no attention_mask.
 
-    pad_token_id: int
-    pad_to_multiple_of: int = 8
-    flatten: bool = False
+    Attention stays inside each sample (chatft.attention's per-sample sdpa, flash-attention's variable-length
+    kernel, or transformers' block-diagonal mask for eager), so every sample gets the loss and gradients it gets
+    in a padded batch, with no padding computed. The first label of every sample is IGNORE_INDEX: after the
+    model's one-token shift it would be predicted from the previous sample's last token (in a padded batch it is
+    never predicted either), so the loss sums and normalises over the same tokens as the padded batch.
+    """
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        if self.flatten:
-            return {name: torch.tensor([sum((f[name] for f in features), [])])
-                    for name in ("input_ids", "labels", "position_ids")}
-        longest = max(len(f["input_ids"]) for f in features)
-        length = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {
-            "input_ids": torch.full((len(features), length), self.pad_token_id, dtype=torch.long),
-            "labels": torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long),
-            "position_ids": torch.zeros((len(features), length), dtype=torch.long),
-        }
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            batch["input_ids"][row, :n] = torch.tensor(f["input_ids"])
-            batch["labels"][row, :n] = torch.tensor(f["labels"])
-            batch["position_ids"][row] = torch.tensor(f["position_ids"] + list(range(length - n)))
-        return batch
+        input_ids, labels, position_ids = [], [], []
+        for f in features:
+            input_ids += f["input_ids"]
+            labels += [IGNORE_INDEX] + list(f["labels"][1:])
+            position_ids += f.get("position_ids") or list(range(len(f["input_ids"])))
+        return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([position_ids])}
 
 
 def make_datasets(train_samples, eval_samples, tokenizer, max_len: int, lazy: bool, system_message: str,
@@ -494,8 +491,10 @@ def make_datasets(train_samples, eval_samples, tokenizer, max_len: int, lazy: bo
     return train, evaluation
 
 
-def make_collator(tokenizer, packing: bool, attn_implementation: str | None, pad_to_length: int | None = None):
-    if packing:  # flash-attention reads sample boundaries from position_ids only in a single flattened row
-        return PackedCollator(tokenizer.pad_token_id, flatten="flash" in (attn_implementation or ""))
+def make_collator(tokenizer, padding_free: bool, pad_to_length: int | None = None):
+    """The default: one row per batch, no padding (PaddingFreeCollator; also for packed rows). Otherwise batches
+    padded to their longest sample, or to `pad_to_length` (the seed's way)."""
+    if padding_free and not pad_to_length:
+        return PaddingFreeCollator()
     return ChatCollator(pad_token_id=tokenizer.pad_token_id, pad_to_length=pad_to_length)
 

@@ -20,6 +20,7 @@ import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from chatft import cache_root, console
+from chatft.attention import PER_SAMPLE_SDPA, supports_per_sample_sdpa
 from chatft.chat_format import IM_END, IM_START, chatml_template
 from chatft.errors import ArgumentError
 
@@ -120,7 +121,8 @@ def compute_dtype(training_args) -> torch.dtype:
 
 
 def resolve_attn_implementation(requested: str, training_args) -> str:
-    """auto -> flash_attention_2 where flash-attn is installed and training runs on CUDA, else sdpa."""
+    """auto -> flash_attention_2 where flash-attn is installed and training runs on CUDA, else sdpa (made
+    per-sample once the model is loaded, see load_model)."""
     if requested != "auto":
         return requested
     on_cuda = torch.cuda.is_available() and not training_args.use_cpu
@@ -250,6 +252,10 @@ def load_model(model_path: str, model_args, training_args, lora_args, tokenizer,
         use_safetensors=True,  # weights never come from a pickle
         **quantization,
     )
+    if model_args.attn_implementation == "auto" and attn_implementation == "sdpa" and supports_per_sample_sdpa(model):
+        # rows of several samples (padding-free batches, packed rows): sdpa on each sample alone, no mask built
+        model.set_attn_implementation(PER_SAMPLE_SDPA)
+        logger.info("Attention: sdpa on each sample of a row alone (%s)", PER_SAMPLE_SDPA)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     # num_embeddings, not weight.shape: under ZeRO-3 the weight is a partitioned, empty placeholder
     if len(tokenizer) > model.get_input_embeddings().num_embeddings or added_tokens:

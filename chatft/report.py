@@ -1,8 +1,8 @@
 """`finetune.py --dry_run`: what the model would be trained on, from the tokenizer alone.
 
 Counts (samples, turns, tokens: total, trainable, cut by truncation), the samples dropped and why, a
-histogram of sample lengths against model_max_length, the padding a batch would carry (or how full packed
-rows are), and one rendered sample with its trained spans in [[...]].
+histogram of sample lengths against model_max_length, optimizer steps per epoch and samples per step (as run,
+and with --packing True), and one rendered sample with its trained spans in [[...]].
 """
 
 from __future__ import annotations
@@ -42,8 +42,30 @@ def padded_fraction(lengths: list[int], batch_size: int, seed: int, multiple: in
     return 1 - real / padded if padded else 0.0
 
 
+def steps_per_epoch(batch_units: int, batch_size: int, accumulation: int, processes: int) -> int:
+    """Optimizer steps per epoch over `batch_units` samples (or packed rows), as the Trainer counts them."""
+    return max(1, -(-batch_units // (batch_size * accumulation * processes)))
+
+
+def step_shape(batch_size: int, accumulation: int, processes: int, unit: str) -> str:
+    """e.g. "2 rows x 8 accumulation x 2 processes"."""
+    return (f"{batch_size} {unit}{'s' if batch_size != 1 else ''} x {accumulation} accumulation"
+            + (f" x {processes} processes" if processes > 1 else ""))
+
+
+def packing_summary(rows: PackedDataset, batch_size: int, accumulation: int, processes: int) -> str:
+    """What --packing does to the batch, said at the start of a packed run (and by --dry_run)."""
+    flags_say = batch_size * accumulation * processes
+    per_step = min(rows.num_samples, round(rows.num_samples / len(rows) * flags_say))
+    steps = steps_per_epoch(len(rows), batch_size, accumulation, processes)
+    return (f"packing: {rows.num_samples} samples in {len(rows)} row{'s' if len(rows) != 1 else ''} of {rows.max_len} tokens "
+            f"({100 * rows.fill:.1f}% filled); an optimizer step sees ~{per_step} samples "
+            f"({step_shape(batch_size, accumulation, processes, 'row')}), not {flags_say}; {steps} optimizer "
+            f"step{'s' if steps != 1 else ''} per epoch")
+
+
 def dry_run_report(name: str, raw_samples: list[dict], tokenizer, max_len: int, system_message: str, packing: bool,
-                   batch_size: int, seed: int) -> str:
+                   padding_free: bool, batch_size: int, accumulation: int, processes: int, seed: int) -> str:
     full = tokenize_samples(raw_samples, tokenizer, 10**9, system_message, desc=f"Tokenizing {name}")
     kept = [s for s in full if any(label != IGNORE_INDEX for label in s.labels[:max_len])]
     lengths = [len(s.input_ids) for s in full]
@@ -74,15 +96,20 @@ def dry_run_report(name: str, raw_samples: list[dict], tokenizer, max_len: int, 
     kept_lengths = [min(len(s.input_ids), max_len) for s in kept]
     if not kept:
         lines.append("batches: nothing to train on")
-    elif packing:
-        rows = PackedDataset([{"input_ids": [0] * n, "labels": [0] * n} for n in kept_lengths], max_len)
-        fill = sum(kept_lengths) / (len(rows) * max_len)
-        lines.append(f"batches: packing {len(kept)} samples into {len(rows)} rows of {max_len} tokens "
-                     f"({100 * fill:.1f}% filled); {-(-len(rows) // batch_size)} batches of {batch_size} rows per epoch "
-                     "per process")
     else:
-        lines.append(f"batches: {-(-len(kept) // batch_size)} of {batch_size} per epoch per process; about "
-                     f"{100 * padded_fraction(kept_lengths, batch_size, seed):.1f}% of their positions would be padding")
+        steps = steps_per_epoch(len(kept), batch_size, accumulation, processes)
+        rows = PackedDataset([{"input_ids": [0] * n, "labels": [0] * n} for n in kept_lengths], max_len)
+        padding = 100 * padded_fraction(kept_lengths, batch_size, seed)
+        unpacked = (f"{steps} optimizer step{'s' if steps != 1 else ''} per epoch of {batch_size * accumulation * processes}"
+                    f" samples ({step_shape(batch_size, accumulation, processes, 'sample')}), "
+                    + (f"each batch one row without padding (padded batches would be {padding:.1f}% padding)"
+                       if padding_free else f"each batch padded to its longest sample ({padding:.1f}% padding)"))
+        packed = packing_summary(rows, batch_size, accumulation, processes)
+        if packing:
+            lines += [f"batches (--packing True): {packed.removeprefix('packing: ')}",
+                      f"  without --packing: {unpacked}"]
+        else:
+            lines += [f"batches: {unpacked}", f"  with --packing True: {packed.removeprefix('packing: ')}"]
     if kept:
         shown = kept[0]
         lines.append("first sample as trained (trained tokens in [[...]]):")

@@ -14,9 +14,12 @@ and loss (assistant tokens only), each in a fresh process. Reported per variant:
 - MFU: real tokens/s x training FLOPs per token (6N full-parameter, 4N LoRA: no weight gradients; N = the
   model's parameters, attention scores not counted) over this device's measured matmul rate;
 - the ratio of this toolkit's default to every other variant.
-Variants: chatft (the toolkit's defaults: packed rows, loss on labelled positions only), chatft_padded and
-chatft_full_logits (one default turned off each), seed (every batch padded to --max_length, full-logits loss),
-and, when TRL is installed, trl (SFTTrainer, padded batches) and trl_padding_free (its packed, padding-free rows).
+Variants: chatft (the toolkit's defaults: padding-free batches of --batch_size samples, attention per sample,
+loss on labelled positions only), chatft_packing (--packing True: rows of --max_length, so fewer, larger steps),
+chatft_masked_attention, chatft_padded and chatft_full_logits (one default turned off each: transformers' sdpa
+with its block-diagonal mask, batches padded to their longest sample, the loss on full logits), seed (every batch
+padded to --max_length, full-logits loss), and, when TRL is installed, trl (SFTTrainer, padded batches) and
+trl_padding_free (its packed, padding-free rows).
 Peak memory is also given above the process's resident memory before the model was loaded (the libraries).
 """
 
@@ -33,8 +36,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CHATFT_VARIANTS = {
-    "chatft": [],  # the defaults: packed rows, loss at labelled positions only
-    "chatft_padded": ["--packing", "False"],  # ablations: what each default is worth
+    "chatft": [],  # the defaults: padding-free batches, per-sample attention, loss at labelled positions only
+    "chatft_packing": ["--packing", "True"],  # the opt-in: fixed rows of max_length (fewer, larger steps)
+    "chatft_masked_attention": ["--attn_implementation", "sdpa"],  # ablations: what each default is worth
+    "chatft_padded": ["--padding_free", "False"],
     "chatft_full_logits": ["--labelled_logits_only", "False"],
     "seed": ["--pad_to_max_length", "True", "--labelled_logits_only", "False"],
 }
@@ -84,9 +89,8 @@ class CountingCollator:
         ids = batch["input_ids"]
         if "attention_mask" in batch:
             real = int(batch["attention_mask"].sum())
-        elif "position_ids" in batch and "labels" in batch:  # packed or flattened: the padding tail is unlabelled
-            lengths = [len(f["input_ids"]) for f in features]
-            real = sum(lengths)
+        elif "position_ids" in batch:  # padding-free rows: every position is a sample's token
+            real = sum(len(f["input_ids"]) for f in features)
         else:
             real = int((ids != self.pad_token_id).sum())
         self.real_tokens += real

@@ -152,15 +152,22 @@ def test_leading_assistant_turn_dropped():
 
 
 def test_qwen_compatible_preprocess(qwen_tokenizer):
+    """Qwen's shape: one row per source, in order, padded to max_len; an untrainable source keeps its row."""
     from finetune import preprocess
 
-    sources = [CONVERSATIONS[0], CONVERSATIONS[1], [{"from": "user", "value": "x " * 300}, {"from": "assistant", "value": "y"}]]
+    sources = [CONVERSATIONS[0], [{"from": "user", "value": "x " * 300}, {"from": "assistant", "value": "y"}],
+               CONVERSATIONS[1]]
     batch = preprocess(sources, qwen_tokenizer, max_len=64)
     assert set(batch) == {"input_ids", "labels", "attention_mask"}
-    assert len(batch["input_ids"]) == 2  # the third has no reply left within 64 tokens: dropped
-    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
-        assert len(ids) == len(labels) == len(mask) and all(m == 1 for m in mask)
-    assert batch["input_ids"][1] == qwen_tokenizer(expected_text(CONVERSATIONS[1]), add_special_tokens=False).input_ids
+    assert all(batch[name].shape == (3, 64) for name in batch)
+    assert (batch["labels"][1] == IGNORE_INDEX).all()  # no reply left within 64 tokens: kept, nothing to learn
+    for row, source in ((0, CONVERSATIONS[0]), (2, CONVERSATIONS[1])):
+        expected = qwen_tokenizer(expected_text(source), add_special_tokens=False).input_ids
+        n = len(expected)
+        assert batch["input_ids"][row, :n].tolist() == expected and batch["attention_mask"][row].sum() == n
+        assert (batch["input_ids"][row, n:] == qwen_tokenizer.pad_token_id).all()
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all() and (batch["labels"][row, :n] != IGNORE_INDEX).any()
+    assert batch["attention_mask"][1].all()  # truncated to max_len: every position is the sample's
 
 
 def test_describe_sample_marks_trained_spans(qwen_tokenizer):

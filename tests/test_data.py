@@ -10,7 +10,7 @@ import transformers
 
 from chatft.chat_format import IGNORE_INDEX, to_turns, tokenize_conversation
 from chatft.data import (
-    ChatCollator, DataError, LazySupervisedDataset, PackedCollator, PackedDataset, SupervisedDataset,
+    ChatCollator, DataError, LazySupervisedDataset, PackedDataset, PaddingFreeCollator, SupervisedDataset,
     first_fit_decreasing, load_samples, make_datasets, split_off_eval, tokenize_samples,
 )
 import chatft.data
@@ -421,8 +421,7 @@ def test_a_packed_sample_gets_the_loss_and_gradients_it_gets_alone(tmp_path, qwe
         loss, grads = summed_loss_and_grads(ChatCollator(qwen_tokenizer.pad_token_id, 1)([samples[i]]))
         alone_losses.append(loss[0, : len(samples[i]["input_ids"]) - 1])
         alone_grads = grads if alone_grads is None else {n: alone_grads[n] + g for n, g in grads.items()}
-    # padding after the row (collator to a multiple of 8) is a separate sample that changes nothing
-    packed_losses, packed_grads = summed_loss_and_grads(PackedCollator(qwen_tokenizer.pad_token_id, 8)([packed[0]]))
+    packed_losses, packed_grads = summed_loss_and_grads(PaddingFreeCollator()([packed[0]]))
     start, terms = 0, decoder_terms(model.config, loss=True)  # the same sums, over other rows: equal up to rounding
     order = first_fit_decreasing([len(samples[i]["input_ids"]) for i in range(len(samples))], 512)[0]
     for i in order:  # per-token losses of each sample, at its place in the row
@@ -435,15 +434,28 @@ def test_a_packed_sample_gets_the_loss_and_gradients_it_gets_alone(tmp_path, qwe
         assert_close_up_to_rounding(packed_grads[name], grad, terms=terms)
 
 
-def test_packed_collator_flatten_and_padding(qwen_tokenizer):
-    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 1, 2]},
-            {"input_ids": [4, 5], "labels": [-100, 5], "position_ids": [0, 1]}]
-    batch = PackedCollator(pad_token_id=0, pad_to_multiple_of=4)(rows)
-    assert "attention_mask" not in batch and batch["input_ids"].shape == (2, 4)
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]
-    assert batch["labels"].tolist() == [[-100, 2, 3, -100], [-100, 5, -100, -100]]
-    flat = PackedCollator(pad_token_id=0, flatten=True)(rows)
-    assert flat["input_ids"].tolist() == [[1, 2, 3, 4, 5]] and flat["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+def test_padding_free_collator_makes_one_row_of_samples_or_packed_rows():
+    samples = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]
+    batch = PaddingFreeCollator()(samples)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: nothing is padding
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5]] and batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    # each sample's first label is never predicted (in a padded batch the shift drops it too)
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5]]
+    rows = [{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, -100, 4], "position_ids": [0, 1, 0, 1]},
+            {"input_ids": [5, 6], "labels": [-100, 6], "position_ids": [0, 1]}]
+    packed = PaddingFreeCollator()(rows)  # packed rows keep their samples' positions
+    assert packed["position_ids"].tolist() == [[0, 1, 0, 1, 0, 1]]
+    assert packed["labels"].tolist() == [[-100, 2, -100, 4, -100, 6]]
+
+
+def test_a_padding_free_batch_holds_the_samples_of_the_padded_batch(qwen_tokenizer):
+    samples = SupervisedDataset(PACKING_SAMPLES, qwen_tokenizer, 512)
+    features = [samples[i] for i in range(len(samples))]
+    padded, flat = ChatCollator(qwen_tokenizer.pad_token_id)(features), PaddingFreeCollator()(features)
+    real = padded["attention_mask"].bool()
+    assert torch.equal(flat["input_ids"][0], padded["input_ids"][real])
+    # the same labelled positions after the shift: the loss sums and normalises over the same tokens
+    assert int((flat["labels"][:, 1:] != IGNORE_INDEX).sum()) == int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def test_openai_legacy_function_call_message(tmp_path):

@@ -2,6 +2,7 @@
 saves, and reloads with plain transformers/peft to the same logits; bad input leaves output_dir untouched."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import finetune
 from chatft.saving import plot_losses
 from chatft.args import ArgumentError, parse_args
 from chatft.chat_format import IM_END, IM_START
+from chatft.data import ChatCollator, PaddingFreeCollator
 from conftest import CONVERSATIONS, ROOT, _tiny_model_dir, make_non_chatml_model, probe_logits, run, write_json
 from conftest import assert_close_up_to_rounding, decoder_terms, rounding_atol
 
@@ -164,23 +166,55 @@ def test_cli_exit_code_and_message(tmp_path, a_model):
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
 
 
+def final_weights_and_losses_agree(trainer, reference, base_dir):
+    """Two runs took the same optimizer steps: equal losses and final weights, up to rounding; and they trained."""
+    state, reference_state = trainer.model.state_dict(), reference.model.state_dict()
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    terms = decoder_terms(reference.model.config, loss=True)  # the same sums over other rows: equal up to rounding
+    assert any((reference_state[name] - base[name]).abs().max() > rounding_atol(base[name], terms=terms) for name in base)
+    for name in reference_state:
+        # Adam steps each element by about lr whatever its gradient's size: rounding relative to the weight + the steps
+        assert_close_up_to_rounding(state[name], reference_state[name], terms=terms,
+                                    magnitude=reference_state[name].abs().max() + trainer.state.global_step * 1e-3)
+    losses = [[entry["loss"] for entry in t.state.log_history if "loss" in entry] for t in (trainer, reference)]
+    assert len(losses[0]) == len(losses[1]) == trainer.state.global_step
+    assert_close_up_to_rounding(losses[0], losses[1], terms=terms)
+
+
+def test_padding_free_batches_train_as_the_padded_run(tiny_qwen_dir, data_file, tmp_path):
+    """The default (one row per batch, no padding) takes the padded run's steps, over its samples, to its weights:
+    2 epochs of 8 samples at batch 2 x accumulation 2 = 4 Adam steps, with dropout off and the same seed."""
+    common = ["--max_steps", "-1", "--num_train_epochs", "2", "--per_device_train_batch_size", "2",
+              "--gradient_accumulation_steps", "2", "--seed", "5"]
+    padded = run(tiny_qwen_dir, data_file, tmp_path / "padded", *common, "--padding_free", "False")
+    padding_free = run(tiny_qwen_dir, data_file, tmp_path / "padding-free", *common)  # the default
+    assert isinstance(padded.data_collator, ChatCollator) and isinstance(padding_free.data_collator, PaddingFreeCollator)
+    assert len(padding_free.train_dataset) == 8 and padding_free.state.global_step == padded.state.global_step == 4
+    final_weights_and_losses_agree(padding_free, padded, tiny_qwen_dir)
+
+
+def test_steps_per_epoch_follow_the_flags(tiny_qwen_dir, data_file, tmp_path, caplog):
+    """ceil(samples / (batch x accumulation)) optimizer steps per epoch by default; --packing says what it changes."""
+    common = ["--max_steps", "-1", "--num_train_epochs", "1", "--per_device_train_batch_size", "1",
+              "--gradient_accumulation_steps", "3", "--model_max_length", "256"]
+    caplog.set_level(logging.INFO, logger="finetune")
+    assert run(tiny_qwen_dir, data_file, tmp_path / "default", *common).state.global_step == 3  # 8 samples
+    assert "packing:" not in caplog.text
+    packed = run(tiny_qwen_dir, data_file, tmp_path / "packed", *common, "--packing", "True")
+    assert len(packed.train_dataset) == 1 and packed.state.global_step == 1  # 8 short samples fill one row
+    assert ("packing: 8 samples in 1 row of 256 tokens" in caplog.text
+            and "an optimizer step sees ~8 samples (1 row x 3 accumulation), not 3" in caplog.text)
+
+
 def test_packing_takes_the_same_step_as_padding(tiny_qwen_dir, data_file, tmp_path):
     """One optimizer step over all 8 samples: packed rows and padded batches give the same weights."""
     common = ["--per_device_train_batch_size", "8", "--max_steps", "1", "--optim", "sgd", "--learning_rate", "1.0",
               "--lr_scheduler_type", "constant"]
-    padded = run(tiny_qwen_dir, data_file, tmp_path / "padded", *common, "--packing", "False")
-    packed = run(tiny_qwen_dir, data_file, tmp_path / "packed", *common)  # the default
+    padded = run(tiny_qwen_dir, data_file, tmp_path / "padded", *common, "--padding_free", "False")
+    packed = run(tiny_qwen_dir, data_file, tmp_path / "packed", *common, "--packing", "True")
     assert len(packed.train_dataset) < len(padded.train_dataset) == 8  # fewer, fuller rows
     assert packed.train_dataset.num_samples == 8
-    padded_state, packed_state = padded.model.state_dict(), packed.model.state_dict()
-    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_dir).state_dict()
-    terms = decoder_terms(padded.model.config, loss=True)  # the same sums over other rows: equal up to rounding
-    assert any((padded_state[name] - base[name]).abs().max() > rounding_atol(base[name], terms=terms) for name in base)
-    for name in padded_state:
-        assert_close_up_to_rounding(packed_state[name], padded_state[name], terms=terms)
-    losses = [entry["loss"] for entry in packed.state.log_history if "loss" in entry]
-    assert_close_up_to_rounding(losses, [entry["loss"] for entry in padded.state.log_history if "loss" in entry],
-                                terms=terms)
+    final_weights_and_losses_agree(packed, padded, tiny_qwen_dir)
 
 
 def test_packing_with_lazy_preprocess_is_refused(tiny_qwen_dir, data_file, tmp_path, capsys):
@@ -189,16 +223,17 @@ def test_packing_with_lazy_preprocess_is_refused(tiny_qwen_dir, data_file, tmp_p
     assert code == 2 and "--packing needs every sample's length up front" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, packing", [([], True), (["--lazy_preprocess", "True"], False),
-                                            (["--pad_to_max_length", "True"], False), (["--packing", "False"], False)])
-def test_packing_is_on_unless_something_needs_it_off(flags, packing, a_model):
-    _, data_args, _, _ = parse_args(["--model_name_or_path", a_model, "--data_path", "d.json", "--output_dir", "o", *flags])
-    assert data_args.packing is packing
+def test_the_defaults_keep_the_meaning_of_the_batch_flags(a_model):
+    _, data_args, _, _ = parse_args(["--model_name_or_path", a_model, "--data_path", "d.json", "--output_dir", "o"])
+    assert data_args.padding_free is True and data_args.packing is False
+    with pytest.raises(ArgumentError, match="cannot be combined with --padding_free False"):
+        parse_args(["--model_name_or_path", a_model, "--data_path", "d.json", "--output_dir", "o", "--packing", "True",
+                    "--padding_free", "False"])
 
 
 def test_eval_fraction_held_out_of_the_training_data(tiny_qwen_dir, data_file, tmp_path):
     trainer = run(tiny_qwen_dir, data_file, tmp_path / "out", "--eval_data_path", "0.25", "--eval_strategy", "steps",
-                  "--eval_steps", "1", "--packing", "False")
+                  "--eval_steps", "1")
     assert len(trainer.train_dataset) == 6 and len(trainer.eval_dataset) == 2  # 8 samples
     assert any("eval_loss" in entry for entry in trainer.state.log_history)
 
@@ -232,7 +267,10 @@ def test_dry_run_reports_and_loads_no_model(tiny_qwen_dir, tmp_path, capsys, mon
     report = capsys.readouterr().out
     assert code == 0 and not output.exists()
     assert "== training data: 899 samples, 1798 turns" in report and "== evaluation data: 100 samples" in report
-    assert "cut from" in report and "(truncated)" in report and "rows of 256 tokens" in report
+    assert "cut from" in report and "(truncated)" in report
+    # 899 samples at batch 8 (the default) x 1 accumulation: ceil(899 / 8) steps; and what --packing True would do
+    assert "batches: 113 optimizer steps per epoch of 8 samples (8 samples x 1 accumulation), each batch one row" in report
+    assert "  with --packing True: 899 samples in " in report and "rows of 256 tokens" in report
     assert "<|im_start|>assistant\n[[" in report and "<|im_end|>]]" in report
 
 

@@ -1,0 +1,78 @@
+"""Attention inside each sample of a row that holds several, without building a mask.
+
+A padding-free batch (chatft.data.PaddingFreeCollator) or a packed row puts several samples in one row, with
+position_ids restarting at 0 for each. transformers' sdpa path turns that into a block-diagonal mask and computes
+attention over the whole row, (sum of lengths)^2, most of it masked out. `per_sample_sdpa` finds the samples from
+the position_ids restarts and runs sdpa on each one alone (causal, no mask), sum of length^2. It is registered
+through transformers' AttentionInterface (and AttentionMaskInterface, so that no mask is built for such rows) under
+PER_SAMPLE_SDPA; a batch that is not a multi-sample row (a padded batch with its mask, one sample a row) goes to
+transformers' own sdpa unchanged. On CUDA with flash-attn installed, flash_attention_2's variable-length kernel
+reads the same position_ids instead (chatft.model.resolve_attn_implementation).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+PER_SAMPLE_SDPA = "chatft_per_sample_sdpa"
+
+
+def sample_spans(position_ids: torch.Tensor | None, rows: int) -> list[list[tuple[int, int]]] | None:
+    """For each of `rows` rows, the [start, end) of every sample (a new one starts wherever a position does not
+    follow the previous one); None when no row holds more than one sample."""
+    if position_ids is None or position_ids.ndim != 2 or position_ids.shape[1] < 2:
+        return None
+    restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    row_index, column = torch.nonzero(restarts, as_tuple=True)
+    if row_index.numel() == 0:
+        return None
+    length = position_ids.shape[1]
+    starts: list[list[int]] = [[0] for _ in range(position_ids.shape[0])]
+    for row, col in zip(row_index.tolist(), column.tolist()):
+        starts[row].append(col + 1)
+    spans = [list(zip(s, s[1:] + [length])) for s in starts]
+    return spans * rows if len(spans) == 1 and rows > 1 else spans
+
+
+def per_sample_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa, run on each sample of a multi-sample row alone. query/key/value: [batch, heads, length,
+    head_dim]; returns [batch, length, heads, head_dim] as every attention function does."""
+    spans = None
+    if attention_mask is None and query.shape[2] == key.shape[2]:  # training and prefill, not decoding with a cache
+        spans = sample_spans(kwargs.get("position_ids"), query.shape[0])
+    if spans is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows = []
+    for row, row_spans in enumerate(spans):
+        rows.append(torch.cat([
+            sdpa_attention_forward(module, query[row : row + 1, :, start:end], key[row : row + 1, :, start:end],
+                                   value[row : row + 1, :, start:end], None, **kwargs)[0]
+            for start, end in row_spans
+        ], dim=1))
+    return torch.cat(rows, dim=0), None
+
+
+def per_sample_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
+    """No mask where the attention function splits the row itself (no padding mask given); sdpa's mask otherwise."""
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+AttentionInterface.register(PER_SAMPLE_SDPA, per_sample_sdpa)
+AttentionMaskInterface.register(PER_SAMPLE_SDPA, per_sample_mask)
+
+
+def supports_per_sample_sdpa(model) -> bool:
+    """Whether `model` can use PER_SAMPLE_SDPA: its attention goes through transformers' AttentionInterface (so
+    position_ids reach it) and is plain causal attention over the whole sample (no sliding window, no soft-capping;
+    those keep transformers' masks)."""
+    config = model.config
+    plain = not any(getattr(config, name, None) for name in ("sliding_window", "attn_logit_softcapping"))
+    layer_types = getattr(config, "layer_types", None) or []
+    return (bool(getattr(model, "_supports_attention_backend", False)) and getattr(model, "_supports_sdpa", False)
+            and plain and all(kind == "full_attention" for kind in layer_types))

@@ -1,0 +1,126 @@
+"""chatft.attention: in a row of several samples, each sample gets exactly what it gets alone, with no mask built."""
+
+import json
+
+import peft
+import pytest
+import torch
+import transformers
+
+from chatft.attention import PER_SAMPLE_SDPA, sample_spans, supports_per_sample_sdpa
+from conftest import _tiny_model_dir, assert_close_up_to_rounding, decoder_terms, run
+
+LENGTHS = (9, 4, 13)  # three samples of one row
+
+
+def test_sample_spans_split_where_positions_restart():
+    row = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    assert sample_spans(row, 1) == [[(0, 3), (3, 5), (5, 9)]]
+    assert sample_spans(row, 2) == [[(0, 3), (3, 5), (5, 9)]] * 2  # one row of positions, broadcast over the batch
+    two_rows = torch.tensor([[0, 1, 2, 3], [0, 1, 0, 1]])
+    assert sample_spans(two_rows, 2) == [[(0, 4)], [(0, 2), (2, 4)]]
+    assert sample_spans(torch.arange(6)[None], 1) is None  # one sample: plain sdpa
+    assert sample_spans(torch.tensor([[5, 6, 7, 2, 3]]), 1) == [[(0, 3), (3, 5)]]  # any restart, not only at 0
+    assert sample_spans(None, 1) is None
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _tiny_model_dir(tmp_path_factory.mktemp("attention"), "qwen2")
+
+
+def load(model_dir, attn_implementation, setup):
+    base = "sdpa" if attn_implementation == PER_SAMPLE_SDPA else attn_implementation
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=base)
+    if attn_implementation == PER_SAMPLE_SDPA:
+        assert supports_per_sample_sdpa(model)
+        model.set_attn_implementation(PER_SAMPLE_SDPA)
+    if setup == "checkpointing":
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if setup == "lora":
+        torch.manual_seed(1)  # the same random (non-zero) LoRA weights in every model, so every LoRA weight has a gradient
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    return model.train()  # training mode: checkpointing recomputes only then
+
+
+def outputs_and_grads(model, input_ids, position_ids, targets):
+    """Per-token logits and the gradients of the summed cross-entropy against `targets`."""
+    model.zero_grad()
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="sum").backward()
+    return logits.detach()[0], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("setup", ["full", "lora", "checkpointing"])
+@pytest.mark.parametrize("reference", ["sdpa", "eager"])
+def test_each_sample_of_a_row_gets_what_it_gets_alone(model_dir, reference, setup, monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    vocab = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
+    samples = [torch.randint(0, vocab, (1, n), generator=generator) for n in LENGTHS]
+    targets = [torch.randint(0, vocab, (1, n), generator=generator) for n in LENGTHS]
+
+    alone = load(model_dir, reference, setup)
+    alone_logits, alone_grads = [], {}
+    for ids, target in zip(samples, targets):
+        logits, grads = outputs_and_grads(alone, ids, torch.arange(ids.shape[1])[None], target)
+        alone_logits.append(logits)
+        alone_grads = {n: alone_grads.get(n, 0) + g for n, g in grads.items()}
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, value, attn_mask=None, **kwargs):
+        calls.append((query.shape[2], attn_mask))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    row = load(model_dir, PER_SAMPLE_SDPA, setup)
+    position_ids = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    row_logits, row_grads = outputs_and_grads(row, torch.cat(samples, 1), position_ids, torch.cat(targets, 1))
+
+    layers = row.config.num_hidden_layers
+    forward_calls = layers * (2 if setup == "checkpointing" else 1)  # checkpointing runs every layer again
+    assert sorted(length for length, _ in calls) == sorted(list(LENGTHS) * forward_calls)  # per sample, not per row
+    assert all(mask is None for _, mask in calls), "a mask was built for a row of samples"
+    terms = decoder_terms(row.config, loss=True)
+    start = 0
+    for n, logits in zip(LENGTHS, alone_logits):
+        assert_close_up_to_rounding(row_logits[start : start + n], logits, terms=terms)
+        start += n
+    assert row_grads.keys() == alone_grads.keys() and row_grads
+    if setup == "lora":
+        assert all("lora_" in name for name in row_grads)
+    for name, grad in alone_grads.items():
+        assert_close_up_to_rounding(row_grads[name], grad, terms=terms)
+
+
+def test_a_padded_batch_keeps_its_mask(model_dir):
+    """Rows that are one sample each (padding masked) take transformers' sdpa path unchanged."""
+    reference = load(model_dir, "sdpa", "full").eval()
+    model = load(model_dir, PER_SAMPLE_SDPA, "full").eval()
+    ids = torch.randint(0, reference.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+        actual = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1, :6], expected[1, :6])
+
+
+def test_models_whose_attention_is_not_plain_keep_transformers_masks(tmp_path):
+    qwen2 = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)
+    assert supports_per_sample_sdpa(transformers.AutoModelForCausalLM.from_config(qwen2))
+    windowed = transformers.Qwen2Config(**{**qwen2.to_dict(), "use_sliding_window": True, "sliding_window": 8,
+                                           "max_window_layers": 0, "layer_types": None})
+    assert not supports_per_sample_sdpa(transformers.AutoModelForCausalLM.from_config(windowed))
+
+
+def test_training_uses_per_sample_attention_by_default_and_saves_a_portable_config(model_dir, data_file, tmp_path):
+    trainer = run(model_dir, data_file, tmp_path / "out")
+    assert trainer.model.config._attn_implementation == PER_SAMPLE_SDPA
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert PER_SAMPLE_SDPA not in json.dumps(saved)  # plain transformers loads what was trained
+    explicit = run(model_dir, data_file, tmp_path / "sdpa", "--attn_implementation", "sdpa")
+    assert explicit.model.config._attn_implementation == "sdpa"
