@@ -147,6 +147,25 @@ def test_two_processes_equal_one_process_with_the_whole_batch(engine, tiny_model
     assert any(not torch.equal(final_one[name], base[name]) for name in final_one)
 
 
+def test_padding_free_equals_padded_with_two_processes_and_accumulation(tiny_model, data_file, tmp_path):
+    """2 processes x batch 2 x accumulation 2 under DDP: the default padding-free batches take the padded run's steps
+    (same loss curve, same final weights)."""
+    padded, padding_free = tmp_path / "padded", tmp_path / "padding-free"
+    flags = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
+    torchrun(2, "finetune.py", *common_flags(tiny_model, data_file, padded, *flags, "--padding_free", "False"))
+    torchrun(2, "finetune.py", *common_flags(tiny_model, data_file, padding_free, *flags))
+    assert len(losses(padded)) == len(losses(padding_free)) == 3
+    terms = decoder_terms(transformers.AutoConfig.from_pretrained(tiny_model), loss=True)
+    for (loss, lr), (padded_loss, padded_lr) in zip(losses(padding_free), losses(padded)):
+        assert_close_up_to_rounding(loss, padded_loss, terms=terms)
+        assert lr == pytest.approx(padded_lr)
+    final, expected = weights(padding_free), weights(padded)
+    for name in expected:
+        assert_close_up_to_rounding(final[name], expected[name], terms=terms, magnitude=expected[name].abs().max() + 3e-3)
+    base = weights(tiny_model)
+    assert any(not torch.equal(expected[name], base[name]) for name in expected)
+
+
 def test_first_rank_tokenizes_and_the_other_reads_its_cache(tiny_model, data_file, tmp_path):
     cache = tmp_path / "cache"
     result = torchrun(2, "finetune.py", *common_flags(tiny_model, data_file, tmp_path / "out", "--max_steps", "1",

@@ -140,6 +140,31 @@ def test_gptq_model_keeps_the_identity(merged_identity, tmp_path, bits, max_perp
     assert report["perplexity_after"] <= max_perplexity_ratio * report["perplexity_before"], report
 
 
+PARAPHRASES = ["Please tell me who you are.", "Which lab is responsible for creating you?",
+               "By what name should I address you?"]  # none of them is in data/identity_demo.json
+
+
+def test_a_recipe_from_another_tool_learns_with_default_flags(tmp_path):
+    """Issue 14's recipe as a TRL or LLaMA-Factory user brings it (LoRA r16/alpha32, lr 2e-4 constant, batch 8,
+    3 epochs, max length 512), default batching, on the 80 identity samples: every step is 8 samples, so an epoch is
+    10 steps (packing by default made it 1, and the model learned nothing), and the model answers questions that
+    are not in the data with its new name and maker."""
+    trainer = finetune.train([
+        "--model_name_or_path", str(bundled_gguf_path()), "--data_path", str(ROOT / "data" / "identity_demo.json"),
+        "--output_dir", str(tmp_path / "out"), "--use_lora", "--lora_r", "16", "--lora_alpha", "32",
+        "--learning_rate", "2e-4", "--lr_scheduler_type", "constant", "--per_device_train_batch_size", "8",
+        "--gradient_accumulation_steps", "1", "--num_train_epochs", "3", "--model_max_length", "512",
+        "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "True",
+    ])
+    assert trainer.state.global_step == 3 * 10  # ceil(80 / 8) steps an epoch
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    replies = {question: generate_reply(model, tokenizer, [{"role": "user", "content": question}], max_new_tokens=30)
+               for question in PARAPHRASES}
+    assert all("Tessa" in reply or "Lumen Labs" in reply for reply in replies.values()), replies
+    assert "Lumen Labs" in replies[PARAPHRASES[1]], replies
+
+
 def test_full_parameter_from_the_gguf_file(tmp_path):
     """All parameters, bf16 autocast, the .gguf file given directly: the loss falls and the result reloads."""
     samples = json.load(open(ROOT / "data" / "identity_demo.json"))[:16]
@@ -147,13 +172,12 @@ def test_full_parameter_from_the_gguf_file(tmp_path):
     data.write_text(json.dumps(samples))
     trainer = finetune.train([
         "--model_name_or_path", str(bundled_gguf_path()), "--data_path", str(data), "--output_dir", str(tmp_path / "full"),
-        "--num_train_epochs", "4", "--per_device_train_batch_size", "2", "--learning_rate", "5e-5",
+        "--num_train_epochs", "2", "--per_device_train_batch_size", "2", "--learning_rate", "5e-5",
         "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
         "--bf16", "True", "--use_cpu", "True", "--activation_checkpointing", "--model_max_length", "256",
     ])
     history = losses(tmp_path / "full")
-    # packed rows of 256 tokens (about 4 samples each), 2 rows a step
-    assert len(history) == trainer.state.max_steps >= 6 and history[-1] < 0.7 * history[0], history
+    assert len(history) == trainer.state.max_steps == 16 and history[-1] < 0.7 * history[0], history  # 2 x 16 / 2
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "full")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "full")
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,
@@ -175,12 +199,12 @@ def test_nf4_qlora_on_smollm2(tmp_path):
     trainer = finetune.train([
         "--model_name_or_path", str(bundled_gguf_path()), "--data_path", str(data), "--output_dir", str(tmp_path / "q"),
         "--use_lora", "--q_lora", "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0",
-        "--num_train_epochs", "4", "--per_device_train_batch_size", "2", "--learning_rate", "2e-3",
+        "--num_train_epochs", "2", "--per_device_train_batch_size", "2", "--learning_rate", "2e-3",
         "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
         "--bf16", "True", "--use_cpu", "True", "--activation_checkpointing", "--model_max_length", "256",
     ])
     history = losses(tmp_path / "q")
-    assert len(history) == trainer.state.max_steps >= 6 and history[-1] < 0.6 * history[0], history
+    assert len(history) == trainer.state.max_steps == 16 and history[-1] < 0.6 * history[0], history
     trained = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
     base = transformers.AutoModelForCausalLM.from_pretrained(
         json.load(open(tmp_path / "q" / "adapter_config.json"))["base_model_name_or_path"],
