@@ -24,12 +24,13 @@ def test_training_benchmark_compares_the_same_tokens(tiny_model, tmp_path):
     data = write_json(tmp_path / "train.json", CONVERSATIONS * 2)
     result = run_script("finetune/benchmark.py", "-m", str(tiny_model), "--data", str(data), "--num_samples", "12",
                         "--max_length", "64", "--batch_size", "2", "--modes", "lora", "--precisions", "fp32",
-                        "--variants", "chatft,chatft_padded,seed", "--json", str(tmp_path / "bench.json"))
+                        "--variants", "chatft,chatft_packing,chatft_padded,seed", "--json", str(tmp_path / "bench.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {r["variant"]: r for r in json.load(open(tmp_path / "bench.json"))["results"]}
-    assert set(runs) == {"chatft", "chatft_padded", "seed"} and not any("error" in r for r in runs.values())
+    assert set(runs) == {"chatft", "chatft_packing", "chatft_padded", "seed"} and not any("error" in r for r in runs.values())
     # every variant trained on the same real tokens; they differ only in the padding around them
-    assert runs["chatft"]["real_tokens"] == runs["chatft_padded"]["real_tokens"] == runs["seed"]["real_tokens"]
+    assert len({runs[name]["real_tokens"] for name in runs}) == 1
+    assert runs["chatft"]["padded_fraction"] == runs["chatft_packing"]["padded_fraction"] == 0
     assert runs["seed"]["positions"] == 12 * 64  # every sample padded to --max_length
     assert runs["chatft"]["padded_fraction"] < runs["chatft_padded"]["padded_fraction"] < runs["seed"]["padded_fraction"]
     # (MFU is not bounded by 1 on a model this tiny: its embedding rows count in N but cost no matmul)
