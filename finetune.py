@@ -22,6 +22,8 @@ if __name__ == "__main__":  # before the libraries are imported: they look at wh
 import transformers  # noqa: E402
 
 from chatft.args import parse_args  # noqa: E402
+from chatft.attention import rows_keep_samples_apart  # noqa: E402
+from chatft.errors import ArgumentError  # noqa: E402
 from chatft.chat_format import preprocess  # noqa: F401, E402  (Qwen-compatible: `from finetune import preprocess`)
 from chatft.data import (ChatCollator, LazySupervisedDataset, SupervisedDataset,  # noqa: F401, E402
                          load_samples, make_collator, make_datasets, split_off_eval)
@@ -76,12 +78,21 @@ def train(argv=None):
                                     training_args.gradient_accumulation_steps, training_args.world_size))
     model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added_tokens, train_embeddings)
 
+    padding_free = data_args.padding_free
+    if not rows_keep_samples_apart(model):
+        if data_args.packing:
+            raise ArgumentError(f"--packing: {type(model).__name__} has its own attention code, which would let packed "
+                                "samples attend to each other; train without --packing.")
+        if padding_free:
+            logger.info("%s has its own attention code (not transformers'), which cannot keep samples of one row "
+                        "apart: batches are padded instead.", type(model).__name__)
+            padding_free = False
     trainer = ChatTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=make_collator(tokenizer, data_args.padding_free,
+        data_collator=make_collator(tokenizer, padding_free,
                                     training_args.model_max_length if data_args.pad_to_max_length else None),
         processing_class=tokenizer,
         labelled_logits=training_args.labelled_logits_only,

@@ -76,3 +76,11 @@ def supports_per_sample_sdpa(model) -> bool:
     layer_types = getattr(config, "layer_types", None) or []
     return (bool(getattr(model, "_supports_attention_backend", False)) and getattr(model, "_supports_sdpa", False)
             and plain and all(kind == "full_attention" for kind in layer_types))
+
+
+def rows_keep_samples_apart(model) -> bool:
+    """Whether a row of several samples (restarting position_ids, no attention_mask) keeps each sample's attention
+    to itself in `model`: true of models whose attention goes through transformers' attention and mask interfaces
+    (sdpa, eager and flash-attention all read the restarts); a model with its own attention code (trust_remote_code)
+    would let samples attend to each other, so it gets padded batches instead."""
+    return bool(getattr(model, "_supports_attention_backend", False))

@@ -124,3 +124,17 @@ def test_training_uses_per_sample_attention_by_default_and_saves_a_portable_conf
     assert PER_SAMPLE_SDPA not in json.dumps(saved)  # plain transformers loads what was trained
     explicit = run(model_dir, data_file, tmp_path / "sdpa", "--attn_implementation", "sdpa")
     assert explicit.model.config._attn_implementation == "sdpa"
+
+
+def test_a_model_with_its_own_attention_code_gets_padded_batches(model_dir, data_file, tmp_path, monkeypatch, capsys):
+    """Remote-code models (e.g. Qwen-1's QWenLMHeadModel) attend across a row's samples: no padding-free rows there."""
+    import finetune
+    from chatft.data import ChatCollator
+
+    monkeypatch.setattr(transformers.Qwen2ForCausalLM, "_supports_attention_backend", False)
+    trainer = run(model_dir, data_file, tmp_path / "out")
+    assert isinstance(trainer.data_collator, ChatCollator)
+    assert trainer.model.config._attn_implementation == "sdpa"
+    code = finetune.main(["--model_name_or_path", str(model_dir), "--data_path", data_file, "--output_dir",
+                          str(tmp_path / "packed"), "--packing", "True", "--use_cpu", "True", "--max_steps", "1"])
+    assert code == 2 and "would let packed samples attend to each other" in capsys.readouterr().err
