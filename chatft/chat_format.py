@@ -52,6 +52,7 @@ class Turn:
     role: str  # system, user, assistant or tool (a tool's result)
     content: str
     tool_calls: tuple[ToolCall, ...] = ()  # an assistant's calls, rendered after its text
+    reasoning: str = ""  # an assistant's reasoning trace (`reasoning_content`, or a `<think>` block in its text)
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,21 @@ def parse_tool_calls(calls) -> tuple[ToolCall, ...]:
     return tuple(parsed)
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(reasoning, answer) of an assistant's text that carries its trace inline, `<think>...</think>answer`; ("",
+    text) when it has none. Split as Qwen3's chat template splits it: the reasoning is what precedes the last
+    `</think>` (after any `<think>`), without the newlines around it; the answer follows, without leading newlines."""
+    if THINK_CLOSE not in text:
+        return "", text
+    before, answer = text.rsplit(THINK_CLOSE, 1)
+    return before.rstrip("\n").split(THINK_OPEN)[-1].lstrip("\n"), answer.lstrip("\n")
+
+
 def to_turns(conversation: list[dict]) -> list[Turn]:
-    """A sample's turns (`{"from", "value"}`) -> `Turn`s.
+    """A sample's turns (`{"from", "value"}`, and on assistant turns an optional `reasoning_content`) -> `Turn`s.
 
     `function_call` turns become assistant turns with tool calls (merged into the assistant turn just before,
     if that one has text only: its text, then its calls, in one message, as Qwen renders them); `observation`
@@ -145,13 +159,17 @@ def to_turns(conversation: list[dict]) -> list[Turn]:
     """
     turns: list[Turn] = []
     for turn in conversation:
-        role, value = turn["from"], turn["value"]
+        role, value, reasoning = turn["from"], turn["value"], turn.get("reasoning_content") or ""
         if role == "function_call":
             calls = parse_tool_calls(value)
             if turns and turns[-1].role == "assistant" and not turns[-1].tool_calls:
-                turns[-1] = Turn("assistant", turns[-1].content, calls)
+                turns[-1] = Turn("assistant", turns[-1].content, calls, turns[-1].reasoning or reasoning)
             else:
-                turns.append(Turn("assistant", "", calls))
+                turns.append(Turn("assistant", "", calls, reasoning))
+        elif role == "assistant":
+            if "reasoning_content" not in turn or turn["reasoning_content"] is None:
+                reasoning, value = split_reasoning(value)
+            turns.append(Turn("assistant", value, (), reasoning))
         else:
             turns.append(Turn("tool" if role == "observation" else role, value))
     first = 1 if turns and turns[0].role == "system" else 0
@@ -165,9 +183,15 @@ def to_conversation(sample: dict) -> Conversation:
     return Conversation(tuple(to_turns(sample["conversations"])), parse_tools(sample.get("tools")))
 
 
-def _assistant_text(turn: Turn) -> str:
-    """An assistant message's body: its text, then each call in a `<tool_call>` block (Qwen's layout)."""
-    text = turn.content
+def _think_block(reasoning: str) -> str:
+    """A reasoning trace as Qwen3's template writes it before the answer."""
+    return f"{THINK_OPEN}\n{reasoning.strip(chr(10))}\n{THINK_CLOSE}\n\n"
+
+
+def _assistant_text(turn: Turn, think: bool = False) -> str:
+    """An assistant message's body: its reasoning in a `<think>` block (with `think`, or whenever it has one), its
+    text, then each call in a `<tool_call>` block (Qwen's layout)."""
+    text = _think_block(turn.reasoning) + turn.content.lstrip("\n") if think or turn.reasoning else turn.content
     for call in turn.tool_calls:
         text += ("\n" if text else "") + f'<tool_call>\n{{"name": "{call.name}", "arguments": {call.arguments}}}\n</tool_call>'
     return text
@@ -178,7 +202,8 @@ def render_chatml(conversation: Conversation | list[Turn], system_message: str =
     """Render a conversation as ChatML; return the text and the trainable character spans.
 
     A leading system turn replaces `system_message`; tool definitions follow it in the system message.
-    Every assistant turn contributes one span covering its text, its tool calls and its `<|im_end|>`.
+    Every assistant turn contributes one span covering its reasoning (in a `<think>` block, as Qwen3 writes it,
+    kept in every turn that has one), its text, its tool calls and its `<|im_end|>`.
     Consecutive tool results share one user message, as `<tool_response>` blocks; they are not trained.
 
     >>> render_chatml([Turn("user", "Hi"), Turn("assistant", "Hello!")], "Be brief.")
@@ -323,7 +348,10 @@ def chatml_template(system_message: str = DEFAULT_SYSTEM_MESSAGE) -> str:
         "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
         "{%- if loop.last or loop_messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
         "{%- else %}"
-        "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}"
+        "{%- if message['role'] == 'assistant' and message['reasoning_content'] %}"
+        "{{- '<|im_start|>assistant\\n<think>\\n' + message['reasoning_content'].strip('\\n') + '\\n</think>\\n\\n'"
+        " + (message['content'] or '').lstrip('\\n') }}"
+        "{%- else %}{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}{%- endif %}"
         "{%- for call in message['tool_calls'] or [] %}"
         "{%- if call['function'] is defined %}{%- set call = call['function'] %}{%- endif %}"
         "{%- if message['content'] or not loop.first %}{{- '\\n' }}{%- endif %}"

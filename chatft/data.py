@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from chatft import chat_format
 from chatft.errors import DataError
-from chatft.formats import file_format, format_mismatch, to_sample
+from chatft.formats import file_format, format_mismatch, ignored_keys, to_sample
 from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, ROLES, TokenizedSample, parse_tool_calls,
                                 parse_tools, to_conversation, to_turns, tokenize_conversation, tokenize_conversations)
 
@@ -98,11 +98,16 @@ def sample_problems(sample, index: int, path: str, names: tuple[str, str, str] =
             problems.append(f"{at}: missing {' and '.join(repr(k) for k in missing)}")
             continue
         role, value = turn["from"], turn["value"]
+        reasoning = turn.get("reasoning_content")
+        if reasoning is not None and not isinstance(reasoning, str):
+            problems.append(f"{at}: 'reasoning_content' must be a string, found a {type(reasoning).__name__}")
+        elif reasoning and role not in ("assistant", "function_call"):
+            problems.append(f"{at}: 'reasoning_content' on a {role} turn (only an assistant's reasoning is read)")
         if role not in ROLES:
             problems.append(f"{at}: unknown role {role!r} in 'from' (expected one of {', '.join(ROLES)})")
         if not isinstance(value, str):
             problems.append(f"{at}: '{value_name}' must be a string, found a {type(value).__name__}")
-        elif role in ("user", "assistant") and not value.strip():
+        elif role in ("user", "assistant") and not value.strip() and not (role == "assistant" and reasoning):
             problems.append(f"{at}: empty {role} '{value_name}'")
         elif role == "function_call":
             try:
@@ -175,6 +180,9 @@ def load_samples(spec: str, data_format: str = "auto") -> list[dict]:
             samples.append(sample)
         if not file_problems and not records:
             file_problems.append(f"{path}: contains no samples")
+        unused = ignored_keys(records, found_format)
+        if unused and not file_problems:
+            logger.warning("%s: keys not read, ignored: %s", path, "; ".join(unused))
         problems += file_problems
     if problems:
         shown = problems[:MAX_REPORTED_PROBLEMS]

@@ -87,6 +87,11 @@ def _sample(record: dict, conversations: list[dict]) -> dict:
         {"tools": record["tools"]} if record.get("tools") not in (None, "", []) else {})
 
 
+def _reasoning(turn: dict) -> dict:
+    """A turn's reasoning trace (`reasoning_content`, as Qwen3 and OpenAI-compatible servers return it), kept."""
+    return {"reasoning_content": turn["reasoning_content"]} if "reasoning_content" in turn else {}
+
+
 Converted = tuple[dict | None, list[str], list[str]]  # (sample, problems, where each of its turns came from)
 
 
@@ -109,7 +114,8 @@ def from_sharegpt(record: dict, at: str) -> Converted:
             problems.append(f"{at}: conversations[{j}]: unknown role {turn['from']!r} in 'from' "
                             f"(expected one of {', '.join(SHAREGPT_ROLES)})")
         else:
-            conversations.append({"from": SHAREGPT_ROLES[turn["from"]], "value": turn["value"]})
+            conversations.append({"from": SHAREGPT_ROLES[turn["from"]], "value": turn["value"]}
+                                 | _reasoning(turn))
             sources.append(f"conversations[{j}]")
     return (None, problems, []) if problems else (_sample(record, conversations), [], sources)
 
@@ -143,14 +149,16 @@ def from_messages(record: dict, at: str) -> Converted:
                 problems.append(f"{here}: {'tool_calls' if message.get('tool_calls') else 'function_call'!r}: {error}")
                 continue
             if content and content.strip():  # text before the calls: one message, merged back by to_turns
-                conversations.append({"from": "assistant", "value": content})
+                conversations.append({"from": "assistant", "value": content} | _reasoning(message))
                 sources.append(f"{key}[{j}]")
             # arguments as the exact JSON text they render to: an object's, or a text kept verbatim
             conversations.append({"from": "function_call", "value": json.dumps(
-                [{"name": call.name, "arguments": call.arguments} for call in parsed], ensure_ascii=False)})
+                [{"name": call.name, "arguments": call.arguments} for call in parsed], ensure_ascii=False)}
+                | ({} if content and content.strip() else _reasoning(message)))
             sources.append(f"{key}[{j}]")
         else:
-            conversations.append({"from": "observation" if role == "tool" else role, "value": content})
+            conversations.append({"from": "observation" if role == "tool" else role, "value": content}
+                                 | _reasoning(message))  # on a non-assistant turn: refused by the checks
             sources.append(f"{key}[{j}]")
     return (None, problems, []) if problems else (_sample(record, conversations), [], sources)
 
@@ -185,6 +193,44 @@ def from_alpaca(record: dict, at: str) -> Converted:
     conversations += [{"from": "user", "value": query}, {"from": "assistant", "value": record["output"]}]
     sources += ["'instruction'", "'output'"]
     return _sample(record, conversations), [], sources
+
+
+# What each format's reader uses; every other key of a record or turn is reported (ignored_keys), never dropped silently.
+RECORD_KEYS = {"conversations": {"id", "conversations", "tools"}, "sharegpt": {"id", "conversations", "system", "tools"},
+               "messages": {"id", "messages", "conversations", "tools"},
+               "alpaca": {"id", "instruction", "input", "output", "system", "history", "tools"}}
+TURN_KEYS = {"conversations": {"from", "value", "reasoning_content"}, "sharegpt": {"from", "value", "reasoning_content"},
+             "messages": {"role", "content", "tool_calls", "function_call", "reasoning_content"}}
+# keys that carry training signal this toolkit does not train on yet, and what it is
+UNSUPPORTED_SIGNAL = {"weight": "per-turn loss weights", "loss": "per-turn loss switches", "train": "per-turn loss switches",
+                      "images": "images", "videos": "videos", "audios": "audio", "chosen": "preference pairs",
+                      "rejected": "preference pairs", "kto_tag": "KTO labels"}
+LIKELY_MEANT = {"reasoning": "reasoning_content", "thinking": "reasoning_content", "thoughts": "reasoning_content",
+                "reasoning_text": "reasoning_content", "think": "reasoning_content"}
+
+
+def ignored_keys(records: list, data_format: str) -> list[str]:
+    """One line per key of a record or turn that `data_format`'s reader does not use, with how often it occurs and,
+    for keys that carry training signal or look misspelt, what they are."""
+    counts: dict[tuple[str, str], int] = {}
+    turns_key = "messages" if data_format == "messages" else "conversations"
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        for key in record.keys() - RECORD_KEYS.get(data_format, set()):
+            counts[(key, "records")] = counts.get((key, "records"), 0) + 1
+        turns = record.get(turns_key, record.get("conversations")) if data_format in TURN_KEYS else None
+        for turn in turns if isinstance(turns, list) else []:
+            if isinstance(turn, dict):
+                for key in turn.keys() - TURN_KEYS[data_format]:
+                    where_ = "messages" if data_format == "messages" else "turns"
+                    counts[(key, where_)] = counts.get((key, where_), 0) + 1
+    lines = []
+    for (key, where_), count in sorted(counts.items()):
+        note = (f": {UNSUPPORTED_SIGNAL[key]}, not supported yet" if key in UNSUPPORTED_SIGNAL
+                else f": did you mean {LIKELY_MEANT[key]!r}?" if key in LIKELY_MEANT else "")
+        lines.append(f"{key!r} in {count} {where_}{note}")
+    return lines
 
 
 def to_sample(record, data_format: str, index: int, path: str) -> Converted:

@@ -279,3 +279,23 @@ def test_parallel_calls_and_string_arguments():
         "<|im_start|>user\n<tool_response>\n1\n</tool_response>\n<tool_response>\n2\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\ndone<|im_end|>\n")
     assert [text[a:b] for a, b in spans][1] == "done<|im_end|>"
+
+
+def test_the_saved_template_renders_reasoning_as_training_does(qwen_tokenizer):
+    """ChatML with traces: every assistant turn keeps its reasoning in a <think> block, in training and in the
+    template saved with the model, so the model is served the text it was trained on."""
+    tokenizer = qwen_tokenizer.__class__.from_pretrained(qwen_tokenizer.name_or_path)
+    tokenizer.chat_template = chatml_template(SYSTEM)
+    conversation = [{"from": "user", "value": "2+2?"},
+                    {"from": "assistant", "value": "4", "reasoning_content": "add\n\nthen check"},
+                    {"from": "user", "value": "and 3+3?"}, {"from": "assistant", "value": "6"},
+                    {"from": "user", "value": "思考一下: 5+5?"},
+                    {"from": "assistant", "value": "<think>\n十\n</think>\n\n10"}]
+    turns = to_turns(conversation)
+    assert [t.reasoning for t in turns if t.role == "assistant"] == ["add\n\nthen check", "", "十"]
+    messages = [{"role": t.role, "content": t.content} | ({"reasoning_content": t.reasoning} if t.reasoning else {})
+                for t in turns]
+    text, spans = render_chatml(turns, SYSTEM)
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == text
+    assert [text[a:b] for a, b in spans] == ["<think>\nadd\n\nthen check\n</think>\n\n4<|im_end|>", "6<|im_end|>",
+                                             "<think>\n十\n</think>\n\n10<|im_end|>"]

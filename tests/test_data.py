@@ -516,3 +516,52 @@ def test_role_content_turns_under_conversations_and_raw_sharegpt_roles(tmp_path)
     bad = [{"id": "x", "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}]}]
     with pytest.raises(DataError, match=r"sample 0 \(id='x'\): conversations\[1\]: 'content' must be a string"):
         load_samples(str(write_json(tmp_path / "c.json", bad)))
+
+
+# --- reasoning traces and keys the reader does not use ------------------------------------------------------
+
+TRACE = "Simple addition: 2+2=4.\n\nDouble-checked."
+SAME_TRACE = {
+    "messages": {"messages": [{"role": "user", "content": "What is 2+2?"},
+                              {"role": "assistant", "reasoning_content": TRACE, "content": "4"}]},
+    "sharegpt": {"conversations": [{"from": "human", "value": "What is 2+2?"},
+                                   {"from": "gpt", "value": "4", "reasoning_content": TRACE}]},
+    "conversations": {"conversations": [{"from": "user", "value": "What is 2+2?"},
+                                        {"from": "assistant", "value": "4", "reasoning_content": TRACE}]},
+    "inline": {"conversations": [{"from": "user", "value": "What is 2+2?"},
+                                 {"from": "assistant", "value": f"<think>\n{TRACE}\n</think>\n\n4"}]},
+}
+
+
+@pytest.mark.parametrize("source", SAME_TRACE)
+def test_a_reasoning_trace_is_read_and_trained(tmp_path, source, qwen_tokenizer):
+    """The issue's record: the trace is kept (not silently dropped) and trained with the answer."""
+    [sample] = load_samples(str(write_json(tmp_path / "r.json", [SAME_TRACE[source]])))
+    [tokenized] = SupervisedDataset([sample], qwen_tokenizer, 512, "s").samples
+    trained = qwen_tokenizer.decode([t for t, label in zip(tokenized.input_ids, tokenized.labels) if label != IGNORE_INDEX])
+    assert trained == f"<think>\n{TRACE}\n</think>\n\n4<|im_end|>"
+    assert qwen_tokenizer.decode(tokenized.input_ids).endswith(f"<|im_start|>assistant\n<think>\n{TRACE}\n</think>\n\n4<|im_end|>\n")
+
+
+def test_a_reasoning_trace_of_the_wrong_kind_is_refused(tmp_path):
+    records = [{"messages": [{"role": "user", "content": "q", "reasoning_content": "why"},
+                             {"role": "assistant", "content": "a", "reasoning_content": 5}]}]
+    with pytest.raises(DataError) as error:
+        load_samples(str(write_json(tmp_path / "r.json", records)))
+    assert "'reasoning_content' on a user turn" in str(error.value)
+    assert "'reasoning_content' must be a string, found a int" in str(error.value)
+
+
+def test_keys_the_reader_does_not_use_are_reported_once_per_file_with_counts(tmp_path, caplog):
+    records = [{"id": "a", "source": "web", "messages": [
+        {"role": "user", "content": "q", "name": "bob"},
+        {"role": "assistant", "content": "a", "reasoning": "typo", "weight": 0.0}]},
+        {"messages": [{"role": "user", "content": "q", "name": "eve"}, {"role": "assistant", "content": "a"}]}]
+    load_samples(str(write_json(tmp_path / "r.json", records)))
+    [line] = [r.getMessage() for r in caplog.records if "keys not read" in r.getMessage()]
+    assert "'name' in 2 messages" in line and "'source' in 1 records" in line
+    assert "'reasoning' in 1 messages: did you mean 'reasoning_content'?" in line
+    assert "'weight' in 1 messages: per-turn loss weights, not supported yet" in line
+    caplog.clear()
+    load_samples(str(write_json(tmp_path / "clean.json", [SAME_TRACE["messages"]])))
+    assert "keys not read" not in caplog.text
