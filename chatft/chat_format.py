@@ -20,12 +20,15 @@ at inference: no per-turn tokenization whose joins differ from the real text.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
 
 IGNORE_INDEX = -100
+CHAT_FORMATS = ("auto", "chatml", "qwen3")  # --chat_format; auto: qwen3 for a model whose template thinks, else chatml
+QWEN3_TEMPLATE_PATH = Path(__file__).parent / "templates" / "qwen3.jinja"  # Qwen3's own chat template, verbatim
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
@@ -59,6 +62,7 @@ class Turn:
 class Conversation:
     turns: tuple[Turn, ...]
     tools: tuple[str, ...] = ()  # tool definitions, each as its JSON text
+    trained: tuple[int, ...] | None = None  # indices of the assistant turns that carry loss; None: every one
 
 
 @dataclass
@@ -211,9 +215,9 @@ def render_chatml(conversation: Conversation | list[Turn], system_message: str =
     """
     if not isinstance(conversation, Conversation):
         conversation = Conversation(tuple(conversation))
-    turns = conversation.turns
+    turns, first = conversation.turns, 0  # first: the index in conversation.turns of turns[0]
     if turns and turns[0].role == "system":
-        system_message, turns = turns[0].content, turns[1:]
+        system_message, turns, first = turns[0].content, turns[1:], 1
     text = f"{IM_START}system\n{system_message}"
     if conversation.tools:
         text += TOOLS_HEADER + "".join("\n" + tool for tool in conversation.tools) + TOOLS_FOOTER
@@ -230,10 +234,108 @@ def render_chatml(conversation: Conversation | list[Turn], system_message: str =
         text += f"{IM_START}{turn.role}\n"
         start = len(text)
         text += (_assistant_text(turn) if turn.role == "assistant" else turn.content) + IM_END
-        if turn.role == "assistant":
+        if turn.role == "assistant" and _is_trained(conversation, first + j):
             spans.append((start, len(text)))
         text += "\n"
     return text, spans
+
+
+def _is_trained(conversation: Conversation, index: int) -> bool:
+    return conversation.trained is None or index in conversation.trained
+
+
+def is_thinking_template(template: str | None) -> bool:
+    """Whether a model's chat template renders reasoning traces the way Qwen3's does (think blocks from
+    `reasoning_content`)."""
+    return bool(template) and "reasoning_content" in template and THINK_OPEN in template
+
+
+def qwen3_template() -> str:
+    return QWEN3_TEMPLATE_PATH.read_text(encoding="utf-8")
+
+
+def _is_query(turn: Turn) -> bool:
+    """A user message that asks something (Qwen3's template does not count a user turn holding tool responses)."""
+    return turn.role == "user" and not (turn.content.startswith("<tool_response>")
+                                        and turn.content.endswith("</tool_response>"))
+
+
+def render_qwen3(conversation: Conversation | list[Turn]) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation exactly as Qwen3's chat template does (templates/qwen3.jinja); return the text and the
+    trainable character spans (an assistant turn's think block, text, tool calls and `<|im_end|>`).
+
+    Its rules: no default system prompt; tool definitions in a system message; the assistant turns after the last
+    user query carry their reasoning in a `<think>` block, and the final one always has a block (empty without
+    reasoning); earlier assistant turns are rendered without their reasoning.
+    """
+    if not isinstance(conversation, Conversation):
+        conversation = Conversation(tuple(conversation))
+    turns = conversation.turns
+    has_system = bool(turns) and turns[0].role == "system"
+    text = ""
+    if conversation.tools:
+        text = f"{IM_START}system\n" + (turns[0].content + "\n\n" if has_system else "")
+        text += TOOLS_HEADER.removeprefix("\n\n") + "".join("\n" + tool for tool in conversation.tools)
+        text += TOOLS_FOOTER + f"{IM_END}\n"
+    elif has_system:
+        text = f"{IM_START}system\n{turns[0].content}{IM_END}\n"
+    last_query = max((j for j, turn in enumerate(turns) if _is_query(turn)), default=len(turns) - 1)
+    spans = []
+    for j, turn in enumerate(turns):
+        if turn.role == "user" or (turn.role == "system" and j > 0):
+            text += f"{IM_START}{turn.role}\n{turn.content}{IM_END}\n"
+        elif turn.role == "tool":
+            if j == 0 or turns[j - 1].role != "tool":
+                text += f"{IM_START}user"
+            text += f"\n<tool_response>\n{turn.content}\n</tool_response>"
+            if j == len(turns) - 1 or turns[j + 1].role != "tool":
+                text += f"{IM_END}\n"
+        elif turn.role == "assistant":
+            text += f"{IM_START}assistant\n"
+            start = len(text)
+            think = j > last_query and (j == len(turns) - 1 or bool(turn.reasoning))
+            text += (_think_block(turn.reasoning) + turn.content.lstrip("\n")) if think else turn.content
+            for k, call in enumerate(turn.tool_calls):
+                if (k == 0 and turn.content) or k > 0:
+                    text += "\n"
+                text += f'<tool_call>\n{{"name": "{call.name}", "arguments": {call.arguments}}}\n</tool_call>'
+            text += IM_END
+            if _is_trained(conversation, j):
+                spans.append((start, len(text)))
+            text += "\n"
+    return text, spans
+
+
+def render(conversation: Conversation | list[Turn], system_message: str = DEFAULT_SYSTEM_MESSAGE,
+           chat_format: str = "chatml") -> tuple[str, list[tuple[int, int]]]:
+    """The text and trainable spans of a conversation in `chat_format` (chatml: `render_chatml`, with
+    `system_message` for conversations without one; qwen3: `render_qwen3`, which adds no system prompt)."""
+    return render_qwen3(conversation) if chat_format == "qwen3" else render_chatml(conversation, system_message)
+
+
+def training_conversations(conversation: Conversation, chat_format: str, reasoning_turns: str = "all"
+                           ) -> list[Conversation]:
+    """The training samples of one conversation. In the qwen3 format a trace is shown only in the turns after the
+    last user query, so a conversation with reasoning in earlier turns cannot train them in one sample: with
+    `reasoning_turns="all"` it becomes one sample per user query (the conversation up to the end of that query's
+    assistant turns, training those turns), each exactly the prompt the model gets at inference plus its reply;
+    with "last" one sample trains only the turns after the last query. Otherwise: the conversation, every
+    assistant turn trained."""
+    if chat_format != "qwen3":
+        return [conversation]
+    turns = conversation.turns
+    queries = [j for j, turn in enumerate(turns) if _is_query(turn)]
+    if not queries:
+        return [conversation]
+    segments = [(start, end) for start, end in zip(queries, queries[1:] + [len(turns)])]
+    assistant = lambda start, end: tuple(j for j in range(start, end) if turns[j].role == "assistant")  # noqa: E731
+    if reasoning_turns == "last":
+        return [replace(conversation, trained=assistant(*segments[-1]))]
+    earlier_reasoning = any(turns[j].reasoning for start, end in segments[:-1] for j in assistant(start, end))
+    if not earlier_reasoning:
+        return [conversation]
+    return [replace(conversation, turns=turns[:end], trained=assistant(start, end))
+            for start, end in segments if assistant(start, end)]
 
 
 def trainable_tokens(offsets: np.ndarray, span_starts: np.ndarray, span_ends: np.ndarray) -> np.ndarray:
@@ -255,7 +357,8 @@ def trainable_tokens(offsets: np.ndarray, span_starts: np.ndarray, span_ends: np
 
 
 def tokenize_conversations(conversations: list[Conversation | list[Turn]], tokenizer, max_len: int,
-                           system_message: str = DEFAULT_SYSTEM_MESSAGE) -> list[TokenizedSample]:
+                           system_message: str = DEFAULT_SYSTEM_MESSAGE, chat_format: str = "chatml"
+                           ) -> list[TokenizedSample]:
     """Tokenize many conversations with one batched fast-tokenizer call; truncate each to `max_len` tokens.
 
     Invariants: `input_ids == tokenizer(render_chatml(...)[0], add_special_tokens=False).input_ids[:max_len]`;
@@ -268,7 +371,7 @@ def tokenize_conversations(conversations: list[Conversation | list[Turn]], token
         )
     if not conversations:
         return []
-    rendered = [render_chatml(turns, system_message) for turns in conversations]
+    rendered = [render(turns, system_message, chat_format) for turns in conversations]
     encoding = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     # All samples at once: shift each sample's offsets and spans by its place in one long string (plus a
     # gap of one character, so no token of one sample can reach a span of the next).
@@ -289,10 +392,11 @@ def tokenize_conversations(conversations: list[Conversation | list[Turn]], token
 
 
 def tokenize_conversation(
-    conversation: Conversation | list[Turn], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE
+    conversation: Conversation | list[Turn], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE,
+    chat_format: str = "chatml",
 ) -> TokenizedSample:
     """Tokenize one conversation (see `tokenize_conversations`)."""
-    return tokenize_conversations([conversation], tokenizer, max_len, system_message)[0]
+    return tokenize_conversations([conversation], tokenizer, max_len, system_message, chat_format)[0]
 
 
 def preprocess(sources, tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE) -> dict:

@@ -299,3 +299,104 @@ def test_the_saved_template_renders_reasoning_as_training_does(qwen_tokenizer):
     assert tokenizer.apply_chat_template(messages, tokenize=False) == text
     assert [text[a:b] for a, b in spans] == ["<think>\nadd\n\nthen check\n</think>\n\n4<|im_end|>", "6<|im_end|>",
                                              "<think>\n十\n</think>\n\n10<|im_end|>"]
+
+
+# --- the qwen3 format: Qwen3's own template, reasoning traces included ---------------------------------------
+
+def generated_conversations(count: int, seed: int = 0):
+    """Single and multi-turn conversations, with and without reasoning (inline <think> or reasoning_content, with
+    blank lines), with tools and parallel calls, non-ASCII, with and without a system prompt."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["alpha", "βeta", "数据", "🚀 launch", "naïve", "x = 1\n\ny = 2", "  spaced  ", "안녕"]
+    text = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(1, 4)))  # noqa: E731
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "Look up a word",
+                                               "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]
+    for index in range(count):
+        use_tools = rng.random() < 0.3
+        turns = [{"from": "system", "value": text()}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 3)):
+            turns.append({"from": "user", "value": text()})
+            reasoning = rng.choice(["", "", text(), text() + "\n\n" + text()])
+            if use_tools and rng.random() < 0.6:
+                calls = [{"name": "lookup", "arguments": {"q": text()}} for _ in range(rng.randint(1, 2))]
+                turns.append({"from": "function_call", "value": json.dumps(calls, ensure_ascii=False)}
+                             | ({"reasoning_content": reasoning} if reasoning else {}))
+                turns += [{"from": "observation", "value": text()} for _ in calls]
+                reasoning = rng.choice(["", text()])
+            answer = text()
+            if reasoning and rng.random() < 0.3:  # the trace inline, as some data carries it
+                turns.append({"from": "assistant", "value": f"<think>\n{reasoning}\n</think>\n\n{answer}"})
+            else:
+                turns.append({"from": "assistant", "value": answer} | ({"reasoning_content": reasoning} if reasoning else {}))
+        yield {"id": f"g{index}", "conversations": turns} | ({"tools": tools} if use_tools else {})
+
+
+def template_messages(conversation):
+    """A Conversation as the messages (reasoning as `reasoning_content`) and tools apply_chat_template takes."""
+    messages = []
+    for turn in conversation.turns:
+        message = {"role": turn.role, "content": turn.content}
+        if turn.reasoning:
+            message["reasoning_content"] = turn.reasoning
+        if turn.tool_calls:
+            message["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": json.loads(c.arguments)}}
+                                     for c in turn.tool_calls]
+        messages.append(message)
+    return messages, [json.loads(tool) for tool in conversation.tools] or None
+
+
+def test_the_qwen3_format_is_qwen3s_own_template(qwen_tokenizer):
+    """On the real Qwen3 tokenizer, 300 generated conversations: each training sample's text (and tokens) equal
+    apply_chat_template on the same messages, whole; the text before each trained reply equals the template's
+    prompt for it (add_generation_prompt=True); the labels are exactly that reply's reasoning, answer and calls and
+    its <|im_end|>. Conversations with reasoning in earlier turns are split, one sample per user query."""
+    from chatft.chat_format import is_thinking_template, render_qwen3, training_conversations
+
+    assert is_thinking_template(qwen_tokenizer.chat_template)
+    split = 0
+    for sample in generated_conversations(300):
+        conversation = to_conversation(sample)
+        samples = training_conversations(conversation, "qwen3")
+        split += len(samples) > 1
+        for part in samples:
+            messages, tools = template_messages(part)
+            text, spans = render_qwen3(part)
+            assert text == qwen_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False), sample["id"]
+            ids = qwen_tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True)["input_ids"]
+            tokenized = tokenize_conversation(part, qwen_tokenizer, 100_000, chat_format="qwen3")
+            assert tokenized.input_ids == ids
+            trained = [j for j, turn in enumerate(part.turns) if turn.role == "assistant" and
+                       (part.trained is None or j in part.trained)]
+            assert len(spans) == len(trained)
+            for j, (start, end) in zip(trained, spans):
+                prompt = qwen_tokenizer.apply_chat_template(messages[:j], tools=tools, tokenize=False,
+                                                            add_generation_prompt=True)
+                assert text[:start] == prompt, (sample["id"], j)
+                turn = part.turns[j]
+                if turn.reasoning:
+                    assert text[start:end].startswith(f"<think>\n{turn.reasoning.strip(chr(10))}\n</think>\n\n")
+                assert text[start:end].endswith(IM_END)
+            assert labelled_runs(qwen_tokenizer, tokenized) == [text[a:b] for a, b in spans]
+    assert split > 20  # the generator makes plenty of multi-turn conversations with earlier reasoning
+
+
+def test_qwen3_training_samples_of_a_multi_turn_reasoning_conversation():
+    from chatft.chat_format import render_qwen3, training_conversations
+
+    conversation = to_conversation({"conversations": [
+        {"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4", "reasoning_content": "add"},
+        {"from": "user", "value": "3+3?"}, {"from": "assistant", "value": "6", "reasoning_content": "add again"}]})
+    first, second = training_conversations(conversation, "qwen3")
+    assert [render_qwen3(c)[0][slice(*render_qwen3(c)[1][0])] for c in (first, second)] == [
+        "<think>\nadd\n</think>\n\n4<|im_end|>", "<think>\nadd again\n</think>\n\n6<|im_end|>"]
+    assert "add\n" not in render_qwen3(second)[0].split("3+3?")[0].split("assistant\n", 1)[1]  # old thought dropped
+    [last_only] = training_conversations(conversation, "qwen3", "last")
+    assert len(render_qwen3(last_only)[1]) == 1 and last_only.turns == conversation.turns
+    no_reasoning = to_conversation({"conversations": [
+        {"from": "user", "value": "a"}, {"from": "assistant", "value": "b"},
+        {"from": "user", "value": "c"}, {"from": "assistant", "value": "d"}]})
+    assert training_conversations(no_reasoning, "qwen3") == [no_reasoning]  # nothing to lose: one sample
+    assert render_qwen3(no_reasoning)[0].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nd<|im_end|>\n")
+    assert training_conversations(conversation, "chatml") == [conversation]
