@@ -53,9 +53,10 @@ def train(argv=None):
     if not data_args.dry_run:
         join_process_group(training_args)
     model_path = resolve_model_path(model_args.model_name_or_path)
-    tokenizer, added_tokens = load_tokenizer(
+    tokenizer, added_tokens, chat_format = load_tokenizer(
         model_path, training_args.model_max_length, data_args.system_message,
         cache_dir=training_args.cache_dir, trust_remote_code=model_args.trust_remote_code,
+        chat_format=data_args.chat_format,
     )
     train_embeddings = trainable_embeddings(model_args, training_args, lora_args, added_tokens)
     if data_args.dry_run:  # the tokenizer only: no model, nothing written
@@ -64,14 +65,15 @@ def train(argv=None):
                 print(dry_run_report(name, samples, tokenizer, training_args.model_max_length, data_args.system_message,
                                      data_args.packing, data_args.padding_free,
                                      training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
-                                     int(os.environ.get("WORLD_SIZE", "1")), training_args.seed))
+                                     int(os.environ.get("WORLD_SIZE", "1")), training_args.seed, chat_format,
+                                     data_args.reasoning_turns))
         return None
     # The first process of each machine tokenizes (and caches); the others wait, then read its cache.
     with training_args.main_process_first(local=True, desc="tokenizing the data"):
         train_dataset, eval_dataset = make_datasets(
             train_samples, eval_samples, tokenizer, training_args.model_max_length,
             data_args.lazy_preprocess, data_args.system_message, data_args.packing,
-            data_args.preprocessing_num_workers, data_args.tokenized_cache_dir,
+            data_args.preprocessing_num_workers, data_args.tokenized_cache_dir, chat_format, data_args.reasoning_turns,
         )
     if data_args.packing and training_args.should_log:  # the batch no longer means what the flags say: say so
         logger.info(packing_summary(train_dataset, training_args.per_device_train_batch_size,

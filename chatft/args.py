@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import transformers
 
 from chatft import cache_root
-from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE
+from chatft.chat_format import CHAT_FORMATS, DEFAULT_SYSTEM_MESSAGE
 from chatft.checkpoints import model_source_problems
 from chatft.errors import ArgumentError
 from chatft.formats import FORMATS
@@ -62,6 +62,19 @@ class DataArguments:
                   "per file from its records)."},
     )
     lazy_preprocess: bool = field(default=False, metadata={"help": "Tokenize samples when first used, not up front."})
+    chat_format: str = field(
+        default="auto",
+        metadata={"help": "auto|chatml|qwen3: how conversations are rendered for training (and the chat template saved "
+                  "with the model). qwen3: Qwen3's own template (think blocks from reasoning traces, no default system "
+                  "prompt); chatml: ChatML with --system_message, a turn's reasoning in a <think> block. auto: qwen3 "
+                  "when the model's own template renders reasoning as Qwen3's does, else chatml."},
+    )
+    reasoning_turns: str = field(
+        default="all",
+        metadata={"help": "all|last (qwen3 format): all: a conversation with reasoning in earlier turns is split into one "
+                  "sample per user query, so every reasoning turn is trained in the context it is generated in; "
+                  "last: one sample per conversation, training only the turns after its last user query."},
+    )
     padding_free: bool = field(
         default=True,
         metadata={"help": "Each batch (per_device_train_batch_size samples, drawn as a padded run draws them) as one "
@@ -221,6 +234,10 @@ def validate_args(model_args, data_args, training_args, lora_args) -> None:
     if data_args.packing and data_args.lazy_preprocess:
         problems.append("--packing needs every sample's length up front and --lazy_preprocess tokenizes on first use: "
                         "drop one of them.")
+    if data_args.chat_format not in CHAT_FORMATS:
+        problems.append(f"--chat_format must be one of {', '.join(CHAT_FORMATS)}, not {data_args.chat_format!r}.")
+    if data_args.reasoning_turns not in ("all", "last"):
+        problems.append(f"--reasoning_turns must be all or last, not {data_args.reasoning_turns!r}.")
     if data_args.data_format not in FORMATS:
         problems.append(f"--data_format must be one of {', '.join(FORMATS)}, not {data_args.data_format!r}.")
     if data_args.eval_fraction is not None and not 0 < data_args.eval_fraction < 1:

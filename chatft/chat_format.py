@@ -20,7 +20,7 @@ at inference: no per-turn tokenization whose joins differ from the real text.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,7 @@ class Conversation:
 class TokenizedSample:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is taken; aligned with input_ids (the model shifts)
+    origin: int = field(default=0, compare=False)  # the data sample it was made from (a split one makes several)
 
     @property
     def num_trainable(self) -> int:
@@ -245,9 +246,9 @@ def _is_trained(conversation: Conversation, index: int) -> bool:
 
 
 def is_thinking_template(template: str | None) -> bool:
-    """Whether a model's chat template renders reasoning traces the way Qwen3's does (think blocks from
-    `reasoning_content`)."""
-    return bool(template) and "reasoning_content" in template and THINK_OPEN in template
+    """Whether a model's chat template renders reasoning traces the way Qwen3's does: think blocks from
+    `reasoning_content`, only after the last user query (its `last_query_index`; ChatML's template keeps them all)."""
+    return bool(template) and "reasoning_content" in template and THINK_OPEN in template and "last_query_index" in template
 
 
 def qwen3_template() -> str:

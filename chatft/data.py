@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import os
 import random
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,12 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from chatft import chat_format
+from chatft import chat_format as chat_format_code  # its source is part of the tokenized cache key
 from chatft.errors import DataError
 from chatft.formats import file_format, format_mismatch, ignored_keys, to_sample
-from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, ROLES, TokenizedSample, parse_tool_calls,
-                                parse_tools, to_conversation, to_turns, tokenize_conversation, tokenize_conversations)
+from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, ROLES, Conversation, TokenizedSample,
+                                parse_tool_calls, parse_tools, to_conversation, to_turns, tokenize_conversation,
+                                tokenize_conversations, training_conversations)
 
 logger = logging.getLogger(__name__)
 
@@ -207,17 +209,18 @@ def _sample_name(raw: dict, index: int) -> str:
     return f"sample {index} (id={raw['id']!r})" if "id" in raw else f"sample {index}"
 
 
-TOKENIZED_FORMAT = "chatft-tokenized-1"  # the cache file's layout
+TOKENIZED_FORMAT = "chatft-tokenized-2"  # the cache file's layout
 TOKENIZE_BATCH = 512  # conversations per batched tokenizer call (and per progress step, per worker task)
 
 
-def tokenized_cache_key(raw_data: list[dict], tokenizer, max_len: int, system_message: str) -> str:
+def tokenized_cache_key(raw_data: list[dict], tokenizer, max_len: int, system_message: str, chat_format: str = "chatml",
+                        reasoning_turns: str = "all") -> str:
     """A digest of everything the tokenized samples depend on: data content, tokenizer, template, length, and
     the code that renders and labels (chat_format.py's source), so an upgrade never reads a stale cache."""
     digest = hashlib.sha256()
-    code = Path(chat_format.__file__).read_text(encoding="utf-8")
+    code = Path(chat_format_code.__file__).read_text(encoding="utf-8")
     for part in (TOKENIZED_FORMAT, code, type(tokenizer).__name__, tokenizer.backend_tokenizer.to_str(), system_message,
-                 str(max_len), json.dumps(raw_data, sort_keys=True, ensure_ascii=False)):
+                 chat_format, reasoning_turns, str(max_len), json.dumps(raw_data, sort_keys=True, ensure_ascii=False)):
         digest.update(part.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
     return digest.hexdigest()[:40]
@@ -231,7 +234,9 @@ def _save_tokenized(samples: list[TokenizedSample], path: Path) -> None:
     labelled = labelled.astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    safetensors.numpy.save_file({"input_ids": input_ids, "labelled": labelled, "lengths": lengths}, str(scratch))
+    origins = np.array([s.origin for s in samples], dtype=np.int64)
+    safetensors.numpy.save_file({"input_ids": input_ids, "labelled": labelled, "lengths": lengths, "origins": origins},
+                                str(scratch))
     os.replace(scratch, path)
 
 
@@ -240,24 +245,39 @@ def _load_tokenized(path: Path) -> list[TokenizedSample]:
     bounds = np.cumsum(arrays["lengths"])[:-1]
     input_ids = np.split(arrays["input_ids"], bounds)
     labels = np.split(np.where(arrays["labelled"].astype(bool), arrays["input_ids"], IGNORE_INDEX), bounds)
-    return [TokenizedSample(ids.tolist(), lab.tolist()) for ids, lab in zip(input_ids, labels)]
+    return [TokenizedSample(ids.tolist(), lab.tolist(), int(origin))
+            for ids, lab, origin in zip(input_ids, labels, arrays["origins"])]
 
 
 _worker_job: dict = {}  # set once in each preprocessing worker process (inherited by fork, not pickled)
 
 
-def _init_worker(tokenizer, max_len, system_message):
-    _worker_job.update(tokenizer=tokenizer, max_len=max_len, system_message=system_message)
+def _init_worker(tokenizer, max_len, system_message, chat_format):
+    _worker_job.update(tokenizer=tokenizer, max_len=max_len, system_message=system_message, chat_format=chat_format)
 
 
 def _tokenize_in_worker(conversations):
     return tokenize_conversations(conversations, **_worker_job)
 
 
+def training_conversations_of(raw_data: list[dict], chat_format: str = "chatml", reasoning_turns: str = "all"
+                              ) -> tuple[list[Conversation], list[int]]:
+    """The conversations to train on, in order, and the index in `raw_data` each comes from: one per sample, or
+    several for a conversation split so that each reasoning turn is trained in its own context (qwen3 format)."""
+    conversations, origins = [], []
+    for index, raw in enumerate(raw_data):
+        parts = training_conversations(to_conversation(raw), chat_format, reasoning_turns)
+        conversations += parts
+        origins += [index] * len(parts)
+    return conversations, origins
+
+
 def tokenize_samples(raw_data: list[dict], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE,
                      num_workers: int = 1, cache_dir: str | os.PathLike | None = None,
-                     desc: str = "Tokenizing") -> list[TokenizedSample]:
-    """Every sample tokenized, in order, in batched calls (in `num_workers` processes when > 1).
+                     desc: str = "Tokenizing", chat_format: str = "chatml",
+                     reasoning_turns: str = "all") -> list[TokenizedSample]:
+    """Every sample tokenized, in order, in batched calls (in `num_workers` processes when > 1); a sample split into
+    several (training_conversations_of) gives several, each with its `origin`.
 
     With `cache_dir`, the result is stored there under `tokenized_cache_key` and a later call with the same
     data, tokenizer, template and length reads it back instead (the other ranks of a distributed run, the
@@ -265,11 +285,12 @@ def tokenize_samples(raw_data: list[dict], tokenizer, max_len: int, system_messa
     """
     cache_path = None
     if cache_dir:
-        cache_path = Path(cache_dir) / f"{tokenized_cache_key(raw_data, tokenizer, max_len, system_message)}.safetensors"
+        key = tokenized_cache_key(raw_data, tokenizer, max_len, system_message, chat_format, reasoning_turns)
+        cache_path = Path(cache_dir) / f"{key}.safetensors"
         if cache_path.is_file():
             logger.info("%s: reusing %d tokenized samples from %s", desc, len(raw_data), cache_path)
             return _load_tokenized(cache_path)
-    conversations = [to_conversation(raw) for raw in raw_data]
+    conversations, origins = training_conversations_of(raw_data, chat_format, reasoning_turns)
     batches = [conversations[i : i + TOKENIZE_BATCH] for i in range(0, len(conversations), TOKENIZE_BATCH)]
     progress = tqdm(total=len(conversations), desc=desc, unit=" samples", disable=len(batches) < 4)
     samples = []
@@ -277,15 +298,17 @@ def tokenize_samples(raw_data: list[dict], tokenizer, max_len: int, system_messa
         # fork: the workers inherit the tokenizer instead of unpickling it for every batch
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker,
-                                 initargs=(tokenizer, max_len, system_message)) as pool:
+                                 initargs=(tokenizer, max_len, system_message, chat_format)) as pool:
             for result in pool.map(_tokenize_in_worker, batches):
                 samples += result
                 progress.update(len(result))
     else:
         for batch in batches:
-            samples += tokenize_conversations(batch, tokenizer, max_len, system_message)
+            samples += tokenize_conversations(batch, tokenizer, max_len, system_message, chat_format)
             progress.update(len(batch))
     progress.close()
+    for sample, origin in zip(samples, origins):
+        sample.origin = origin
     if cache_path is not None:
         try:
             _save_tokenized(samples, cache_path)
@@ -294,19 +317,31 @@ def tokenize_samples(raw_data: list[dict], tokenizer, max_len: int, system_messa
     return samples
 
 
+def split_summary(samples: list[TokenizedSample], num_raw: int) -> str:
+    """How many conversations were split into how many samples (qwen3 format, reasoning in earlier turns)."""
+    parts = Counter(sample.origin for sample in samples)
+    split = sum(count > 1 for count in parts.values())
+    return (f"split {split} conversation(s) with reasoning in earlier turns into one sample per user query: "
+            f"{len(samples)} samples from {num_raw} (each reasoning turn trained in the context it is generated in)")
+
+
 class SupervisedDataset(Dataset):
     """Tokenizes every sample up front (Qwen's default); drops samples left with no trainable token."""
 
     def __init__(self, raw_data: list[dict], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE,
-                 num_workers: int = 1, cache_dir: str | os.PathLike | None = None):
-        tokenized = tokenize_samples(raw_data, tokenizer, max_len, system_message, num_workers, cache_dir)
+                 num_workers: int = 1, cache_dir: str | os.PathLike | None = None, chat_format: str = "chatml",
+                 reasoning_turns: str = "all"):
+        tokenized = tokenize_samples(raw_data, tokenizer, max_len, system_message, num_workers, cache_dir,
+                                     chat_format=chat_format, reasoning_turns=reasoning_turns)
         self.samples = [sample for sample in tokenized if sample.num_trainable]
-        dropped = [_sample_name(raw, index) for index, (raw, sample) in enumerate(zip(raw_data, tokenized))
+        if len(tokenized) > len(raw_data):
+            logger.info(split_summary(tokenized, len(raw_data)))
+        dropped = [_sample_name(raw_data[sample.origin], sample.origin) for sample in tokenized
                    if not sample.num_trainable]
         if dropped:
             logger.warning(
                 "Dropped %d of %d samples with no assistant token within model_max_length=%d: %s",
-                len(dropped), len(raw_data), max_len, ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else ""),
+                len(dropped), len(tokenized), max_len, ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else ""),
             )
         if not self.samples:
             raise DataError(f"No sample has an assistant token within model_max_length={max_len}; raise it.")
@@ -330,22 +365,26 @@ class LazySupervisedDataset(Dataset):
     rather than yielding a batch with no loss, which would be NaN.
     """
 
-    def __init__(self, raw_data: list[dict], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE):
+    def __init__(self, raw_data: list[dict], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE,
+                 chat_format: str = "chatml", reasoning_turns: str = "all"):
         self.raw_data = raw_data
-        self.tokenizer, self.max_len, self.system_message = tokenizer, max_len, system_message
+        # converting is cheap; tokenizing is what waits for first use
+        self.conversations, self.origins = training_conversations_of(raw_data, chat_format, reasoning_turns)
+        self.tokenizer, self.max_len, self.system_message, self.chat_format = tokenizer, max_len, system_message, chat_format
         self.cache = {}
 
     def __len__(self):
-        return len(self.raw_data)
+        return len(self.conversations)
 
     def _tokenized(self, i):
         if i not in self.cache:
-            conversation = to_conversation(self.raw_data[i])
-            self.cache[i] = tokenize_conversation(conversation, self.tokenizer, self.max_len, self.system_message)
+            self.cache[i] = tokenize_conversation(self.conversations[i], self.tokenizer, self.max_len,
+                                                  self.system_message, self.chat_format)
             if not self.cache[i].num_trainable:
+                origin = self.origins[i]
                 logger.warning(
                     "%s has no assistant token within model_max_length=%d; using the next sample instead.",
-                    _sample_name(self.raw_data[i], i), self.max_len,
+                    _sample_name(self.raw_data[origin], origin), self.max_len,
                 )
         return self.cache[i]
 
@@ -483,16 +522,19 @@ class PaddingFreeCollator:
 
 
 def make_datasets(train_samples, eval_samples, tokenizer, max_len: int, lazy: bool, system_message: str,
-                  packing: bool = False, num_workers: int = 1, cache_dir: str | os.PathLike | None = None):
+                  packing: bool = False, num_workers: int = 1, cache_dir: str | os.PathLike | None = None,
+                  chat_format: str = "chatml", reasoning_turns: str = "all"):
     """Build (train_dataset, eval_dataset or None) from validated samples; packed rows with `packing`;
     tokenized in `num_workers` processes and cached in `cache_dir` (unless `lazy`)."""
+    rendering = {"chat_format": chat_format, "reasoning_turns": reasoning_turns}
     if lazy:
-        train = LazySupervisedDataset(train_samples, tokenizer, max_len, system_message)
-        evaluation = LazySupervisedDataset(eval_samples, tokenizer, max_len, system_message) if eval_samples else None
-    else:
-        train = SupervisedDataset(train_samples, tokenizer, max_len, system_message, num_workers, cache_dir)
-        evaluation = (SupervisedDataset(eval_samples, tokenizer, max_len, system_message, num_workers, cache_dir)
+        train = LazySupervisedDataset(train_samples, tokenizer, max_len, system_message, **rendering)
+        evaluation = (LazySupervisedDataset(eval_samples, tokenizer, max_len, system_message, **rendering)
                       if eval_samples else None)
+    else:
+        train = SupervisedDataset(train_samples, tokenizer, max_len, system_message, num_workers, cache_dir, **rendering)
+        evaluation = (SupervisedDataset(eval_samples, tokenizer, max_len, system_message, num_workers, cache_dir,
+                                        **rendering) if eval_samples else None)
     if packing:
         train = PackedDataset(train, max_len)
         evaluation = PackedDataset(evaluation, max_len) if evaluation is not None else None

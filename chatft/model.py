@@ -21,7 +21,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from chatft import cache_root, console
 from chatft.attention import PER_SAMPLE_SDPA, supports_per_sample_sdpa
-from chatft.chat_format import IM_END, IM_START, chatml_template
+from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IM_END, IM_START, chatml_template, is_thinking_template,
+                                qwen3_template)
 from chatft.errors import ArgumentError
 
 logger = logging.getLogger(__name__)
@@ -86,10 +87,12 @@ def join_process_group(training_args) -> None:
             deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
 
-def load_tokenizer(model_path: str, model_max_length: int, system_message: str, cache_dir=None, trust_remote_code=False):
-    """Load the fast tokenizer, add ChatML tokens if missing, install the ChatML chat template.
+def load_tokenizer(model_path: str, model_max_length: int, system_message: str, cache_dir=None, trust_remote_code=False,
+                   chat_format: str = "chatml"):
+    """Load the fast tokenizer, add ChatML tokens if missing, install the chat template of `chat_format` (auto: qwen3
+    when the model's own template renders reasoning as Qwen3's does, else chatml).
 
-    Returns (tokenizer, added_tokens): the list of tokens that had to be added.
+    Returns (tokenizer, added_tokens, chat_format): the tokens that had to be added, and the format resolved.
     """
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         model_path,
@@ -108,8 +111,19 @@ def load_tokenizer(model_path: str, model_max_length: int, system_message: str, 
     if tokenizer.pad_token is None:
         # Padding positions carry attention_mask 0 and label IGNORE_INDEX, so which token pads does not matter.
         tokenizer.pad_token = tokenizer.eos_token or IM_END
-    tokenizer.chat_template = chatml_template(system_message)
-    return tokenizer, added
+    own_template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    if chat_format == "auto":
+        chat_format = "qwen3" if is_thinking_template(own_template) else "chatml"
+    if chat_format == "qwen3":
+        # the model's own thinking template when it has one (it renders as training does), else Qwen3's
+        tokenizer.chat_template = own_template if is_thinking_template(own_template) else qwen3_template()
+        if system_message != DEFAULT_SYSTEM_MESSAGE:
+            logger.warning("--system_message is not used by the qwen3 format: Qwen3's template adds no system prompt; "
+                           "put a system turn in the data instead.")
+        logger.info("Chat format: qwen3 (Qwen3's template: reasoning in think blocks, no default system prompt)")
+    else:
+        tokenizer.chat_template = chatml_template(system_message)
+    return tokenizer, added, chat_format
 
 
 def compute_dtype(training_args) -> torch.dtype:

@@ -23,7 +23,8 @@ import torch
 import transformers
 
 from chatft import console
-from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, TokenizedSample, to_conversation, tokenize_conversation
+from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, TokenizedSample, is_thinking_template,
+                                to_conversation, tokenize_conversation)
 from chatft.data import load_samples
 from chatft.checkpoints import model_source_problems
 from chatft.errors import DataError, ModelPathError, QuantizeError
@@ -62,8 +63,11 @@ def split_samples(samples: list, settings: GptqSettings) -> tuple[list, list]:
 
 
 def tokenize_samples(samples: list[dict], tokenizer, settings: GptqSettings) -> list[TokenizedSample]:
+    """The samples in the format the model was trained and is served in: its saved template's (qwen3 for a
+    thinking template, else ChatML)."""
+    chat_format = "qwen3" if is_thinking_template(tokenizer.chat_template) else "chatml"
     return [
-        tokenize_conversation(to_conversation(sample), tokenizer, settings.max_len, settings.system_message)
+        tokenize_conversation(to_conversation(sample), tokenizer, settings.max_len, settings.system_message, chat_format)
         for sample in samples
     ]
 

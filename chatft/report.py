@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from chatft.chat_format import IGNORE_INDEX, describe_sample, to_conversation
-from chatft.data import PackedDataset, tokenize_samples
+from chatft.data import PackedDataset, split_summary, tokenize_samples
 
 HISTOGRAM_BINS = 8
 BAR_WIDTH = 40
@@ -65,8 +65,10 @@ def packing_summary(rows: PackedDataset, batch_size: int, accumulation: int, pro
 
 
 def dry_run_report(name: str, raw_samples: list[dict], tokenizer, max_len: int, system_message: str, packing: bool,
-                   padding_free: bool, batch_size: int, accumulation: int, processes: int, seed: int) -> str:
-    full = tokenize_samples(raw_samples, tokenizer, 10**9, system_message, desc=f"Tokenizing {name}")
+                   padding_free: bool, batch_size: int, accumulation: int, processes: int, seed: int,
+                   chat_format: str = "chatml", reasoning_turns: str = "all") -> str:
+    full = tokenize_samples(raw_samples, tokenizer, 10**9, system_message, desc=f"Tokenizing {name}",
+                            chat_format=chat_format, reasoning_turns=reasoning_turns)
     kept = [s for s in full if any(label != IGNORE_INDEX for label in s.labels[:max_len])]
     lengths = [len(s.input_ids) for s in full]
     truncated = [n - max_len for n in lengths if n > max_len]
@@ -76,11 +78,16 @@ def dry_run_report(name: str, raw_samples: list[dict], tokenizer, max_len: int, 
     turns = sum(len(c.turns) for c in conversations)
     tool_calls = sum(len(turn.tool_calls) for c in conversations for turn in c.turns)
     with_tools = sum(bool(c.tools) for c in conversations)
-    dropped = [(i, raw.get("id")) for i, (raw, s) in enumerate(zip(raw_samples, full))
+    dropped = [(s.origin, raw_samples[s.origin].get("id")) for s in full
                if not any(label != IGNORE_INDEX for label in s.labels[:max_len])]
+    with_reasoning = sum(any(turn.reasoning for turn in c.turns) for c in conversations)
     lines = [f"== {name}: {len(raw_samples)} samples, {turns} turns"
              + (f"; {with_tools} sample(s) define tools, {tool_calls} tool call(s) (trained; results are not)"
                 if with_tools or tool_calls else ""),
+             f"format: {chat_format}" + (" (Qwen3's template: think blocks, no default system prompt)"
+                                         if chat_format == "qwen3" else "")
+             + f"; {with_reasoning} sample(s) with reasoning traces (trained, in <think> blocks)"
+             + (f"; {split_summary(full, len(raw_samples))}" if len(full) > len(raw_samples) else ""),
              f"tokens: {sum(min(n, max_len) for n in lengths):,} after truncation to model_max_length={max_len} "
              f"({trainable:,} trainable, {100 * trainable / max(1, sum(min(n, max_len) for n in lengths)):.1f}%); "
              f"{sum(truncated):,} cut from {len(truncated)} sample(s) longer than {max_len} "

@@ -46,7 +46,7 @@ def measure(mode: str, model_path: str, seq_len: int, batch_size: int, steps: in
     baseline = rss_mib()
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
-    tokenizer, added = load_tokenizer(model_path, seq_len, data_args.system_message)
+    tokenizer, added, _ = load_tokenizer(model_path, seq_len, data_args.system_message)
     model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added,
                        trainable_embeddings(model_args, training_args, lora_args, added))
     model.to(training_args.device) if mode != "qlora" else None  # 4-bit weights were placed by their device map

@@ -108,7 +108,7 @@ def test_generate_reply_stops_at_im_end(tiny_model):
 def test_tools_are_offered_as_in_training(tiny_model, data_file, tmp_path, monkeypatch, capsys):
     import json
 
-    from chatft.chat_format import Conversation, Turn, parse_tools, render_chatml
+    from chatft.chat_format import Conversation, Turn, parse_tools, render_qwen3
 
     definitions = [{"name": "get_weather", "description": "Weather in a city",
                     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
@@ -128,7 +128,8 @@ def test_tools_are_offered_as_in_training(tiny_model, data_file, tmp_path, monke
     trained_model = tmp_path / "out"  # a fine-tuned model: its tokenizer carries the training run's chat template
     run(tiny_model, data_file, trained_model)
     assert cli_demo.main(["-c", str(trained_model), "--tools", str(tools_file), "--max-new-tokens", "2"]) == 0
-    trained, _ = render_chatml(Conversation((Turn("user", "Weather in Paris?"),), parse_tools(definitions)))
+    # the tiny model has the Qwen3 tokenizer, so it trained in the qwen3 format (chat_format auto)
+    trained, _ = render_qwen3(Conversation((Turn("user", "Weather in Paris?"),), parse_tools(definitions)))
     assert prompts[0] == trained + "<|im_start|>assistant\n"  # exactly the training rendering, tools included
     assert prompts[1].endswith("<|im_start|>user\n<tool_response>\n12°C\n</tool_response><|im_end|>\n"
                                "<|im_start|>assistant\n")

@@ -354,7 +354,7 @@ def test_the_qwen3_format_is_qwen3s_own_template(qwen_tokenizer):
     its <|im_end|>. Conversations with reasoning in earlier turns are split, one sample per user query."""
     from chatft.chat_format import is_thinking_template, render_qwen3, training_conversations
 
-    assert is_thinking_template(qwen_tokenizer.chat_template)
+    assert is_thinking_template(qwen_tokenizer.chat_template) and not is_thinking_template(chatml_template())
     split = 0
     for sample in generated_conversations(300):
         conversation = to_conversation(sample)

@@ -332,3 +332,42 @@ def test_summary_speed_counts_only_what_this_run_trained():
     assert "for 20 steps, 2.00 epochs (resumed at step 10, 30 in all); about 200 real tokens/s" in summary
     trainer.run_start = SimpleNamespace(epoch=0.0, step=0)
     assert "for 30 steps, 3.00 epochs; about 300 real tokens/s" in run_summary(trainer, "model")
+
+
+REASONING_DATA = [
+    {"messages": [{"role": "user", "content": "What is 2+2?"},
+                  {"role": "assistant", "reasoning_content": "Simple addition: 2+2=4.", "content": "4"}]},
+    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "reasoning_content": "add", "content": "4"},
+                  {"role": "user", "content": "3+3?"}, {"role": "assistant", "reasoning_content": "again", "content": "6"}]},
+]
+
+
+def test_a_thinking_model_trains_reasoning_in_its_own_format(tiny_qwen_dir, tmp_path, capsys):
+    """The tiny models carry the real Qwen3 tokenizer, whose template thinks: chat_format auto picks qwen3, the
+    trace is trained (dry run and labels), the 2-query conversation is split in two, and the saved template is the
+    model's own, so the fine-tuned model is served as trained."""
+    data = str(write_json(tmp_path / "r.json", REASONING_DATA))
+    common = ["--model_name_or_path", str(tiny_qwen_dir), "--data_path", data, "--use_cpu", "True"]
+    assert finetune.main([*common, "--output_dir", str(tmp_path / "dry"), "--dry_run", "True"]) == 0
+    report = capsys.readouterr().out
+    assert "format: qwen3" in report and "2 sample(s) with reasoning traces" in report
+    assert "split 1 conversation(s) with reasoning in earlier turns into one sample per user query: 3 samples from 2" in report
+    assert "<|im_start|>assistant\n[[<think>\nSimple addition: 2+2=4.\n</think>\n\n4<|im_end|>]]" in report
+    assert "<|im_start|>system" not in report  # Qwen3's template adds no default system prompt
+    trainer = run(tiny_qwen_dir, data, tmp_path / "out")
+    assert len(trainer.train_dataset) == 3
+    saved = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert saved.chat_template == transformers.AutoTokenizer.from_pretrained(tiny_qwen_dir).chat_template
+    last = run(tiny_qwen_dir, data, tmp_path / "last", "--reasoning_turns", "last")
+    assert len(last.train_dataset) == 2
+    chatml = run(tiny_qwen_dir, data, tmp_path / "chatml", "--chat_format", "chatml")
+    assert len(chatml.train_dataset) == 2  # ChatML keeps every turn's reasoning: nothing to split
+    assert "<|im_start|>system" in transformers.AutoTokenizer.from_pretrained(tmp_path / "chatml").chat_template
+
+
+def test_a_bad_chat_format_is_refused(a_model, capsys):
+    code = finetune.main(["--model_name_or_path", a_model, "--data_path", "d.json", "--output_dir", "o",
+                          "--chat_format", "qwen", "--reasoning_turns", "first"])
+    error = capsys.readouterr().err
+    assert code == 2 and "--chat_format must be one of auto, chatml, qwen3, not 'qwen'" in error
+    assert "--reasoning_turns must be all or last, not 'first'" in error

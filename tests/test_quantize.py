@@ -79,10 +79,18 @@ def test_perplexity_is_exp_of_the_training_loss(tiny_model):
 
 
 def test_calibration_is_the_training_tokenization(tiny_model):
+    """In the format the model was trained in, read from its saved template: qwen3 for Qwen3's (the tiny model's
+    tokenizer), ChatML for the template a ChatML run saves."""
+    from chatft.chat_format import chatml_template
+
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model)
-    tokenized = tokenize_samples(SAMPLES, tokenizer, GptqSettings(max_len=64))
-    training = SupervisedDataset(SAMPLES, tokenizer, 64, DEFAULT_SYSTEM_MESSAGE)
-    assert [s.input_ids for s in tokenized] == [list(training[i]["input_ids"]) for i in range(len(SAMPLES))]
+    for chat_format in ("qwen3", "chatml"):
+        if chat_format == "chatml":
+            tokenizer.chat_template = chatml_template(DEFAULT_SYSTEM_MESSAGE)
+        tokenized = tokenize_samples(SAMPLES, tokenizer, GptqSettings(max_len=64))
+        training = SupervisedDataset(SAMPLES, tokenizer, 64, DEFAULT_SYSTEM_MESSAGE, chat_format=chat_format)
+        assert [s.input_ids for s in tokenized] == [list(training[i]["input_ids"]) for i in range(len(SAMPLES))]
+        assert (tokenizer.decode(tokenized[0].input_ids).startswith("<|im_start|>system")) == (chat_format == "chatml")
 
 
 def test_held_out_samples_are_not_calibrated_on():
