@@ -7,6 +7,8 @@ directory (detected).
 Prompts go through the model's own saved chat template, the one the training run wrote.
 Interactive commands: :clear (forget the history), :history, :exit; with --tools, `:tool TEXT` gives the
 model a tool's result (after it answered with a <tool_call>) and lets it continue.
+A reply's reasoning (a `<think>` block, from a model trained on traces) is shown on its own `Thinking:` line,
+apart from the answer; --hide-thinking leaves it out.
 """
 
 import argparse
@@ -27,6 +29,7 @@ def parse_args(argv=None):
     parser.add_argument("--system", default=None, help="System message (default: the one saved in the chat template).")
     parser.add_argument("--tools", default=None, help="JSON file with a list of tool definitions for the model to call "
                                                       "(as in the training data's `tools`).")
+    parser.add_argument("--hide-thinking", action="store_true", help="Show only the answer of a reply that reasons.")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--do-sample", action="store_true", help="Sample instead of greedy decoding.")
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -52,7 +55,8 @@ def chat(argv=None) -> int:
     import torch
     import transformers
 
-    from chatft.chat import generate_reply, load_chat_model, load_tools
+    from chatft.chat import ThinkingStreamer, generate_reply, load_chat_model, load_tools
+    from chatft.chat_format import split_reasoning
 
     transformers.set_seed(args.seed)
     tools = load_tools(args.tools) if args.tools else None
@@ -68,11 +72,13 @@ def chat(argv=None) -> int:
         for query in args.query:
             reply = generate_reply(model, tokenizer, system + [{"role": "user", "content": query}],
                                    args.max_new_tokens, **sampling)
-            print(f"User: {query}\nAssistant: {reply}\n", flush=True)
+            reasoning, answer = split_reasoning(reply)
+            thinking = f"Thinking: {reasoning}\n" if reasoning and not args.hide_thinking else ""
+            print(f"User: {query}\n{thinking}Assistant: {answer}\n", flush=True)
         return 0
 
     history = []
-    streamer = transformers.TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = ThinkingStreamer(tokenizer, show_thinking=not args.hide_thinking)
     print("Chat with the model. Commands: :clear, :history, :exit")
     while True:
         try:
@@ -94,9 +100,10 @@ def chat(argv=None) -> int:
             history.append({"role": "tool", "content": query[len(":tool "):]})
         else:
             history.append({"role": "user", "content": query})
-        print("Assistant: ", end="", flush=True)
         reply = generate_reply(model, tokenizer, system + history, args.max_new_tokens, streamer=streamer, **sampling)
-        history.append({"role": "assistant", "content": reply})
+        reasoning, answer = split_reasoning(reply)
+        # the reasoning goes back as the template expects it (Qwen3's drops old thoughts; ChatML's keeps them)
+        history.append({"role": "assistant", "content": answer} | ({"reasoning_content": reasoning} if reasoning else {}))
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from chatft import console
-from chatft.chat_format import IM_END
+from chatft.chat_format import IM_END, THINK_CLOSE, THINK_OPEN
 from chatft.checkpoints import adapter_base, checkpoint_kind, model_source_problems, saved_quant_method
 from chatft.errors import ArgumentError, ModelPathError
 
@@ -99,3 +99,41 @@ def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int =
         **sampling,
     )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+class ThinkingStreamer(transformers.TextStreamer):
+    """Streams a reply as `Assistant: ...`, with a `<think>` block it opens with shown on a `Thinking: ...` line
+    of its own (or left out with show_thinking=False)."""
+
+    def __init__(self, tokenizer, show_thinking: bool = True):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.show_thinking = show_thinking
+        self.pending, self.state = "", "start"  # start -> (thinking ->) answer
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        self.pending += text
+        if self.state == "start":
+            stripped = self.pending.lstrip()
+            if stripped.startswith(THINK_OPEN):
+                self.pending, self.state = stripped[len(THINK_OPEN):].lstrip("\n"), "thinking"
+                if self.show_thinking:
+                    print("Thinking: ", end="", flush=True)
+            elif len(stripped) >= len(THINK_OPEN) or not THINK_OPEN.startswith(stripped) or stream_end:
+                self.state = "answer"
+                print("Assistant: ", end="", flush=True)
+        if self.state == "thinking":
+            if THINK_CLOSE in self.pending:
+                thought, self.pending = self.pending.split(THINK_CLOSE, 1)
+                if self.show_thinking:
+                    print(thought.rstrip("\n"), flush=True)
+                self.pending, self.state = self.pending.lstrip("\n"), "answer"
+                print("Assistant: ", end="", flush=True)
+            elif self.show_thinking and not stream_end:
+                keep = len(THINK_CLOSE)  # a closing tag may be arriving in pieces
+                print(self.pending[:-keep], end="", flush=True)
+                self.pending = self.pending[-keep:]
+        if self.state == "answer" or stream_end:
+            print(self.pending, end="\n" if stream_end else "", flush=True)
+            self.pending = ""
+        if stream_end:
+            self.state = "start"

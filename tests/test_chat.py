@@ -136,3 +136,26 @@ def test_tools_are_offered_as_in_training(tiny_model, data_file, tmp_path, monke
     tools_file.write_text('{"name": "not a list"}')
     assert cli_demo.main(["-c", str(trained_model), "--tools", str(tools_file)]) == 2
     assert "expected a list of tool definitions" in capsys.readouterr().err
+
+
+def test_a_replys_thinking_is_shown_apart_from_its_answer_or_hidden(tiny_model, monkeypatch, capsys):
+    monkeypatch.setattr(chat, "generate_reply", lambda *a, **k: "<think>\nIt is a greeting.\n</think>\n\nHello!")
+    assert cli_demo.main(["-c", str(tiny_model), "--query", "Hi"]) == 0
+    assert "User: Hi\nThinking: It is a greeting.\nAssistant: Hello!\n" in capsys.readouterr().out
+    assert cli_demo.main(["-c", str(tiny_model), "--query", "Hi", "--hide-thinking"]) == 0
+    out = capsys.readouterr().out
+    assert "User: Hi\nAssistant: Hello!\n" in out and "greeting" not in out
+
+
+@pytest.mark.parametrize("show", [True, False])
+def test_the_streamer_puts_thinking_on_its_own_line(tiny_model, capsys, show):
+    from chatft.chat import ThinkingStreamer
+
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tiny_model)
+    streamer = ThinkingStreamer(tokenizer, show_thinking=show)
+    for chunk, end in [("<think>\nLet me", False), (" see.\n</th", False), ("ink>\n\nHel", False), ("lo!", True),
+                       ("No thoughts", True)]:
+        streamer.on_finalized_text(chunk, stream_end=end)
+    out = capsys.readouterr().out
+    expected = ("Thinking: Let me see.\n" if show else "") + "Assistant: Hello!\nAssistant: No thoughts\n"
+    assert out == expected
