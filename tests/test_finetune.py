@@ -360,9 +360,22 @@ def test_a_thinking_model_trains_reasoning_in_its_own_format(tiny_qwen_dir, tmp_
     assert saved.chat_template == transformers.AutoTokenizer.from_pretrained(tiny_qwen_dir).chat_template
     last = run(tiny_qwen_dir, data, tmp_path / "last", "--reasoning_turns", "last")
     assert len(last.train_dataset) == 2
+    lazy = run(tiny_qwen_dir, data, tmp_path / "lazy", "--lazy_preprocess", "True")
+    assert len(lazy.train_dataset) == 3 and lazy.train_dataset[1]["labels"] == trainer.train_dataset[1]["labels"]
     chatml = run(tiny_qwen_dir, data, tmp_path / "chatml", "--chat_format", "chatml")
     assert len(chatml.train_dataset) == 2  # ChatML keeps every turn's reasoning: nothing to split
     assert "<|im_start|>system" in transformers.AutoTokenizer.from_pretrained(tmp_path / "chatml").chat_template
+
+
+def test_dry_run_names_the_keys_it_ignores(tiny_qwen_dir, tmp_path, caplog):
+    records = [{"messages": [{"role": "user", "content": "q", "name": "bob"},
+                             {"role": "assistant", "content": "a", "thinking": "t"}], "weight": 1}]
+    data = str(write_json(tmp_path / "r.json", records))
+    assert finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path", data, "--output_dir",
+                          str(tmp_path / "o"), "--dry_run", "True", "--use_cpu", "True"]) == 0
+    [line] = [record.getMessage() for record in caplog.records if "keys not read" in record.getMessage()]
+    assert "'thinking' in 1 messages: did you mean 'reasoning_content'?" in line and "'name' in 1 messages" in line
+    assert "'weight' in 1 records: per-turn loss weights, not supported yet" in line
 
 
 def test_a_bad_chat_format_is_refused(a_model, capsys):
