@@ -352,9 +352,10 @@ def test_the_qwen3_format_is_qwen3s_own_template(qwen_tokenizer):
     apply_chat_template on the same messages, whole; the text before each trained reply equals the template's
     prompt for it (add_generation_prompt=True); the labels are exactly that reply's reasoning, answer and calls and
     its <|im_end|>. Conversations with reasoning in earlier turns are split, one sample per user query."""
-    from chatft.chat_format import is_thinking_template, render_qwen3, training_conversations
+    from chatft.chat_format import is_thinking_template, qwen3_template, render_qwen3, training_conversations
 
     assert is_thinking_template(qwen_tokenizer.chat_template) and not is_thinking_template(chatml_template())
+    assert qwen3_template() == qwen_tokenizer.chat_template  # what a run forced to qwen3 saves: Qwen3's, verbatim
     split = 0
     for sample in generated_conversations(300):
         conversation = to_conversation(sample)
