@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import cli_demo
 from chatft import chat
@@ -28,8 +29,18 @@ def test_every_kind_of_checkpoint_is_detected_and_served(tiny_model, tiny_gptq_d
         assert checkpoint_kind(str(path)) == kind
         model, tokenizer, loaded_kind = load_chat_model(str(path))
         assert loaded_kind == kind and type(model).__name__ == class_name
-        reply = chat.generate_reply(model, tokenizer, [{"role": "user", "content": "hi"}], max_new_tokens=4)
-        assert isinstance(reply, str)
+        messages = [{"role": "user", "content": "hi"}]
+        reply = chat.generate_reply(model, tokenizer, messages, max_new_tokens=4)
+        # served = the loaded model answers the template's prompt: its reply opens with the model's own greedy token
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)["input_ids"].to(model.device)
+        with torch.no_grad():
+            first = int(model(input_ids=prompt).logits[0, -1].argmax())
+        if first in chat.stop_token_ids(tokenizer):
+            assert reply == ""
+        else:
+            assert reply.startswith(tokenizer.decode([first], skip_special_tokens=True).strip()), (kind, reply)
+            assert 0 < len(tokenizer(reply, add_special_tokens=False).input_ids) <= 5  # at most 4 new tokens
     qlora, _, _ = load_chat_model(str(tmp_path / "qlora"))
     q_proj = qlora.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert type(q_proj).__name__ == "Linear4bit"  # served on the NF4 base it was trained on
@@ -80,6 +91,8 @@ def test_interactive_streams_to_the_terminal(tiny_model):
     result = subprocess.run([sys.executable, "cli_demo.py", "-c", str(tiny_model), "--max-new-tokens", "4"],
                             cwd=ROOT, input="hello\n:history\n", capture_output=True, text=True, check=True)
     assert "Commands: :clear, :history, :exit" in result.stdout and "User: hello\nAssistant: " in result.stdout
+    # once streamed as it was generated, once more by :history
+    assert result.stdout.count("Assistant: ") == 2, result.stdout
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
