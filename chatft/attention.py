@@ -74,7 +74,7 @@ def supports_per_sample_sdpa(model) -> bool:
     config = model.config
     plain = not any(getattr(config, name, None) for name in ("sliding_window", "attn_logit_softcapping"))
     layer_types = getattr(config, "layer_types", None) or []
-    return (bool(getattr(model, "_supports_attention_backend", False)) and getattr(model, "_supports_sdpa", False)
+    return (rows_keep_samples_apart(model) and getattr(model, "_supports_sdpa", False)
             and plain and all(kind == "full_attention" for kind in layer_types))
 
 

@@ -193,13 +193,25 @@ def _think_block(reasoning: str) -> str:
     return f"{THINK_OPEN}\n{reasoning.strip(chr(10))}\n{THINK_CLOSE}\n\n"
 
 
-def _assistant_text(turn: Turn, think: bool = False) -> str:
-    """An assistant message's body: its reasoning in a `<think>` block (with `think`, or whenever it has one), its
-    text, then each call in a `<tool_call>` block (Qwen's layout)."""
-    text = _think_block(turn.reasoning) + turn.content.lstrip("\n") if think or turn.reasoning else turn.content
-    for call in turn.tool_calls:
-        text += ("\n" if text else "") + f'<tool_call>\n{{"name": "{call.name}", "arguments": {call.arguments}}}\n</tool_call>'
-    return text
+def _tool_call_blocks(calls: tuple[ToolCall, ...], after_text: bool) -> str:
+    """Each call in a `<tool_call>` block, one a line (Qwen's layout); a newline first when text precedes them."""
+    blocks = "\n".join(f'<tool_call>\n{{"name": "{call.name}", "arguments": {call.arguments}}}\n</tool_call>'
+                       for call in calls)
+    return ("\n" if blocks and after_text else "") + blocks
+
+
+def _tool_result(turns: tuple[Turn, ...], j: int) -> str:
+    """Tool result turns[j] as a `<tool_response>` block; consecutive results share one user message."""
+    opening = f"{IM_START}user" if j == 0 or turns[j - 1].role != "tool" else ""
+    closing = f"{IM_END}\n" if j == len(turns) - 1 or turns[j + 1].role != "tool" else ""
+    return f"{opening}\n<tool_response>\n{turns[j].content}\n</tool_response>{closing}"
+
+
+def _assistant_text(turn: Turn) -> str:
+    """An assistant message's body in ChatML: its reasoning in a `<think>` block when it has one, its text, then its
+    calls."""
+    text = _think_block(turn.reasoning) + turn.content.lstrip("\n") if turn.reasoning else turn.content
+    return text + _tool_call_blocks(turn.tool_calls, after_text=bool(text))
 
 
 def render_chatml(conversation: Conversation | list[Turn], system_message: str = DEFAULT_SYSTEM_MESSAGE
@@ -226,11 +238,7 @@ def render_chatml(conversation: Conversation | list[Turn], system_message: str =
     spans = []
     for j, turn in enumerate(turns):
         if turn.role == "tool":
-            if j == 0 or turns[j - 1].role != "tool":
-                text += f"{IM_START}user"
-            text += f"\n<tool_response>\n{turn.content}\n</tool_response>"
-            if j == len(turns) - 1 or turns[j + 1].role != "tool":
-                text += f"{IM_END}\n"
+            text += _tool_result(turns, j)
             continue
         text += f"{IM_START}{turn.role}\n"
         start = len(text)
@@ -286,21 +294,14 @@ def render_qwen3(conversation: Conversation | list[Turn]) -> tuple[str, list[tup
         if turn.role == "user" or (turn.role == "system" and j > 0):
             text += f"{IM_START}{turn.role}\n{turn.content}{IM_END}\n"
         elif turn.role == "tool":
-            if j == 0 or turns[j - 1].role != "tool":
-                text += f"{IM_START}user"
-            text += f"\n<tool_response>\n{turn.content}\n</tool_response>"
-            if j == len(turns) - 1 or turns[j + 1].role != "tool":
-                text += f"{IM_END}\n"
+            text += _tool_result(turns, j)
         elif turn.role == "assistant":
             text += f"{IM_START}assistant\n"
             start = len(text)
             think = j > last_query and (j == len(turns) - 1 or bool(turn.reasoning))
             text += (_think_block(turn.reasoning) + turn.content.lstrip("\n")) if think else turn.content
-            for k, call in enumerate(turn.tool_calls):
-                if (k == 0 and turn.content) or k > 0:
-                    text += "\n"
-                text += f'<tool_call>\n{{"name": "{call.name}", "arguments": {call.arguments}}}\n</tool_call>'
-            text += IM_END
+            # Qwen3's template puts a newline before the calls only after a (non-empty) answer, not after a think block
+            text += _tool_call_blocks(turn.tool_calls, after_text=bool(turn.content)) + IM_END
             if _is_trained(conversation, j):
                 spans.append((start, len(text)))
             text += "\n"
