@@ -30,8 +30,9 @@ from chatft.data import (ChatCollator, LazySupervisedDataset, SupervisedDataset,
 from chatft.model import (join_process_group, load_model, load_tokenizer, resolve_model_path,  # noqa: E402
                           trainable_embeddings)
 from chatft.distributed import end_run  # noqa: E402
-from chatft.report import dry_run_report, packing_summary  # noqa: E402
-from chatft.saving import check_output_dir, plot_losses, run_summary, save_run  # noqa: E402
+from chatft.output_dir import check_output_dir  # noqa: E402
+from chatft.report import dry_run_report, packing_summary, plot_losses, run_summary  # noqa: E402
+from chatft.saving import save_run  # noqa: E402
 from chatft.trainer import ChatTrainer, StopOnSigterm  # noqa: E402
 
 logger = logging.getLogger("finetune")

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from chatft import console
-from chatft.chat_format import IM_END, THINK_CLOSE, THINK_OPEN
+from chatft.chat_format import THINK_CLOSE, THINK_OPEN, stop_token_ids
 from chatft.checkpoints import adapter_base, checkpoint_kind, model_source_problems, saved_quant_method
 from chatft.errors import ArgumentError, ModelPathError
 
@@ -69,13 +69,6 @@ def load_tools(path: str) -> list[dict]:
         return [json.loads(tool) for tool in parse_tools(text)]
     except (OSError, ValueError) as error:
         raise ArgumentError(f"--tools {path}: {error}") from None
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.convert_tokens_to_ids(IM_END)]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 @torch.inference_mode()

@@ -472,6 +472,15 @@ def chatml_template(system_message: str = DEFAULT_SYSTEM_MESSAGE) -> str:
     )
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """The ids generation stops at: `<|im_end|>`, which closes every reply, then the tokenizer's eos if it differs.
+    Used at generation (chatft.chat) and saved in every generation config (chatft.saving)."""
+    ids = [tokenizer.convert_tokens_to_ids(IM_END)]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
 def describe_sample(sample: TokenizedSample, tokenizer) -> str:
     """The sample's text with the trained spans shown in [[...]], for eyeballing a mask."""
     runs: list[tuple[bool, list[int]]] = []  # (trained, token ids), decoded per run so UTF-8 stays whole

@@ -18,7 +18,8 @@ import transformers
 from chatft.errors import MergeError, ModelPathError
 from chatft.model import saved_quantization
 from chatft.checkpoints import ADAPTER_CONFIG_FILE, adapter_base, is_adapter_dir, model_source_problems, trained_with_qlora
-from chatft.saving import chat_generation_config, check_new_output_dir, staged_output_dir
+from chatft.output_dir import check_new_output_dir, staged_output_dir
+from chatft.saving import chat_generation_config
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from chatft.data import load_samples
 from chatft.checkpoints import model_source_problems
 from chatft.errors import DataError, ModelPathError, QuantizeError
 from chatft.model import saved_quantization
-from chatft.saving import check_new_output_dir, staged_output_dir
+from chatft.output_dir import check_new_output_dir, staged_output_dir
 
 logger = logging.getLogger(__name__)
 

@@ -1,13 +1,21 @@
-"""`finetune.py --dry_run`: what the model would be trained on, from the tokenizer alone.
+"""What a run will train on, and what it did.
 
-Counts (samples, turns, tokens: total, trainable, cut by truncation), the samples dropped and why, a
-histogram of sample lengths against model_max_length, optimizer steps per epoch and samples per step (as run,
-and with --packing True), and one rendered sample with its trained spans in [[...]].
+`dry_run_report` (finetune.py --dry_run): what the model would be trained on, from the tokenizer alone. Counts
+(samples, turns, tokens: total, trainable, cut by truncation), the samples dropped and why, a histogram of sample
+lengths against model_max_length, optimizer steps per epoch and samples per step (as run, and with --packing True),
+and one rendered sample with its trained spans in [[...]]. `packing_summary`: what --packing does to the batch.
+
+At the end of a run: `plot_losses` draws the loss curve (loss.png), `run_summary` prints one screen (time, tokens/s,
+peak memory, losses, where things were saved).
 """
 
 from __future__ import annotations
 
+import os
 import random
+import resource
+
+import torch
 
 from chatft.chat_format import IGNORE_INDEX, describe_sample, to_conversation
 from chatft.data import PackedDataset, split_summary, tokenize_samples
@@ -121,4 +129,57 @@ def dry_run_report(name: str, raw_samples: list[dict], tokenizer, max_len: int, 
         shown = kept[0]
         lines.append("first sample as trained (trained tokens in [[...]]):")
         lines.append(describe_sample(type(shown)(shown.input_ids[:max_len], shown.labels[:max_len]), tokenizer))
+    return "\n".join(lines)
+
+
+def plot_losses(log_history: list[dict], path: str) -> dict[str, int]:
+    """Write the train (and eval) loss against optimizer steps to `path` (PNG); return each curve's point count."""
+    from matplotlib.figure import Figure  # no pyplot: no display, no global state
+
+    curves = {"train": [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e],
+              "eval": [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]}
+    figure = Figure(figsize=(7, 4))
+    axis = figure.subplots()
+    for name, points in curves.items():
+        if points:
+            axis.plot(*zip(*points), marker="o" if name == "eval" or len(points) < 30 else None, label=name)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.grid(True, alpha=0.3)
+    if any(curves.values()):
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return {name: len(points) for name, points in curves.items()}
+
+
+def peak_memory_text() -> str:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB on the GPU (this process)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident (this process)"
+
+
+def run_summary(trainer, what_was_saved: str) -> str:
+    """One screen: time, real tokens/s, peak memory, final losses, where things were saved."""
+    state, output_dir = trainer.state, trainer.args.output_dir
+    history = state.log_history
+    runtime = next((e["train_runtime"] for e in reversed(history) if "train_runtime" in e), None)
+    epoch_tokens = getattr(trainer.train_dataset, "num_tokens", None)  # not known up front with --lazy_preprocess
+    losses = [e["loss"] for e in history if "loss" in e]
+    eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
+    start = getattr(trainer, "run_start", None)  # chatft.trainer.RunStart: a resumed run began at its checkpoint
+    start_epoch, start_step = (start.epoch, start.step) if start is not None else (0.0, 0)
+    epochs, steps = (state.epoch or 0) - start_epoch, state.global_step - start_step
+    lines = ["", "=" * 60, "Training finished"]
+    if runtime:
+        speed = f"; about {epoch_tokens * epochs / runtime:,.0f} real tokens/s" if epoch_tokens else ""
+        resumed = f" (resumed at step {start_step}, {state.global_step} in all)" if start_step else ""
+        lines.append(f"  time        {runtime / 60:.1f} min for {steps} steps, {epochs:.2f} epochs{resumed}{speed}")
+    lines.append(f"  peak memory {peak_memory_text()}")
+    if losses:
+        lines.append(f"  train loss  {losses[0]:.4f} at the first logged step -> {losses[-1]:.4f} at the last")
+    if eval_losses:
+        lines.append(f"  eval loss   {eval_losses[-1]:.4f} (last evaluation)")
+    lines += [f"  saved       {what_was_saved} in {output_dir}",
+              f"  loss curve  {os.path.join(output_dir, 'loss.png')}", "=" * 60]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import torch
 import cli_demo
 from chatft import chat
 from chatft.chat import checkpoint_kind, load_chat_model
+from chatft.chat_format import stop_token_ids
 from chatft.errors import ModelPathError
 from conftest import ROOT, _tiny_model_dir, run
 
@@ -36,7 +37,7 @@ def test_every_kind_of_checkpoint_is_detected_and_served(tiny_model, tiny_gptq_d
                                                return_dict=True)["input_ids"].to(model.device)
         with torch.no_grad():
             first = int(model(input_ids=prompt).logits[0, -1].argmax())
-        if first in chat.stop_token_ids(tokenizer):
+        if first in stop_token_ids(tokenizer):
             assert reply == ""
         else:
             assert reply.startswith(tokenizer.decode([first], skip_special_tokens=True).strip()), (kind, reply)
@@ -103,7 +104,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_generate_reply_stops_at_im_end(tiny_model):
     model, tokenizer, _ = load_chat_model(str(tiny_model))
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert im_end in chat.stop_token_ids(tokenizer)
+    assert im_end in stop_token_ids(tokenizer)
 
     calls = []
 

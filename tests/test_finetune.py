@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import finetune
-from chatft.saving import plot_losses
+from chatft.report import plot_losses
 from chatft.args import ArgumentError, parse_args
 from chatft.chat_format import IM_END, IM_START
 from chatft.data import ChatCollator, PaddingFreeCollator
@@ -323,7 +323,7 @@ def test_report_to_a_missing_package_is_refused_before_loading():
 def test_summary_speed_counts_only_what_this_run_trained():
     from types import SimpleNamespace
 
-    from chatft.saving import run_summary
+    from chatft.report import run_summary
 
     state = SimpleNamespace(log_history=[{"loss": 2.0, "step": 30}, {"train_runtime": 10.0}], epoch=3.0, global_step=30)
     trainer = SimpleNamespace(state=state, args=SimpleNamespace(output_dir="out"),
