@@ -118,7 +118,7 @@ def train(argv=None):
     save_run(trainer, tokenizer, groups, model_path)
     if trainer.is_world_process_zero():
         plot_losses(trainer.state.log_history, os.path.join(training_args.output_dir, "loss.png"))
-        print(run_summary(trainer, "LoRA adapter" if training_args.use_lora else "model"), flush=True)
+        print(run_summary(trainer, "LoRA adapter" if lora_args.use_lora else "model"), flush=True)
     # Multi-process runs: every rank waits here until rank 0 has written everything, then the process groups are
     # destroyed; when finetune.py is the program, the process exits here with status 0 (chatft.distributed: why).
     end_run(trainer, exit_when_done=__name__ == "__main__")

@@ -139,7 +139,6 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(
         default=8192, metadata={"help": "Maximum tokens per sample; longer samples are truncated on the right."}
     )
-    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all parameters."})
     labelled_logits_only: bool = field(
         default=True,
         metadata={"help": "Compute the output layer and the loss only at labelled positions, in chunks (the same "
@@ -163,6 +162,7 @@ class TrainingArguments(transformers.TrainingArguments):
 
 @dataclass
 class LoraArguments:
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all parameters."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
@@ -253,7 +253,7 @@ def validate_args(model_args, data_args, training_args, lora_args) -> None:
         problems.append("--packing batches rows without padding; it cannot be combined with --padding_free False.")
     if lora_args.lora_bias not in ("none", "all", "lora_only"):
         problems.append(f"--lora_bias must be none, all or lora_only, not {lora_args.lora_bias!r}.")
-    if not training_args.use_lora:
+    if not lora_args.use_lora:
         for flag, value in (("--lora_weight_path", lora_args.lora_weight_path), ("--q_lora", lora_args.q_lora)):
             if value:
                 problems.append(f"{flag} needs --use_lora.")

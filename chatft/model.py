@@ -155,9 +155,9 @@ def trainable_embeddings(model_args, training_args, lora_args, added_tokens: lis
             "full-precision model instead (drop --q_lora; the embeddings then train as modules_to_save), or start "
             "from a model whose tokenizer already has the ChatML tokens."
         )
-    if training_args.use_lora and added_tokens and not train:
+    if lora_args.use_lora and added_tokens and not train:
         logger.warning("--train_embeddings false: the added %s tokens keep untrained embeddings.", added_tokens)
-    if training_args.use_lora and train and is_deepspeed_zero3_enabled():
+    if lora_args.use_lora and train and is_deepspeed_zero3_enabled():
         # peft copies modules_to_save, which cannot be done with ZeRO-3's partitioned parameters
         raise ArgumentError(
             "LoRA with trainable embeddings (--train_embeddings, or ChatML tokens added to the tokenizer) cannot run "
@@ -204,7 +204,7 @@ def training_setup_problems(model_args, training_args, lora_args) -> list[str]:
         if missing:
             problems.append(f"--q_lora on {'a GPTQ' if method else 'a full-precision'} model needs "
                             f"{' and '.join(missing)}: pip install {' '.join(missing)}")
-    if training_args.use_lora and lora_args.lora_target_modules and not lora_args.lora_weight_path:
+    if lora_args.use_lora and lora_args.lora_target_modules and not lora_args.lora_weight_path:
         problems += lora_target_problems(config, lora_args.lora_target_modules, model_args.trust_remote_code)
     return problems
 
@@ -252,7 +252,7 @@ def load_model(model_path: str, model_args, training_args, lora_args, tokenizer,
     whether the embeddings and output layer train (trainable_embeddings)."""
     # Full-parameter training keeps fp32 master weights (the Trainer autocasts to bf16/fp16); LoRA
     # freezes the base, so it is loaded directly in the compute dtype, halving its memory.
-    dtype = compute_dtype(training_args) if training_args.use_lora else torch.float32
+    dtype = compute_dtype(training_args) if lora_args.use_lora else torch.float32
     quantization = quantized_loading(model_path, model_args, training_args) if lora_args.q_lora else {}
     attn_implementation = resolve_attn_implementation(model_args.attn_implementation, training_args)
     logger.info("Loading %s (dtype=%s, attn_implementation=%s%s)", model_path, dtype, attn_implementation,
@@ -282,7 +282,7 @@ def load_model(model_path: str, model_args, training_args, lora_args, tokenizer,
             model, use_gradient_checkpointing=bool(training_args.activation_checkpointing),
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    if training_args.use_lora:
+    if lora_args.use_lora:
         model = wrap_lora(model, lora_args, train_embeddings, training_args.activation_checkpointing)
     elif model_args.train_embeddings == "false":  # full-parameter training trains everything unless told not to
         model.get_input_embeddings().weight.requires_grad_(False)

@@ -23,7 +23,7 @@ def test_qwen_defaults_and_flags(BASE):
     model, data, training, lora = parse_args(BASE + ["--use_lora", "--lazy_preprocess", "True", "--warmup_ratio", "0.01"])
     assert (lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.lora_bias) == (64, 16, 0.05, "none")
     assert lora.lora_target_modules is None and lora.lora_weight_path == "" and lora.q_lora is False
-    assert training.use_lora and data.lazy_preprocess and training.model_max_length == 8192
+    assert lora.use_lora and data.lazy_preprocess and training.model_max_length == 8192
     assert training.warmup_steps == 0.01  # Qwen's --warmup_ratio still works
     assert model.trust_remote_code is False and model.attn_implementation == "auto"
     assert data.system_message == "You are a helpful assistant."
@@ -43,7 +43,7 @@ def test_single_config_file(tmp_path, suffix, model):
     path = tmp_path / f"run{suffix}"
     path.write_text(json.dumps(config) if suffix == ".json" else yaml.safe_dump(config))
     model, data, training, lora = parse_args([str(path)])
-    assert lora.lora_r == 8 and training.use_lora and data.system_message == "Be brief."
+    assert lora.lora_r == 8 and lora.use_lora and data.system_message == "Be brief."
 
 
 def test_all_contradictions_reported_together(model):
