@@ -74,7 +74,8 @@ def train(argv=None):
         train_dataset, eval_dataset = make_datasets(
             train_samples, eval_samples, tokenizer, training_args.model_max_length,
             data_args.lazy_preprocess, data_args.system_message, data_args.packing,
-            data_args.preprocessing_num_workers, data_args.tokenized_cache_dir, chat_format, data_args.reasoning_turns,
+            data_args.preprocessing_num_workers, data_args.resolved_preprocessing_cache_dir, chat_format,
+            data_args.reasoning_turns,
         )
     if data_args.packing and training_args.should_log:  # the batch no longer means what the flags say: say so
         logger.info(packing_summary(train_dataset, training_args.per_device_train_batch_size,

@@ -103,12 +103,16 @@ class DataArguments:
         default="auto",
         metadata={"help": "Where tokenized data is cached, keyed by data content, tokenizer, template and "
                   "model_max_length, so the next run and the other ranks reuse it. auto: $CHATFT_CACHE/tokenized "
-                  "(~/.cache/chatft/tokenized); none: no cache."},
+                  "(~/.cache/chatft/tokenized); none: no cache. (--cache_dir is another cache: downloaded hub files.)"},
     )
     pad_to_max_length: bool = field(
         default=False,
         metadata={"help": "The seed's way, kept for finetune/benchmark.py's comparison only: pad every batch to "
                   "model_max_length (most of the compute then goes to padding)."},
+    )
+    system_message: str = field(
+        default=DEFAULT_SYSTEM_MESSAGE,
+        metadata={"help": "System prompt for samples without a leading system turn; saved in the chat template."},
     )
 
     @property
@@ -120,21 +124,24 @@ class DataArguments:
             return None
 
     @property
-    def tokenized_cache_dir(self) -> str | None:
+    def resolved_preprocessing_cache_dir(self) -> str | None:
+        """--preprocessing_cache_dir as a directory: auto -> $CHATFT_CACHE/tokenized, none -> None (no cache).
+        Where tokenized samples are kept; not --cache_dir (TrainingArguments), where transformers keeps downloaded
+        hub files."""
         if self.preprocessing_cache_dir.lower() in ("none", ""):
             return None
         if self.preprocessing_cache_dir == "auto":
             return str(cache_root() / "tokenized")
         return os.path.expanduser(self.preprocessing_cache_dir)
-    system_message: str = field(
-        default=DEFAULT_SYSTEM_MESSAGE,
-        metadata={"help": "System prompt for samples without a leading system turn; saved in the chat template."},
-    )
 
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
-    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded hub files are cached."})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where downloaded hub files are cached (transformers' and Qwen's flag; tokenized data is "
+                  "cached in --preprocessing_cache_dir)."},
+    )
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer, as in transformers.TrainingArguments."})
     model_max_length: int = field(
         default=8192, metadata={"help": "Maximum tokens per sample; longer samples are truncated on the right."}
