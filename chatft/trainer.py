@@ -2,14 +2,17 @@
 
 In SFT most positions carry no label (prompts, system turns, padding), yet a causal LM computes a
 vocabulary-wide row of logits for every position (151k wide for Qwen) and the loss upcasts them
-all to fp32. `ChatTrainer` instead makes the output layer itself compute the loss: for one forward
-call its `forward` is replaced by `labelled_cross_entropy`, which takes the final hidden states,
-keeps the positions whose next token is labelled, and runs the output layer and cross-entropy on
-them a chunk of rows at a time, computing the gradients as it goes (one matmul fewer than autograd
-with recomputation, and no logits tensor for the whole batch ever exists). The loss comes out of the
-model as its "logits". Because the output layer still runs inside the model's forward, DDP, FSDP and
-DeepSpeed see every parameter used exactly once, where they expect it. Loss and gradients equal the
-plain path's (tests/test_trainer.py, tests/test_distributed.py).
+all to fp32. `ChatTrainer.compute_loss` instead has the output layer itself compute the loss, through
+PyTorch's public module hooks (`output_layer_returns_loss_sum`): for one forward call a pre-hook keeps the
+final hidden states and hands the layer an empty slice of them, and a forward hook returns, in place of the
+logits, `labelled_cross_entropy`: the positions whose next token is labelled go through the output layer and
+cross-entropy a chunk of rows at a time, the gradients computed as it goes (one matmul fewer than autograd
+with recomputation, and no logits tensor for the whole batch ever exists). Because the output layer still
+runs inside the model's forward, DDP, FSDP and DeepSpeed see every parameter used exactly once, where they
+expect it, and their hooks wrap its result. The model hands back what its output layer returned in the
+`logits` field of its output; `LossSum.of(outputs)` takes the summed loss from there under its own name, and
+checks that the output layer ran once. Loss and gradients equal the plain path's (tests/test_trainer.py,
+tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -112,18 +115,58 @@ def labelled_cross_entropy(hidden_states: torch.Tensor, labels: torch.Tensor, he
         return LinearCrossEntropySum.apply(hidden, head.weight, head.bias, targets[labelled], chunk_size, compute_dtype)
 
 
+class LossSum:
+    """What `output_layer_returns_loss_sum` yields. `of(outputs)`, after the model's forward: the summed token loss.
+
+    A causal LM returns its output layer's result as the `logits` of its output, so that is where the loss comes
+    back; taking it from there (rather than from the hook) keeps whatever DDP, FSDP or DeepSpeed attached to it for
+    the backward pass."""
+
+    def __init__(self):
+        self.calls = 0  # forward calls of the output layer within the block
+
+    def of(self, outputs) -> torch.Tensor:
+        loss_sum = outputs.logits
+        if self.calls != 1 or loss_sum.dim() != 0:
+            raise RuntimeError(
+                f"The labelled-positions loss expects the model to call its output layer once and return its result "
+                f"as logits; the layer ran {self.calls} times and logits has shape {tuple(loss_sum.shape)}. This "
+                "transformers version computes logits differently: train with --labelled_logits_only False.")
+        return loss_sum
+
+
 @contextlib.contextmanager
-def head_computes_loss(linears: list[torch.nn.Linear], labels: torch.Tensor, chunk_size: int):
-    """Within the block, the output layer returns the summed loss over `labels` instead of logits. (An instance
-    attribute shadows the class's forward; hooks such as ZeRO-3's and FSDP's still run around the call.)"""
+def output_layer_returns_loss_sum(linears: list[torch.nn.Linear], labels: torch.Tensor, chunk_size: int):
+    """Within the block, a forward call of any of `linears` returns the summed token loss over `labels` (a 0-dim
+    tensor, `labelled_cross_entropy`) instead of logits; yields a `LossSum` to read it from the model's output.
+
+    Public PyTorch hooks only: a forward pre-hook keeps the hidden states and passes the layer an empty slice of
+    them (no logits computed), and a forward hook, put first so that it runs while ZeRO-3 and FSDP still hold the
+    gathered weight, returns the loss in place of the empty logits; their own hooks then wrap the loss."""
+    returned, kept = LossSum(), {}
+
+    def keep_hidden_states(linear, args):
+        hidden_states = args[0]
+        if hidden_states.shape[:-1] != labels.shape:
+            raise RuntimeError(f"The output layer got hidden states of shape {tuple(hidden_states.shape)} for labels of "
+                               f"shape {tuple(labels.shape)}: this model does not apply it at every position. Train "
+                               "with --labelled_logits_only False.")
+        kept[linear] = hidden_states
+        return (hidden_states[..., :0, :], *args[1:])
+
+    def loss_instead_of_logits(linear, args, output):
+        returned.calls += 1
+        return labelled_cross_entropy(kept.pop(linear), labels, linear, chunk_size)
+
+    handles = []
     for linear in linears:
-        linear.forward = lambda hidden_states, linear=linear: labelled_cross_entropy(hidden_states, labels, linear,
-                                                                                       chunk_size)
+        handles.append(linear.register_forward_pre_hook(keep_hidden_states))
+        handles.append(linear.register_forward_hook(loss_instead_of_logits, prepend=True))
     try:
-        yield
+        yield returned
     finally:
-        for linear in linears:
-            del linear.forward
+        for handle in handles:
+            handle.remove()
 
 
 SCRATCH_CHECKPOINT_PREFIX = "tmp-" + PREFIX_CHECKPOINT_DIR  # not matched by --resume_from_checkpoint True
@@ -220,8 +263,9 @@ class ChatTrainer(transformers.Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        with head_computes_loss(self.head_linears, labels, self.chunk_size):
-            loss_sum = model(**inputs).logits
+        with output_layer_returns_loss_sum(self.head_linears, labels, self.chunk_size) as returned:
+            outputs = model(**inputs)
+        loss_sum = returned.of(outputs)
         # the same normalization as the model's own loss and Trainer.compute_loss
         if num_items_in_batch is not None:
             loss = loss_sum / num_items_in_batch

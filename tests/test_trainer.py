@@ -1,5 +1,6 @@
 """ChatTrainer: the loss computed only at labelled positions, in chunks, equals the model's own loss and
-gradients; the output layer never sees more than a chunk of rows; training steps are the same either way."""
+gradients; the output layer never sees more than a chunk of rows; training steps are the same either way. And what
+the loss hooks rely on in transformers: a causal LM returns its output layer's result as its logits."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import transformers
 
 from chatft.chat_format import IGNORE_INDEX
 from chatft.data import ChatCollator, SupervisedDataset
-from chatft.trainer import head_computes_loss, head_linears, supports_labelled_logits
+from chatft.trainer import head_linears, output_layer_returns_loss_sum, supports_labelled_logits
 from conftest import CONVERSATIONS, assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, run
 
 
@@ -29,8 +30,9 @@ def test_same_loss_and_gradients_as_the_full_logits(tmp_path, qwen_tokenizer, ch
     head = model.get_output_embeddings()
     head.register_forward_hook(lambda module, inputs, output: outputs_seen.append(output.shape))
     count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    with head_computes_loss(head_linears(model), batch["labels"], chunk_size):
-        loss_sum = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with output_layer_returns_loss_sum(head_linears(model), batch["labels"], chunk_size) as returned:
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    loss_sum = returned.of(outputs)
     assert outputs_seen == [torch.Size([])]  # the output layer returned the loss: no vocabulary-wide tensor
     (loss_sum / count).backward()
     terms = decoder_terms(model.config, loss=True)  # the same sums, in chunks: equal up to their rounding
@@ -50,8 +52,9 @@ def test_bf16_autocast_matches_the_plain_path(tiny_qwen_dir, qwen_tokenizer):
     expected = model.lm_head.weight.grad.clone()
     model.zero_grad()
     count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    with torch.autocast("cpu", dtype=torch.bfloat16), head_computes_loss([model.lm_head], batch["labels"], 7):
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits / count
+    with (torch.autocast("cpu", dtype=torch.bfloat16),
+          output_layer_returns_loss_sum([model.lm_head], batch["labels"], 7) as returned):
+        loss = returned.of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])) / count
     loss.backward()
     # both paths share everything up to the output layer's bf16 dot products: the loss carries their rounding
     assert_close_up_to_rounding(loss, reference, terms=model.config.hidden_size, dtype=torch.bfloat16,
@@ -64,8 +67,8 @@ def test_no_labelled_position_gives_zero_loss_and_gradients(tiny_qwen_dir, qwen_
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)
     batch = batch_of(qwen_tokenizer, CONVERSATIONS[:2])
     labels = torch.full_like(batch["labels"], IGNORE_INDEX)
-    with head_computes_loss([model.lm_head], labels, 16):
-        loss = model(input_ids=batch["input_ids"]).logits
+    with output_layer_returns_loss_sum([model.lm_head], labels, 16) as returned:
+        loss = returned.of(model(input_ids=batch["input_ids"]))
     loss.backward()
     assert loss.item() == 0.0 and model.lm_head.weight.grad is not None
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
@@ -100,6 +103,29 @@ def test_trainable_tied_embeddings_under_lora(tmp_path, data_file):
                                     terms=decoder_terms(plain.model.config, loss=True))
 
 
+@pytest.mark.parametrize("architecture", ["qwen", "llama"])
+def test_causal_lms_return_their_output_layers_result_as_logits(tiny_qwen_dir, tmp_path, qwen_tokenizer, architecture):
+    """What the labelled-positions loss relies on in transformers' models: the output layer is called once, on the
+    final hidden states of every position, and what it returns is the model's logits, unchanged."""
+    path = tiny_qwen_dir if architecture == "qwen" else make_non_chatml_model(tmp_path, tie=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    input_ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    calls, returned = [], torch.tensor(1.5)
+    model.get_output_embeddings().register_forward_hook(lambda m, args, output: calls.append(args[0].shape) or returned)
+    outputs = model(input_ids=input_ids, output_hidden_states=True)
+    assert calls == [outputs.hidden_states[-1].shape] == [(2, 5, model.config.hidden_size)]
+    assert outputs.logits is returned
+
+
+def test_an_output_layer_the_model_never_called_is_an_error(tiny_qwen_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)
+    input_ids = torch.tensor([[1, 2, 3, 4]])
+    with output_layer_returns_loss_sum([torch.nn.Linear(4, 4)], input_ids, 16) as returned:
+        outputs = model(input_ids=input_ids)
+    with pytest.raises(RuntimeError, match="the layer ran 0 times and logits has shape .*--labelled_logits_only False"):
+        returned.of(outputs)
+
+
 def make_model(tmp_path, tie):
     config = transformers.Qwen2Config(vocab_size=151_936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
@@ -127,7 +153,7 @@ def test_linear_cross_entropy_with_bias(weight_trains):
     reference = torch.nn.functional.cross_entropy(head(hidden[:, :-1]).flatten(0, 1), labels[:, 1:].flatten(),
                                                   reduction="sum")
     grads = torch.autograd.grad(reference, [hidden, head.bias] + ([head.weight] if weight_trains else []))
-    with head_computes_loss([head], labels, 4):
+    with output_layer_returns_loss_sum([head], labels, 4):
         loss = head(hidden)
     terms = head.in_features + head.out_features + labels.numel()  # logits, log-sum-exp and softmax, positions
     assert_close_up_to_rounding(loss, reference, terms=terms)
