@@ -1,4 +1,4 @@
-"""The HF Trainer, with the loss computed only where it is learned.
+"""The HF Trainer, with the loss computed only where it is learned, and checkpoints that appear only when whole.
 
 In SFT most positions carry no label (prompts, system turns, padding), yet a causal LM computes a
 vocabulary-wide row of logits for every position (151k wide for Qwen) and the loss upcasts them
@@ -13,6 +13,11 @@ expect it, and their hooks wrap its result. The model hands back what its output
 `logits` field of its output; `LossSum.of(outputs)` takes the summed loss from there under its own name, and
 checks that the output layer ran once. Loss and gradients equal the plain path's (tests/test_trainer.py,
 tests/test_distributed.py).
+
+Checkpoints: while `ChatTrainer` trains, transformers writes each checkpoint as `tmp-checkpoint-N`
+(chatft.transformers_patch, the one patch of transformers), and `AtomicCheckpoints.on_save` renames it to
+`checkpoint-N` once every process has finished writing, so a crash mid-save never leaves a partial
+`checkpoint-N` for `--resume_from_checkpoint True` to pick.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ import signal
 
 import torch
 import transformers
-import transformers.trainer as hf_trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from chatft.chat_format import IGNORE_INDEX
+from chatft.transformers_patch import checkpoints_written_as
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +178,32 @@ def output_layer_returns_loss_sum(linears: list[torch.nn.Linear], labels: torch.
 SCRATCH_CHECKPOINT_PREFIX = "tmp-" + PREFIX_CHECKPOINT_DIR  # not matched by --resume_from_checkpoint True
 
 
+class AtomicCheckpoints(transformers.TrainerCallback):
+    """Renames the checkpoint transformers has just written as tmp-checkpoint-N (`ChatTrainer.train` has it written
+    there) to checkpoint-N once every process has finished writing, then applies --save_total_limit counting it
+    (transformers rotated before the rename)."""
+
+    def __init__(self, wait_for_everyone):
+        self.wait_for_everyone = wait_for_everyone
+
+    def on_save(self, args, state, control, **kwargs):
+        self.wait_for_everyone()
+        scratch, final = (os.path.join(args.output_dir, f"{prefix}-{state.global_step}")
+                          for prefix in (SCRATCH_CHECKPOINT_PREFIX, PREFIX_CHECKPOINT_DIR))
+        renaming = args.should_save and os.path.isdir(scratch)
+        if state.best_model_checkpoint == scratch:  # this step is the best: transformers found it under its scratch name
+            state.best_model_checkpoint = final
+            if renaming:  # and saved that name in the checkpoint's state, where a resume reads it
+                state.save_to_json(os.path.join(scratch, TRAINER_STATE_NAME))
+        if renaming:
+            if os.path.isdir(final):  # the same step saved again (e.g. resumed from an earlier checkpoint)
+                shutil.rmtree(final)
+            os.rename(scratch, final)
+            rotate_checkpoints(output_dir=args.output_dir, save_total_limit=args.save_total_limit,
+                               best_model_checkpoint=state.best_model_checkpoint, use_mtime=True)
+        self.wait_for_everyone()
+
+
 class StopOnSigterm(transformers.TrainerCallback):
     """SIGTERM (what schedulers send before pre-empting a job): finish the current optimizer step, save a
     checkpoint and stop. Every rank stops at the same step: the flag is combined across processes each step."""
@@ -231,32 +263,12 @@ class ChatTrainer(transformers.Trainer):
         self.label_smoothing_active = self.label_smoother is not None or self.compute_loss_func is not None
         self.run_start = RunStart()
         self.add_callback(self.run_start)
+        self.add_callback(AtomicCheckpoints(self.accelerator.wait_for_everyone))
 
-    def _save_checkpoint(self, model, trial):
-        """Write the checkpoint under a scratch name and rename it to checkpoint-N only once every process has
-        finished writing: a crash mid-save never leaves a partial checkpoint for a resume to pick up."""
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        scratch, final = (os.path.join(run_dir, f"{SCRATCH_CHECKPOINT_PREFIX}-{self.state.global_step}"),
-                          os.path.join(run_dir, name))
-        hf_trainer.PREFIX_CHECKPOINT_DIR = SCRATCH_CHECKPOINT_PREFIX  # the folder name transformers writes to
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            hf_trainer.PREFIX_CHECKPOINT_DIR = PREFIX_CHECKPOINT_DIR
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save and os.path.isdir(scratch):
-            if os.path.isdir(final):  # the same step saved again (e.g. SIGTERM right after a scheduled save)
-                shutil.rmtree(final)
-            os.rename(scratch, final)
-            # transformers rotated before the rename, not counting this checkpoint: apply --save_total_limit again
-            hf_trainer.rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                                          best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-        if self.state.best_global_step:  # transformers looked for the best checkpoint under the scratch prefix
-            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-            if os.path.isdir(best):
-                self.state.best_model_checkpoint = best
-        self.accelerator.wait_for_everyone()
+    def train(self, *args, **kwargs):
+        """transformers.Trainer.train, each checkpoint written as tmp-checkpoint-N until it is whole (AtomicCheckpoints)."""
+        with checkpoints_written_as(SCRATCH_CHECKPOINT_PREFIX):
+            return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.labelled_logits or return_outputs or self.label_smoothing_active or "labels" not in inputs:

@@ -1,6 +1,7 @@
 """Interruption: a run killed with SIGKILL and resumed ends where an uninterrupted run ends; SIGTERM saves a
 checkpoint and exits cleanly; a crash while saving never leaves a partial checkpoint for a resume to pick."""
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import torch
 import transformers
 from transformers.trainer_utils import get_last_checkpoint
 
+from chatft.trainer import SCRATCH_CHECKPOINT_PREFIX
 from conftest import ROOT, _tiny_model_dir, assert_close_up_to_rounding, decoder_terms, run
 
 
@@ -32,8 +34,6 @@ def command(model, data, output, *extra):
 
 
 def final_losses(output):
-    import json
-
     history = json.load(open(os.path.join(output, "trainer_state.json")))["log_history"]
     return [entry["loss"] for entry in history if "loss" in entry]
 
@@ -91,20 +91,30 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_qwen_dir, data_file, 
     assert not (output / "adapter_model.safetensors").exists()  # an interrupted run is not saved as finished
 
 
-def test_a_crash_while_saving_leaves_the_previous_checkpoint_the_latest(tiny_qwen_dir, data_file, tmp_path, monkeypatch):
-    from chatft.trainer import ChatTrainer
-
-    original = ChatTrainer._save_rng_state
-
-    def crash_on_the_second_save(self, output_dir):
-        if self.state.global_step == 4:
-            raise RuntimeError("disk full")
-        return original(self, output_dir)
-
-    monkeypatch.setattr(ChatTrainer, "_save_rng_state", crash_on_the_second_save)
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_the_latest(tiny_qwen_dir, data_file, tmp_path):
     output = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="disk full"):
-        run(tiny_qwen_dir, data_file, output, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2")
+    # a directory where step 4's optimizer state goes: that save fails after the model weights are written
+    (output / f"{SCRATCH_CHECKPOINT_PREFIX}-4" / "optimizer.pt").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="Is a directory"):
+        run(tiny_qwen_dir, data_file, output, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
+            "--overwrite_output_dir")
     assert (output / "checkpoint-2" / "trainer_state.json").is_file()
-    assert not (output / "checkpoint-4").exists() and (output / "tmp-checkpoint-4").is_dir()
+    assert (output / "tmp-checkpoint-4" / "model.safetensors").is_file()  # the save did begin
+    assert not (output / "checkpoint-4").exists()
     assert get_last_checkpoint(str(output)) == str(output / "checkpoint-2")
+
+
+def test_checkpoint_names_rotation_and_the_best_checkpoint(tiny_qwen_dir, data_file, tmp_path):
+    """Checkpoints keep transformers' names; --save_total_limit counts the one just written; the best checkpoint is
+    kept, found by load_best_model_at_end and named by its final name in the state saved with it (where a resume
+    reads it)."""
+    output = tmp_path / "out"
+    trainer = run(tiny_qwen_dir, data_file, output, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
+                  "--eval_data_path", "0.25", "--eval_strategy", "steps", "--eval_steps", "2", "--save_total_limit", "2",
+                  "--load_best_model_at_end", "True", "--metric_for_best_model", "eval_loss")
+    best = trainer.state.best_model_checkpoint
+    assert os.path.dirname(best) == str(output) and os.path.basename(best).startswith("checkpoint-")
+    folders = sorted(p.name for p in output.iterdir() if "checkpoint" in p.name)
+    assert folders == sorted({os.path.basename(best), "checkpoint-6"}) or folders == ["checkpoint-4", "checkpoint-6"]
+    saved = json.load(open(os.path.join(best, "trainer_state.json")))
+    assert saved["best_model_checkpoint"] == best and saved["global_step"] == trainer.state.best_global_step
