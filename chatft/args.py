@@ -16,7 +16,7 @@ import transformers
 
 from chatft import cache_root
 from chatft.chat_format import CHAT_FORMATS, DEFAULT_SYSTEM_MESSAGE
-from chatft.checkpoints import model_source_problems
+from chatft.checkpoints import adapter_dir_problem, model_source_problems
 from chatft.errors import ArgumentError
 from chatft.formats import FORMATS
 from chatft.model import training_setup_problems
@@ -269,8 +269,9 @@ def validate_args(model_args, data_args, training_args, lora_args) -> None:
                         "use --deepspeed ds_config_zero2.json (finetune/finetune_qlora_ds.sh's default).")
     if lora_args.q_lora and training_args.fsdp:
         problems.append("--q_lora cannot run under FSDP here: use DeepSpeed ZeRO-2 (finetune/finetune_qlora_ds.sh).")
-    if lora_args.lora_weight_path and not os.path.isfile(os.path.join(lora_args.lora_weight_path, "adapter_config.json")):
-        problems.append(f"--lora_weight_path {lora_args.lora_weight_path}: no adapter_config.json there.")
+    not_an_adapter = lora_args.lora_weight_path and adapter_dir_problem(lora_args.lora_weight_path, "--lora_weight_path")
+    if not_an_adapter:
+        problems.append(not_an_adapter)
     for integration in training_args.report_to or []:
         package = REPORTING_PACKAGES.get(integration)
         if package and importlib.util.find_spec(package) is None:

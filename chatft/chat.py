@@ -9,8 +9,9 @@ import transformers
 
 from chatft import console
 from chatft.chat_format import THINK_CLOSE, THINK_OPEN, stop_token_ids
-from chatft.checkpoints import adapter_base, checkpoint_kind, model_source_problems, saved_quant_method
-from chatft.errors import ArgumentError, ModelPathError
+from chatft.checkpoints import (ADAPTER_CONFIG_FILE, adapter_base, checkpoint_kind, require_model_source,
+                                saved_quantization)
+from chatft.errors import ArgumentError
 
 
 def default_device_and_dtype(kind: str) -> tuple[str, torch.dtype]:
@@ -26,16 +27,12 @@ def load_chat_model(path: str, dtype: torch.dtype | None = None, trust_remote_co
 
     A Q-LoRA adapter is served on the same NF4 rounding of its base that it was trained on.
     """
-    problems = model_source_problems(path, "--checkpoint-path", allow_adapter=True, trust_remote_code=trust_remote_code)
-    if problems:
-        raise ModelPathError("\n".join(problems))
+    require_model_source(path, "--checkpoint-path", allow_adapter=True, trust_remote_code=trust_remote_code)
     kind = checkpoint_kind(path)
     if kind in ("lora", "qlora"):
         base = adapter_base(path)
-        problems = model_source_problems(base, f"the base model recorded in {path}/adapter_config.json:",
-                                         trust_remote_code=trust_remote_code)
-        if problems:
-            raise ModelPathError("\n".join(problems))
+        require_model_source(base, f"the base model recorded in {path}/{ADAPTER_CONFIG_FILE}:",
+                             trust_remote_code=trust_remote_code)
     default_device, default_dtype = default_device_and_dtype(kind)
     device, dtype = device or default_device, dtype or default_dtype
     loading = {"dtype": dtype, "device_map": {"": device}, "trust_remote_code": trust_remote_code,
@@ -43,7 +40,7 @@ def load_chat_model(path: str, dtype: torch.dtype | None = None, trust_remote_co
     if kind == "qlora":
         from chatft.model import nf4_config
 
-        if saved_quant_method(base) is None:  # an adapter trained on a GPTQ base loads that base as saved
+        if saved_quantization(base) is None:  # an adapter trained on a GPTQ base loads that base as saved
             loading["quantization_config"] = nf4_config(dtype)
     if kind == "gptq" or (kind == "qlora" and "quantization_config" not in loading):  # a GPTQ model or base
         console.import_gptqmodel()

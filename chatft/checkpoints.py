@@ -3,7 +3,8 @@
 A path is a model directory (config.json, safetensors weights, tokenizer files), a LoRA/Q-LoRA adapter
 directory (adapter_config.json, as finetune.py writes), a .gguf file, or a hub id whose files are in the
 local hub cache. `model_source_problems` says in one line each what is wrong with one, so every entry point
-refuses a bad path before any model loads. Importing this module imports no ML library.
+refuses a bad path before any model loads (`require_model_source` raises them). Importing this module imports no ML
+library.
 """
 
 from __future__ import annotations
@@ -15,13 +16,24 @@ import re
 import socket
 from urllib.parse import urlparse
 
+from chatft.errors import ModelPathError
+
 CONFIG_FILE, ADAPTER_CONFIG_FILE = "config.json", "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
 def is_adapter_dir(path: str) -> bool:
+    """Whether `path` is a LoRA/Q-LoRA adapter directory (it has adapter_config.json, as finetune.py writes)."""
     return os.path.isfile(os.path.join(path, ADAPTER_CONFIG_FILE))
+
+
+def adapter_dir_problem(path: str, flag: str) -> str | None:
+    """Why `path` (given as `flag`) is not an adapter directory, or None when it is one."""
+    if is_adapter_dir(path):
+        return None
+    return (f"{flag} {path}: no {ADAPTER_CONFIG_FILE} there; it must be the output directory of a LoRA or Q-LoRA run "
+            "of finetune.py.")
 
 
 def read_json(path: str) -> dict:
@@ -29,13 +41,30 @@ def read_json(path: str) -> dict:
         return json.load(f)
 
 
-def saved_quant_method(model_dir: str) -> str | None:
-    """The quant_method of a model directory's saved quantization_config ("gptq", ...), or None."""
-    config_file = os.path.join(model_dir, CONFIG_FILE)
-    if not os.path.isfile(config_file):
+def saved_quantization(model_path: str, cache_dir: str | None = None) -> dict | None:
+    """The quantization_config a model was saved with (e.g. {"quant_method": "gptq", "bits": 4, ...}), from its
+    config.json: a directory's, or a hub id's (from the local hub cache in `cache_dir`, else downloaded). None for a
+    full-precision model, and for a .gguf file (de-quantised on load)."""
+    if model_path.endswith(".gguf"):
         return None
-    quantization = read_json(config_file).get("quantization_config")
-    return quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else None
+    config_file = _config_file(model_path, cache_dir)
+    quantization = read_json(config_file).get("quantization_config") if config_file else None
+    return quantization if isinstance(quantization, dict) else None
+
+
+def _config_file(model_path: str, cache_dir: str | None) -> str | None:
+    """A model's config.json on disk: in its directory, or a hub id's in the local hub cache (downloaded there when
+    the hub can be reached); None when there is none."""
+    directory = os.path.expanduser(model_path)
+    if os.path.isdir(directory) or not _could_be_hub_id(model_path):
+        config_file = os.path.join(directory, CONFIG_FILE)
+        return config_file if os.path.isfile(config_file) else None
+    import huggingface_hub
+
+    cached = huggingface_hub.try_to_load_from_cache(model_path, CONFIG_FILE, cache_dir=cache_dir)
+    if isinstance(cached, str):
+        return cached
+    return huggingface_hub.hf_hub_download(model_path, CONFIG_FILE, cache_dir=cache_dir) if _hub_reachable() else None
 
 
 def trained_with_qlora(output_dir: str) -> bool:
@@ -53,7 +82,7 @@ def checkpoint_kind(path: str) -> str:
     """"lora", "qlora" (an adapter trained on a 4-bit NF4 base), "gptq" or "full" (a full or merged model)."""
     if is_adapter_dir(path):
         return "qlora" if trained_with_qlora(path) else "lora"
-    return "gptq" if saved_quant_method(path) == "gptq" else "full"
+    return "gptq" if (saved_quantization(path) or {}).get("quant_method") == "gptq" else "full"
 
 
 def _could_be_hub_id(name: str) -> bool:
@@ -132,6 +161,14 @@ def model_source_problems(path: str, flag: str, allow_adapter: bool = False, tru
     if not any(os.path.isfile(os.path.join(expanded, name)) for name in TOKENIZER_FILES):
         problems.append(f"{flag} {path}: no tokenizer files (tokenizer.json or tokenizer_config.json) in it")
     return [problem for problem in problems if problem]
+
+
+def require_model_source(path: str, flag: str, hint: str = "", **options) -> None:
+    """Raise ModelPathError listing every `model_source_problems(path, flag, **options)`, then `hint`; return when
+    loading `path` can be attempted."""
+    problems = model_source_problems(path, flag, **options)
+    if problems:
+        raise ModelPathError("\n".join(problems) + hint)
 
 
 def _not_a_model_dir(directory: str, path: str, flag: str) -> str:

@@ -15,9 +15,9 @@ import os
 import torch
 import transformers
 
-from chatft.errors import MergeError, ModelPathError
-from chatft.model import saved_quantization
-from chatft.checkpoints import ADAPTER_CONFIG_FILE, adapter_base, is_adapter_dir, model_source_problems, trained_with_qlora
+from chatft.checkpoints import (ADAPTER_CONFIG_FILE, adapter_base, adapter_dir_problem, require_model_source,
+                                saved_quantization, trained_with_qlora)
+from chatft.errors import MergeError
 from chatft.output_dir import check_new_output_dir, staged_output_dir
 from chatft.saving import chat_generation_config
 
@@ -33,21 +33,17 @@ def merge_base_path(adapter_path: str, base_model_path: str | None = None) -> st
     (re-quantizing would round most of it away), so the full-precision model it was quantized
     from must be given.
     """
-    if os.path.isdir(adapter_path) and not is_adapter_dir(adapter_path):
-        raise MergeError(f"--adapter_path {adapter_path}: no adapter_config.json; it must be the output directory "
-                         "of a LoRA or Q-LoRA run of finetune.py.")
-    problems = model_source_problems(adapter_path, "--adapter_path", allow_adapter=True)
-    if problems:
-        raise ModelPathError("\n".join(problems))
+    not_an_adapter = adapter_dir_problem(adapter_path, "--adapter_path") if os.path.isdir(adapter_path) else None
+    if not_an_adapter:
+        raise MergeError(not_an_adapter)
+    require_model_source(adapter_path, "--adapter_path", allow_adapter=True)
     config_file = os.path.join(adapter_path, ADAPTER_CONFIG_FILE)
     base = base_model_path or adapter_base(adapter_path)
     if not base:
         raise MergeError(f"{config_file} records no base model; pass --base_model_path.")
     flag = "--base_model_path" if base_model_path else f"the base model recorded in {config_file}:"
-    problems = model_source_problems(base, flag)
-    if problems:
-        hint = "" if base_model_path else " Pass --base_model_path with where that model is now."
-        raise ModelPathError("\n".join(problems) + hint)
+    moved = "" if base_model_path else " Pass --base_model_path with where that model is now."
+    require_model_source(base, flag, hint=moved)
     quantization = saved_quantization(base)
     if quantization is not None:
         raise MergeError(

@@ -21,6 +21,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from chatft import cache_root, console
 from chatft.attention import PER_SAMPLE_SDPA, supports_per_sample_sdpa
+from chatft.checkpoints import saved_quantization
 from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IM_END, IM_START, chatml_template, is_thinking_template,
                                 qwen3_template)
 from chatft.errors import ArgumentError
@@ -174,14 +175,6 @@ def model_config(model_path: str, trust_remote_code: bool = False, cache_dir: st
     return transformers.AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
 
 
-def saved_quantization(model_path: str, trust_remote_code: bool = False) -> dict | None:
-    """The quantization_config the model was saved with (e.g. quant_method "gptq"), or None if full precision."""
-    quantization = getattr(model_config(model_path, trust_remote_code), "quantization_config", None)
-    if quantization is None or model_path.endswith(".gguf"):  # a GGUF file is de-quantized on load
-        return None
-    return quantization if isinstance(quantization, dict) else quantization.to_dict()
-
-
 QLORA_PACKAGES = {"gptq": ("gptqmodel", "optimum"), None: ("bitsandbytes",)}
 
 
@@ -191,7 +184,7 @@ def training_setup_problems(model_args, training_args, lora_args) -> list[str]:
     modules the model lacks."""
     path = model_args.model_name_or_path
     config = model_config(path, model_args.trust_remote_code, training_args.cache_dir)
-    saved = saved_quantization(path, model_args.trust_remote_code)
+    saved = saved_quantization(path, training_args.cache_dir)
     method = saved.get("quant_method", "unknown") if saved else None
     problems = []
     if method and not lora_args.q_lora:
@@ -224,7 +217,7 @@ def lora_target_problems(config, targets: list[str], trust_remote_code: bool = F
 def quantized_loading(model_path: str, model_args, training_args) -> dict:
     """from_pretrained arguments for --q_lora: the model's own GPTQ weights, or NF4 quantization on load.
     (What --q_lora needs was checked with the flags: training_setup_problems.)"""
-    saved = saved_quantization(model_path, model_args.trust_remote_code)
+    saved = saved_quantization(model_path, training_args.cache_dir)
     # One whole copy per process, on its own device: Q-LoRA shards nothing (ZeRO-3 and FSDP are refused).
     loading = {"device_map": {"": training_args.device}}
     if saved and saved.get("quant_method") == "gptq":

@@ -26,9 +26,8 @@ from chatft import console
 from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, TokenizedSample, is_thinking_template,
                                 to_conversation, tokenize_conversation)
 from chatft.data import load_samples
-from chatft.checkpoints import model_source_problems
-from chatft.errors import DataError, ModelPathError, QuantizeError
-from chatft.model import saved_quantization
+from chatft.checkpoints import is_adapter_dir, require_model_source, saved_quantization
+from chatft.errors import DataError, QuantizeError
 from chatft.output_dir import check_new_output_dir, staged_output_dir
 
 logger = logging.getLogger(__name__)
@@ -159,12 +158,10 @@ def run_gptq(model_path: str, data_path: str, out_path: str, settings: GptqSetti
     """Quantize `model_path` into `out_path` (staged: replaced only when complete); return the report."""
     check_new_output_dir(out_path, overwrite, inputs=(model_path, data_path))
     samples = load_samples(data_path)  # DataError, with file/index/id, before any model is loaded
-    if os.path.isfile(os.path.join(model_path, "adapter_config.json")):
+    if is_adapter_dir(model_path):
         raise QuantizeError(f"{model_path} is a LoRA adapter, not a model: merge it first "
                             f"(python merge_lora.py --adapter_path {model_path} --output_dir MERGED) and quantize MERGED.")
-    problems = model_source_problems(model_path, "--model_name_or_path")
-    if problems:
-        raise ModelPathError("\n".join(problems))
+    require_model_source(model_path, "--model_name_or_path")
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     check_quantizable(model_path, tokenizer, settings)
     settings = replace(settings, group_size=choose_group_size(settings.group_size, linear_input_widths(model_path)))
