@@ -410,19 +410,12 @@ def preprocess(sources, tokenizer, max_len: int, system_message: str = DEFAULT_S
     label IGNORE_INDEX (training drops such samples when it builds the dataset, and says so). input_ids and
     labels are int64 (Qwen's were int32), what embeddings and the loss take.
     """
-    import torch  # here, so that rendering and labelling stay free of torch
+    from chatft.data import pad_rows  # here, so that rendering and labelling stay free of torch (and data imports this)
 
     conversations = [to_conversation(c) if isinstance(c, dict) else to_turns(c) for c in sources]  # samples or turns
     samples = tokenize_conversations(conversations, tokenizer, max_len, system_message)
-    input_ids = torch.full((len(samples), max_len), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(samples), max_len), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), max_len), dtype=torch.bool)
-    for row, sample in enumerate(samples):
-        n = len(sample.input_ids)
-        input_ids[row, :n] = torch.tensor(sample.input_ids)
-        labels[row, :n] = torch.tensor(sample.labels)
-        attention_mask[row, :n] = True
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = pad_rows([{"input_ids": s.input_ids, "labels": s.labels} for s in samples], max_len, tokenizer.pad_token_id)
+    return batch | {"attention_mask": batch["attention_mask"].bool()}
 
 
 def chatml_template(system_message: str = DEFAULT_SYSTEM_MESSAGE) -> str:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from chatft import chat_format as chat_format_code  # its source is part of the tokenized cache key
 from chatft.errors import DataError
-from chatft.formats import file_format, format_mismatch, ignored_keys, to_sample
+from chatft.formats import file_format, format_mismatch, ignored_keys, sample_name, to_sample, where
 from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, ROLES, Conversation, TokenizedSample,
                                 parse_tool_calls, parse_tools, to_conversation, to_turns, tokenize_conversation,
                                 tokenize_conversations, training_conversations)
@@ -71,55 +71,67 @@ def sample_problems(sample, index: int, path: str, names: tuple[str, str, str] =
                     turn_sources: list[str] | None = None) -> list[str]:
     """Everything wrong with one sample (in the seed's format), each message naming file, index and id; `names`
     are the list, role and text fields to name in messages and `turn_sources` where each turn came from (a
-    converted sample's original ones)."""
-    turns_name, role_name, value_name = names
-    where = f"{path}: sample {index}"
+    converted sample's original ones). Checked in stages, each only once the one before found nothing: the
+    sample's shape, its tools and every turn, the order of tool calls and results, the conversation as trained."""
+    turns_name, _, value_name = names
+    at = where(path, index, sample)
     if not isinstance(sample, dict):
-        return [f"{where}: expected an object with 'conversations', found a {type(sample).__name__}"]
-    if "id" in sample:
-        where += f" (id={sample['id']!r})"
+        return [f"{at}: expected an object with 'conversations', found a {type(sample).__name__}"]
     conversation = sample.get("conversations")
     if conversation is None:
-        return [f"{where}: missing 'conversations'"]
+        return [f"{at}: missing 'conversations'"]
     if not isinstance(conversation, list) or not conversation:
-        return [f"{where}: '{turns_name}' must be a non-empty list of turns"]
+        return [f"{at}: '{turns_name}' must be a non-empty list of turns"]
+    turn_at = [f"{at}: {turn_sources[j] if turn_sources else f'{turns_name}[{j}]'}" for j in range(len(conversation))]
+    problems = _tools_problems(sample, at)
+    for turn, turn_where in zip(conversation, turn_at):
+        problems += _turn_problems(turn, turn_where, value_name)
+    return problems or _tool_order_problems([turn["from"] for turn in conversation], turn_at) or \
+        _trained_conversation_problems(conversation, at)
+
+
+def _tools_problems(sample: dict, at: str) -> list[str]:
+    """The sample's tool definitions, when it has them, must parse (chat_format.parse_tools)."""
+    if "tools" not in sample:
+        return []
+    try:
+        parse_tools(sample["tools"])
+    except ValueError as error:
+        return [f"{at}: 'tools': {error}"]
+    return []
+
+
+def _turn_problems(turn, at: str, value_name: str) -> list[str]:
+    """One turn's types, role, text, reasoning and (for a tool call) JSON."""
+    if not isinstance(turn, dict):
+        return [f"{at}: expected an object with 'from' and 'value', found a {type(turn).__name__}"]
+    missing = [key for key in ("from", "value") if key not in turn]
+    if missing:
+        return [f"{at}: missing {' and '.join(repr(k) for k in missing)}"]
     problems = []
-    if "tools" in sample:
+    role, value, reasoning = turn["from"], turn["value"], turn.get("reasoning_content")
+    if reasoning is not None and not isinstance(reasoning, str):
+        problems.append(f"{at}: 'reasoning_content' must be a string, found a {type(reasoning).__name__}")
+    elif reasoning and role not in ("assistant", "function_call"):
+        problems.append(f"{at}: 'reasoning_content' on a {role} turn (only an assistant's reasoning is read)")
+    if role not in ROLES:
+        problems.append(f"{at}: unknown role {role!r} in 'from' (expected one of {', '.join(ROLES)})")
+    if not isinstance(value, str):
+        problems.append(f"{at}: '{value_name}' must be a string, found a {type(value).__name__}")
+    elif role in ("user", "assistant") and not value.strip() and not (role == "assistant" and reasoning):
+        problems.append(f"{at}: empty {role} '{value_name}'")
+    elif role == "function_call":
         try:
-            parse_tools(sample["tools"])
+            parse_tool_calls(value)
         except ValueError as error:
-            problems.append(f"{where}: 'tools': {error}")
-    turn_at = [f"{where}: {turn_sources[j] if turn_sources else f'{turns_name}[{j}]'}" for j in range(len(conversation))]
-    for j, turn in enumerate(conversation):
-        at = turn_at[j]
-        if not isinstance(turn, dict):
-            problems.append(f"{at}: expected an object with 'from' and 'value', found a {type(turn).__name__}")
-            continue
-        missing = [key for key in ("from", "value") if key not in turn]
-        if missing:
-            problems.append(f"{at}: missing {' and '.join(repr(k) for k in missing)}")
-            continue
-        role, value = turn["from"], turn["value"]
-        reasoning = turn.get("reasoning_content")
-        if reasoning is not None and not isinstance(reasoning, str):
-            problems.append(f"{at}: 'reasoning_content' must be a string, found a {type(reasoning).__name__}")
-        elif reasoning and role not in ("assistant", "function_call"):
-            problems.append(f"{at}: 'reasoning_content' on a {role} turn (only an assistant's reasoning is read)")
-        if role not in ROLES:
-            problems.append(f"{at}: unknown role {role!r} in 'from' (expected one of {', '.join(ROLES)})")
-        if not isinstance(value, str):
-            problems.append(f"{at}: '{value_name}' must be a string, found a {type(value).__name__}")
-        elif role in ("user", "assistant") and not value.strip() and not (role == "assistant" and reasoning):
-            problems.append(f"{at}: empty {role} '{value_name}'")
-        elif role == "function_call":
-            try:
-                parse_tool_calls(value)
-            except ValueError as error:
-                problems.append(f"{at}: {error}")
-    if problems:
-        return problems
-    roles = [turn["from"] for turn in conversation]
-    for j, role in enumerate(roles):  # a tool call is answered by its results; results answer a call
+            problems.append(f"{at}: {error}")
+    return problems
+
+
+def _tool_order_problems(roles: list[str], turn_at: list[str]) -> list[str]:
+    """A tool call is answered by its results; results answer a call."""
+    problems = []
+    for j, role in enumerate(roles):
         before, after = roles[j - 1] if j else None, roles[j + 1] if j + 1 < len(roles) else None
         if role == "function_call" and after not in (None, "observation"):
             problems.append(f"{turn_at[j]}: tool call out of order: it must be followed by its result (a tool "
@@ -127,19 +139,20 @@ def sample_problems(sample, index: int, path: str, names: tuple[str, str, str] =
         if role == "observation" and before not in ("function_call", "observation"):
             problems.append(f"{turn_at[j]}: tool result out of order: it must follow a tool call (or another "
                             f"result), found after {f'a {before} turn' if before else 'nothing'}")
-    if problems:
-        return problems
+    return problems
+
+
+def _trained_conversation_problems(conversation: list[dict], at: str) -> list[str]:
+    """After conversion (chat_format.to_turns drops a leading assistant turn) something must be left to learn."""
     turns = to_turns(conversation)
     opening = turns[1:] if turns and turns[0].role == "system" else turns
     if opening and opening[0].role == "tool":
-        problems.append(f"{where}: the conversation opens with a tool call and its result (a leading assistant "
-                        "turn is dropped, since no user message precedes it)")
-    elif not any(t.role == "assistant" for t in turns):
-        problems.append(
-            f"{where}: no assistant turn to learn from (a leading assistant turn is dropped, "
-            "since no user message precedes it)"
-        )
-    return problems
+        return [f"{at}: the conversation opens with a tool call and its result (a leading assistant turn is dropped, "
+                "since no user message precedes it)"]
+    if not any(t.role == "assistant" for t in turns):
+        return [f"{at}: no assistant turn to learn from (a leading assistant turn is dropped, since no user message "
+                "precedes it)"]
+    return []
 
 
 def data_files(spec: str) -> tuple[list[str], list[str]]:
@@ -205,10 +218,6 @@ def split_off_eval(samples: list[dict], fraction: float, seed: int) -> tuple[lis
             [s for i, s in enumerate(samples) if i in held_out])
 
 
-def _sample_name(raw: dict, index: int) -> str:
-    return f"sample {index} (id={raw['id']!r})" if "id" in raw else f"sample {index}"
-
-
 TOKENIZED_FORMAT = "chatft-tokenized-2"  # the cache file's layout
 TOKENIZE_BATCH = 512  # conversations per batched tokenizer call (and per progress step, per worker task)
 
@@ -272,14 +281,14 @@ def training_conversations_of(raw_data: list[dict], chat_format: str = "chatml",
     return conversations, origins
 
 
-def tokenize_samples(raw_data: list[dict], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE,
-                     num_workers: int = 1, cache_dir: str | os.PathLike | None = None,
-                     desc: str = "Tokenizing", chat_format: str = "chatml",
-                     reasoning_turns: str = "all") -> list[TokenizedSample]:
-    """Every sample tokenized, in order, in batched calls (in `num_workers` processes when > 1); a sample split into
+def tokenize_training_samples(raw_data: list[dict], tokenizer, max_len: int,
+                              system_message: str = DEFAULT_SYSTEM_MESSAGE, num_workers: int = 1,
+                              cache_dir: str | os.PathLike | None = None, desc: str = "Tokenizing",
+                              chat_format: str = "chatml", reasoning_turns: str = "all") -> list[TokenizedSample]:
+    """Every training sample tokenized, in order, in batched calls (in `num_workers` processes when > 1); a sample split into
     several (training_conversations_of) gives several, each with its `origin`.
 
-    With `cache_dir`, the result is stored there under `tokenized_cache_key` and a later call with the same
+    With `cache_dir` (--preprocessing_cache_dir), the result is stored there under `tokenized_cache_key` and a later call with the same
     data, tokenizer, template and length reads it back instead (the other ranks of a distributed run, the
     next run).
     """
@@ -325,26 +334,44 @@ def split_summary(samples: list[TokenizedSample], num_raw: int) -> str:
             f"{len(samples)} samples from {num_raw} (each reasoning turn trained in the context it is generated in)")
 
 
+def split_trainable(samples: list[TokenizedSample], raw_data: list[dict]) -> tuple[list[TokenizedSample], list[str]]:
+    """(the samples that keep a trainable token, the names of those that do not, e.g. "sample 3 (id='x')"). The rule
+    every dataset (and the dry run) drops samples by: a sample without a labelled token has no loss."""
+    kept = [sample for sample in samples if sample.num_trainable]
+    dropped = [sample_name(s.origin, raw_data[s.origin]) for s in samples if not s.num_trainable]
+    return kept, dropped
+
+
+def untrainable_reason(max_len: int) -> str:
+    """Why a sample is dropped, said the same way by training, --lazy_preprocess and --dry_run."""
+    return f"no assistant token within model_max_length={max_len} (truncation cut every reply: raise --model_max_length to train on them)"
+
+
+def name_list(names: list[str], shown: int = 10) -> str:
+    """The first `shown` names, comma-separated, then "..." if there are more."""
+    return ", ".join(names[:shown]) + (" ..." if len(names) > shown else "")
+
+
+def nothing_to_train(max_len: int) -> DataError:
+    return DataError(f"No sample has an assistant token within model_max_length={max_len}; raise it.")
+
+
 class SupervisedDataset(Dataset):
     """Tokenizes every sample up front (Qwen's default); drops samples left with no trainable token."""
 
     def __init__(self, raw_data: list[dict], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE,
                  num_workers: int = 1, cache_dir: str | os.PathLike | None = None, chat_format: str = "chatml",
                  reasoning_turns: str = "all"):
-        tokenized = tokenize_samples(raw_data, tokenizer, max_len, system_message, num_workers, cache_dir,
-                                     chat_format=chat_format, reasoning_turns=reasoning_turns)
-        self.samples = [sample for sample in tokenized if sample.num_trainable]
+        tokenized = tokenize_training_samples(raw_data, tokenizer, max_len, system_message, num_workers, cache_dir,
+                                              chat_format=chat_format, reasoning_turns=reasoning_turns)
         if len(tokenized) > len(raw_data):
             logger.info(split_summary(tokenized, len(raw_data)))
-        dropped = [_sample_name(raw_data[sample.origin], sample.origin) for sample in tokenized
-                   if not sample.num_trainable]
+        self.samples, dropped = split_trainable(tokenized, raw_data)
         if dropped:
-            logger.warning(
-                "Dropped %d of %d samples with no assistant token within model_max_length=%d: %s",
-                len(dropped), len(tokenized), max_len, ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else ""),
-            )
+            logger.warning("Dropped %d of %d samples with %s: %s", len(dropped), len(tokenized),
+                           untrainable_reason(max_len), name_list(dropped))
         if not self.samples:
-            raise DataError(f"No sample has an assistant token within model_max_length={max_len}; raise it.")
+            raise nothing_to_train(max_len)
 
     def __len__(self):
         return len(self.samples)
@@ -382,10 +409,8 @@ class LazySupervisedDataset(Dataset):
                                                   self.system_message, self.chat_format)
             if not self.cache[i].num_trainable:
                 origin = self.origins[i]
-                logger.warning(
-                    "%s has no assistant token within model_max_length=%d; using the next sample instead.",
-                    _sample_name(self.raw_data[origin], origin), self.max_len,
-                )
+                logger.warning("%s has %s; using the next sample instead.",
+                               sample_name(origin, self.raw_data[origin]), untrainable_reason(self.max_len))
         return self.cache[i]
 
     def __getitem__(self, i) -> dict:
@@ -393,7 +418,7 @@ class LazySupervisedDataset(Dataset):
             sample = self._tokenized((i + offset) % len(self))
             if sample.num_trainable:
                 return {"input_ids": sample.input_ids, "labels": sample.labels}
-        raise DataError(f"No sample has an assistant token within model_max_length={self.max_len}; raise it.")
+        raise nothing_to_train(self.max_len)
 
 
 @dataclass
@@ -411,18 +436,24 @@ class ChatCollator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
         length = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        length = max(length, self.pad_to_length or 0)
-        batch = {
-            "input_ids": torch.full((len(features), length), self.pad_token_id, dtype=torch.long),
-            "labels": torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long),
-            "attention_mask": torch.zeros((len(features), length), dtype=torch.long),
-        }
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            batch["input_ids"][row, :n] = torch.tensor(f["input_ids"])
-            batch["labels"][row, :n] = torch.tensor(f["labels"])
-            batch["attention_mask"][row, :n] = 1
-        return batch
+        return pad_rows(features, max(length, self.pad_to_length or 0), self.pad_token_id)
+
+
+def pad_rows(features: list[dict], length: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Samples as rows of `length` tokens, padded on the right: input_ids with `pad_token_id`, labels with
+    IGNORE_INDEX, attention_mask 1 on each sample's own tokens and 0 on padding (int64 tensors).
+    The one padding loop: ChatCollator pads each batch with it, chat_format.preprocess pads to max_len."""
+    batch = {
+        "input_ids": torch.full((len(features), length), pad_token_id, dtype=torch.long),
+        "labels": torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long),
+        "attention_mask": torch.zeros((len(features), length), dtype=torch.long),
+    }
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        batch["input_ids"][row, :n] = torch.tensor(f["input_ids"])
+        batch["labels"][row, :n] = torch.tensor(f["labels"])
+        batch["attention_mask"][row, :n] = 1
+    return batch
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -458,6 +489,23 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def concatenate_samples(features: list[dict]) -> dict[str, list[int]]:
+    """Samples (or packed rows) end to end in one row: input_ids, labels and position_ids, which restart at 0 for
+    each sample (a packed row keeps its own). Each sample's (or row's) first label becomes IGNORE_INDEX: after the
+    model's one-token shift it would be predicted from the previous sample's last token.
+    The one filling loop: PackedDataset builds its rows with it, PaddingFreeCollator its batches.
+
+    >>> concatenate_samples([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [7, 8, 9], "labels": [-100, 8, 9]}])
+    {'input_ids': [5, 6, 7, 8, 9], 'labels': [-100, 6, -100, 8, 9], 'position_ids': [0, 1, 0, 1, 2]}
+    """
+    input_ids, labels, position_ids = [], [], []
+    for f in features:
+        input_ids += f["input_ids"]
+        labels += [IGNORE_INDEX] + list(f["labels"][1:])
+        position_ids += f.get("position_ids") or list(range(len(f["input_ids"])))
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
 class PackedDataset(Dataset):
     """Whole tokenized samples concatenated into rows of at most `max_len` tokens (`--packing True`).
 
@@ -471,15 +519,8 @@ class PackedDataset(Dataset):
 
     def __init__(self, samples: Dataset, max_len: int):
         features = [samples[i] for i in range(len(samples))]
-        self.rows = []
-        for members in first_fit_decreasing([len(f["input_ids"]) for f in features], max_len):
-            input_ids, labels, position_ids = [], [], []
-            for index in members:
-                feature = features[index]
-                input_ids += feature["input_ids"]
-                labels += [IGNORE_INDEX] + feature["labels"][1:]
-                position_ids += list(range(len(feature["input_ids"])))
-            self.rows.append({"input_ids": input_ids, "labels": labels, "position_ids": position_ids})
+        self.rows = [concatenate_samples([features[index] for index in members])
+                     for members in first_fit_decreasing([len(f["input_ids"]) for f in features], max_len)]
         self.num_samples = len(features)
         self.max_len = max_len
 
@@ -512,13 +553,8 @@ class PaddingFreeCollator:
     """
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids, labels, position_ids = [], [], []
-        for f in features:
-            input_ids += f["input_ids"]
-            labels += [IGNORE_INDEX] + list(f["labels"][1:])
-            position_ids += f.get("position_ids") or list(range(len(f["input_ids"])))
-        return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([position_ids])}
+        row = concatenate_samples(features)
+        return {name: torch.tensor([values]) for name, values in row.items()}
 
 
 def make_datasets(train_samples, eval_samples, tokenizer, max_len: int, lazy: bool, system_message: str,

@@ -76,9 +76,14 @@ def format_mismatch(record, file_format_: str, index: int, path: str) -> str | N
             "per file")
 
 
+def sample_name(index: int, record) -> str:
+    """How every message names a sample: `sample 3 (id='x')`, or `sample 3` when it has no id."""
+    return f"sample {index}" + (f" (id={record['id']!r})" if isinstance(record, dict) and "id" in record else "")
+
+
 def where(path: str, index: int, record) -> str:
-    name = f"{path}: sample {index}"
-    return name + (f" (id={record['id']!r})" if isinstance(record, dict) and "id" in record else "")
+    """`data/train.json: sample 3 (id='x')`: where a problem with a record is, in every message about one."""
+    return f"{path}: {sample_name(index, record)}"
 
 
 def _sample(record: dict, conversations: list[dict]) -> dict:

@@ -61,9 +61,9 @@ def split_samples(samples: list, settings: GptqSettings) -> tuple[list, list]:
     return calibration, held_out
 
 
-def tokenize_samples(samples: list[dict], tokenizer, settings: GptqSettings) -> list[TokenizedSample]:
-    """The samples in the format the model was trained and is served in: its saved template's (qwen3 for a
-    thinking template, else ChatML)."""
+def tokenize_as_served(samples: list[dict], tokenizer, settings: GptqSettings) -> list[TokenizedSample]:
+    """The samples tokenized in the format the model was trained and is served in: its saved template's (qwen3 for a
+    thinking template, else ChatML), one whole conversation each (calibration and perplexity samples)."""
     chat_format = "qwen3" if is_thinking_template(tokenizer.chat_template) else "chatml"
     return [
         tokenize_conversation(to_conversation(sample), tokenizer, settings.max_len, settings.system_message, chat_format)
@@ -166,8 +166,8 @@ def run_gptq(model_path: str, data_path: str, out_path: str, settings: GptqSetti
     check_quantizable(model_path, tokenizer, settings)
     settings = replace(settings, group_size=choose_group_size(settings.group_size, linear_input_widths(model_path)))
     calibration, held_out = split_samples(samples, settings)
-    calibration_tokens = [s for s in tokenize_samples(calibration, tokenizer, settings) if len(s.input_ids) > 1]
-    held_out_tokens = tokenize_samples(held_out, tokenizer, settings)
+    calibration_tokens = [s for s in tokenize_as_served(calibration, tokenizer, settings) if len(s.input_ids) > 1]
+    held_out_tokens = tokenize_as_served(held_out, tokenizer, settings)
     logger.info("%d calibration conversations (%d tokens), %d held out for perplexity",
                 len(calibration_tokens), sum(len(s.input_ids) for s in calibration_tokens), len(held_out_tokens))
 

@@ -17,8 +17,9 @@ import resource
 
 import torch
 
-from chatft.chat_format import IGNORE_INDEX, describe_sample, to_conversation
-from chatft.data import PackedDataset, split_summary, tokenize_samples
+from chatft.chat_format import IGNORE_INDEX, TokenizedSample, describe_sample, to_conversation
+from chatft.data import (PackedDataset, name_list, split_summary, split_trainable, tokenize_training_samples,
+                         untrainable_reason)
 
 HISTOGRAM_BINS = 8
 BAR_WIDTH = 40
@@ -75,19 +76,18 @@ def packing_summary(rows: PackedDataset, batch_size: int, accumulation: int, pro
 def dry_run_report(name: str, raw_samples: list[dict], tokenizer, max_len: int, system_message: str, packing: bool,
                    padding_free: bool, batch_size: int, accumulation: int, processes: int, seed: int,
                    chat_format: str = "chatml", reasoning_turns: str = "all") -> str:
-    full = tokenize_samples(raw_samples, tokenizer, 10**9, system_message, desc=f"Tokenizing {name}",
-                            chat_format=chat_format, reasoning_turns=reasoning_turns)
-    kept = [s for s in full if any(label != IGNORE_INDEX for label in s.labels[:max_len])]
+    full = tokenize_training_samples(raw_samples, tokenizer, 10**9, system_message, desc=f"Tokenizing {name}",
+                                     chat_format=chat_format, reasoning_turns=reasoning_turns)
+    kept, dropped = split_trainable([TokenizedSample(s.input_ids[:max_len], s.labels[:max_len], s.origin) for s in full],
+                                    raw_samples)
     lengths = [len(s.input_ids) for s in full]
     truncated = [n - max_len for n in lengths if n > max_len]
-    trainable = sum(sum(label != IGNORE_INDEX for label in s.labels[:max_len]) for s in kept)
+    trainable = sum(s.num_trainable for s in kept)
     cut_trainable = sum(sum(label != IGNORE_INDEX for label in s.labels[max_len:]) for s in full)
     conversations = [to_conversation(raw) for raw in raw_samples]
     turns = sum(len(c.turns) for c in conversations)
     tool_calls = sum(len(turn.tool_calls) for c in conversations for turn in c.turns)
     with_tools = sum(bool(c.tools) for c in conversations)
-    dropped = [(s.origin, raw_samples[s.origin].get("id")) for s in full
-               if not any(label != IGNORE_INDEX for label in s.labels[:max_len])]
     with_reasoning = sum(any(turn.reasoning for turn in c.turns) for c in conversations)
     lines = [f"== {name}: {len(raw_samples)} samples, {turns} turns"
              + (f"; {with_tools} sample(s) define tools, {tool_calls} tool call(s) (trained; results are not)"
@@ -100,15 +100,11 @@ def dry_run_report(name: str, raw_samples: list[dict], tokenizer, max_len: int, 
              f"({trainable:,} trainable, {100 * trainable / max(1, sum(min(n, max_len) for n in lengths)):.1f}%); "
              f"{sum(truncated):,} cut from {len(truncated)} sample(s) longer than {max_len} "
              f"({cut_trainable:,} of them trainable)"]
-    if dropped:
-        shown = ", ".join(f"{i}" + (f" (id={sample_id!r})" if sample_id is not None else "") for i, sample_id in dropped[:10])
-        lines.append(f"dropped: {len(dropped)} sample(s) with no assistant token within {max_len} tokens: {shown}"
-                     + (" ..." if len(dropped) > 10 else ""))
-    else:
-        lines.append("dropped: none")
+    lines.append(f"dropped: {len(dropped)} sample(s) with {untrainable_reason(max_len)}: {name_list(dropped)}"
+                 if dropped else "dropped: none")
     lines.append(f"sample lengths (tokens, before truncation; longest {max(lengths)}, mean {sum(lengths) / len(lengths):.0f}):")
     lines += length_histogram(lengths, max_len)
-    kept_lengths = [min(len(s.input_ids), max_len) for s in kept]
+    kept_lengths = [len(s.input_ids) for s in kept]
     if not kept:
         lines.append("batches: nothing to train on")
     else:
@@ -126,9 +122,8 @@ def dry_run_report(name: str, raw_samples: list[dict], tokenizer, max_len: int, 
         else:
             lines += [f"batches: {unpacked}", f"  with --packing True: {packed.removeprefix('packing: ')}"]
     if kept:
-        shown = kept[0]
         lines.append("first sample as trained (trained tokens in [[...]]):")
-        lines.append(describe_sample(type(shown)(shown.input_ids[:max_len], shown.labels[:max_len]), tokenizer))
+        lines.append(describe_sample(kept[0], tokenizer))
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ import transformers
 from chatft.chat_format import IGNORE_INDEX, to_turns, tokenize_conversation
 from chatft.data import (
     ChatCollator, DataError, LazySupervisedDataset, PackedDataset, PaddingFreeCollator, SupervisedDataset,
-    first_fit_decreasing, load_samples, make_datasets, split_off_eval, tokenize_samples,
+    first_fit_decreasing, load_samples, make_datasets, split_off_eval, tokenize_training_samples,
 )
 import chatft.data
 from conftest import _tiny_model_dir, assert_close_up_to_rounding, decoder_terms, write_json
@@ -298,8 +298,8 @@ def test_tool_calls_give_the_same_tokens_in_every_format(tmp_path, data_format, 
     assert to_conversation(sample) == expected
     assert [t.role for t in expected.turns] == ["user", "assistant", "tool", "tool", "assistant"]
     assert [c.arguments for c in expected.turns[1].tool_calls] == ['{"city": "Paris"}', '{"city": "Zürich"}']
-    tokens = tokenize_samples([sample], qwen_tokenizer, 4096)
-    assert tokens == tokenize_samples(SAME_TOOL_CONVERSATION["conversations"], qwen_tokenizer, 4096)
+    tokens = tokenize_training_samples([sample], qwen_tokenizer, 4096)
+    assert tokens == tokenize_training_samples(SAME_TOOL_CONVERSATION["conversations"], qwen_tokenizer, 4096)
     text, _ = render_chatml(expected)
     assert tokens[0].input_ids == qwen_tokenizer(text, add_special_tokens=False).input_ids
 
@@ -339,22 +339,22 @@ def many_samples(n):
 def test_workers_give_the_same_samples_in_order(qwen_tokenizer, monkeypatch):
     monkeypatch.setattr(chatft.data, "TOKENIZE_BATCH", 7)  # several batches per worker
     data = many_samples(40)
-    alone = tokenize_samples(data, qwen_tokenizer, 32, "s")
-    assert tokenize_samples(data, qwen_tokenizer, 32, "s", num_workers=2) == alone
+    alone = tokenize_training_samples(data, qwen_tokenizer, 32, "s")
+    assert tokenize_training_samples(data, qwen_tokenizer, 32, "s", num_workers=2) == alone
     assert alone == [tokenize_conversation(to_turns(d["conversations"]), qwen_tokenizer, 32, "s") for d in data]
 
 
 def test_the_cache_is_reused_only_for_the_same_inputs(qwen_tokenizer, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="chatft.data")
     data = many_samples(30) + [long_sample(1)]
-    first = tokenize_samples(data, qwen_tokenizer, 64, "s", cache_dir=tmp_path)
+    first = tokenize_training_samples(data, qwen_tokenizer, 64, "s", cache_dir=tmp_path)
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].suffix == ".safetensors"  # no scratch file left behind
 
     calls = []
     real = chatft.data.tokenize_conversations
     monkeypatch.setattr(chatft.data, "tokenize_conversations", lambda *a, **k: calls.append(1) or real(*a, **k))
-    assert tokenize_samples(data, qwen_tokenizer, 64, "s", cache_dir=tmp_path) == first
+    assert tokenize_training_samples(data, qwen_tokenizer, 64, "s", cache_dir=tmp_path) == first
     assert calls == [] and "reusing 31 tokenized samples" in caplog.text
     dataset = SupervisedDataset(data, qwen_tokenizer, 64, "s", cache_dir=tmp_path)
     assert len(dataset) == 30 and calls == []  # the untrainable long sample is still dropped
@@ -362,8 +362,8 @@ def test_the_cache_is_reused_only_for_the_same_inputs(qwen_tokenizer, tmp_path, 
     changed = [{**data[0], "conversations": [data[0]["conversations"][0], {"from": "assistant", "value": "New."}]}]
     for other in [(changed + data[1:], 64, "s"), (data, 65, "s"), (data, 64, "t")]:  # data, length, template
         calls.clear()
-        assert tokenize_samples(other[0], qwen_tokenizer, other[1], other[2], cache_dir=tmp_path) == \
-            tokenize_samples(other[0], qwen_tokenizer, other[1], other[2])
+        assert tokenize_training_samples(other[0], qwen_tokenizer, other[1], other[2], cache_dir=tmp_path) == \
+            tokenize_training_samples(other[0], qwen_tokenizer, other[1], other[2])
         assert calls, other[1:]
     assert len(list(tmp_path.iterdir())) == 4
 
@@ -371,7 +371,7 @@ def test_the_cache_is_reused_only_for_the_same_inputs(qwen_tokenizer, tmp_path, 
 def test_an_unwritable_cache_only_warns(qwen_tokenizer, tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    samples = tokenize_samples(many_samples(3), qwen_tokenizer, 64, "s", cache_dir=blocker / "cache")
+    samples = tokenize_training_samples(many_samples(3), qwen_tokenizer, 64, "s", cache_dir=blocker / "cache")
     assert len(samples) == 3 and "Could not cache" in caplog.text
 
 
@@ -500,8 +500,9 @@ def test_glaive_as_openai_messages_gives_the_same_tokens(tmp_path, qwen_tokenize
         as_messages.append({"messages": messages, **({"tools": tools} if tools else {})})
     path = tmp_path / "glaive_messages.jsonl"
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in as_messages), encoding="utf-8")
-    original = tokenize_samples(load_samples(str(shared_data_path("glaive_toolcall_en_demo.json"))), qwen_tokenizer, 4096)
-    converted = tokenize_samples(load_samples(str(path)), qwen_tokenizer, 4096)
+    original = tokenize_training_samples(load_samples(str(shared_data_path("glaive_toolcall_en_demo.json"))),
+                                         qwen_tokenizer, 4096)
+    converted = tokenize_training_samples(load_samples(str(path)), qwen_tokenizer, 4096)
     assert len(converted) == 300 and converted == original
 
 

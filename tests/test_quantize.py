@@ -15,7 +15,7 @@ import run_gptq
 from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE
 from chatft.data import SupervisedDataset, load_samples
 from chatft.quantize import (GptqSettings, QuantizeError, choose_group_size, reply_perplexity, split_samples,
-                             tokenize_samples)
+                             tokenize_as_served)
 from conftest import _tiny_model_dir, assert_close_up_to_rounding, probe_logits, write_json
 
 QUESTIONS = ["Who are you?", "What is 2+2?", "你好", "Say goodbye.", "Name a colour.", "Count to three.",
@@ -70,7 +70,7 @@ def test_quantized_output_loads_with_plain_transformers(tiny_model, data, tmp_pa
 def test_perplexity_is_exp_of_the_training_loss(tiny_model):
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model)
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    samples = tokenize_samples(SAMPLES[:3], tokenizer, GptqSettings(max_len=64))
+    samples = tokenize_as_served(SAMPLES[:3], tokenizer, GptqSettings(max_len=64))
     for sample in samples:
         with torch.no_grad():
             loss = model(input_ids=torch.tensor([sample.input_ids]), labels=torch.tensor([sample.labels])).loss
@@ -87,7 +87,7 @@ def test_calibration_is_the_training_tokenization(tiny_model):
     for chat_format in ("qwen3", "chatml"):
         if chat_format == "chatml":
             tokenizer.chat_template = chatml_template(DEFAULT_SYSTEM_MESSAGE)
-        tokenized = tokenize_samples(SAMPLES, tokenizer, GptqSettings(max_len=64))
+        tokenized = tokenize_as_served(SAMPLES, tokenizer, GptqSettings(max_len=64))
         training = SupervisedDataset(SAMPLES, tokenizer, 64, DEFAULT_SYSTEM_MESSAGE, chat_format=chat_format)
         assert [s.input_ids for s in tokenized] == [list(training[i]["input_ids"]) for i in range(len(SAMPLES))]
         assert (tokenizer.decode(tokenized[0].input_ids).startswith("<|im_start|>system")) == (chat_format == "chatml")
