@@ -24,9 +24,8 @@ import transformers  # noqa: E402
 from chatft.args import parse_args  # noqa: E402
 from chatft.attention import rows_keep_samples_apart  # noqa: E402
 from chatft.errors import ArgumentError  # noqa: E402
-from chatft.chat_format import preprocess  # noqa: F401, E402  (Qwen-compatible: `from finetune import preprocess`)
-from chatft.data import (ChatCollator, LazySupervisedDataset, SupervisedDataset,  # noqa: F401, E402
-                         load_samples, make_collator, make_datasets, split_off_eval)
+from chatft.chat_format import preprocess  # noqa: E402  (re-exported: `from finetune import preprocess`, as Qwen's)
+from chatft.data import load_samples, make_collator, make_datasets, split_off_eval  # noqa: E402
 from chatft.model import (join_process_group, load_model, load_tokenizer, resolve_model_path,  # noqa: E402
                           trainable_embeddings)
 from chatft.distributed import end_run  # noqa: E402
@@ -36,21 +35,46 @@ from chatft.saving import save_run  # noqa: E402
 from chatft.trainer import ChatTrainer, StopOnSigterm  # noqa: E402
 
 logger = logging.getLogger("finetune")
+__all__ = ["main", "preprocess", "train"]  # preprocess: Qwen's function, for scripts written against its finetune.py
 
 
-def train(argv=None):
+def read_data(data_args, seed: int) -> tuple[list[dict], list[dict] | None]:
+    """(training samples, evaluation samples or None): --eval_data_path is a file, or a fraction held out."""
+    train_samples = load_samples(data_args.data_path, data_args.data_format)
+    if data_args.eval_fraction is not None:
+        return split_off_eval(train_samples, data_args.eval_fraction, seed)
+    if data_args.eval_data_path:
+        return train_samples, load_samples(data_args.eval_data_path, data_args.data_format)
+    return train_samples, None
+
+
+def padding_free_for(model, data_args) -> bool:
+    """--padding_free, unless the model's own attention code cannot keep the samples of one row apart (then
+    batches are padded); --packing with such a model is refused."""
+    if rows_keep_samples_apart(model):
+        return data_args.padding_free
+    if data_args.packing:
+        raise ArgumentError(f"--packing: {type(model).__name__} has its own attention code, which would let packed "
+                            "samples attend to each other; train without --packing.")
+    if data_args.padding_free:
+        logger.info("%s has its own attention code (not transformers'), which cannot keep samples of one row "
+                    "apart: batches are padded instead.", type(model).__name__)
+    return False
+
+
+def train(argv=None, callbacks=(), wrap_collator=None):
+    """Fine-tune with finetune.py's flags (`argv`; None: the command line); return the Trainer (None after --dry_run).
+
+    Tools that measure runs (bench/) hook in here rather than patching this module: `callbacks` are
+    transformers.TrainerCallback objects added to the Trainer (bench.profile_table times steps with one);
+    `wrap_collator` takes the collator and returns the one the Trainer uses (bench.throughput counts the real
+    tokens of every batch with it).
+    """
     model_args, data_args, training_args, lora_args = parse_args(argv)
     transformers.set_seed(training_args.seed)
     if not data_args.dry_run:
         check_output_dir(training_args)
-    train_samples = load_samples(data_args.data_path, data_args.data_format)
-    if data_args.eval_fraction is not None:
-        train_samples, eval_samples = split_off_eval(train_samples, data_args.eval_fraction, training_args.seed)
-    elif data_args.eval_data_path:
-        eval_samples = load_samples(data_args.eval_data_path, data_args.data_format)
-    else:
-        eval_samples = None
-
+    train_samples, eval_samples = read_data(data_args, training_args.seed)
     if not data_args.dry_run:
         join_process_group(training_args)
     model_path = resolve_model_path(model_args.model_name_or_path)
@@ -81,24 +105,16 @@ def train(argv=None):
         logger.info(packing_summary(train_dataset, training_args.per_device_train_batch_size,
                                     training_args.gradient_accumulation_steps, training_args.world_size))
     model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added_tokens, train_embeddings)
-
-    padding_free = data_args.padding_free
-    if not rows_keep_samples_apart(model):
-        if data_args.packing:
-            raise ArgumentError(f"--packing: {type(model).__name__} has its own attention code, which would let packed "
-                                "samples attend to each other; train without --packing.")
-        if padding_free:
-            logger.info("%s has its own attention code (not transformers'), which cannot keep samples of one row "
-                        "apart: batches are padded instead.", type(model).__name__)
-            padding_free = False
+    collator = make_collator(tokenizer, padding_free_for(model, data_args),
+                             training_args.model_max_length if data_args.pad_to_max_length else None)
     trainer = ChatTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=make_collator(tokenizer, padding_free,
-                                    training_args.model_max_length if data_args.pad_to_max_length else None),
+        data_collator=wrap_collator(collator) if wrap_collator else collator,
         processing_class=tokenizer,
+        callbacks=list(callbacks),
         labelled_logits=training_args.labelled_logits_only,
     )
     sigterm = StopOnSigterm()
