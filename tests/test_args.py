@@ -6,12 +6,11 @@ import pytest
 import yaml
 
 from chatft.args import ArgumentError, parse_args
-from conftest import _tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return str(_tiny_model_dir(tmp_path_factory.mktemp("args-model"), "qwen2"))
+def model(tiny_qwen2_dir):
+    return str(tiny_qwen2_dir)
 
 
 @pytest.fixture

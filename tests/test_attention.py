@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from chatft.attention import PER_SAMPLE_SDPA, sample_spans, supports_per_sample_sdpa
-from conftest import _tiny_model_dir, assert_close_up_to_rounding, decoder_terms, run
+from support import assert_close_up_to_rounding, decoder_terms, run
 
 LENGTHS = (9, 4, 13)  # three samples of one row
 
@@ -22,11 +22,6 @@ def test_sample_spans_split_where_positions_restart():
     assert sample_spans(torch.arange(6)[None], 1) is None  # one sample: plain sdpa
     assert sample_spans(torch.tensor([[5, 6, 7, 2, 3]]), 1) == [[(0, 3), (3, 5)]]  # any restart, not only at 0
     assert sample_spans(None, 1) is None
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return _tiny_model_dir(tmp_path_factory.mktemp("attention"), "qwen2")
 
 
 def load(model_dir, attn_implementation, setup):
@@ -54,13 +49,13 @@ def outputs_and_grads(model, input_ids, position_ids, targets):
 
 @pytest.mark.parametrize("setup", ["full", "lora", "checkpointing"])
 @pytest.mark.parametrize("reference", ["sdpa", "eager"])
-def test_each_sample_of_a_row_gets_what_it_gets_alone(model_dir, reference, setup, monkeypatch):
+def test_each_sample_of_a_row_gets_what_it_gets_alone(tiny_qwen2_dir, reference, setup, monkeypatch):
     generator = torch.Generator().manual_seed(0)
-    vocab = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
+    vocab = transformers.AutoConfig.from_pretrained(tiny_qwen2_dir).vocab_size
     samples = [torch.randint(0, vocab, (1, n), generator=generator) for n in LENGTHS]
     targets = [torch.randint(0, vocab, (1, n), generator=generator) for n in LENGTHS]
 
-    alone = load(model_dir, reference, setup)
+    alone = load(tiny_qwen2_dir, reference, setup)
     alone_logits, alone_grads = [], {}
     for ids, target in zip(samples, targets):
         logits, grads = outputs_and_grads(alone, ids, torch.arange(ids.shape[1])[None], target)
@@ -75,7 +70,7 @@ def test_each_sample_of_a_row_gets_what_it_gets_alone(model_dir, reference, setu
         return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
-    row = load(model_dir, PER_SAMPLE_SDPA, setup)
+    row = load(tiny_qwen2_dir, PER_SAMPLE_SDPA, setup)
     position_ids = torch.cat([torch.arange(n) for n in LENGTHS])[None]
     row_logits, row_grads = outputs_and_grads(row, torch.cat(samples, 1), position_ids, torch.cat(targets, 1))
 
@@ -95,10 +90,10 @@ def test_each_sample_of_a_row_gets_what_it_gets_alone(model_dir, reference, setu
         assert_close_up_to_rounding(row_grads[name], grad, terms=terms)
 
 
-def test_a_padded_batch_keeps_its_mask(model_dir):
+def test_a_padded_batch_keeps_its_mask(tiny_qwen2_dir):
     """Rows that are one sample each (padding masked) take transformers' sdpa path unchanged."""
-    reference = load(model_dir, "sdpa", "full").eval()
-    model = load(model_dir, PER_SAMPLE_SDPA, "full").eval()
+    reference = load(tiny_qwen2_dir, "sdpa", "full").eval()
+    model = load(tiny_qwen2_dir, PER_SAMPLE_SDPA, "full").eval()
     ids = torch.randint(0, reference.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
@@ -117,24 +112,25 @@ def test_models_whose_attention_is_not_plain_keep_transformers_masks(tmp_path):
     assert not supports_per_sample_sdpa(transformers.AutoModelForCausalLM.from_config(windowed))
 
 
-def test_training_uses_per_sample_attention_by_default_and_saves_a_portable_config(model_dir, data_file, tmp_path):
-    trainer = run(model_dir, data_file, tmp_path / "out")
+def test_training_uses_per_sample_attention_by_default_and_saves_a_portable_config(tiny_qwen2_dir, data_file, tmp_path):
+    trainer = run(tiny_qwen2_dir, data_file, tmp_path / "out")
     assert trainer.model.config._attn_implementation == PER_SAMPLE_SDPA
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert PER_SAMPLE_SDPA not in json.dumps(saved)  # plain transformers loads what was trained
-    explicit = run(model_dir, data_file, tmp_path / "sdpa", "--attn_implementation", "sdpa")
+    explicit = run(tiny_qwen2_dir, data_file, tmp_path / "sdpa", "--attn_implementation", "sdpa")
     assert explicit.model.config._attn_implementation == "sdpa"
 
 
-def test_a_model_with_its_own_attention_code_gets_padded_batches(model_dir, data_file, tmp_path, monkeypatch, capsys):
+def test_a_model_with_its_own_attention_code_gets_padded_batches(tiny_qwen2_dir, data_file, tmp_path, monkeypatch,
+                                                                 capsys):
     """Remote-code models (e.g. Qwen-1's QWenLMHeadModel) attend across a row's samples: no padding-free rows there."""
     import finetune
     from chatft.data import ChatCollator
 
     monkeypatch.setattr(transformers.Qwen2ForCausalLM, "_supports_attention_backend", False)
-    trainer = run(model_dir, data_file, tmp_path / "out")
+    trainer = run(tiny_qwen2_dir, data_file, tmp_path / "out")
     assert isinstance(trainer.data_collator, ChatCollator)
     assert trainer.model.config._attn_implementation == "sdpa"
-    code = finetune.main(["--model_name_or_path", str(model_dir), "--data_path", data_file, "--output_dir",
+    code = finetune.main(["--model_name_or_path", str(tiny_qwen2_dir), "--data_path", data_file, "--output_dir",
                           str(tmp_path / "packed"), "--packing", "True", "--use_cpu", "True", "--max_steps", "1"])
     assert code == 2 and "would let packed samples attend to each other" in capsys.readouterr().err

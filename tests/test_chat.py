@@ -12,19 +12,13 @@ from chatft import chat
 from chatft.chat import checkpoint_kind, load_chat_model
 from chatft.chat_format import stop_token_ids
 from chatft.errors import ModelPathError
-from conftest import ROOT, _tiny_model_dir, run
+from support import ROOT, run
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    # widths multiple of 64, so that bitsandbytes' CPU 4-bit kernel can serve the Q-LoRA adapter
-    return _tiny_model_dir(tmp_path_factory.mktemp("chat"), "qwen2", hidden_size=64, intermediate_size=128)
-
-
-def test_every_kind_of_checkpoint_is_detected_and_served(tiny_model, tiny_gptq_dir, data_file, tmp_path):
-    run(tiny_model, data_file, tmp_path / "lora", "--use_lora", "--lora_r", "4")
-    run(tiny_model, data_file, tmp_path / "qlora", "--use_lora", "--q_lora", "--lora_r", "4", "--bf16", "True")
-    expected = {tiny_model: ("full", "Qwen2ForCausalLM"), tiny_gptq_dir: ("gptq", "Qwen2ForCausalLM"),
+def test_every_kind_of_checkpoint_is_detected_and_served(tiny_qwen2_64_dir, tiny_gptq_dir, data_file, tmp_path):
+    run(tiny_qwen2_64_dir, data_file, tmp_path / "lora", "--use_lora", "--lora_r", "4")
+    run(tiny_qwen2_64_dir, data_file, tmp_path / "qlora", "--use_lora", "--q_lora", "--lora_r", "4", "--bf16", "True")
+    expected = {tiny_qwen2_64_dir: ("full", "Qwen2ForCausalLM"), tiny_gptq_dir: ("gptq", "Qwen2ForCausalLM"),
                 tmp_path / "lora": ("lora", "PeftModelForCausalLM"), tmp_path / "qlora": ("qlora", "PeftModelForCausalLM")}
     for path, (kind, class_name) in expected.items():
         assert checkpoint_kind(str(path)) == kind
@@ -49,8 +43,8 @@ def test_every_kind_of_checkpoint_is_detected_and_served(tiny_model, tiny_gptq_d
         load_chat_model(str(tmp_path / "missing"))
 
 
-def test_query_mode_is_greedy_and_deterministic(tiny_model):
-    command = [sys.executable, "cli_demo.py", "-c", str(tiny_model), "--max-new-tokens", "8",
+def test_query_mode_is_greedy_and_deterministic(tiny_qwen2_64_dir):
+    command = [sys.executable, "cli_demo.py", "-c", str(tiny_qwen2_64_dir), "--max-new-tokens", "8",
                "--query", "Who are you?", "--query", "你好"]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
@@ -59,7 +53,7 @@ def test_query_mode_is_greedy_and_deterministic(tiny_model):
     assert "full model" in first.stderr
 
 
-def test_prompts_use_the_saved_template_and_system(tiny_model, monkeypatch, capsys):
+def test_prompts_use_the_saved_template_and_system(tiny_qwen2_64_dir, monkeypatch, capsys):
     prompts = []
     original = chat.generate_reply
 
@@ -68,11 +62,12 @@ def test_prompts_use_the_saved_template_and_system(tiny_model, monkeypatch, caps
         return original(model, tokenizer, messages, *args, **kwargs)
 
     monkeypatch.setattr(chat, "generate_reply", recording)
-    assert cli_demo.main(["-c", str(tiny_model), "--query", "Q1", "--system", "Be brief.", "--max-new-tokens", "2"]) == 0
+    assert cli_demo.main(["-c", str(tiny_qwen2_64_dir), "--query", "Q1", "--system", "Be brief.",
+                          "--max-new-tokens", "2"]) == 0
     assert prompts == ["<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n"]
 
 
-def test_interactive_history_clear_and_exit(tiny_model, monkeypatch, capsys):
+def test_interactive_history_clear_and_exit(tiny_qwen2_64_dir, monkeypatch, capsys):
     seen = []
 
     def fake_reply(model, tokenizer, messages, *args, **kwargs):
@@ -82,14 +77,14 @@ def test_interactive_history_clear_and_exit(tiny_model, monkeypatch, capsys):
     monkeypatch.setattr(chat, "generate_reply", fake_reply)
     lines = iter(["first", "second", ":history", ":clear", "third", ":exit", "never"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    assert cli_demo.main(["-c", str(tiny_model)]) == 0
+    assert cli_demo.main(["-c", str(tiny_qwen2_64_dir)]) == 0
     assert seen == [["first"], ["first", "reply 1", "second"], ["third"]]
     out = capsys.readouterr().out
     assert "User: first\nAssistant: reply 1\nUser: second\nAssistant: reply 2" in out
 
 
-def test_interactive_streams_to_the_terminal(tiny_model):
-    result = subprocess.run([sys.executable, "cli_demo.py", "-c", str(tiny_model), "--max-new-tokens", "4"],
+def test_interactive_streams_to_the_terminal(tiny_qwen2_64_dir):
+    result = subprocess.run([sys.executable, "cli_demo.py", "-c", str(tiny_qwen2_64_dir), "--max-new-tokens", "4"],
                             cwd=ROOT, input="hello\n:history\n", capture_output=True, text=True, check=True)
     assert "Commands: :clear, :history, :exit" in result.stdout and "User: hello\nAssistant: " in result.stdout
     # once streamed as it was generated, once more by :history
@@ -101,8 +96,8 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: --checkpoint-path {tmp_path / 'nope'}: no such file or directory\n"
 
 
-def test_generate_reply_stops_at_im_end(tiny_model):
-    model, tokenizer, _ = load_chat_model(str(tiny_model))
+def test_generate_reply_stops_at_im_end(tiny_qwen2_64_dir):
+    model, tokenizer, _ = load_chat_model(str(tiny_qwen2_64_dir))
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end in stop_token_ids(tokenizer)
 
@@ -119,7 +114,7 @@ def test_generate_reply_stops_at_im_end(tiny_model):
     assert reply == "" and len(calls) == 1  # one forward pass: generation stopped at the first <|im_end|>
 
 
-def test_tools_are_offered_as_in_training(tiny_model, data_file, tmp_path, monkeypatch, capsys):
+def test_tools_are_offered_as_in_training(tiny_qwen2_64_dir, data_file, tmp_path, monkeypatch, capsys):
     import json
 
     from chatft.chat_format import Conversation, Turn, parse_tools, render_qwen3
@@ -140,7 +135,7 @@ def test_tools_are_offered_as_in_training(tiny_model, data_file, tmp_path, monke
     lines = iter(["Weather in Paris?", ":tool 12°C", ":exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     trained_model = tmp_path / "out"  # a fine-tuned model: its tokenizer carries the training run's chat template
-    run(tiny_model, data_file, trained_model)
+    run(tiny_qwen2_64_dir, data_file, trained_model)
     assert cli_demo.main(["-c", str(trained_model), "--tools", str(tools_file), "--max-new-tokens", "2"]) == 0
     # the tiny model has the Qwen3 tokenizer, so it trained in the qwen3 format (chat_format auto)
     trained, _ = render_qwen3(Conversation((Turn("user", "Weather in Paris?"),), parse_tools(definitions)))
@@ -152,20 +147,20 @@ def test_tools_are_offered_as_in_training(tiny_model, data_file, tmp_path, monke
     assert "expected a list of tool definitions" in capsys.readouterr().err
 
 
-def test_a_replys_thinking_is_shown_apart_from_its_answer_or_hidden(tiny_model, monkeypatch, capsys):
+def test_a_replys_thinking_is_shown_apart_from_its_answer_or_hidden(tiny_qwen2_64_dir, monkeypatch, capsys):
     monkeypatch.setattr(chat, "generate_reply", lambda *a, **k: "<think>\nIt is a greeting.\n</think>\n\nHello!")
-    assert cli_demo.main(["-c", str(tiny_model), "--query", "Hi"]) == 0
+    assert cli_demo.main(["-c", str(tiny_qwen2_64_dir), "--query", "Hi"]) == 0
     assert "User: Hi\nThinking: It is a greeting.\nAssistant: Hello!\n" in capsys.readouterr().out
-    assert cli_demo.main(["-c", str(tiny_model), "--query", "Hi", "--hide-thinking"]) == 0
+    assert cli_demo.main(["-c", str(tiny_qwen2_64_dir), "--query", "Hi", "--hide-thinking"]) == 0
     out = capsys.readouterr().out
     assert "User: Hi\nAssistant: Hello!\n" in out and "greeting" not in out
 
 
 @pytest.mark.parametrize("show", [True, False])
-def test_the_streamer_puts_thinking_on_its_own_line(tiny_model, capsys, show):
+def test_the_streamer_puts_thinking_on_its_own_line(tiny_qwen2_64_dir, capsys, show):
     from chatft.chat import ThinkingStreamer
 
-    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tiny_qwen2_64_dir)
     streamer = ThinkingStreamer(tokenizer, show_thinking=show)
     for chunk, end in [("<think>\nLet me", False), (" see.\n</th", False), ("ink>\n\nHel", False), ("lo!", True),
                        ("No thoughts", True)]:

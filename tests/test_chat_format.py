@@ -10,11 +10,12 @@ from chatft.chat_format import (
     tokenize_conversation,
     tokenize_conversations,
 )
-from conftest import alpaca_to_conversations, sharegpt_to_conversations, shared_data
+from support import alpaca_to_conversations, sharegpt_to_conversations, shared_data, shared_data_path
 
 SYSTEM = "You are a helpful assistant."
 
-CONVERSATIONS = [
+# Turn lists (a sample's "conversations" value, without the sample around it): the cases a label mask must get right
+TURN_LISTS = [
     [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello! How can I help?"}],
     [{"from": "system", "value": "Answer in one word."}, {"from": "user", "value": "Capital of France?"},
      {"from": "assistant", "value": "Paris"}, {"from": "user", "value": "And of Italy?"},
@@ -88,7 +89,7 @@ def tokenizer(request, smollm2_tokenizer, qwen_tokenizer):
     return smollm2_tokenizer if request.param == "smollm2" else qwen_tokenizer
 
 
-@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("conversation", TURN_LISTS, ids=range(len(TURN_LISTS)))
 def test_labels_are_exactly_the_replies(tokenizer, conversation):
     check_conversation(tokenizer, conversation)
 
@@ -116,7 +117,7 @@ def test_template_reproduces_training_tokens(tokenizer):
     tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)  # a private copy to modify
     for system in (SYSTEM, "Système: réponds en français. 🚀", ""):
         tokenizer.chat_template = chatml_template(system)
-        for conversation in CONVERSATIONS:
+        for conversation in TURN_LISTS:
             turns = to_turns(conversation)
             messages = [{"role": t.role, "content": t.content} for t in turns]
             text, _ = render_chatml(turns, system)
@@ -128,7 +129,7 @@ def test_template_reproduces_training_tokens(tokenizer):
 
 
 def test_truncation_at_every_boundary(tokenizer):
-    conversation = CONVERSATIONS[3]
+    conversation = TURN_LISTS[3]
     full = tokenize_conversation(to_turns(conversation), tokenizer, 100_000, SYSTEM)
     for max_len in range(1, len(full.input_ids) + 1):
         cut = tokenize_conversation(to_turns(conversation), tokenizer, max_len, SYSTEM)
@@ -155,13 +156,13 @@ def test_qwen_compatible_preprocess(qwen_tokenizer):
     """Qwen's shape: one row per source, in order, padded to max_len; an untrainable source keeps its row."""
     from finetune import preprocess
 
-    sources = [CONVERSATIONS[0], [{"from": "user", "value": "x " * 300}, {"from": "assistant", "value": "y"}],
-               CONVERSATIONS[1]]
+    sources = [TURN_LISTS[0], [{"from": "user", "value": "x " * 300}, {"from": "assistant", "value": "y"}],
+               TURN_LISTS[1]]
     batch = preprocess(sources, qwen_tokenizer, max_len=64)
     assert set(batch) == {"input_ids", "labels", "attention_mask"}
     assert all(batch[name].shape == (3, 64) for name in batch)
     assert (batch["labels"][1] == IGNORE_INDEX).all()  # no reply left within 64 tokens: kept, nothing to learn
-    for row, source in ((0, CONVERSATIONS[0]), (2, CONVERSATIONS[1])):
+    for row, source in ((0, TURN_LISTS[0]), (2, TURN_LISTS[1])):
         expected = qwen_tokenizer(expected_text(source), add_special_tokens=False).input_ids
         n = len(expected)
         assert batch["input_ids"][row, :n].tolist() == expected and batch["attention_mask"][row].sum() == n
@@ -171,7 +172,7 @@ def test_qwen_compatible_preprocess(qwen_tokenizer):
 
 
 def test_describe_sample_marks_trained_spans(qwen_tokenizer):
-    sample = tokenize_conversation(to_turns(CONVERSATIONS[3]), qwen_tokenizer, 1000, SYSTEM)
+    sample = tokenize_conversation(to_turns(TURN_LISTS[3]), qwen_tokenizer, 1000, SYSTEM)
     shown = describe_sample(sample, qwen_tokenizer)
     assert "[[안녕하세요! 저는 도우미입니다. 😀<|im_end|>]]" in shown
     assert "[[我是一个乐于助人的助手。🚀✨<|im_end|>]]" in shown
@@ -182,7 +183,7 @@ def test_one_batched_call_equals_one_call_per_sample(tokenizer):
     """Offsets of all samples are resolved together: no sample's labels may leak into its neighbour's."""
     samples = (alpaca_to_conversations(shared_data("alpaca_en_demo.json"))[:60]
                + sharegpt_to_conversations(shared_data("glaive_toolcall_en_demo.json"))[:40]
-               + [{"conversations": c} for c in CONVERSATIONS])
+               + [{"conversations": c} for c in TURN_LISTS])
     conversations = [to_turns(s["conversations"]) for s in samples]
     for max_len in (48, 100_000):
         batched = tokenize_conversations(conversations, tokenizer, max_len, SYSTEM)
@@ -213,7 +214,6 @@ def openai_messages(conversation, system=SYSTEM):
 @pytest.fixture(scope="module")
 def glaive_conversations():
     from chatft.data import load_samples
-    from conftest import shared_data_path
 
     return [to_conversation(s) for s in load_samples(str(shared_data_path("glaive_toolcall_en_demo.json")))]
 

@@ -15,8 +15,8 @@ import cli_demo
 import finetune
 import merge_lora
 import run_gptq
-from conftest import ROOT, write_json
 from console_noise import library_noise
+from support import ROOT, write_json
 
 
 def fresh_machine_env(tmp_path) -> dict:

@@ -14,7 +14,8 @@ from chatft.data import (
     first_fit_decreasing, load_samples, make_datasets, split_off_eval, tokenize_training_samples,
 )
 import chatft.data
-from conftest import _tiny_model_dir, assert_close_up_to_rounding, decoder_terms, write_json
+from support import (alpaca_to_conversations, assert_close_up_to_rounding, decoder_terms, shared_data, shared_data_path,
+                     write_json)
 
 GOOD = {"id": "ok", "conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello"}]}
 
@@ -234,8 +235,6 @@ def test_every_format_gives_the_same_sample(tmp_path, data_format, suffix, qwen_
 
 
 def test_public_alpaca_and_sharegpt_files_load(tmp_path):
-    from conftest import alpaca_to_conversations, shared_data, shared_data_path
-
     alpaca = load_samples(str(shared_data_path("alpaca_en_demo.json")))
     expected = alpaca_to_conversations(shared_data("alpaca_en_demo.json"))
     assert [s["conversations"] for s in alpaca] == [s["conversations"] for s in expected]
@@ -399,9 +398,8 @@ PACKING_SAMPLES = [
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_a_packed_sample_gets_the_loss_and_gradients_it_gets_alone(tmp_path, qwen_tokenizer, attn_implementation):
-    model_dir = _tiny_model_dir(tmp_path, "qwen2")
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn_implementation)
+def test_a_packed_sample_gets_the_loss_and_gradients_it_gets_alone(tiny_qwen2_dir, qwen_tokenizer, attn_implementation):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, attn_implementation=attn_implementation)
     samples = SupervisedDataset(PACKING_SAMPLES, qwen_tokenizer, 512)
     packed = PackedDataset(samples, 512)
     assert len(packed) == 1 and packed.rows[0]["position_ids"].count(0) == 3
@@ -483,8 +481,6 @@ def test_mixed_formats_in_one_file(tmp_path):
 def test_glaive_as_openai_messages_gives_the_same_tokens(tmp_path, qwen_tokenizer):
     """The public ShareGPT tool-call file, rewritten as OpenAI messages (tool_calls with JSON-text arguments, tool
     messages, wrapped tools) in JSONL: every sample tokenizes and labels exactly as the original."""
-    from conftest import shared_data, shared_data_path
-
     as_messages = []
     for record in shared_data("glaive_toolcall_en_demo.json"):
         messages = []

@@ -13,7 +13,7 @@ import transformers
 import merge_lora
 from chatft import export
 from chatft.chat_format import IM_END
-from conftest import assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, probe_logits, rounding_atol, run
+from support import assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, probe_logits, rounding_atol, run
 
 
 def merge(adapter_dir, output_dir, *extra):
@@ -109,13 +109,13 @@ def test_failed_save_leaves_previous_output_intact(tiny_qwen_dir, data_file, tmp
     assert sorted(os.listdir(tmp_path)) == ["lora", "merged", "train.json"]  # no scratch directory left behind
 
 
-def test_gptq_base_needs_the_full_precision_model(tiny_gptq_dir, data_file, tmp_path, capsys):
+def test_gptq_base_needs_the_full_precision_model(tiny_gptq_dir, tiny_qwen2_64_dir, data_file, tmp_path, capsys):
     """Q-LoRA on a GPTQ model: refused into the int4 weights, merged into the full-precision original."""
     run(tiny_gptq_dir, data_file, tmp_path / "qlora", "--use_lora", "--q_lora", "--lora_r", "4", "--learning_rate", "1e-2",
         "--lora_dropout", "0")
     assert merge(tmp_path / "qlora", tmp_path / "merged") == 2
     assert "--base_model_path" in capsys.readouterr().err and not (tmp_path / "merged").exists()
-    original = tiny_gptq_dir.parent / "tiny-qwen2-64"
+    original = tiny_qwen2_64_dir  # what tiny_gptq_dir was quantized from
     assert merge(tmp_path / "qlora", tmp_path / "merged", "--base_model_path", str(original)) == 0
     merged, tokenizer = assert_standalone(tmp_path / "merged")
     adapter = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(original), tmp_path / "qlora")
@@ -123,16 +123,14 @@ def test_gptq_base_needs_the_full_precision_model(tiny_gptq_dir, data_file, tmp_
                                 terms=decoder_terms(merged.config))
 
 
-def test_nf4_qlora_adapter_merges_into_its_full_precision_base(tmp_path, data_file, caplog):
-    from conftest import _tiny_model_dir
-
-    base_dir = _tiny_model_dir(tmp_path, "qwen2", hidden_size=64, intermediate_size=128)
-    run(base_dir, data_file, tmp_path / "qlora", "--use_lora", "--q_lora", "--lora_r", "4", "--learning_rate", "1e-2",
-        "--bf16", "True")
+def test_nf4_qlora_adapter_merges_into_its_full_precision_base(tiny_qwen2_64_dir, tmp_path, data_file, caplog):
+    run(tiny_qwen2_64_dir, data_file, tmp_path / "qlora", "--use_lora", "--q_lora", "--lora_r", "4",
+        "--learning_rate", "1e-2", "--bf16", "True")
     assert merge(tmp_path / "qlora", tmp_path / "merged") == 0
     assert "Q-LoRA adapter" in caplog.text and "NF4" in caplog.text
     merged, tokenizer = assert_standalone(tmp_path / "merged")
-    adapter = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "qlora")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_64_dir)
+    adapter = peft.PeftModel.from_pretrained(base, tmp_path / "qlora")
     assert_close_up_to_rounding(probe_logits(merged, tokenizer), probe_logits(adapter, tokenizer),
                                 terms=decoder_terms(merged.config))
 

@@ -17,14 +17,14 @@ from chatft.report import plot_losses
 from chatft.args import ArgumentError, parse_args
 from chatft.chat_format import IM_END, IM_START
 from chatft.data import ChatCollator, PaddingFreeCollator
-from conftest import CONVERSATIONS, ROOT, _tiny_model_dir, make_non_chatml_model, probe_logits, run, write_json
-from conftest import assert_close_up_to_rounding, decoder_terms, rounding_atol
+from support import ROOT, make_non_chatml_model, probe_logits, run, shared_data_path, write_json
+from support import assert_close_up_to_rounding, decoder_terms, rounding_atol
 
 
 @pytest.fixture(scope="module")
-def a_model(tmp_path_factory) -> str:
+def a_model(tiny_qwen2_dir) -> str:
     """A valid model directory, for tests where the model is never loaded (they fail or stop earlier)."""
-    return str(_tiny_model_dir(tmp_path_factory.mktemp("finetune-model"), "qwen2"))
+    return str(tiny_qwen2_dir)
 
 def assert_common_outputs(output_dir):
     files = set(os.listdir(output_dir))
@@ -257,8 +257,6 @@ def test_loss_curve_and_summary(tiny_qwen_dir, data_file, tmp_path, capsys):
 
 
 def test_dry_run_reports_and_loads_no_model(tiny_qwen_dir, tmp_path, capsys, monkeypatch):
-    from conftest import shared_data_path
-
     monkeypatch.setattr(finetune, "load_model", lambda *a, **k: pytest.fail("--dry_run loaded a model"))
     output = tmp_path / "out"
     code = finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path",
@@ -275,8 +273,6 @@ def test_dry_run_reports_and_loads_no_model(tiny_qwen_dir, tmp_path, capsys, mon
 
 
 def test_dry_run_on_tool_calls(tiny_qwen_dir, tmp_path, capsys):
-    from conftest import shared_data_path
-
     code = finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path",
                           str(shared_data_path("glaive_toolcall_en_demo.json")), "--output_dir", str(tmp_path / "o"),
                           "--dry_run", "True", "--model_max_length", "2048", "--use_cpu", "True"])

@@ -9,8 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, write_json
-from test_finetune import CONVERSATIONS
+from support import CONVERSATIONS, ROOT, write_json
 
 SINGLE = ["finetune_lora_single_gpu.sh", "finetune_qlora_single_gpu.sh"]
 TORCHRUN = ["finetune_ds.sh", "finetune_lora_ds.sh", "finetune_qlora_ds.sh"]
@@ -166,7 +165,7 @@ def test_missing_data_file_fails_fast(name, tmp_path):
 # Real runs on a tiny model, one process each.
 
 def test_lora_single_gpu_with_options_and_extra_flags(tiny_qwen_dir, tmp_path):
-    data = write_json(tmp_path / "train.json", CONVERSATIONS)
+    write_json(tmp_path / "train.json", CONVERSATIONS)
     # relative paths resolve against the caller's directory, not the repository
     result = subprocess.run(
         ["bash", str(ROOT / "finetune" / "finetune_lora_single_gpu.sh"), "-m", str(tiny_qwen_dir), "-d", "train.json",
@@ -178,13 +177,10 @@ def test_lora_single_gpu_with_options_and_extra_flags(tiny_qwen_dir, tmp_path):
     assert "--use_lora" in result.stderr and "--lora_r 4" in result.stderr  # set -x shows the command
 
 
-def test_qlora_single_gpu(tmp_path):
-    from conftest import _tiny_model_dir
-
-    model = _tiny_model_dir(tmp_path, "qwen2", hidden_size=64, intermediate_size=128)
+def test_qlora_single_gpu(tiny_qwen2_64_dir, tmp_path):
     data = write_json(tmp_path / "train.json", CONVERSATIONS)
     result = subprocess.run(
-        ["bash", str(ROOT / "finetune" / "finetune_qlora_single_gpu.sh"), "-m", str(model), "-d", str(data),
+        ["bash", str(ROOT / "finetune" / "finetune_qlora_single_gpu.sh"), "-m", str(tiny_qwen2_64_dir), "-d", str(data),
          "-o", str(tmp_path / "out"), "--", "--max_steps", "2", "--lora_r", "4", "--save_strategy", "no"],
         capture_output=True, text=True,
     )

@@ -16,7 +16,7 @@ from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE
 from chatft.data import SupervisedDataset, load_samples
 from chatft.quantize import (GptqSettings, QuantizeError, choose_group_size, reply_perplexity, split_samples,
                              tokenize_as_served)
-from conftest import _tiny_model_dir, assert_close_up_to_rounding, probe_logits, write_json
+from support import assert_close_up_to_rounding, probe_logits, write_json
 
 QUESTIONS = ["Who are you?", "What is 2+2?", "你好", "Say goodbye.", "Name a colour.", "Count to three.",
              "What day follows Monday?", "Translate 'cat' to French."]
@@ -24,11 +24,6 @@ SAMPLES = [
     {"id": f"q{i}", "conversations": [{"from": "user", "value": q}, {"from": "assistant", "value": f"Answer {i}: {q[::-1]}"}]}
     for i, q in enumerate(QUESTIONS * 3)
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return _tiny_model_dir(tmp_path_factory.mktemp("quantize"), "qwen2", hidden_size=64, intermediate_size=128)
 
 
 @pytest.fixture
@@ -42,8 +37,8 @@ def quantize(model, data, out, *extra):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_output_loads_with_plain_transformers(tiny_model, data, tmp_path, bits, capsys):
-    assert quantize(tiny_model, data, tmp_path / "q", "--bits", str(bits), "--group-size", "32") == 0
+def test_quantized_output_loads_with_plain_transformers(tiny_qwen2_64_dir, data, tmp_path, bits, capsys):
+    assert quantize(tiny_qwen2_64_dir, data, tmp_path / "q", "--bits", str(bits), "--group-size", "32") == 0
     assert "before" in capsys.readouterr().out
     config = json.load(open(tmp_path / "q" / "config.json"))["quantization_config"]
     assert config["quant_method"] == "gptq" and config["bits"] == bits and config["group_size"] == 32
@@ -57,7 +52,7 @@ def test_quantized_output_loads_with_plain_transformers(tiny_model, data, tmp_pa
     assert report["held_out_samples"] == 2 and report["calibration_samples"] == len(SAMPLES) - 2
     assert report["settings"]["bits"] == bits
     # the model before quantization, measured independently with the HF loss on one held-out sample
-    full = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    full = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_64_dir, dtype=torch.float32)
     if bits == 8:  # 8 bits barely move a model; 4 bits move a random tiny one more, but not to noise
         # lossy: 8-bit GPTQ moves each weight by up to half a step of its group's 256 levels, which moved the
         # logits by 0.4% of the largest here: 0.02 + 2% of each logit leaves about ten times that
@@ -67,9 +62,9 @@ def test_quantized_output_loads_with_plain_transformers(tiny_model, data, tmp_pa
         assert abs(report["perplexity_ratio"] - 1) < 0.2, report
 
 
-def test_perplexity_is_exp_of_the_training_loss(tiny_model):
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+def test_perplexity_is_exp_of_the_training_loss(tiny_qwen2_64_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_64_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_64_dir, dtype=torch.float32)
     samples = tokenize_as_served(SAMPLES[:3], tokenizer, GptqSettings(max_len=64))
     for sample in samples:
         with torch.no_grad():
@@ -78,12 +73,12 @@ def test_perplexity_is_exp_of_the_training_loss(tiny_model):
         assert_close_up_to_rounding(math.log(reply_perplexity(model, [sample])), loss, terms=len(sample.input_ids))
 
 
-def test_calibration_is_the_training_tokenization(tiny_model):
+def test_calibration_is_the_training_tokenization(tiny_qwen2_64_dir):
     """In the format the model was trained in, read from its saved template: qwen3 for Qwen3's (the tiny model's
     tokenizer), ChatML for the template a ChatML run saves."""
     from chatft.chat_format import chatml_template
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_64_dir)
     for chat_format in ("qwen3", "chatml"):
         if chat_format == "chatml":
             tokenizer.chat_template = chatml_template(DEFAULT_SYSTEM_MESSAGE)
@@ -111,11 +106,11 @@ def test_group_size_must_divide_the_layer_widths():
         choose_group_size(None, {100, 200})
 
 
-def test_malformed_calibration_file_fails_like_training(tiny_model, tmp_path, monkeypatch, capsys):
+def test_malformed_calibration_file_fails_like_training(tiny_qwen2_64_dir, tmp_path, monkeypatch, capsys):
     bad = write_json(tmp_path / "bad.json", [{"id": "x7", "conversations": [{"from": "user", "value": 5}]}])
     with pytest.raises(DataError) as training_error:
         load_samples(str(bad))
-    assert finetune.main(["--model_name_or_path", str(tiny_model), "--data_path", str(bad), "--output_dir",
+    assert finetune.main(["--model_name_or_path", str(tiny_qwen2_64_dir), "--data_path", str(bad), "--output_dir",
                           str(tmp_path / "o"), "--use_cpu", "True"]) == 2
     training_message = capsys.readouterr().err
 
@@ -127,22 +122,22 @@ def test_malformed_calibration_file_fails_like_training(tiny_model, tmp_path, mo
     out = tmp_path / "q"
     out.mkdir()
     (out / "keep.txt").write_text("earlier results")
-    assert quantize(tiny_model, bad, out, "--overwrite") == 2
+    assert quantize(tiny_qwen2_64_dir, bad, out, "--overwrite") == 2
     message = capsys.readouterr().err
     assert message == training_message and str(training_error.value) in message
     assert f"{bad}: sample 0 (id='x7'): conversations[0]: 'value' must be a string" in message
     assert os.listdir(out) == ["keep.txt"]
 
 
-def test_refusals(tiny_model, tiny_gptq_dir, data, tmp_path, capsys):
+def test_refusals(tiny_qwen2_64_dir, tiny_gptq_dir, data, tmp_path, capsys):
     out = tmp_path / "q"
     out.mkdir()
     (out / "model.safetensors").write_text("previous")
-    assert quantize(tiny_model, data, out) == 2
+    assert quantize(tiny_qwen2_64_dir, data, out) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "model.safetensors").read_text() == "previous"
     assert quantize(tiny_gptq_dir, data, tmp_path / "q2") == 2
     assert "already quantized" in capsys.readouterr().err
-    assert quantize(tiny_model, data, tmp_path / "q3", "--group-size", "48") == 2
+    assert quantize(tiny_qwen2_64_dir, data, tmp_path / "q3", "--group-size", "48") == 2
     assert "does not divide" in capsys.readouterr().err
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -150,6 +145,6 @@ def test_refusals(tiny_model, tiny_gptq_dir, data, tmp_path, capsys):
     assert quantize(adapter, data, tmp_path / "q5") == 2
     assert "merge it first" in capsys.readouterr().err
     one = write_json(tmp_path / "one.json", SAMPLES[:1])
-    assert quantize(tiny_model, one, tmp_path / "q4") == 2
+    assert quantize(tiny_qwen2_64_dir, one, tmp_path / "q4") == 2
     assert "at least 2 samples" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("q2", "q3", "q4"))

