@@ -5,7 +5,8 @@
 #   bash finetune/profile.sh [-m MODEL] [-o OUTPUT_DIR] [--modes lora,full] [--lengths 256,512] [...]
 #
 # With no arguments: the bundled SmolLM2-135M-Instruct, every mode and length, into output_profile/
-# (profile.md, profile.json, profile.png). `python finetune/profile_table.py --help` lists every option.
+# (profile.md, profile.json, profile.png). `python -m bench.profile_table --help` lists every option.
+# Runs bench.profile_table from the repository root; relative paths resolve against the caller's directory.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-exec "${PYTHON:-python}" "$ROOT/finetune/profile_table.py" "$@"
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "${PYTHON:-python}" -m bench.profile_table "$@"

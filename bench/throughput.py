@@ -1,13 +1,15 @@
 """Training throughput and memory of this toolkit against the seed's padding and TRL's SFTTrainer, in one run.
 
-    $ python finetune/benchmark.py --data ../shared/data/alpaca_en_demo.json       # bundled SmolLM2-135M
-    $ python finetune/benchmark.py -m MODEL --data FILE --num_samples 64 --max_length 512 --batch_size 4 \
+    $ python -m bench.throughput --data ../shared/data/alpaca_en_demo.json       # bundled SmolLM2-135M
+    $ python -m bench.throughput -m MODEL --data FILE --num_samples 64 --max_length 512 --batch_size 4 \
         --modes lora,full --precisions fp32,bf16 --json benchmark.json
-    $ python finetune/benchmark.py --preprocess_only --data ../shared/data/alpaca_en_demo.json --num_samples 0
+    $ python -m bench.throughput --preprocess_only --data ../shared/data/alpaca_en_demo.json --num_samples 0
 
-Every variant trains one epoch over the same first `--num_samples` conversations (Qwen format, or alpaca
-records, converted), with the same model, sequence length, batch size, optimizer (AdamW), learning rate
-and loss (assistant tokens only), each in a fresh process. Reported per variant:
+Every variant trains one epoch over the same first `--num_samples` samples of the data file (any format
+finetune.py reads, converted by chatft's own readers), rendered as ChatML with the default system message
+(--chat_format chatml, whatever the model's own template), with the same model, sequence length, batch size,
+optimizer (AdamW), learning rate and loss (every assistant turn, nothing else), each in a fresh process.
+Reported per variant:
 - real tokens/s: non-padding tokens trained on, over the Trainer's train_runtime (model loading excluded);
 - padded: the fraction of positions that were padding;
 - peak RSS (CPU: the process's peak resident memory, model included) or peak CUDA memory;
@@ -19,21 +21,23 @@ loss on labelled positions only), chatft_packing (--packing True: rows of --max_
 chatft_masked_attention, chatft_padded and chatft_full_logits (one default turned off each: transformers' sdpa
 with its block-diagonal mask, batches padded to their longest sample, the loss on full logits), seed (every batch
 padded to --max_length, full-logits loss), and, when TRL is installed, trl (SFTTrainer, padded batches) and
-trl_padding_free (its packed, padding-free rows).
+trl_padding_free (its packed, padding-free rows). TRL gets the same conversations as OpenAI-style messages (its
+conversational format, every turn) and a ChatML template that renders them as the toolkit does, so it trains on
+the same tokens; this needs text conversations (no tool calls or reasoning traces) and a tokenizer that has the
+ChatML tokens (<|im_start|>, <|im_end|>).
 Peak memory is also given above the process's resident memory before the model was loaded (the libraries).
 """
 
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from bench import harness
+from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, render_chatml, to_conversation
+from chatft.errors import ArgumentError
 
 CHATFT_VARIANTS = {
     "chatft": [],  # the defaults: padding-free batches, per-sample attention, loss at labelled positions only
@@ -46,17 +50,41 @@ CHATFT_VARIANTS = {
 TRL_VARIANTS = {"trl": False, "trl_padding_free": True}  # the latter: TRL's packed, padding-free rows
 
 
-def to_conversations(records: list[dict]) -> list[dict]:
-    """Qwen-format samples as they are; alpaca records (instruction, input, output) become one exchange."""
-    samples = []
-    for index, record in enumerate(records):
-        if "conversations" in record:
-            samples.append(record)
-            continue
-        question = record["instruction"] + (f"\n{record['input']}" if record.get("input") else "")
-        samples.append({"id": f"alpaca_{index}", "conversations": [
-            {"from": "user", "value": question}, {"from": "assistant", "value": record["output"]}]})
-    return samples
+def trl_chat_template(system_message: str) -> str:
+    """ChatML as chatft.chat_format.render_chatml writes a text conversation, with TRL's `{% generation %}` marks
+    around what the toolkit trains on: each assistant reply and its `<|im_end|>`."""
+    return (
+        "{%- if messages[0]['role'] == 'system' %}"
+        "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
+        "{%- else %}"
+        "{%- set system_message = " + json.dumps(system_message, ensure_ascii=False) + " %}"
+        "{%- set loop_messages = messages %}"
+        "{%- endif %}"
+        "{{- '<|im_start|>system\\n' + system_message + '<|im_end|>\\n' }}"
+        "{%- for message in loop_messages %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['role'] == 'assistant' %}"
+        "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+        "{%- else %}{{- message['content'] + '<|im_end|>' }}{%- endif %}"
+        "{{- '\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+
+
+def trl_messages(sample: dict) -> list[dict]:
+    """A validated sample (chatft.data.load_samples) -> TRL's conversational format, every turn kept.
+
+    >>> trl_messages({"conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello!"},
+    ...                                 {"from": "user", "value": "Bye"}, {"from": "assistant", "value": "Bye!"}]})
+    [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello!'}, {'role': 'user', 'content': 'Bye'}, {'role': 'assistant', 'content': 'Bye!'}]
+    """
+    conversation = to_conversation(sample)
+    if conversation.tools or any(t.tool_calls or t.reasoning or t.role == "tool" for t in conversation.turns):
+        raise ArgumentError(f"sample {sample.get('id', '?')!r} has tool calls or a reasoning trace, which the TRL "
+                            "variants do not render like the toolkit; use text conversations, or --variants without "
+                            "trl and trl_padding_free.")
+    return [{"role": turn.role, "content": turn.content} for turn in conversation.turns]
 
 
 def matmul_flops_per_second(dtype_name: str, size: int = 2048, seconds: float = 2.0) -> float:
@@ -78,114 +106,99 @@ def matmul_flops_per_second(dtype_name: str, size: int = 2048, seconds: float = 
 
 
 class CountingCollator:
-    """Wraps a collator; counts real (non-padding) and total positions of every batch it makes."""
+    """Wraps a collator; counts the real (non-padding), labelled (trained on) and total positions of every batch."""
 
-    def __init__(self, collator, pad_token_id):
-        self.collator, self.pad_token_id = collator, pad_token_id
-        self.real_tokens = self.positions = 0
+    def __init__(self, collator):
+        self.collator = collator
+        self.real_tokens = self.labelled_tokens = self.positions = 0
 
     def __call__(self, features):
         batch = self.collator(features)
-        ids = batch["input_ids"]
         if "attention_mask" in batch:
-            real = int(batch["attention_mask"].sum())
+            self.real_tokens += int(batch["attention_mask"].sum())
         elif "position_ids" in batch:  # padding-free rows: every position is a sample's token
-            real = sum(len(f["input_ids"]) for f in features)
+            self.real_tokens += sum(len(f["input_ids"]) for f in features)
         else:
-            real = int((ids != self.pad_token_id).sum())
-        self.real_tokens += real
-        self.positions += ids.numel()
+            raise ValueError(f"{type(self.collator).__name__} made a batch with neither attention_mask nor "
+                             "position_ids: its padding cannot be told from its tokens.")
+        self.labelled_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+        self.positions += batch["input_ids"].numel()
         return batch
 
 
-def resident_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def run_chatft(config: dict, data_file: str, output_dir: str) -> dict:
-    import finetune
-    from chatft import data as chat_data
-
-    baseline_mib = resident_mib()
-
-    counters = []
-    make_collator = chat_data.make_collator
-
-    def counting_collator(tokenizer, *args, **kwargs):
-        counters.append(CountingCollator(make_collator(tokenizer, *args, **kwargs), tokenizer.pad_token_id))
-        return counters[-1]
-
-    finetune.make_collator = counting_collator
-    argv = ["--model_name_or_path", config["model"], "--data_path", data_file, "--output_dir", output_dir,
-            "--num_train_epochs", "1", "--per_device_train_batch_size", str(config["batch_size"]),
-            "--learning_rate", "1e-4", "--lr_scheduler_type", "constant", "--model_max_length", str(config["max_length"]),
-            "--logging_steps", "1000", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
-            "--dataloader_num_workers", "0", "--lora_dropout", "0", "--disable_tqdm", "True"]
-    argv += ["--use_lora"] if config["mode"] == "lora" else []
-    argv += ["--bf16", "True"] if config["precision"] == "bf16" else []
-    argv += [] if config["cuda"] else ["--use_cpu", "True"]
-    trainer = finetune.train(argv + CHATFT_VARIANTS[config["variant"]])
-    runtime = trainer.state.log_history[-1]["train_runtime"]
-    return {"train_runtime": runtime, "real_tokens": counters[-1].real_tokens, "positions": counters[-1].positions,
+def measured(trainer, runtime: float, counter: CountingCollator, baseline_mib: float) -> dict:
+    """A worker's numbers, from its trained Trainer and the counts of its collator."""
+    return {"train_runtime": runtime, "real_tokens": counter.real_tokens, "labelled_tokens": counter.labelled_tokens,
+            "positions": counter.positions,
             "num_parameters": sum(p.numel() for p in trainer.model.parameters() if p.dim() > 0),
             "baseline_mib": baseline_mib}
 
 
-def run_trl(config: dict, data_file: str, output_dir: str) -> dict:
+def run_chatft(config: dict, samples: list[dict], scratch: str) -> dict:
+    """One chatft variant: finetune.train with the variant's flags, its collator wrapped in a CountingCollator."""
+    import finetune
+
+    baseline_mib = harness.current_resident_mib()
+    data_file = os.path.join(scratch, "train.json")
+    with open(data_file, "w", encoding="utf-8") as f:
+        json.dump(samples, f, ensure_ascii=False)
+    argv = ["--model_name_or_path", config["model"], "--data_path", data_file,
+            "--output_dir", os.path.join(scratch, "out"),
+            "--num_train_epochs", "1", "--per_device_train_batch_size", str(config["batch_size"]),
+            "--learning_rate", "1e-4", "--lr_scheduler_type", "constant", "--model_max_length", str(config["max_length"]),
+            "--logging_steps", "1000", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
+            "--dataloader_num_workers", "0", "--lora_dropout", "0", "--disable_tqdm", "True", "--chat_format", "chatml"]
+    argv += ["--use_lora"] if config["mode"] == "lora" else []
+    argv += ["--bf16", "True"] if config["precision"] == "bf16" else []
+    argv += [] if config["cuda"] else ["--use_cpu", "True"]
+    trainer = finetune.train(argv + CHATFT_VARIANTS[config["variant"]], wrap_collator=CountingCollator)
+    return measured(trainer, trainer.state.log_history[-1]["train_runtime"], trainer.data_collator, baseline_mib)
+
+
+def run_trl(config: dict, samples: list[dict], scratch: str) -> dict:
+    """One TRL variant: SFTTrainer on the samples as messages, loss on every assistant turn."""
     import datasets
     import peft
     import torch
     import transformers
     import trl
 
-    baseline_mib = resident_mib()
-    with open(data_file, encoding="utf-8") as f:
-        samples = json.load(f)
-    rows = []
-    for sample in samples:  # prompt/completion: TRL's way to train on the assistant reply only
-        turns = sample["conversations"]
-        rows.append({"prompt": [{"role": "user", "content": turns[0]["value"]}],
-                     "completion": [{"role": "assistant", "content": turns[1]["value"]}]})
+    baseline_mib = harness.current_resident_mib()
+    rows = [{"messages": trl_messages(sample)} for sample in samples]
     tokenizer = transformers.AutoTokenizer.from_pretrained(config["model"])
+    if not {IM_START, IM_END} <= tokenizer.get_vocab().keys():  # chatft adds them (and trains their embeddings)
+        raise ArgumentError(f"{config['model']}: the tokenizer lacks {IM_START} or {IM_END}, which the TRL variants do "
+                            "not add; benchmark a ChatML model, or --variants without trl and trl_padding_free.")
+    tokenizer.chat_template = trl_chat_template(DEFAULT_SYSTEM_MESSAGE)
     model = transformers.AutoModelForCausalLM.from_pretrained(config["model"], dtype=torch.float32)
     args = trl.SFTConfig(
-        output_dir=output_dir, num_train_epochs=1, per_device_train_batch_size=config["batch_size"],
+        output_dir=os.path.join(scratch, "out"), num_train_epochs=1, per_device_train_batch_size=config["batch_size"],
         learning_rate=1e-4, lr_scheduler_type="constant", max_length=config["max_length"], logging_steps=1000,
         save_strategy="no", report_to="none", seed=0, bf16=config["precision"] == "bf16",
-        use_cpu=not config["cuda"], gradient_checkpointing=False,
+        use_cpu=not config["cuda"], gradient_checkpointing=False, assistant_only_loss=True,
         # TRL enforces max_length in padding-free mode only through its best-fit-decreasing packing
         padding_free=TRL_VARIANTS[config["variant"]], packing=TRL_VARIANTS[config["variant"]], packing_strategy="bfd",
-        completion_only_loss=True, disable_tqdm=True, dataloader_num_workers=0,
+        disable_tqdm=True, dataloader_num_workers=0,
     )
     lora = peft.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=lora if config["mode"] == "lora" else None)
-    counter = CountingCollator(trainer.data_collator, tokenizer.pad_token_id)
+    counter = CountingCollator(trainer.data_collator)  # the collator SFTTrainer built from args, counted
     trainer.data_collator = counter
     result = trainer.train()
-    return {"train_runtime": result.metrics["train_runtime"], "real_tokens": counter.real_tokens,
-            "positions": counter.positions,
-            "num_parameters": sum(p.numel() for p in trainer.model.parameters() if p.dim() > 0),
-            "baseline_mib": baseline_mib}
+    return measured(trainer, result.metrics["train_runtime"], counter, baseline_mib)
 
 
 def worker(config: dict) -> dict:
     """One variant in this (fresh) process."""
-    import torch
+    from chatft.data import load_samples
 
+    samples = load_samples(config["data"])[: config["num_samples"]]
     with tempfile.TemporaryDirectory() as scratch:
-        data_file = os.path.join(scratch, "train.json")
-        with open(config["data"], encoding="utf-8") as f:
-            samples = to_conversations(json.load(f))[: config["num_samples"]]
-        with open(data_file, "w", encoding="utf-8") as f:
-            json.dump(samples, f, ensure_ascii=False)
         runner = run_trl if config["variant"] in TRL_VARIANTS else run_chatft
-        result = runner(config, data_file, os.path.join(scratch, "out"))
-    result["peak_memory_mib"] = (torch.cuda.max_memory_allocated() / 2**20 if config["cuda"]
-                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    result["peak_above_baseline_mib"] = (result["peak_memory_mib"] if config["cuda"]
-                                         else result["peak_memory_mib"] - result["baseline_mib"])
+        result = runner(config, samples, scratch)
+    result["peak_memory_mib"] = harness.peak_memory_mib(config["cuda"])
+    result["peak_above_baseline_mib"] = harness.peak_above_mib(config["cuda"], result["baseline_mib"])
     return result
 
 
@@ -239,12 +252,10 @@ def benchmark_preprocessing(model: str, data: str, num_samples: int | None, max_
     per-turn tokenization, and one batched fast-tokenizer call over the same rendered texts (the floor)."""
     import transformers
 
-    from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, render_chatml, to_conversation
-    from chatft.data import SupervisedDataset
+    from chatft.data import SupervisedDataset, load_samples
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model)
-    with open(data, encoding="utf-8") as f:
-        samples = to_conversations(json.load(f))[:num_samples]
+    samples = load_samples(data)[:num_samples]
     texts = [render_chatml(to_conversation(s), DEFAULT_SYSTEM_MESSAGE)[0] for s in samples]
     timings = {}
     with tempfile.TemporaryDirectory() as cache:
@@ -270,10 +281,11 @@ def benchmark_preprocessing(model: str, data: str, num_samples: int | None, max_
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", default=None, help="Model directory (default: the bundled SmolLM2-135M).")
-    parser.add_argument("--data", default=os.path.join(ROOT, "data", "identity_demo.json"),
-                        help="Qwen-format or alpaca JSON file.")
+    parser.add_argument("--data", default=os.path.join(harness.ROOT, "data", "identity_demo.json"),
+                        help="A data file in any format finetune.py reads (conversations, sharegpt, messages, alpaca).")
     parser.add_argument("--num_samples", type=int, default=32)
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=4)
@@ -290,16 +302,34 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def measure_variant(config: dict, matmul_rate: float) -> dict:
+    """Train one variant in a fresh process; its numbers, or its config with an `error`."""
+    run = harness.run_worker("bench.throughput", config)
+    if run.failure:
+        print(run.stderr[-3000:], file=sys.stderr)
+        return {**config, "error": run.failure}
+    result = {**config, **run.result}
+    result["tokens_per_second"] = result["real_tokens"] / result["train_runtime"]
+    result["padded_fraction"] = 1 - result["real_tokens"] / result["positions"]
+    flops_per_token = (4 if config["mode"] == "lora" else 6) * result["num_parameters"]
+    result["mfu"] = result["tokens_per_second"] * flops_per_token / matmul_rate
+    print(f"    {result['tokens_per_second']:.1f} real tokens/s, {100 * result['padded_fraction']:.0f}% "
+          f"padding, peak {result['peak_memory_mib']:.0f} MiB ({result['peak_above_baseline_mib']:.0f} "
+          f"above the libraries), MFU {100 * result['mfu']:.1f}%", flush=True)
+    return result
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        harness.report(worker(json.loads(args.worker)))
         return 0
     import importlib.util
 
     import torch
 
     from chatft.bundled import bundled_model_dir
+    from chatft.data import load_samples
 
     model = args.model or str(bundled_model_dir())
     if args.preprocess_only:
@@ -311,6 +341,14 @@ def main(argv=None) -> int:
         return 0
     variants = args.variants.split(",") if args.variants else [
         *CHATFT_VARIANTS, *(TRL_VARIANTS if importlib.util.find_spec("trl") else [])]
+    unknown = [name for name in variants if name not in CHATFT_VARIANTS and name not in TRL_VARIANTS]
+    if unknown:
+        raise ArgumentError(f"--variants: unknown {', '.join(unknown)}; choose from "
+                            f"{', '.join([*CHATFT_VARIANTS, *TRL_VARIANTS])}.")
+    samples = load_samples(args.data)[: args.num_samples]  # the data's problems, once here rather than per worker
+    if any(name in TRL_VARIANTS for name in variants):
+        for sample in samples:
+            trl_messages(sample)
     cuda = torch.cuda.is_available()
     gemm = {precision: matmul_flops_per_second(precision) for precision in args.precisions.split(",")}
     print("matmul rate: " + ", ".join(f"{p} {rate / 1e9:.0f} GFLOP/s" for p, rate in gemm.items()), flush=True)
@@ -322,22 +360,7 @@ def main(argv=None) -> int:
                           "max_length": args.max_length, "batch_size": args.batch_size, "mode": mode,
                           "precision": precision, "variant": variant, "cuda": cuda}
                 print(f"--- {mode} {precision} {variant}", flush=True)
-                done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(config)],
-                                      capture_output=True, text=True, cwd=ROOT)
-                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-                if done.returncode or not lines:
-                    print(done.stderr[-3000:], file=sys.stderr)
-                    results.append({**config, "error": f"exit {done.returncode}"})
-                    continue
-                result = {**config, **json.loads(lines[-1][len("RESULT "):])}
-                result["tokens_per_second"] = result["real_tokens"] / result["train_runtime"]
-                result["padded_fraction"] = 1 - result["real_tokens"] / result["positions"]
-                flops_per_token = (4 if mode == "lora" else 6) * result["num_parameters"]
-                result["mfu"] = result["tokens_per_second"] * flops_per_token / gemm[precision]
-                results.append(result)
-                print(f"    {result['tokens_per_second']:.1f} real tokens/s, {100 * result['padded_fraction']:.0f}% "
-                      f"padding, peak {result['peak_memory_mib']:.0f} MiB ({result['peak_above_baseline_mib']:.0f} "
-                      f"above the libraries), MFU {100 * result['mfu']:.1f}%", flush=True)
+                results.append(measure_variant(config, gemm[precision]))
     print_table(results)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -364,4 +387,6 @@ def print_table(results: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from chatft import console
+
+    sys.exit(console.run_entry_point(main))

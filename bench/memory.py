@@ -1,7 +1,7 @@
 """Peak memory of full-parameter, LoRA and Q-LoRA training on the same model, batch and sequence length.
 
-    python finetune/benchmark_memory.py                      # the bundled SmolLM2-135M-Instruct
-    python finetune/benchmark_memory.py -m MODEL --seq-len 512 --batch-size 4 --steps 3 --json out.json
+    python -m bench.memory                      # the bundled SmolLM2-135M-Instruct
+    python -m bench.memory -m MODEL --seq-len 512 --batch-size 4 --steps 3 --json out.json
 
 Each mode runs in a fresh process (so one mode's peak does not hide another's), loads the model exactly
 as finetune.py does (chatft.model.load_model), and takes `--steps` optimizer steps on random tokens.
@@ -11,14 +11,10 @@ process's peak resident set above what it held before loading), and tokens per s
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from bench import harness
 
 MODES = {
     "full": [],
@@ -27,32 +23,28 @@ MODES = {
 }
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def measure(mode: str, model_path: str, seq_len: int, batch_size: int, steps: int) -> dict:
-    """Run one mode in this process and return its numbers."""
+def measure(config: dict) -> dict:
+    """Run one mode in this (fresh) process and return its numbers."""
     import torch
 
     from chatft.args import parse_args
     from chatft.model import join_process_group, load_model, load_tokenizer, trainable_embeddings
 
+    mode, model_path, seq_len, batch_size, steps = (config[k] for k in ("mode", "model", "seq_len", "batch_size", "steps"))
     on_cuda = torch.cuda.is_available()
     flags = ["--model_name_or_path", model_path, "--data_path", "unused.json", "--output_dir", "unused",
              "--bf16", "True", "--activation_checkpointing", "--lora_dropout", "0", *MODES[mode]]
     model_args, data_args, training_args, lora_args = parse_args(flags + ([] if on_cuda else ["--use_cpu", "True"]))
     join_process_group(training_args)
-    baseline = rss_mib()
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
+    baseline_mib = harness.current_resident_mib()
     tokenizer, added, _ = load_tokenizer(model_path, seq_len, data_args.system_message)
     model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added,
                        trainable_embeddings(model_args, training_args, lora_args, added))
-    model.to(training_args.device) if mode != "qlora" else None  # 4-bit weights were placed by their device map
+    if mode != "qlora":  # 4-bit weights were placed by their device map
+        model.to(training_args.device)
     model.train()
     if training_args.activation_checkpointing:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
@@ -69,46 +61,43 @@ def measure(mode: str, model_path: str, seq_len: int, batch_size: int, steps: in
     if on_cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**20 if on_cuda else rss_mib() - baseline
     return {
         "mode": mode,
         "device": str(training_args.device),
         "weights_mib": round(weight_bytes / 2**20, 1),
         "trainable_params": sum(p.numel() for p in trainable),
-        "peak_mib": round(peak, 1),
+        "peak_mib": round(harness.peak_above_mib(on_cuda, baseline_mib), 1),
         "tokens_per_s": round(steps * batch_size * seq_len / elapsed, 1),
     }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", help="model directory or .gguf (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--modes", default="full,lora,qlora")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one mode in this process
-    args = parser.parse_args()
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        harness.report(measure(json.loads(args.worker)))
+        return 0
 
+    from chatft.bundled import bundled_model_dir
     from chatft.model import resolve_model_path
 
-    if args.model is None:
-        from chatft.bundled import bundled_model_dir
-
-        args.model = str(bundled_model_dir())
-    model_path = resolve_model_path(args.model)
-    if args.only:
-        print(json.dumps(measure(args.only, model_path, args.seq_len, args.batch_size, args.steps)))
-        return
+    model_path = resolve_model_path(args.model or str(bundled_model_dir()))
     results = []
     for mode in args.modes.split(","):
-        child = subprocess.run(
-            [sys.executable, __file__, "--only", mode, "-m", model_path, "--seq-len", str(args.seq_len),
-             "--batch-size", str(args.batch_size), "--steps", str(args.steps)],
-            capture_output=True, text=True, check=True,
-        )
-        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        run = harness.run_worker("bench.memory", {"mode": mode, "model": model_path, "seq_len": args.seq_len,
+                                                  "batch_size": args.batch_size, "steps": args.steps})
+        if run.failure:
+            print(f"{mode}: failed ({run.failure})\n{run.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        results.append(run.result)
     lora = next((r for r in results if r["mode"] == "lora"), None)
     print(f"model {model_path}, batch {args.batch_size} x {args.seq_len} tokens, bf16, activation checkpointing")
     print(f"{'mode':6} {'device':6} {'weights MiB':>12} {'trainable':>11} {'peak MiB':>9} {'tokens/s':>9} {'peak vs LoRA':>13}")
@@ -119,7 +108,10 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from chatft import console
+
+    sys.exit(console.run_entry_point(main))

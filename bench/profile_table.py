@@ -1,15 +1,16 @@
 """Qwen's profiling table, for any model: peak memory and seconds per iteration of each training mode at each
 sequence length (batch 1, gradient accumulation 8, as the seed's README measured them).
 
-    $ bash finetune/profile.sh                                   # bundled SmolLM2-135M, everything
-    $ bash finetune/profile.sh -m MODEL --modes lora,full --lengths 256,512,1024 -o output_profile
+    $ python -m bench.profile_table                             # bundled SmolLM2-135M, everything
+    $ python -m bench.profile_table -m MODEL --modes lora,full --lengths 256,512,1024 -o output_profile
+    $ bash finetune/profile.sh ...                               # the same, from any directory
 
 Each cell is a fresh process running finetune.py for `--steps` optimizer steps on synthetic conversations whose
 reply fills the sequence length exactly; the first step is a warm-up, the median of the others is reported.
 Memory: peak CUDA memory allocated on a GPU; on the CPU, the process's peak resident memory minus what it held
 before the model was loaded (the libraries), so the two read the same way. A cell that runs out of memory (or
 past `--cell_timeout`) is skipped and marked. Precision and device follow the launchers' defaults
-(`python -m chatft.device`); the flags of finetune/finetune_*.sh apply (gradient checkpointing on).
+(`python -m chatft.device`); the flags of finetune/finetune_*.sh apply (activation checkpointing on).
 Writes profile.md (the table), profile.json and profile.png (both curves) into the output directory.
 """
 
@@ -17,17 +18,15 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import transformers
 
-from benchmark import resident_mib  # noqa: E402  (finetune/benchmark.py, beside this file)
+from bench import harness
 
 MODES = {
     "lora": ["--use_lora"],
@@ -35,7 +34,6 @@ MODES = {
     "qlora": ["--use_lora", "--q_lora"],
     "full": [],
 }
-OUT_OF_MEMORY = 3  # a cell's exit status when the device ran out of memory
 
 
 def synthetic_samples(count: int, length: int, seed: int = 0) -> list[dict]:
@@ -48,33 +46,29 @@ def synthetic_samples(count: int, length: int, seed: int = 0) -> list[dict]:
         for i in range(count)]
 
 
+class StepTimer(transformers.TrainerCallback):
+    """The wall-clock seconds of every optimizer step (all its gradient accumulation micro-batches)."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self.start)
+
+
 def run_cell(cell: dict) -> dict:
     """One mode at one length, in this (fresh) process."""
     import torch
-    import transformers
 
     import finetune
     from chatft.device import device_flags
 
-    step_times = []
-
-    class StepTimer(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            step_times.append(time.perf_counter() - self.start)
-
     cuda = torch.cuda.is_available()
-    baseline_mib = resident_mib()
-    original_trainer = finetune.ChatTrainer
-
-    def trainer_with_timer(*args, **kwargs):
-        trainer = original_trainer(*args, **kwargs)
-        trainer.add_callback(StepTimer())
-        return trainer
-
-    finetune.ChatTrainer = trainer_with_timer
+    baseline_mib = harness.current_resident_mib()
+    timer = StepTimer()
     with tempfile.TemporaryDirectory() as scratch:
         data = os.path.join(scratch, "train.json")
         with open(data, "w", encoding="utf-8") as f:
@@ -84,33 +78,32 @@ def run_cell(cell: dict) -> dict:
                 "--per_device_train_batch_size", "1", "--gradient_accumulation_steps",
                 str(cell["gradient_accumulation_steps"]), "--learning_rate", "1e-5", "--save_strategy", "no",
                 "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "True",
-                "--gradient_checkpointing", str(cell["gradient_checkpointing"]),
+                "--activation_checkpointing", str(cell["activation_checkpointing"]),
                 "--preprocessing_cache_dir", "none", *device_flags().split(), *MODES[cell["mode"]]]
         try:
-            finetune.train(argv)
+            finetune.train(argv, callbacks=[timer])
         except torch.OutOfMemoryError:
-            sys.exit(OUT_OF_MEMORY)
-    if cuda:
-        peak_mib = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline_mib
-    measured = step_times[1:] or step_times
-    return {"seconds_per_iteration": statistics.median(measured), "peak_memory_mib": peak_mib,
+            sys.exit(harness.OUT_OF_MEMORY)
+    measured = timer.seconds[1:] or timer.seconds  # the first step warms up
+    return {"seconds_per_iteration": statistics.median(measured),
+            "peak_memory_mib": harness.peak_above_mib(cuda, baseline_mib),
             "device": "cuda" if cuda else "cpu", "flags": device_flags()}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_table", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", default=None, help="Model directory (default: the bundled SmolLM2-135M).")
     parser.add_argument("-o", "--output_dir", default="output_profile")
     parser.add_argument("--modes", default=",".join(MODES), help=f"Comma-separated, of {', '.join(MODES)}.")
     parser.add_argument("--lengths", default="256,512,1024,2048,4096,8192")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="Optimizer steps per cell; the first is a warm-up.")
-    parser.add_argument("--gradient_checkpointing", default="True", choices=["True", "False"])
+    parser.add_argument("--activation_checkpointing", default="True", choices=["True", "False"],
+                        help="Recompute activations in the backward pass (finetune.py's flag; the launchers' default).")
     parser.add_argument("--cell_timeout", type=float, default=3600, help="Seconds before a cell is given up.")
     parser.add_argument("--overwrite", action="store_true", help="Replace the files of an earlier profile.")
-    parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -150,57 +143,51 @@ def plot(results: list[dict], modes: list[str], path: str) -> None:
     figure.savefig(path, dpi=100)
 
 
+def profile_cell(cell: dict, timeout: float) -> dict:
+    """Run one cell in a fresh process; the cell with its numbers and `status` ok, or with why it has none."""
+    print(f"--- {cell['mode']} at {cell['length']} tokens", flush=True)
+    try:
+        run = harness.run_worker("bench.profile_table", cell, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"    skipped: over {timeout:.0f} s", flush=True)
+        return {**cell, "status": f"over {timeout:.0f} s"}
+    if run.out_of_memory:
+        print("    skipped: out of memory", flush=True)
+        return {**cell, "status": "OOM"}
+    if run.failure:
+        print(run.stderr[-3000:], file=sys.stderr)
+        return {**cell, "status": f"failed ({run.failure})"}
+    print(f"    {run.result['peak_memory_mib'] / 1024:.2f} GiB, {run.result['seconds_per_iteration']:.2f} s/it",
+          flush=True)
+    return {**cell, **run.result, "status": "ok"}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.cell:
-        print("RESULT " + json.dumps(run_cell(json.loads(args.cell))), flush=True)
+    if args.worker:
+        harness.report(run_cell(json.loads(args.worker)))
         return 0
     from chatft.bundled import bundled_model_dir
-    from chatft.errors import OutputDirError
-    from chatft.saving import check_new_output_dir
+    from chatft.errors import ArgumentError
+    from chatft.output_dir import check_new_output_dir
 
     modes, lengths = args.modes.split(","), [int(n) for n in args.lengths.split(",")]
     unknown = [mode for mode in modes if mode not in MODES]
-    if unknown or args.steps < 1:
-        print(f"error: unknown mode(s) {unknown}; choose from {', '.join(MODES)}" if unknown
-              else "error: --steps must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        check_new_output_dir(args.output_dir, args.overwrite)
-    except OutputDirError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if unknown:
+        raise ArgumentError(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    if args.steps < 1:
+        raise ArgumentError("--steps must be at least 1")
+    check_new_output_dir(args.output_dir, args.overwrite)
     model = os.path.abspath(args.model) if args.model and os.path.exists(args.model) else args.model
     model = model or str(bundled_model_dir())
-    results = []
-    for mode in modes:
-        for length in lengths:
-            cell = {"model": model, "mode": mode, "length": length, "steps": args.steps,
-                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                    "gradient_checkpointing": args.gradient_checkpointing}
-            print(f"--- {mode} at {length} tokens", flush=True)
-            try:
-                done = subprocess.run([sys.executable, os.path.abspath(__file__), "--cell", json.dumps(cell)],
-                                      capture_output=True, text=True, cwd=ROOT, timeout=args.cell_timeout)
-            except subprocess.TimeoutExpired:
-                results.append({**cell, "status": f"over {args.cell_timeout:.0f} s"})
-                print(f"    skipped: over {args.cell_timeout:.0f} s", flush=True)
-                continue
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode == OUT_OF_MEMORY or done.returncode == -9:  # -9: the kernel's OOM killer
-                results.append({**cell, "status": "OOM"})
-                print("    skipped: out of memory", flush=True)
-            elif done.returncode or not lines:
-                results.append({**cell, "status": f"failed (exit {done.returncode})"})
-                print(done.stderr[-3000:], file=sys.stderr)
-            else:
-                results.append({**cell, **json.loads(lines[-1][len("RESULT "):]), "status": "ok"})
-                r = results[-1]
-                print(f"    {r['peak_memory_mib'] / 1024:.2f} GiB, {r['seconds_per_iteration']:.2f} s/it", flush=True)
+    results = [profile_cell({"model": model, "mode": mode, "length": length, "steps": args.steps,
+                             "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                             "activation_checkpointing": args.activation_checkpointing}, args.cell_timeout)
+               for mode in modes for length in lengths]
     measured = next((r for r in results if r["status"] == "ok"), {})
     header = (f"{os.path.basename(model.rstrip('/'))}, {measured.get('device', '?')} ({measured.get('flags', '?')}), "
-              f"batch 1, gradient accumulation {args.gradient_accumulation_steps}, gradient checkpointing "
-              f"{args.gradient_checkpointing}: peak memory, seconds per iteration")
+              f"batch 1, gradient accumulation {args.gradient_accumulation_steps}, activation checkpointing "
+              f"{args.activation_checkpointing}: peak memory, seconds per iteration")
     table = markdown_table(results, modes, lengths, header)
     print("\n" + table)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -214,4 +201,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from chatft import console
+
+    sys.exit(console.run_entry_point(main))

@@ -1,0 +1,89 @@
+"""What every bench tool shares: one measurement per fresh process, and how memory is measured.
+
+A tool's main process runs each measurement as a worker, `python -m bench.<tool> --worker CONFIG_JSON`, so one
+variant's peak memory or warm caches cannot leak into the next. The worker does its measurement and prints one
+line `RESULT {json}` (`report`); the main process keeps the last such line (`run_worker`), whatever else the
+libraries printed around it.
+
+Memory: on CUDA, the peak the allocator handed out; on the CPU, the process's peak resident set. Both include the
+libraries and the model, so the tools also take the resident set before loading the model (`current_resident_mib`)
+and report the peak above it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULT_PREFIX = "RESULT "
+OUT_OF_MEMORY = 3  # a worker's exit status when the device ran out of memory (see `out_of_memory`)
+
+
+@dataclass
+class WorkerRun:
+    """How one worker ended: its result (None when it printed no RESULT line), exit status and stderr."""
+
+    result: dict | None
+    returncode: int
+    stderr: str
+
+    @property
+    def out_of_memory(self) -> bool:
+        """The worker said so (OUT_OF_MEMORY), or the kernel's OOM killer ended it (SIGKILL)."""
+        return self.returncode in (OUT_OF_MEMORY, -9)
+
+    @property
+    def failure(self) -> str | None:
+        """None if the worker reported a result; else what went wrong, in a few words."""
+        if self.returncode == 0 and self.result is not None:
+            return None
+        return "out of memory" if self.out_of_memory else f"exit {self.returncode}"
+
+
+def run_worker(module: str, config: dict, timeout: float | None = None) -> WorkerRun:
+    """Run `python -m module --worker CONFIG_JSON` from the repository root and read its RESULT line.
+
+    Paths in `config` must be absolute: the worker's working directory is the repository root.
+    Raises subprocess.TimeoutExpired after `timeout` seconds (the worker is killed).
+    """
+    done = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(config)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    result = json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else None
+    return WorkerRun(result, done.returncode, done.stderr)
+
+
+def report(result: dict) -> None:
+    """In a worker: hand `result` to the main process (the line `run_worker` reads)."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def current_resident_mib() -> float:
+    """This process's resident memory now, in MiB (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_resident_mib() -> float:
+    """The most resident memory this process has held so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_mib(cuda: bool) -> float:
+    """The peak of the device the process trained on: CUDA memory allocated, or the CPU process's resident set."""
+    if cuda:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_resident_mib()
+
+
+def peak_above_mib(cuda: bool, baseline_mib: float) -> float:
+    """The peak over what the process held before loading the model: on CUDA the whole peak (the libraries hold no
+    device memory), on the CPU the peak resident set less `baseline_mib` (current_resident_mib() taken then)."""
+    return peak_memory_mib(cuda) if cuda else peak_resident_mib() - baseline_mib
