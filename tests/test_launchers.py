@@ -141,7 +141,7 @@ def test_the_last_value_wins(name, tmp_path):
                         "--learning_rate", "1e-3")
     _, _, training, lora = FlagParser(ARGUMENT_CLASSES).parse_args_into_dataclasses(args=command["args"])
     assert training.num_train_epochs == 1 and training.learning_rate == 1e-3
-    assert training.activation_checkpointing is False and training.use_lora and lora.q_lora == ("qlora" in name)
+    assert training.activation_checkpointing is False and lora.use_lora and lora.q_lora == ("qlora" in name)
     assert training.per_device_train_batch_size == 2 and training.gradient_accumulation_steps == 8  # the recipe's
 
 
