@@ -14,7 +14,7 @@ from chatft.chat_format import IGNORE_INDEX
 from chatft.data import ChatCollator, SupervisedDataset
 from chatft.trainer import head_linears, output_layer_returns_loss_sum, supports_labelled_logits
 from chatft.transformers_patch import checkpoints_written_as
-from conftest import CONVERSATIONS, assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, run
+from support import CONVERSATIONS, assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, run
 
 
 def batch_of(tokenizer, samples):
