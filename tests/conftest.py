@@ -91,12 +91,3 @@ def tiny_gptq_dir(tmp_path_factory, tiny_qwen2_64_dir):
 def data_file(tmp_path):
     """CONVERSATIONS as a training file in the test's tmp_path."""
     return str(write_json(tmp_path / "train.json", CONVERSATIONS))
-
-
-# Transitional: test_benchmark.py, test_trainer.py and test_resume.py still import these from here. Delete this block
-# once they import from support (`_tiny_model_dir` is support.build_tiny_model, or better a fixture above).
-from support import assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, run  # noqa: E402
-
-_tiny_model_dir = build_tiny_model
-__all__ = ["CONVERSATIONS", "ROOT", "_tiny_model_dir", "assert_close_up_to_rounding", "decoder_terms",
-           "make_non_chatml_model", "run", "write_json"]
