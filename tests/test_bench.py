@@ -7,29 +7,22 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from bench import harness
-from conftest import ROOT, _tiny_model_dir, write_json, CONVERSATIONS
+from support import CONVERSATIONS, ROOT, write_json
 
 # alpaca records, read by chatft's own alpaca reader; every third has two earlier exchanges (`history`)
 ALPACA = [{"instruction": f"Question {i}?", "input": "Some context." if i % 2 else "", "output": f"Answer {i}.",
            "history": [["Hi", "Hello!"], ["How are you?", "Fine, thanks."]] if i % 3 == 0 else []} for i in range(12)]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return _tiny_model_dir(tmp_path_factory.mktemp("bench-model"), "qwen2", hidden_size=64, intermediate_size=128)
-
-
 def run_module(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True)
 
 
-def test_throughput_compares_the_same_tokens(tiny_model, tmp_path):
+def test_throughput_compares_the_same_tokens(tiny_qwen2_64_dir, tmp_path):
     data = write_json(tmp_path / "train.json", ALPACA)
     variants = ["chatft", "chatft_packing", "chatft_padded", "seed"] + (["trl"] if importlib.util.find_spec("trl") else [])
-    result = run_module("bench.throughput", "-m", str(tiny_model), "--data", str(data), "--num_samples", "12",
+    result = run_module("bench.throughput", "-m", str(tiny_qwen2_64_dir), "--data", str(data), "--num_samples", "12",
                         "--max_length", "64", "--batch_size", "2", "--modes", "lora", "--precisions", "fp32",
                         "--variants", ",".join(variants), "--json", str(tmp_path / "bench.json"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -68,9 +61,9 @@ def test_trl_messages_keep_every_turn(qwen_tokenizer):
     assert qwen_tokenizer.decode(trained) == "".join(text[a:b] for a, b in spans)
 
 
-def test_preprocessing_benchmark(tiny_model, tmp_path):
+def test_preprocessing_benchmark(tiny_qwen2_64_dir, tmp_path):
     data = write_json(tmp_path / "train.json", CONVERSATIONS * 5)
-    result = run_module("bench.throughput", "-m", str(tiny_model), "--data", str(data), "--preprocess_only",
+    result = run_module("bench.throughput", "-m", str(tiny_qwen2_64_dir), "--data", str(data), "--preprocess_only",
                         "--num_samples", "0", "--repeats", "1", "--json", str(tmp_path / "pre.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.load(open(tmp_path / "pre.json"))
@@ -80,8 +73,8 @@ def test_preprocessing_benchmark(tiny_model, tmp_path):
     assert "| seed_per_turn |" in result.stdout
 
 
-def test_memory_benchmark(tiny_model, tmp_path):
-    result = run_module("bench.memory", "-m", str(tiny_model), "--modes", "full,lora", "--seq-len", "32",
+def test_memory_benchmark(tiny_qwen2_64_dir, tmp_path):
+    result = run_module("bench.memory", "-m", str(tiny_qwen2_64_dir), "--modes", "full,lora", "--seq-len", "32",
                         "--batch-size", "2", "--steps", "1", "--json", str(tmp_path / "memory.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     full, lora = json.load(open(tmp_path / "memory.json"))
@@ -90,9 +83,9 @@ def test_memory_benchmark(tiny_model, tmp_path):
     assert all(r["peak_mib"] > 0 and r["tokens_per_s"] > 0 for r in (full, lora))
 
 
-def test_profile_table(tiny_model, tmp_path):
+def test_profile_table(tiny_qwen2_64_dir, tmp_path):
     # the launcher runs from anywhere; relative paths resolve against the caller's directory
-    result = subprocess.run(["bash", str(ROOT / "finetune" / "profile.sh"), "-m", str(tiny_model), "-o", "profile",
+    result = subprocess.run(["bash", str(ROOT / "finetune" / "profile.sh"), "-m", str(tiny_qwen2_64_dir), "-o", "profile",
                              "--modes", "lora,full", "--lengths", "32,64", "--steps", "2",
                              "--gradient_accumulation_steps", "2"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -104,7 +97,7 @@ def test_profile_table(tiny_model, tmp_path):
     table = (output / "profile.md").read_text()
     assert "| mode | 32 | 64 |" in table and table.count(" s/it") == 4 and "activation checkpointing True" in table
     assert (output / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    again = run_module("bench.profile_table", "-m", str(tiny_model), "-o", str(output))
+    again = run_module("bench.profile_table", "-m", str(tiny_qwen2_64_dir), "-o", str(output))
     assert again.returncode == 2 and "not empty" in again.stderr  # an earlier profile is not overwritten
 
 
