@@ -107,7 +107,7 @@ class DataArguments:
     )
     pad_to_max_length: bool = field(
         default=False,
-        metadata={"help": "The seed's way, kept for finetune/benchmark.py's comparison only: pad every batch to "
+        metadata={"help": "The seed's way, kept for bench.throughput's comparison only: pad every batch to "
                   "model_max_length (most of the compute then goes to padding)."},
     )
     system_message: str = field(
