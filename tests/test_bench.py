@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from bench import harness
 from support import CONVERSATIONS, ROOT, write_json
 
@@ -19,6 +21,7 @@ def run_module(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_throughput_compares_the_same_tokens(tiny_qwen2_64_dir, tmp_path):
     data = write_json(tmp_path / "train.json", ALPACA)
     variants = ["chatft", "chatft_packing", "chatft_padded", "seed"] + (["trl"] if importlib.util.find_spec("trl") else [])
@@ -73,6 +76,7 @@ def test_preprocessing_benchmark(tiny_qwen2_64_dir, tmp_path):
     assert "| seed_per_turn |" in result.stdout
 
 
+@pytest.mark.slow
 def test_memory_benchmark(tiny_qwen2_64_dir, tmp_path):
     result = run_module("bench.memory", "-m", str(tiny_qwen2_64_dir), "--modes", "full,lora", "--seq-len", "32",
                         "--batch-size", "2", "--steps", "1", "--json", str(tmp_path / "memory.json"))
@@ -83,6 +87,7 @@ def test_memory_benchmark(tiny_qwen2_64_dir, tmp_path):
     assert all(r["peak_mib"] > 0 and r["tokens_per_s"] > 0 for r in (full, lora))
 
 
+@pytest.mark.slow
 def test_profile_table(tiny_qwen2_64_dir, tmp_path):
     # the launcher runs from anywhere; relative paths resolve against the caller's directory
     result = subprocess.run(["bash", str(ROOT / "finetune" / "profile.sh"), "-m", str(tiny_qwen2_64_dir), "-o", "profile",

@@ -34,6 +34,7 @@ def run(command, env=None, check=True):
     return result
 
 
+@pytest.mark.slow
 def test_bundled_prints_only_its_directory_from_an_empty_cache(tmp_path):
     """The demo's first step converts the GGUF file (DeepSpeed gets imported on the way): stdout must still be
     exactly the directory, as `MODEL="$(python -m chatft.bundled)"` captures it."""
@@ -64,6 +65,7 @@ def test_launcher_without_a_model_from_an_empty_cache(tmp_path):
     assert library_noise(result.stderr) == []
 
 
+@pytest.mark.slow
 def test_a_lora_run_and_a_chat_print_no_library_noise(tiny_qwen_dir, data_file, tmp_path):
     """No banner, deprecation warning or "Failed to load" line from a library; the switch shows them again."""
     output_dir = tmp_path / "lora"

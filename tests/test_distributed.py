@@ -18,7 +18,7 @@ import transformers
 from console_noise import library_noise
 from support import CONVERSATIONS, ROOT, assert_close_up_to_rounding, decoder_terms, write_json
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -164,6 +164,7 @@ def test_missing_data_file_fails_fast(name, tmp_path):
 
 # Real runs on a tiny model, one process each.
 
+@pytest.mark.slow
 def test_lora_single_gpu_with_options_and_extra_flags(tiny_qwen_dir, tmp_path):
     write_json(tmp_path / "train.json", CONVERSATIONS)
     # relative paths resolve against the caller's directory, not the repository
@@ -177,6 +178,7 @@ def test_lora_single_gpu_with_options_and_extra_flags(tiny_qwen_dir, tmp_path):
     assert "--use_lora" in result.stderr and "--lora_r 4" in result.stderr  # set -x shows the command
 
 
+@pytest.mark.slow
 def test_qlora_single_gpu(tiny_qwen2_64_dir, tmp_path):
     data = write_json(tmp_path / "train.json", CONVERSATIONS)
     result = subprocess.run(

@@ -33,6 +33,7 @@ def final_losses(output):
     return [entry["loss"] for entry in history if "loss" in entry]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tiny_qwen2_dir, data_file, tmp_path):
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
     steps = ["--max_steps", "30"]  # 4 batches an epoch: several epochs, so the data order must resume too
