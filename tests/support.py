@@ -1,6 +1,7 @@
 """What the tests share besides fixtures (those are in conftest.py): the Qwen tokenizer's files, tiny random
-Qwen models built from them, the training conversations, a 3-step fine-tuning run, the rounding tolerance, and the
-public data in ../shared/data. Test files import these by name: `from support import ...`."""
+Qwen models built from them (and copies whose weights cannot load), the training conversations, a 3-step fine-tuning
+run, the rounding tolerance, and the public data in ../shared/data. Test files import these by name:
+`from support import ...`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,21 @@ def build_tiny_model(root: Path, model_type: str, hidden_size: int = 32, interme
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def unloadable_copy(model_dir, root: Path, keep_tokenizer: bool = False) -> Path:
+    """A copy of `model_dir` in `root` that passes every check made before loading (config.json intact,
+    *.safetensors and tokenizer files where they belong) but whose weights cannot be loaded, nor, unless
+    `keep_tokenizer`, its tokenizer: each of those files holds a line of text. A run that must stop before loading
+    them is given this copy, so that loading them fails loudly (SafetensorError, JSONDecodeError), not as expected."""
+    copy = Path(shutil.copytree(model_dir, root / f"{Path(model_dir).name}-unloadable"))
+    spoiled = list(copy.glob("*.safetensors"))
+    if not keep_tokenizer:
+        spoiled += [copy / name for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+                    if (copy / name).is_file()]
+    for path in spoiled:
+        path.write_text("not loadable: the run under test must stop before loading this file\n")
+    return copy
 
 
 def assert_close_up_to_rounding(actual, expected, *, terms: int, dtype: torch.dtype | None = None,

@@ -1,6 +1,8 @@
 """chatft.attention: in a row of several samples, each sample gets exactly what it gets alone, with no mask built."""
 
 import json
+import shutil
+from pathlib import Path
 
 import peft
 import pytest
@@ -39,6 +41,13 @@ def load(model_dir, attn_implementation, setup):
     return model.train()  # training mode: checkpointing recomputes only then
 
 
+def sdpa_calls(profiler) -> list[tuple[int, list[int]]]:
+    """(query length, attn_mask's shape: [] when none was given) of every torch scaled_dot_product_attention call
+    a torch.profiler.profile(record_shapes=True) recorded, the recomputations of a checkpointed backward included."""
+    return [(event.input_shapes[0][2], event.input_shapes[3]) for event in profiler.events()
+            if event.name == "aten::scaled_dot_product_attention"]
+
+
 def outputs_and_grads(model, input_ids, position_ids, targets):
     """Per-token logits and the gradients of the summed cross-entropy against `targets`."""
     model.zero_grad()
@@ -49,7 +58,7 @@ def outputs_and_grads(model, input_ids, position_ids, targets):
 
 @pytest.mark.parametrize("setup", ["full", "lora", "checkpointing"])
 @pytest.mark.parametrize("reference", ["sdpa", "eager"])
-def test_each_sample_of_a_row_gets_what_it_gets_alone(tiny_qwen2_dir, reference, setup, monkeypatch):
+def test_each_sample_of_a_row_gets_what_it_gets_alone(tiny_qwen2_dir, reference, setup):
     generator = torch.Generator().manual_seed(0)
     vocab = transformers.AutoConfig.from_pretrained(tiny_qwen2_dir).vocab_size
     samples = [torch.randint(0, vocab, (1, n), generator=generator) for n in LENGTHS]
@@ -62,22 +71,16 @@ def test_each_sample_of_a_row_gets_what_it_gets_alone(tiny_qwen2_dir, reference,
         alone_logits.append(logits)
         alone_grads = {n: alone_grads.get(n, 0) + g for n, g in grads.items()}
 
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def recording_sdpa(query, key, value, attn_mask=None, **kwargs):
-        calls.append((query.shape[2], attn_mask))
-        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
     row = load(tiny_qwen2_dir, PER_SAMPLE_SDPA, setup)
     position_ids = torch.cat([torch.arange(n) for n in LENGTHS])[None]
-    row_logits, row_grads = outputs_and_grads(row, torch.cat(samples, 1), position_ids, torch.cat(targets, 1))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profiler:
+        row_logits, row_grads = outputs_and_grads(row, torch.cat(samples, 1), position_ids, torch.cat(targets, 1))
 
+    calls = sdpa_calls(profiler)
     layers = row.config.num_hidden_layers
     forward_calls = layers * (2 if setup == "checkpointing" else 1)  # checkpointing runs every layer again
     assert sorted(length for length, _ in calls) == sorted(list(LENGTHS) * forward_calls)  # per sample, not per row
-    assert all(mask is None for _, mask in calls), "a mask was built for a row of samples"
+    assert all(mask == [] for _, mask in calls), "a mask was built for a row of samples"
     terms = decoder_terms(row.config, loss=True)
     start = 0
     for n, logits in zip(LENGTHS, alone_logits):
@@ -121,16 +124,49 @@ def test_training_uses_per_sample_attention_by_default_and_saves_a_portable_conf
     assert explicit.model.config._attn_implementation == "sdpa"
 
 
-def test_a_model_with_its_own_attention_code_gets_padded_batches(tiny_qwen2_dir, data_file, tmp_path, monkeypatch,
-                                                                 capsys):
+# A model whose code ships with it (auto_map in config.json, loaded with --trust_remote_code), as Qwen-1's
+# QWenLMHeadModel does. Its class says what such code says of itself to transformers: its attention does not go
+# through transformers' attention functions (_supports_attention_backend False). The layers are Qwen2's, to stay tiny.
+OWN_ATTENTION_CODE = '''
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+
+class OwnAttentionConfig(Qwen2Config):
+    model_type = "own_attention_qwen2"
+
+
+class OwnAttentionForCausalLM(Qwen2ForCausalLM):
+    config_class = OwnAttentionConfig
+    _supports_attention_backend = False
+'''
+
+
+def remote_code_model(model_dir, root):
+    """A copy of `model_dir` whose config.json names OWN_ATTENTION_CODE's classes (in modeling_own_attention.py)."""
+    path = Path(shutil.copytree(model_dir, root / "own_attention_qwen2"))
+    (path / "modeling_own_attention.py").write_text(OWN_ATTENTION_CODE)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="own_attention_qwen2", architectures=["OwnAttentionForCausalLM"], auto_map={
+        "AutoConfig": "modeling_own_attention.OwnAttentionConfig",
+        "AutoModelForCausalLM": "modeling_own_attention.OwnAttentionForCausalLM"})
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_a_model_with_its_own_attention_code_gets_padded_batches(tiny_qwen2_dir, data_file, tmp_path, capsys):
     """Remote-code models (e.g. Qwen-1's QWenLMHeadModel) attend across a row's samples: no padding-free rows there."""
     import finetune
     from chatft.data import ChatCollator
 
-    monkeypatch.setattr(transformers.Qwen2ForCausalLM, "_supports_attention_backend", False)
-    trainer = run(tiny_qwen2_dir, data_file, tmp_path / "out")
+    model_dir = remote_code_model(tiny_qwen2_dir, tmp_path)
+    trainer = run(model_dir, data_file, tmp_path / "out", "--trust_remote_code", "True")
+    assert type(trainer.model).__name__ == "OwnAttentionForCausalLM"  # the model's own code, loaded from its directory
     assert isinstance(trainer.data_collator, ChatCollator)
     assert trainer.model.config._attn_implementation == "sdpa"
-    code = finetune.main(["--model_name_or_path", str(tiny_qwen2_dir), "--data_path", data_file, "--output_dir",
-                          str(tmp_path / "packed"), "--packing", "True", "--use_cpu", "True", "--max_steps", "1"])
-    assert code == 2 and "would let packed samples attend to each other" in capsys.readouterr().err
+    code = finetune.main(["--model_name_or_path", str(model_dir), "--data_path", data_file, "--output_dir",
+                          str(tmp_path / "packed"), "--packing", "True", "--use_cpu", "True", "--max_steps", "1",
+                          "--trust_remote_code", "True"])
+    assert code == 2
+    assert ("--packing: OwnAttentionForCausalLM has its own attention code, which would let packed samples attend to "
+            "each other" in capsys.readouterr().err)
+    assert not (tmp_path / "packed").exists()

@@ -16,15 +16,17 @@ import finetune
 from chatft.report import plot_losses
 from chatft.args import ArgumentError, parse_args
 from chatft.chat_format import IM_END, IM_START
-from chatft.data import ChatCollator, PaddingFreeCollator
-from support import ROOT, make_non_chatml_model, probe_logits, run, shared_data_path, write_json
+from chatft.data import ChatCollator, PaddingFreeCollator, load_samples
+from chatft.errors import DataError
+from support import ROOT, make_non_chatml_model, probe_logits, run, shared_data_path, unloadable_copy, write_json
 from support import assert_close_up_to_rounding, decoder_terms, rounding_atol
 
 
 @pytest.fixture(scope="module")
-def a_model(tiny_qwen2_dir) -> str:
-    """A valid model directory, for tests where the model is never loaded (they fail or stop earlier)."""
-    return str(tiny_qwen2_dir)
+def a_model(tiny_qwen2_dir, tmp_path_factory) -> str:
+    """A model directory for tests where neither the model nor its tokenizer is loaded (they fail or stop earlier):
+    it passes the checks made before loading, but loading its weights or tokenizer would fail."""
+    return str(unloadable_copy(tiny_qwen2_dir, tmp_path_factory.mktemp("a-model")))
 
 def assert_common_outputs(output_dir):
     files = set(os.listdir(output_dir))
@@ -129,21 +131,19 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("name", BAD_FILES)
-def test_bad_data_fails_before_loading_and_writes_nothing(tmp_path, name, monkeypatch, capsys, a_model):
-    def no_model_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded before the data was validated")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model_loading)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_model_loading)
+def test_bad_data_fails_before_loading_and_writes_nothing(tmp_path, name, capsys, a_model):
     data = tmp_path / name
     data.write_text(BAD_FILES[name])
+    with pytest.raises(DataError) as expected:
+        load_samples(str(data))
     output_dir = tmp_path / "previous_run"
     output_dir.mkdir()
     (output_dir / "keep.txt").write_text("earlier results")
     code = finetune.main(["--model_name_or_path", a_model, "--data_path", str(data), "--output_dir", str(output_dir),
                           "--overwrite_output_dir", "True", "--use_cpu", "True"])
     assert code == 2
-    assert str(data) in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert str(data) in err and f"error: {str(expected.value).splitlines()[0]}" in err
     assert os.listdir(output_dir) == ["keep.txt"] and (output_dir / "keep.txt").read_text() == "earlier results"
 
 
@@ -256,10 +256,10 @@ def test_loss_curve_and_summary(tiny_qwen_dir, data_file, tmp_path, capsys):
     assert "train loss" in summary and "eval loss" in summary and str(output / "loss.png") in summary
 
 
-def test_dry_run_reports_and_loads_no_model(tiny_qwen_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(finetune, "load_model", lambda *a, **k: pytest.fail("--dry_run loaded a model"))
+def test_dry_run_reports_and_loads_no_model(tiny_qwen_dir, tmp_path, capsys):
+    model = unloadable_copy(tiny_qwen_dir, tmp_path, keep_tokenizer=True)  # loading its weights would fail
     output = tmp_path / "out"
-    code = finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path",
+    code = finetune.main(["--model_name_or_path", str(model), "--data_path",
                           str(shared_data_path("alpaca_en_demo.json")), "--output_dir", str(output), "--dry_run", "True",
                           "--model_max_length", "256", "--eval_data_path", "0.1", "--use_cpu", "True"])
     report = capsys.readouterr().out

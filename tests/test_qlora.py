@@ -10,7 +10,8 @@ import torch
 import transformers
 
 import finetune
-from support import ROOT, assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, probe_logits, run
+from support import (ROOT, assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, probe_logits, run,
+                     unloadable_copy)
 
 
 def nf4_config():
@@ -64,13 +65,9 @@ def test_q_lora_needs_use_lora(tiny_qwen_64_dir, data_file, tmp_path, capsys):
     assert code == 2 and "--q_lora needs --use_lora" in err
 
 
-def test_refused_when_chatml_tokens_must_be_added(tmp_path, data_file, capsys, monkeypatch):
-    base_dir = make_non_chatml_model(tmp_path, tie=False)
-
-    def no_model_loading(*args, **kwargs):
-        raise AssertionError("the model was loaded before the refusal")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model_loading)
+def test_refused_when_chatml_tokens_must_be_added(tmp_path, data_file, capsys):
+    # the refusal reads the tokenizer (it lacks the ChatML tokens) and must come before the weights load, which fail
+    base_dir = unloadable_copy(make_non_chatml_model(tmp_path, tie=False), tmp_path, keep_tokenizer=True)
     code, err = refused(["--model_name_or_path", str(base_dir), "--data_path", data_file, "--output_dir",
                          str(tmp_path / "out"), "--use_lora", "--q_lora", "--use_cpu", "True"], capsys)
     assert code == 2 and "embeddings cannot learn new tokens" in err and "drop --q_lora" in err

@@ -16,7 +16,7 @@ from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE
 from chatft.data import SupervisedDataset, load_samples
 from chatft.quantize import (GptqSettings, QuantizeError, choose_group_size, reply_perplexity, split_samples,
                              tokenize_as_served)
-from support import assert_close_up_to_rounding, probe_logits, write_json
+from support import assert_close_up_to_rounding, probe_logits, unloadable_copy, write_json
 
 QUESTIONS = ["Who are you?", "What is 2+2?", "你好", "Say goodbye.", "Name a colour.", "Count to three.",
              "What day follows Monday?", "Translate 'cat' to French."]
@@ -106,23 +106,18 @@ def test_group_size_must_divide_the_layer_widths():
         choose_group_size(None, {100, 200})
 
 
-def test_malformed_calibration_file_fails_like_training(tiny_qwen2_64_dir, tmp_path, monkeypatch, capsys):
+def test_malformed_calibration_file_fails_like_training(tiny_qwen2_64_dir, tmp_path, capsys):
     bad = write_json(tmp_path / "bad.json", [{"id": "x7", "conversations": [{"from": "user", "value": 5}]}])
+    model = unloadable_copy(tiny_qwen2_64_dir, tmp_path)  # loading its weights or tokenizer would fail
     with pytest.raises(DataError) as training_error:
         load_samples(str(bad))
-    assert finetune.main(["--model_name_or_path", str(tiny_qwen2_64_dir), "--data_path", str(bad), "--output_dir",
+    assert finetune.main(["--model_name_or_path", str(model), "--data_path", str(bad), "--output_dir",
                           str(tmp_path / "o"), "--use_cpu", "True"]) == 2
     training_message = capsys.readouterr().err
-
-    def no_model_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded before the data was validated")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model_loading)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_model_loading)
     out = tmp_path / "q"
     out.mkdir()
     (out / "keep.txt").write_text("earlier results")
-    assert quantize(tiny_qwen2_64_dir, bad, out, "--overwrite") == 2
+    assert quantize(model, bad, out, "--overwrite") == 2
     message = capsys.readouterr().err
     assert message == training_message and str(training_error.value) in message
     assert f"{bad}: sample 0 (id='x7'): conversations[0]: 'value' must be a string" in message
