@@ -29,6 +29,7 @@ from chatft.data import load_samples, make_collator, make_datasets, split_off_ev
 from chatft.model import (join_process_group, load_model, load_tokenizer, resolve_model_path,  # noqa: E402
                           trainable_embeddings)
 from chatft.distributed import end_run  # noqa: E402
+from chatft.memory import longest_batch_tokens, run_estimator  # noqa: E402
 from chatft.output_dir import check_output_dir  # noqa: E402
 from chatft.report import dry_run_report, packing_summary, plot_losses, run_summary  # noqa: E402
 from chatft.saving import save_run  # noqa: E402
@@ -91,7 +92,9 @@ def train(argv=None, callbacks=(), wrap_collator=None):
                                      data_args.packing, data_args.padding_free,
                                      training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
                                      int(os.environ.get("WORLD_SIZE", "1")), training_args.seed, chat_format,
-                                     data_args.reasoning_turns))
+                                     data_args.reasoning_turns,
+                                     run_estimator(model_path, model_args, training_args, lora_args, train_embeddings,
+                                                   len(tokenizer)) if name == "training data" else None))
         return None
     # The first process of each machine tokenizes (and caches); the others wait, then read its cache.
     with training_args.main_process_first(local=True, desc="tokenizing the data"):
@@ -104,6 +107,10 @@ def train(argv=None, callbacks=(), wrap_collator=None):
     if data_args.packing and training_args.should_log:  # the batch no longer means what the flags say: say so
         logger.info(packing_summary(train_dataset, training_args.per_device_train_batch_size,
                                     training_args.gradient_accumulation_steps, training_args.world_size))
+    if training_args.should_log:  # memory before it is spent: from the config and the longest batch
+        logger.info(run_estimator(model_path, model_args, training_args, lora_args, train_embeddings, len(tokenizer))(
+            longest_batch_tokens(train_dataset, training_args.per_device_train_batch_size,
+                                 training_args.model_max_length)).text())
     model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added_tokens, train_embeddings)
     collator = make_collator(tokenizer, padding_free_for(model, data_args),
                              training_args.model_max_length if data_args.pad_to_max_length else None)

@@ -75,7 +75,9 @@ def packing_summary(rows: PackedDataset, batch_size: int, accumulation: int, pro
 
 def dry_run_report(name: str, raw_samples: list[dict], tokenizer, max_len: int, system_message: str, packing: bool,
                    padding_free: bool, batch_size: int, accumulation: int, processes: int, seed: int,
-                   chat_format: str = "chatml", reasoning_turns: str = "all") -> str:
+                   chat_format: str = "chatml", reasoning_turns: str = "all", estimate_memory=None) -> str:
+    """The report's lines (module docstring); `estimate_memory`: tokens -> chatft.memory.MemoryEstimate, to add the
+    peak memory estimated at the longest batch (chatft.memory.run_estimator)."""
     full = tokenize_training_samples(raw_samples, tokenizer, 10**9, system_message, desc=f"Tokenizing {name}",
                                      chat_format=chat_format, reasoning_turns=reasoning_turns)
     kept, dropped = split_trainable([TokenizedSample(s.input_ids[:max_len], s.labels[:max_len], s.origin) for s in full],
@@ -121,6 +123,9 @@ def dry_run_report(name: str, raw_samples: list[dict], tokenizer, max_len: int, 
                       f"  without --packing: {unpacked}"]
         else:
             lines += [f"batches: {unpacked}", f"  with --packing True: {packed.removeprefix('packing: ')}"]
+    if kept and estimate_memory is not None:
+        longest = max(kept_lengths) if not packing else max(len(row["input_ids"]) for row in rows.rows)
+        lines.append(estimate_memory(longest * batch_size).text())
     if kept:
         lines.append("first sample as trained (trained tokens in [[...]]):")
         lines.append(describe_sample(kept[0], tokenizer))

@@ -1,0 +1,343 @@
+"""Training memory, estimated before any of it is spent: from the model's config and the flags alone.
+
+    >>> estimate = estimate_training_memory(config, TrainingSetup(mode="lora", compute_dtype=torch.bfloat16), 1024)
+    >>> print(estimate.text())
+    memory estimate: ~0.9 GiB peak (weights 0.3 GiB, gradients 0.1 GiB, optimizer 0.1 GiB, activations 0.4 GiB at the
+    longest batch of 1,024 tokens)
+
+The peak is taken as the sum of four parts, each in bytes, matching what chatft.model.load_model and
+chatft.trainer.ChatTrainer hold:
+
+- weights, in their storage dtype: full-parameter training keeps fp32 master weights (the Trainer autocasts to
+  bf16/fp16); LoRA keeps the frozen base in the compute dtype and its adapters (and trainable embedding copies) in
+  fp32; Q-LoRA keeps the decoder's linear layers in 4 bits (NF4 with double-quantized scales: 0.5 byte per weight,
+  one 8-bit absmax per 64 and one fp32 per 64 x 256; GPTQ: packed weights, zeros, fp16 scales per group, g_idx)
+  and everything else in fp32 (peft's prepare_model_for_kbit_training upcasts it).
+- gradients: 4 bytes per trainable parameter (trainable parameters are fp32 in every mode).
+- optimizer: AdamW's two fp32 states per trainable parameter.
+  DeepSpeed ZeRO-1 divides the optimizer state by the number of processes, ZeRO-2 and FSDP's shard_grad_op also the
+  gradients, ZeRO-3 and FSDP's full_shard the weights too.
+- activations at the longest batch (`activation_bytes`): what autograd keeps per token and layer (derived from
+  hidden, intermediate, heads, key/value heads and head_dim, below), the weights' compute-dtype copies that autocast
+  caches during the forward pass, and the loss's working set.
+
+It is an upper bound in one respect: gradients are set to None between steps (the Trainer's zero_grad), so they and
+the forward pass's activations never fully coexist; the backward pass frees activations layer by layer as gradients
+appear. Everything outside tensors is left out: CUDA's allocator rounding and workspaces, and on the CPU what the
+process holds besides (see `activation_bytes` and bench.profile_table for what the estimate is compared to).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+
+# Bytes per trainable parameter
+GRADIENT_BYTES = 4  # fp32 in every mode (chatft.model.wrap_lora upcasts LoRA's trainable weights)
+ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32
+# NF4 with double quantization: 4 bits, an 8-bit absmax per block of 64, an fp32 scale per 256 such blocks
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+LOGITS_PER_CHUNK = 1 << 25  # chatft.trainer.LOGITS_PER_CHUNK (not imported: the trainer imports transformers' Trainer)
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What the flags decide about memory. `mode`: full, lora or qlora; `quantization`: nf4 or gptq (Q-LoRA);
+    `shard`: none, zero1, zero2, zero3, fsdp_grad (FSDP shard_grad_op) or fsdp_full (full_shard)."""
+
+    mode: str = "lora"
+    compute_dtype: torch.dtype = torch.bfloat16
+    lora_r: int = 64
+    lora_targets: tuple[str, ...] = ()  # empty: every linear layer but the output layer (chatft.model's default)
+    lora_dropout: float = 0.0
+    train_embeddings: bool = False  # LoRA: modules_to_save copies; full: False freezes them
+    quantization: str = "nf4"
+    gptq_bits: int = 4
+    gptq_group_size: int = 128
+    activation_checkpointing: bool = True
+    labelled_logits_only: bool = True
+    shard: str = "none"
+    world_size: int = 1
+    vocab_size: int | None = None  # the tokenizer's size when embeddings are resized to it
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak training memory in bytes, by part; `total` is their sum. `tokens`: the batch the activations are for."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    tokens: int
+    trainable_params: int = field(default=0, compare=False)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def text(self) -> str:
+        gib = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
+        return (f"memory estimate: ~{gib(self.total)} peak (weights {gib(self.weights)}, gradients "
+                f"{gib(self.gradients)}, optimizer {gib(self.optimizer)}, activations {gib(self.activations)} at the "
+                f"longest batch of {self.tokens:,} tokens)")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate reads from a model: its sizes, and parameter counts from its module tree (built on the meta
+    device: no memory, no weights). Counts are exact for any architecture; the activation formula assumes a
+    Llama/Qwen-style decoder layer (RMSNorm, attention with rotary embeddings, gated MLP)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    params: int  # every parameter (tied ones once)
+    embedding_params: int  # input embedding and output layer (once if tied)
+    head_params: int  # the output layer's weight
+    linears: tuple[tuple[str, int, int], ...]  # (short name, in, out) of every linear layer but the output layer
+
+    @classmethod
+    def of(cls, config, vocab_size: int | None = None, trust_remote_code: bool = False) -> ModelShape:
+        """`vocab_size`: the tokenizer's size; load_model resizes the embeddings to it when it is larger."""
+        config = copy.deepcopy(config)
+        if vocab_size and vocab_size > config.vocab_size:
+            config.vocab_size = vocab_size
+        with torch.device("meta"):  # the module tree alone: no memory, no weights
+            model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return cls.of_model(model, config)
+
+    @classmethod
+    def of_model(cls, model, config) -> ModelShape:
+        from chatft.model import is_linear
+
+        embeddings = {id(p): p.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if m is not None for p in m.parameters()}
+        head = model.get_output_embeddings()
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        return cls(
+            hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+            layers=text.num_hidden_layers, heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
+            params=sum(p.numel() for p in model.parameters()), embedding_params=sum(embeddings.values()),
+            head_params=head.weight.numel() if head is not None else 0,
+            linears=tuple((name.split(".")[-1], m.in_features, m.out_features) for name, m in model.named_modules()
+                          if is_linear(m) and m is not head),
+        )
+
+    def lora_params(self, setup: TrainingSetup) -> int:
+        """r * (in + out) for every targeted linear layer (peft matches a target by the module's short name)."""
+        targets = set(setup.lora_targets) or {name for name, _, _ in self.linears}
+        return sum(setup.lora_r * (i + o) for name, i, o in self.linears if name in targets)
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def trainable_params(shape: ModelShape, setup: TrainingSetup) -> int:
+    """Parameters with requires_grad after load_model: everything (less the embeddings with --train_embeddings false)
+    for full-parameter training; adapters (plus one fp32 copy of the embeddings and output layer) for LoRA."""
+    if setup.mode == "full":
+        return shape.params - (0 if setup.train_embeddings else shape.embedding_params)
+    return shape.lora_params(setup) + (shape.embedding_params if setup.train_embeddings else 0)
+
+
+def weight_bytes(shape: ModelShape, setup: TrainingSetup, trainable: int) -> int:
+    """The parameters as stored: fp32 master weights (full); base in the compute dtype plus fp32 trainable weights
+    (LoRA); 4-bit linear layers, the rest upcast to fp32, plus fp32 trainable weights (Q-LoRA)."""
+    if setup.mode == "full":
+        return 4 * shape.params
+    if setup.mode == "lora":
+        return dtype_bytes(setup.compute_dtype) * shape.params + 4 * trainable
+    quantized = sum(i * o for _, i, o in shape.linears)
+    if setup.quantization == "gptq":
+        bits, group = setup.gptq_bits, setup.gptq_group_size
+        # qweight and qzeros packed `bits` to a byte's 8, fp16 scales per group and output, int32 g_idx per input
+        four_bit = sum(i * o * bits / 8 + math.ceil(i / group) * o * (bits / 8 + 2) + 4 * i for _, i, o in shape.linears)
+    else:
+        four_bit = quantized * NF4_BYTES_PER_WEIGHT
+    return int(four_bit) + 4 * (shape.params - quantized) + 4 * trainable
+
+
+def layer_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> int:
+    """Bytes autograd keeps per token for one decoder layer, forward to backward (a Llama/Qwen layer under autocast).
+
+    a: the compute dtype's bytes; s: the residual stream's (fp32 for full-parameter and Q-LoRA, whose embeddings are
+    fp32; the compute dtype for LoRA, whose base is loaded in it). Autocast casts an fp32 input once per linear layer,
+    so an fp32 stream is kept as 3 compute-dtype copies for q/k/v and 2 for gate/up.
+    - 2 RMSNorms: the fp32 input, the fp32 normalized hidden state, and the output in s: 2 * hidden * (8 + s)
+    - q/k/v inputs, rotary embeddings (q and k and their rotate_half), attention and o_proj: sdpa's flash or
+      memory-efficient kernel keeps q, k, v, its output and one fp32 log-sum-exp per head, no length^2 matrix (the
+      kernels used on CUDA and by PyTorch's CPU sdpa; grouped-query attention runs on the key/value heads as they are)
+    - MLP: gate/up inputs, gate's output, its SiLU, up's output, their product (down's input): 4 * intermediate * a
+    - LoRA, per targeted layer: its input as lora_A's (in * a) and lora_A's output (r * a); with dropout also its
+      mask and output (in * (1 + a))
+    """
+    a = dtype_bytes(setup.compute_dtype)
+    s = a if setup.mode == "lora" else 4
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    norms = 2 * shape.hidden * (8 + s)
+    attention = ((3 if s != a else 1) * shape.hidden * a + 2 * (q + kv) * a + (2 * q + 2 * kv) * a
+                 + 4 * shape.heads + q * a)
+    mlp = (2 if s != a else 1) * shape.hidden * a + 4 * shape.intermediate * a
+    lora = 0
+    if setup.mode != "full":
+        per_layer = [(name, i, o) for name, i, o in shape.linears[: len(shape.linears) // max(shape.layers, 1)]]
+        targets = set(setup.lora_targets) or {name for name, _, _ in shape.linears}
+        lora = sum(i * a + setup.lora_r * a + (i * (1 + a) if setup.lora_dropout else 0)
+                   for name, i, o in per_layer if name in targets)
+    return norms + attention + mlp + lora
+
+
+def loss_bytes(shape: ModelShape, setup: TrainingSetup, tokens: int) -> int:
+    """The loss's working set at its peak. Labelled logits (chatft.trainer): one chunk of at most 2^25 logits, as the
+    matmul's compute-dtype output, its fp32 copy and the compute-dtype gradient; the labelled hidden states and their
+    gradient; the output layer's fp32 gradient when it trains. Full logits (--labelled_logits_only False): the
+    compute-dtype logits, their fp32 upcast and the log-softmax kept for the backward pass, for every token."""
+    a = dtype_bytes(setup.compute_dtype)
+    if not setup.labelled_logits_only:
+        return tokens * shape.vocab * (a + 8)
+    chunk = min(tokens, max(64, LOGITS_PER_CHUNK // shape.vocab))
+    return (chunk * shape.vocab * (2 * a + 4) + 2 * tokens * shape.hidden * 4
+            + (4 * shape.head_params if setup.train_embeddings else 0))
+
+
+def autocast_copy_bytes(shape: ModelShape, setup: TrainingSetup, trainable: int) -> int:
+    """The compute-dtype copies of fp32 weights that autocast caches through the forward pass (and the output
+    layer's, made by the labelled-logits loss): every linear weight for full-parameter training, the adapters for
+    LoRA; Q-LoRA's 4-bit layers are de-quantized one at a time (the largest layer, twice: forward and its input)."""
+    a = dtype_bytes(setup.compute_dtype)
+    if a == 4:
+        return 0
+    linear = sum(i * o for _, i, o in shape.linears)
+    if setup.mode == "full":
+        return a * (linear + shape.head_params)
+    copies = a * trainable
+    if setup.mode == "qlora":
+        copies += a * (shape.head_params + 2 * max((i * o for _, i, o in shape.linears), default=0))
+    return copies
+
+
+def activation_bytes(shape: ModelShape, setup: TrainingSetup, tokens: int, trainable: int) -> int:
+    """Activations at a batch of `tokens` tokens. With activation checkpointing each layer keeps only its input (the
+    residual stream, hidden * s per token) and one layer's full set exists at a time, recomputed in the backward
+    pass; without it every layer keeps its full set. Plus the embedding output and final norm, the loss's working set
+    and autocast's weight copies."""
+    s = dtype_bytes(setup.compute_dtype) if setup.mode == "lora" else 4
+    per_layer = layer_activation_bytes(shape, setup)
+    if setup.activation_checkpointing:
+        layers = shape.layers * shape.hidden * s + per_layer
+    else:
+        layers = shape.layers * per_layer
+    outside = shape.hidden * (s + 8 + s)  # embedding output, final RMSNorm
+    return tokens * (layers + outside) + loss_bytes(shape, setup, tokens) + autocast_copy_bytes(shape, setup, trainable)
+
+
+def estimate_training_memory(config, setup: TrainingSetup, tokens: int, shape: ModelShape | None = None
+                             ) -> MemoryEstimate:
+    """Peak training memory for `config` (a transformers config: nothing is loaded) trained as `setup` says, at a
+    batch of `tokens` tokens (the longest the run will see). See the module docstring for what each part holds."""
+    shape = shape or ModelShape.of(config, setup.vocab_size)
+    trainable = trainable_params(shape, setup)
+    weights = weight_bytes(shape, setup, trainable)
+    gradients = GRADIENT_BYTES * trainable
+    optimizer = ADAMW_STATE_BYTES * trainable
+    n = max(setup.world_size, 1)
+    if setup.shard in ("zero1", "zero2", "zero3", "fsdp_grad", "fsdp_full"):
+        optimizer //= n
+    if setup.shard in ("zero2", "zero3", "fsdp_grad", "fsdp_full"):
+        gradients //= n
+    if setup.shard in ("zero3", "fsdp_full"):
+        weights //= n
+    return MemoryEstimate(weights=int(weights), gradients=int(gradients), optimizer=int(optimizer),
+                          activations=int(activation_bytes(shape, setup, tokens, trainable)), tokens=tokens,
+                          trainable_params=trainable)
+
+
+def sharding(training_args) -> str:
+    """none, zero1/zero2/zero3 (the --deepspeed config's ZeRO stage), fsdp_grad (shard_grad_op) or fsdp_full."""
+    from chatft.args import deepspeed_zero_stage
+
+    stage = deepspeed_zero_stage(training_args)
+    if stage is not None:
+        return f"zero{stage}" if stage else "none"
+    fsdp = " ".join(str(getattr(option, "value", option)) for option in (training_args.fsdp or []))
+    if not fsdp.strip():
+        return "none"
+    return "fsdp_grad" if "shard_grad_op" in fsdp else "fsdp_full"
+
+
+def setup_for_run(model_path: str, model_args, training_args, lora_args, train_embeddings: bool,
+                  vocab_size: int | None = None, world_size: int | None = None) -> TrainingSetup:
+    """The TrainingSetup finetune.py's flags describe (`train_embeddings`: chatft.model.trainable_embeddings, which
+    decides for LoRA; full-parameter training trains the embeddings unless --train_embeddings false)."""
+    from chatft.checkpoints import saved_quantization
+    from chatft.model import compute_dtype
+
+    saved = saved_quantization(model_path, training_args.cache_dir) if lora_args.q_lora else None
+    gptq = bool(saved) and saved.get("quant_method") == "gptq"
+    return TrainingSetup(
+        mode="qlora" if lora_args.q_lora else "lora" if lora_args.use_lora else "full",
+        compute_dtype=compute_dtype(training_args), lora_r=lora_args.lora_r,
+        lora_targets=tuple(lora_args.lora_target_modules or ()), lora_dropout=lora_args.lora_dropout,
+        train_embeddings=train_embeddings if lora_args.use_lora else model_args.train_embeddings != "false",
+        quantization="gptq" if gptq else "nf4",
+        gptq_bits=int(saved.get("bits", 4)) if gptq else 4,
+        gptq_group_size=int(saved.get("group_size", 128)) if gptq else 128,
+        activation_checkpointing=bool(training_args.activation_checkpointing),
+        labelled_logits_only=bool(training_args.labelled_logits_only), shard=sharding(training_args),
+        world_size=world_size or int(os.environ.get("WORLD_SIZE", "1")), vocab_size=vocab_size,
+    )
+
+
+def run_estimator(model_path: str, model_args, training_args, lora_args, train_embeddings: bool,
+                  vocab_size: int | None = None):
+    """`tokens -> MemoryEstimate` for this run, from the model's config.json alone (no weights are read)."""
+    from chatft.model import model_config
+
+    config = model_config(model_path, model_args.trust_remote_code, training_args.cache_dir)
+    setup = setup_for_run(model_path, model_args, training_args, lora_args, train_embeddings, vocab_size)
+    shape = ModelShape.of(config, setup.vocab_size, model_args.trust_remote_code)
+    return functools.partial(estimate_training_memory, config, setup, shape=shape)
+
+
+def longest_batch_tokens(dataset, batch_size: int, max_len: int) -> int:
+    """Tokens in the longest batch a run can see: its longest sample (or packed row) times the batch size, an upper
+    bound for padding-free rows and the batch itself for padded ones; max_len times the batch size when the lengths
+    are not known up front (--lazy_preprocess)."""
+    if hasattr(dataset, "rows"):  # chatft.data.PackedDataset
+        longest = max(len(row["input_ids"]) for row in dataset.rows)
+    elif hasattr(dataset, "samples"):  # chatft.data.SupervisedDataset
+        longest = max(len(sample.input_ids) for sample in dataset.samples)
+    else:
+        longest = max_len
+    return longest * batch_size
+
+
+
+
+def estimate_for_flags(argv: list[str], tokens: int) -> MemoryEstimate:
+    """The estimate finetune.py logs for its flags `argv` at a batch of `tokens` tokens (for tools and tests: it
+    parses the flags and loads the tokenizer, as finetune.py does, but no weights)."""
+    from chatft.args import parse_args
+    from chatft.model import load_tokenizer, resolve_model_path, trainable_embeddings
+
+    model_args, data_args, training_args, lora_args = parse_args(argv)
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer, added, _ = load_tokenizer(model_path, training_args.model_max_length, data_args.system_message,
+                                         cache_dir=training_args.cache_dir, trust_remote_code=model_args.trust_remote_code)
+    train_embeddings = trainable_embeddings(model_args, training_args, lora_args, added)
+    return run_estimator(model_path, model_args, training_args, lora_args, train_embeddings, len(tokenizer))(tokens)
