@@ -15,6 +15,7 @@ import sys
 import time
 
 from bench import harness
+from bench.models import MODEL_HELP, resolve_model
 
 MODES = {
     "full": [],
@@ -74,7 +75,7 @@ def measure(config: dict) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-m", "--model", help="model directory or .gguf (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("-m", "--model", help=MODEL_HELP)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
@@ -86,10 +87,7 @@ def main(argv=None) -> int:
         harness.report(measure(json.loads(args.worker)))
         return 0
 
-    from chatft.bundled import bundled_model_dir
-    from chatft.model import resolve_model_path
-
-    model_path = resolve_model_path(args.model or str(bundled_model_dir()))
+    model_path = resolve_model(args.model)
     results = []
     for mode in args.modes.split(","):
         run = harness.run_worker("bench.memory", {"mode": mode, "model": model_path, "seq_len": args.seq_len,

@@ -3,6 +3,7 @@ sequence length (batch 1, gradient accumulation 8, as the seed's README measured
 
     $ python -m bench.profile_table                             # bundled SmolLM2-135M, everything
     $ python -m bench.profile_table -m MODEL --modes lora,full --lengths 256,512,1024 -o output_profile
+    $ python -m bench.profile_table -m qwen-1.8b --modes lora,qlora   # Qwen-1.8B's shape, beside Qwen's numbers
     $ bash finetune/profile.sh ...                               # the same, from any directory
 
 Each cell is a fresh process running finetune.py for `--steps` optimizer steps on synthetic conversations whose
@@ -26,7 +27,8 @@ import time
 
 import transformers
 
-from bench import harness
+from bench import harness, qwen_published
+from bench.models import MODEL_HELP, resolve_model, shape_name
 
 MODES = {
     "lora": ["--use_lora"],
@@ -93,7 +95,7 @@ def run_cell(cell: dict) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.profile_table", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-m", "--model", default=None, help="Model directory (default: the bundled SmolLM2-135M).")
+    parser.add_argument("-m", "--model", default=None, help=MODEL_HELP)
     parser.add_argument("-o", "--output_dir", default="output_profile")
     parser.add_argument("--modes", default=",".join(MODES), help=f"Comma-separated, of {', '.join(MODES)}.")
     parser.add_argument("--lengths", default="256,512,1024,2048,4096,8192")
@@ -107,15 +109,24 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def markdown_table(results: list[dict], modes: list[str], lengths: list[int], header: str) -> str:
+def markdown_table(results: list[dict], modes: list[str], lengths: list[int], header: str,
+                   shape: str | None = None) -> str:
+    """One row per mode, one column per length. For a bench.models shape with a published counterpart
+    (qwen-1.8b, qwen-7b), Qwen's own number follows ours in each cell, in brackets."""
+    counterpart = qwen_published.COUNTERPART.get(shape or "")
+    if counterpart:
+        header += (f"; [in brackets: Qwen's published {counterpart} ({qwen_published.HARDWARE}, flash attention 2, "
+                   f"Qwen-1's own model code), another GPU and code than ours: {qwen_published.SOURCE}]")
     lines = [header, "", "| mode | " + " | ".join(f"{n}" for n in lengths) + " |",
              "|---|" + "---|" * len(lengths)]
     for mode in modes:
         cells = []
         for length in lengths:
             r = next(r for r in results if r["mode"] == mode and r["length"] == length)
-            cells.append(r["status"] if "seconds_per_iteration" not in r else
-                         f"{r['peak_memory_mib'] / 1024:.2f} GiB, {r['seconds_per_iteration']:.2f} s/it")
+            ours = (r["status"] if "seconds_per_iteration" not in r else
+                    f"{r['peak_memory_mib'] / 1024:.2f} GiB, {r['seconds_per_iteration']:.2f} s/it")
+            theirs = qwen_published.published(shape, mode, length)
+            cells.append(f"{ours} [Qwen: {theirs}]" if theirs else ours)
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -167,7 +178,6 @@ def main(argv=None) -> int:
     if args.worker:
         harness.report(run_cell(json.loads(args.worker)))
         return 0
-    from chatft.bundled import bundled_model_dir
     from chatft.errors import ArgumentError
     from chatft.output_dir import check_new_output_dir
 
@@ -178,8 +188,7 @@ def main(argv=None) -> int:
     if args.steps < 1:
         raise ArgumentError("--steps must be at least 1")
     check_new_output_dir(args.output_dir, args.overwrite)
-    model = os.path.abspath(args.model) if args.model and os.path.exists(args.model) else args.model
-    model = model or str(bundled_model_dir())
+    model = resolve_model(args.model)
     results = [profile_cell({"model": model, "mode": mode, "length": length, "steps": args.steps,
                              "gradient_accumulation_steps": args.gradient_accumulation_steps,
                              "activation_checkpointing": args.activation_checkpointing}, args.cell_timeout)
@@ -188,7 +197,7 @@ def main(argv=None) -> int:
     header = (f"{os.path.basename(model.rstrip('/'))}, {measured.get('device', '?')} ({measured.get('flags', '?')}), "
               f"batch 1, gradient accumulation {args.gradient_accumulation_steps}, activation checkpointing "
               f"{args.activation_checkpointing}: peak memory, seconds per iteration")
-    table = markdown_table(results, modes, lengths, header)
+    table = markdown_table(results, modes, lengths, header, shape_name(args.model))
     print("\n" + table)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "profile.md"), "w", encoding="utf-8") as f:

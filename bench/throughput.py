@@ -1,6 +1,8 @@
 """Training throughput and memory of this toolkit against the seed's padding and TRL's SFTTrainer, in one run.
 
     $ python -m bench.throughput --data ../shared/data/alpaca_en_demo.json       # bundled SmolLM2-135M
+    $ python -m bench.throughput -m qwen2.5-0.5b --data ../shared/data/alpaca_en_demo.json --precisions bf16
+                                                      # Qwen2.5-0.5B's shape, random weights (bench.models)
     $ python -m bench.throughput -m MODEL --data FILE --num_samples 64 --max_length 512 --batch_size 4 \
         --modes lora,full --precisions fp32,bf16 --json benchmark.json
     $ python -m bench.throughput --preprocess_only --data ../shared/data/alpaca_en_demo.json --num_samples 0
@@ -36,6 +38,7 @@ import tempfile
 import time
 
 from bench import harness
+from bench.models import MODEL_HELP, resolve_model
 from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, render_chatml, to_conversation
 from chatft.errors import ArgumentError
 
@@ -283,7 +286,7 @@ def benchmark_preprocessing(model: str, data: str, num_samples: int | None, max_
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-m", "--model", default=None, help="Model directory (default: the bundled SmolLM2-135M).")
+    parser.add_argument("-m", "--model", default=None, help=MODEL_HELP)
     parser.add_argument("--data", default=os.path.join(harness.ROOT, "data", "identity_demo.json"),
                         help="A data file in any format finetune.py reads (conversations, sharegpt, messages, alpaca).")
     parser.add_argument("--num_samples", type=int, default=32)
@@ -328,10 +331,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from chatft.bundled import bundled_model_dir
     from chatft.data import load_samples
 
-    model = args.model or str(bundled_model_dir())
+    model = resolve_model(args.model)
     if args.preprocess_only:
         result = benchmark_preprocessing(model, args.data, args.num_samples or None, args.max_length,
                                          args.preprocessing_num_workers, args.repeats)

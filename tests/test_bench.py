@@ -4,12 +4,13 @@ reports, and patch nothing. (What they measure on the real model is quoted in RE
 import ast
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from bench import harness
+from bench import harness, models, qwen_published
 from support import CONVERSATIONS, ROOT, write_json
 
 # alpaca records, read by chatft's own alpaca reader; every third has two earlier exchanges (`history`)
@@ -17,8 +18,21 @@ ALPACA = [{"instruction": f"Question {i}?", "input": "Some context." if i % 2 el
            "history": [["Hi", "Hello!"], ["How are you?", "Fine, thanks."]] if i % 3 == 0 else []} for i in range(12)]
 
 
-def run_module(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True)
+def run_module(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, env=env)
+
+
+def tiny_shape(**changes) -> dict:
+    """Qwen2.5-0.5B's shape cut to 2 layers of width 64 (its vocabulary kept): bench.models' code path in seconds."""
+    return {**models.SHAPES["qwen2.5-0.5b"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, **changes}
+
+
+def cache_with_tiny_model_named(name: str, cache) -> dict:
+    """An environment whose chatft cache holds a tiny model under bench.models' `name`, as materialize left it: the
+    tools resolve `-m name` to it through their real code path, without building the full-size model."""
+    models.materialize(name, {name: tiny_shape()}, root=cache / "bench-models")
+    return {**os.environ, "CHATFT_CACHE": str(cache)}
 
 
 @pytest.mark.slow
@@ -88,22 +102,110 @@ def test_memory_benchmark(tiny_qwen2_64_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_profile_table(tiny_qwen2_64_dir, tmp_path):
-    # the launcher runs from anywhere; relative paths resolve against the caller's directory
-    result = subprocess.run(["bash", str(ROOT / "finetune" / "profile.sh"), "-m", str(tiny_qwen2_64_dir), "-o", "profile",
-                             "--modes", "lora,full", "--lengths", "32,64", "--steps", "2",
-                             "--gradient_accumulation_steps", "2"], cwd=tmp_path, capture_output=True, text=True)
+def test_profile_table(tmp_path):
+    # -m names a bench.models shape with a published counterpart (a tiny stand-in in the cache: the real 1.8B would
+    # take minutes); the launcher runs from anywhere, relative paths resolving against the caller's directory
+    env = cache_with_tiny_model_named("qwen-1.8b", tmp_path / "cache")
+    result = subprocess.run(["bash", str(ROOT / "finetune" / "profile.sh"), "-m", "qwen-1.8b", "-o", "profile",
+                             "--modes", "lora,full", "--lengths", "256,512", "--steps", "2",
+                             "--gradient_accumulation_steps", "2"], cwd=tmp_path, capture_output=True, text=True,
+                            env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     output = tmp_path / "profile"
     cells = json.load(open(output / "profile.json"))
     assert [(c["mode"], c["length"], c["status"]) for c in cells] == [
-        (mode, length, "ok") for mode in ("lora", "full") for length in (32, 64)]
+        (mode, length, "ok") for mode in ("lora", "full") for length in (256, 512)]
+    assert {c["model"] for c in cells} == {str(tmp_path / "cache" / "bench-models" / "qwen-1.8b")}
     assert all(c["seconds_per_iteration"] > 0 and c["peak_memory_mib"] > 0 for c in cells)
     table = (output / "profile.md").read_text()
-    assert "| mode | 32 | 64 |" in table and table.count(" s/it") == 4 and "activation checkpointing True" in table
+    assert "| mode | 256 | 512 |" in table and "activation checkpointing True" in table
+    assert table.count(" s/it [Qwen: ") == 4 and "s/it [Qwen: 6.7G / 1.0s/it] |" in table  # Qwen-1.8B LoRA at 256
+    assert "A100-80G" in table and qwen_published.SOURCE in table
     assert (output / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    again = run_module("bench.profile_table", "-m", str(tiny_qwen2_64_dir), "-o", str(output))
+    again = run_module("bench.profile_table", "-m", "qwen-1.8b", "-o", str(output), env=env)
     assert again.returncode == 2 and "not empty" in again.stderr  # an earlier profile is not overwritten
+
+
+def test_profile_table_puts_qwens_number_beside_ours():
+    from bench.profile_table import markdown_table
+
+    results = [{"mode": "lora", "length": 256, "status": "ok", "peak_memory_mib": 2048.0, "seconds_per_iteration": 3.0},
+               {"mode": "lora", "length": 300, "status": "OOM"}]
+    table = markdown_table(results, ["lora"], [256, 300], "header", shape="qwen-7b")
+    assert "| lora | 2.00 GiB, 3.00 s/it [Qwen: 20.1G / 1.2s/it] | OOM |" in table  # Qwen measured no 300
+    assert "Qwen's published Qwen-7B (A100-80G" in table.splitlines()[0]
+    for shape in (None, "qwen2.5-0.5b"):  # no published counterpart: our numbers alone
+        assert "Qwen" not in markdown_table(results, ["lora"], [256, 300], "header", shape=shape)
+    assert qwen_published.published("qwen-7b", "full", 2048) is None  # Qwen's full-parameter 7B row stops at 1024
+    assert qwen_published.published("qwen-1.8b", "qlora", 8192) == "15.8G / 6.5s/it"
+
+
+# Published sizes, from each model card: Qwen2.5-0.5B 0.49B, Qwen2.5-1.5B 1.54B, Qwen2.5-7B 7.61B parameters
+@pytest.mark.parametrize("name, published", [("qwen2.5-0.5b", 0.49e9), ("qwen2.5-1.5b", 1.54e9), ("qwen2.5-7b", 7.61e9)])
+def test_shapes_have_the_published_sizes(name, published):
+    assert abs(models.parameter_count(name) / published - 1) < 0.01
+
+
+@pytest.mark.parametrize("name, hidden, intermediate, layers", [("qwen-1.8b", 2048, 11008, 24), ("qwen-7b", 4096, 22016, 32)])
+def test_qwen1_shapes_have_qwen1s_parameters(name, hidden, intermediate, layers):
+    """Counted module by module as Qwen-1's modeling_qwen.py builds them from its config.json: c_attn (fused QKV,
+    biased), c_proj (unbiased), w1, w2 and the MLP's c_proj at intermediate_size // 2, ln_1, ln_2, ln_f, and an
+    untied lm_head; vocabulary 151936."""
+    vocab, width = 151936, intermediate // 2
+    layer = (3 * hidden * hidden + 3 * hidden) + hidden * hidden + 3 * hidden * width + 2 * hidden
+    assert models.parameter_count(name) == 2 * vocab * hidden + layers * layer + hidden
+
+
+def test_materialize_writes_a_loadable_model_once_and_atomically(tmp_path):
+    import torch
+    import transformers
+
+    from chatft.errors import ArgumentError
+
+    shapes = {"tiny": tiny_shape(), "broken": tiny_shape(hidden_act="no_such_activation")}
+    path = models.materialize("tiny", shapes, root=tmp_path)
+    assert path == tmp_path / "tiny" and sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no temp dir left
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 2 and model.config.vocab_size == 151936
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    assert tokenizer.eos_token == "<|im_end|>" and model.config.eos_token_id == tokenizer.eos_token_id
+    assert "<|im_start|>assistant" in tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                                                    add_generation_prompt=True)
+    written = (path / "model.safetensors").stat().st_mtime_ns
+    assert models.materialize("tiny", shapes, root=tmp_path) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == written  # built once, then read from the cache
+    # a write that fails halfway leaves nothing that looks like a model
+    with pytest.raises(KeyError, match="no_such_activation"):
+        models.materialize("broken", shapes, root=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+    with pytest.raises(ArgumentError, match="'qwen-3b' is not a benchmark model shape; choose from tiny, broken"):
+        models.materialize("qwen-3b", shapes, root=tmp_path)
+
+
+def test_resolve_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    shapes = {"tiny": tiny_shape()}
+    assert models.resolve_model("tiny", shapes) == str(tmp_path / "cache" / "bench-models" / "tiny")
+    (tmp_path / "local").mkdir()
+    assert models.resolve_model("local", shapes) == str(tmp_path / "local")  # workers run elsewhere: absolute
+    assert models.resolve_model("Qwen/Qwen2.5-0.5B", shapes) == "Qwen/Qwen2.5-0.5B"  # a hub id passes through
+    assert models.shape_name("qwen-7b") == "qwen-7b" and models.shape_name("Qwen/Qwen-7B") is None
+
+
+@pytest.mark.parametrize("tool", ["bench.throughput", "bench.memory", "bench.profile_table"])
+def test_every_tool_takes_a_shape_name(tool):
+    result = run_module(tool, "--help", env={**os.environ, "COLUMNS": "1000"})  # no shape name wrapped at its hyphen
+    assert result.returncode == 0 and all(name in result.stdout for name in models.SHAPES)
+
+
+def test_throughput_resolves_a_shape_name(tmp_path):
+    env = cache_with_tiny_model_named("qwen2.5-0.5b", tmp_path / "cache")
+    data = write_json(tmp_path / "train.json", CONVERSATIONS)
+    result = run_module("bench.throughput", "-m", "qwen2.5-0.5b", "--data", str(data), "--preprocess_only",
+                        "--num_samples", "0", "--repeats", "1", "--preprocessing_num_workers", "1", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| seed_per_turn |" in result.stdout
 
 
 def test_worker_that_reports_nothing_is_a_failure():
