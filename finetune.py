@@ -85,6 +85,8 @@ def train(argv=None, callbacks=(), wrap_collator=None):
         chat_format=data_args.chat_format,
     )
     train_embeddings = trainable_embeddings(model_args, training_args, lora_args, added_tokens)
+    # tokens -> peak memory estimated from config.json alone (chatft.memory), said before any memory is spent
+    estimate_memory = run_estimator(model_path, model_args, training_args, lora_args, train_embeddings, len(tokenizer))
     if data_args.dry_run:  # the tokenizer only: no model, nothing written
         for name, samples in (("training data", train_samples), ("evaluation data", eval_samples)):
             if samples:
@@ -92,9 +94,7 @@ def train(argv=None, callbacks=(), wrap_collator=None):
                                      data_args.packing, data_args.padding_free,
                                      training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
                                      int(os.environ.get("WORLD_SIZE", "1")), training_args.seed, chat_format,
-                                     data_args.reasoning_turns,
-                                     run_estimator(model_path, model_args, training_args, lora_args, train_embeddings,
-                                                   len(tokenizer)) if name == "training data" else None))
+                                     data_args.reasoning_turns, estimate_memory if name == "training data" else None))
         return None
     # The first process of each machine tokenizes (and caches); the others wait, then read its cache.
     with training_args.main_process_first(local=True, desc="tokenizing the data"):
@@ -107,10 +107,9 @@ def train(argv=None, callbacks=(), wrap_collator=None):
     if data_args.packing and training_args.should_log:  # the batch no longer means what the flags say: say so
         logger.info(packing_summary(train_dataset, training_args.per_device_train_batch_size,
                                     training_args.gradient_accumulation_steps, training_args.world_size))
-    if training_args.should_log:  # memory before it is spent: from the config and the longest batch
-        logger.info(run_estimator(model_path, model_args, training_args, lora_args, train_embeddings, len(tokenizer))(
-            longest_batch_tokens(train_dataset, training_args.per_device_train_batch_size,
-                                 training_args.model_max_length)).text())
+    if estimate_memory is not None and training_args.should_log:
+        logger.info(estimate_memory(longest_batch_tokens(train_dataset, training_args.per_device_train_batch_size,
+                                                         training_args.model_max_length)).text())
     model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added_tokens, train_embeddings)
     collator = make_collator(tokenizer, padding_free_for(model, data_args),
                              training_args.model_max_length if data_args.pad_to_max_length else None)

@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 import transformers
+
+logger = logging.getLogger(__name__)
 
 # Bytes per trainable parameter
 GRADIENT_BYTES = 4  # fp32 in every mode (chatft.model.wrap_lora upcasts LoRA's trainable weights)
@@ -305,12 +308,19 @@ def setup_for_run(model_path: str, model_args, training_args, lora_args, train_e
 
 def run_estimator(model_path: str, model_args, training_args, lora_args, train_embeddings: bool,
                   vocab_size: int | None = None):
-    """`tokens -> MemoryEstimate` for this run, from the model's config.json alone (no weights are read)."""
+    """`tokens -> MemoryEstimate` for this run, from the model's config.json alone (no weights are read); None, with
+    the reason logged, for a model whose module tree cannot be built on the meta device (some remote code): the
+    estimate is advice, and its absence must not stop a run that would train."""
     from chatft.model import model_config
 
     config = model_config(model_path, model_args.trust_remote_code, training_args.cache_dir)
     setup = setup_for_run(model_path, model_args, training_args, lora_args, train_embeddings, vocab_size)
-    shape = ModelShape.of(config, setup.vocab_size, model_args.trust_remote_code)
+    try:
+        shape = ModelShape.of(config, setup.vocab_size, model_args.trust_remote_code)
+    except Exception as error:  # any failure of a model class's own constructor: no estimate, the run goes on
+        logger.info("memory estimate: not available for %s (%s: %s)", type(config).__name__,
+                    type(error).__name__, error)
+        return None
     return functools.partial(estimate_training_memory, config, setup, shape=shape)
 
 
