@@ -14,6 +14,11 @@ import json
 import sys
 import time
 
+from chatft import console
+
+if __name__ == "__main__":  # before the libraries are imported (as finetune.py): their noise filtered
+    console.start(uses=tuple(console.OPTIONAL_PACKAGES))
+
 from bench import harness
 from bench.models import MODEL_HELP, resolve_model
 
@@ -110,6 +115,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from chatft import console
-
     sys.exit(console.run_entry_point(main))

@@ -21,6 +21,11 @@ which only act beyond its 2048-token training length at inference.
 
 from __future__ import annotations
 
+from chatft import console
+
+if __name__ == "__main__":  # before the libraries are imported (as finetune.py): their noise filtered
+    console.start(uses=tuple(console.OPTIONAL_PACKAGES))
+
 import argparse
 import importlib.util
 import json
@@ -150,7 +155,9 @@ def _write_model(config, directory: Path) -> None:
 def resolve_model(model: str | None, shapes: dict[str, dict] = SHAPES) -> str:
     """What a bench tool's -m/--model names, as a path or hub id finetune.py loads: a shape name (SHAPES) is
     materialized, a .gguf file converted, an existing path made absolute (workers run from the repository root);
-    None is the bundled SmolLM2-135M. Anything else (a hub id) is passed through."""
+    None is the bundled SmolLM2-135M. Anything else (a hub id) is passed through. A path or hub id that holds no
+    model is refused here, before any measurement starts (ModelPathError: one `error:` line, exit status 2)."""
+    from chatft.checkpoints import require_model_source
     from chatft.model import resolve_model_path
 
     if model is None:
@@ -161,6 +168,7 @@ def resolve_model(model: str | None, shapes: dict[str, dict] = SHAPES) -> str:
         return str(materialize(model, shapes))
     if os.path.exists(model):
         model = os.path.abspath(model)
+    require_model_source(model, "-m", hint=f"\n  -m also takes a benchmark shape: {', '.join(shapes)}")
     return resolve_model_path(model)
 
 
@@ -188,6 +196,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from chatft import console
-
     sys.exit(console.run_entry_point(main))

@@ -25,6 +25,11 @@ import sys
 import tempfile
 import time
 
+from chatft import console
+
+if __name__ == "__main__":  # before the libraries are imported (as finetune.py): their noise filtered
+    console.start(uses=tuple(console.OPTIONAL_PACKAGES))
+
 import transformers
 
 from bench import harness, qwen_published
@@ -210,6 +215,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from chatft import console
-
     sys.exit(console.run_entry_point(main))

@@ -37,6 +37,11 @@ import sys
 import tempfile
 import time
 
+from chatft import console
+
+if __name__ == "__main__":  # before the libraries are imported (as finetune.py): their noise filtered
+    console.start(uses=tuple(console.OPTIONAL_PACKAGES))
+
 from bench import harness
 from bench.models import MODEL_HELP, resolve_model
 from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, render_chatml, to_conversation
@@ -394,6 +399,4 @@ def print_table(results: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    from chatft import console
-
     sys.exit(console.run_entry_point(main))

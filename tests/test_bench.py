@@ -5,12 +5,14 @@ import ast
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from bench import harness, models, qwen_published
+from chatft.errors import ModelPathError
 from support import CONVERSATIONS, ROOT, write_json
 
 # alpaca records, read by chatft's own alpaca reader; every third has two earlier exchanges (`history`)
@@ -187,9 +189,14 @@ def test_resolve_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shapes = {"tiny": tiny_shape()}
     assert models.resolve_model("tiny", shapes) == str(tmp_path / "cache" / "bench-models" / "tiny")
-    (tmp_path / "local").mkdir()
+    shutil.copytree(tmp_path / "cache" / "bench-models" / "tiny", tmp_path / "local")
     assert models.resolve_model("local", shapes) == str(tmp_path / "local")  # workers run elsewhere: absolute
-    assert models.resolve_model("Qwen/Qwen2.5-0.5B", shapes) == "Qwen/Qwen2.5-0.5B"  # a hub id passes through
+    # what holds no model is refused before any measurement, as finetune.py refuses it (hub ids: from the local cache)
+    (tmp_path / "empty").mkdir()
+    for missing, problem in ((str(tmp_path / "nowhere"), "no such file or directory"), ("empty", "no config.json"),
+                             ("Qwen/Qwen2.5-0.5B-not-cached", "not in the local hub cache")):
+        with pytest.raises(ModelPathError, match=f"^-m .*{problem}.*\n  -m also takes a benchmark shape: tiny$"):
+            models.resolve_model(missing, shapes)
     assert models.shape_name("qwen-7b") == "qwen-7b" and models.shape_name("Qwen/Qwen-7B") is None
 
 

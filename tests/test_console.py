@@ -189,16 +189,16 @@ def test_flag_and_model_problems_are_listed_together(data_file, tmp_path, capsys
     assert any("no such file or directory" in line for line in lines)
 
 
-def test_a_quantized_model_without_q_lora_is_refused_before_tokenizing(tiny_gptq_dir, data_file, tmp_path, capsys,
-                                                                       monkeypatch):
-    import chatft.data
-
-    monkeypatch.setattr(chatft.data, "make_datasets", lambda *a, **k: pytest.fail("the data was tokenized"))
-    code = finetune.main(["--model_name_or_path", str(tiny_gptq_dir), "--data_path", data_file, "--output_dir",
+def test_a_quantized_model_without_q_lora_is_refused_before_tokenizing(tiny_gptq_dir, tmp_path, capsys):
+    # a data file that reading would refuse: the flags' refusal alone shows the data was never read, let alone tokenized
+    data = tmp_path / "broken.json"
+    data.write_text('[{"conversations": [')
+    code = finetune.main(["--model_name_or_path", str(tiny_gptq_dir), "--data_path", str(data), "--output_dir",
                           str(tmp_path / "out"), "--use_lora", "--use_cpu", "True"])
     assert code == 2
     err = capsys.readouterr().err
     assert "gptq-quantized model cannot be trained itself" in err and "--q_lora" in err, err
+    assert str(data) not in err and not (tmp_path / "out").exists(), err
 
 
 def test_cli_error_is_one_line_without_traceback(data_file, tmp_path):
