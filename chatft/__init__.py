@@ -18,6 +18,9 @@ export       merging a LoRA adapter into a standalone model
 quantize     GPTQ quantization (run_gptq.py)
 chat         loading any checkpoint and generating, for cli_demo.py and tests
 device       which device and precision a run gets
+distributed  ending a multi-process run cleanly (every rank waits for rank 0, process groups destroyed)
+console      what reaches the console: quiet libraries, `error:` lines, optional packages imported where used
+errors       ChatftError, the one error type for a user's mistake
 """
 
 import os
