@@ -70,8 +70,16 @@ def current_resident_mib() -> float:
 
 
 def peak_resident_mib() -> float:
-    """The most resident memory this process has held so far, in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The most resident memory this process has held so far, in MiB: Linux's VmHWM (/proc/self/status, KiB).
+
+    Not getrusage's ru_maxrss: Linux carries it across fork and exec, so a worker started by a large process (a
+    test session holding gigabytes) reports its parent's size as its own peak. VmHWM belongs to the process's
+    own memory map, which exec replaces. ru_maxrss only where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_memory_mib(cuda: bool) -> float:

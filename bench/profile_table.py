@@ -72,9 +72,9 @@ def run_cell(cell: dict) -> dict:
 
     import finetune
     from chatft.device import device_flags
+    from chatft.memory import estimate_for_flags
 
     cuda = torch.cuda.is_available()
-    baseline_mib = harness.current_resident_mib()
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as scratch:
         data = os.path.join(scratch, "train.json")
@@ -87,6 +87,8 @@ def run_cell(cell: dict) -> dict:
                 "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "True",
                 "--activation_checkpointing", str(cell["activation_checkpointing"]),
                 "--preprocessing_cache_dir", "none", *device_flags().split(), *MODES[cell["mode"]]]
+        estimate = estimate_for_flags(argv, cell["length"])  # what finetune.py says before it starts (chatft.memory)
+        baseline_mib = harness.current_resident_mib()
         try:
             finetune.train(argv, callbacks=[timer])
         except torch.OutOfMemoryError:
@@ -94,6 +96,7 @@ def run_cell(cell: dict) -> dict:
     measured = timer.seconds[1:] or timer.seconds  # the first step warms up
     return {"seconds_per_iteration": statistics.median(measured),
             "peak_memory_mib": harness.peak_above_mib(cuda, baseline_mib),
+            "estimated_memory_mib": estimate.total / 2**20 if estimate is not None else None,
             "device": "cuda" if cuda else "cpu", "flags": device_flags()}
 
 
@@ -128,8 +131,9 @@ def markdown_table(results: list[dict], modes: list[str], lengths: list[int], he
         cells = []
         for length in lengths:
             r = next(r for r in results if r["mode"] == mode and r["length"] == length)
+            estimated = f" (est. {r['estimated_memory_mib'] / 1024:.2f})" if r.get("estimated_memory_mib") else ""
             ours = (r["status"] if "seconds_per_iteration" not in r else
-                    f"{r['peak_memory_mib'] / 1024:.2f} GiB, {r['seconds_per_iteration']:.2f} s/it")
+                    f"{r['peak_memory_mib'] / 1024:.2f} GiB{estimated}, {r['seconds_per_iteration']:.2f} s/it")
             theirs = qwen_published.published(shape, mode, length)
             cells.append(f"{ours} [Qwen: {theirs}]" if theirs else ours)
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
@@ -201,7 +205,8 @@ def main(argv=None) -> int:
     measured = next((r for r in results if r["status"] == "ok"), {})
     header = (f"{os.path.basename(model.rstrip('/'))}, {measured.get('device', '?')} ({measured.get('flags', '?')}), "
               f"batch 1, gradient accumulation {args.gradient_accumulation_steps}, activation checkpointing "
-              f"{args.activation_checkpointing}: peak memory, seconds per iteration")
+              f"{args.activation_checkpointing}: peak memory (the estimate finetune.py prints before training), "
+              "seconds per iteration")
     table = markdown_table(results, modes, lengths, header, shape_name(args.model))
     print("\n" + table)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -209,6 +214,9 @@ def main(argv=None) -> int:
         f.write(table)
     with open(os.path.join(args.output_dir, "profile.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
+    if not measured:  # nothing to draw: every cell failed, ran out of memory or out of time (the table says which)
+        print(f"Wrote profile.md and profile.json to {args.output_dir}; no cell was measured, so no profile.png")
+        return 1
     plot(results, modes, os.path.join(args.output_dir, "profile.png"))
     print(f"Wrote profile.md, profile.json and profile.png to {args.output_dir}")
     return 0

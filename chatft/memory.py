@@ -277,10 +277,15 @@ def sharding(training_args) -> str:
     stage = deepspeed_zero_stage(training_args)
     if stage is not None:
         return f"zero{stage}" if stage else "none"
-    fsdp = " ".join(str(getattr(option, "value", option)) for option in (training_args.fsdp or []))
-    if not fsdp.strip():
+    fsdp = training_args.fsdp
+    if not fsdp:
         return "none"
-    return "fsdp_grad" if "shard_grad_op" in fsdp else "fsdp_full"
+    if fsdp is True:  # transformers >= 5.x: the strategy moved to fsdp_config (FSDP2: reshard_after_forward)
+        reshard = str((training_args.fsdp_config or {}).get("reshard_after_forward", True)).lower()
+        return "fsdp_full" if reshard in ("true", "1", "full_shard") else "fsdp_grad"
+    options = " ".join(str(getattr(option, "value", option)) for option in
+                       ([fsdp] if isinstance(fsdp, str) else fsdp))
+    return "fsdp_grad" if "shard_grad_op" in options else "fsdp_full"
 
 
 def setup_for_run(model_path: str, model_args, training_args, lora_args, train_embeddings: bool,
@@ -314,10 +319,10 @@ def run_estimator(model_path: str, model_args, training_args, lora_args, train_e
     from chatft.model import model_config
 
     config = model_config(model_path, model_args.trust_remote_code, training_args.cache_dir)
-    setup = setup_for_run(model_path, model_args, training_args, lora_args, train_embeddings, vocab_size)
     try:
+        setup = setup_for_run(model_path, model_args, training_args, lora_args, train_embeddings, vocab_size)
         shape = ModelShape.of(config, setup.vocab_size, model_args.trust_remote_code)
-    except Exception as error:  # any failure of a model class's own constructor: no estimate, the run goes on
+    except Exception as error:  # a model class's own constructor, a setting not foreseen: no estimate, the run goes on
         logger.info("memory estimate: not available for %s (%s: %s)", type(config).__name__,
                     type(error).__name__, error)
         return None
@@ -339,9 +344,9 @@ def longest_batch_tokens(dataset, batch_size: int, max_len: int) -> int:
 
 
 
-def estimate_for_flags(argv: list[str], tokens: int) -> MemoryEstimate:
+def estimate_for_flags(argv: list[str], tokens: int) -> MemoryEstimate | None:
     """The estimate finetune.py logs for its flags `argv` at a batch of `tokens` tokens (for tools and tests: it
-    parses the flags and loads the tokenizer, as finetune.py does, but no weights)."""
+    parses the flags and loads the tokenizer, as finetune.py does, but no weights); None where finetune.py has none."""
     from chatft.args import parse_args
     from chatft.model import load_tokenizer, resolve_model_path, trainable_embeddings
 
@@ -350,4 +355,5 @@ def estimate_for_flags(argv: list[str], tokens: int) -> MemoryEstimate:
     tokenizer, added, _ = load_tokenizer(model_path, training_args.model_max_length, data_args.system_message,
                                          cache_dir=training_args.cache_dir, trust_remote_code=model_args.trust_remote_code)
     train_embeddings = trainable_embeddings(model_args, training_args, lora_args, added)
-    return run_estimator(model_path, model_args, training_args, lora_args, train_embeddings, len(tokenizer))(tokens)
+    estimate = run_estimator(model_path, model_args, training_args, lora_args, train_embeddings, len(tokenizer))
+    return estimate(tokens) if estimate is not None else None
