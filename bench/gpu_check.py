@@ -56,25 +56,6 @@ def prepare(assets: str) -> None:
     print(f"SmolLM2-135M's config and tokenizer (no weights) in {target}")
 
 
-def bf16_peak_flops(size: int = 8192, seconds: float = 1.0) -> float:
-    """The GPU's sustained bf16 matmul rate on size^3 products of random data, timed by CUDA events."""
-    import torch
-
-    a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    count, began = 0, time.perf_counter()
-    start.record()
-    while time.perf_counter() - began < seconds:
-        a @ b
-        count += 1
-    end.record()
-    end.synchronize()
-    return 2 * size**3 * count / (start.elapsed_time(end) / 1000)
-
-
 def benchmark_model(scratch: str) -> tuple[str | None, str]:
     """(model directory, what it is) for the throughput and profile stages; (None, why) when none can be had."""
     import torch
@@ -110,6 +91,8 @@ def environment(scratch: str) -> dict:
 
     from importlib.metadata import PackageNotFoundError, version
 
+    from bench.throughput import matmul_flops_per_second  # the peak every MFU in bench is measured against
+
     def version_of(name):
         try:
             return version(name.replace("_", "-"))
@@ -120,7 +103,7 @@ def environment(scratch: str) -> dict:
             "packages": {name: version_of(name) for name in ["torch", "transformers", "peft", "accelerate", *OPTIONAL]},
             "gpu": torch.cuda.get_device_name(0),
             "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
-            "bf16_peak_flops": bf16_peak_flops()}
+            "bf16_peak_flops": matmul_flops_per_second("bf16", seconds=1.0)}
     info["model"], info["model_is"] = benchmark_model(scratch)
     print(json.dumps(info, indent=2), flush=True)
     missing = [name for name in OPTIONAL if not info["packages"][name]]
