@@ -15,14 +15,20 @@ Reported per variant:
 - real tokens/s: non-padding tokens trained on, over the Trainer's train_runtime (model loading excluded);
 - padded: the fraction of positions that were padding;
 - peak RSS (CPU: the process's peak resident memory, model included) or peak CUDA memory;
-- MFU: real tokens/s x training FLOPs per token (6N full-parameter, 4N LoRA: no weight gradients; N = the
-  model's parameters, attention scores not counted) over this device's measured matmul rate;
+- MFU: the training's matmul FLOPs per second over this device's measured matmul rate (bench.throughput.matmul_flops):
+  for every linear layer of the model as trained, LoRA's own A and B matrices included, 2 x its weights per
+  token forward, 2 x backward to its input, and 2 x more for its weight's gradient where it trains; the output
+  layer counted only at labelled positions (the loss needs no other logits), the embedding lookup and the
+  attention scores not at all. The same count for every variant, so MFU ratios are speed ratios;
 - the ratio of this toolkit's default to every other variant.
+With --repeats N every variant runs N times, interleaved (round-robin over the variants, so a slow spell of the
+machine hits all of them), and the table shows the median with the spread (min-max); ratios are of medians.
 Variants: chatft (the toolkit's defaults: padding-free batches of --batch_size samples, attention per sample,
 loss on labelled positions only), chatft_packing (--packing True: rows of --max_length, so fewer, larger steps),
 chatft_masked_attention, chatft_padded and chatft_full_logits (one default turned off each: transformers' sdpa
-with its block-diagonal mask, batches padded to their longest sample, the loss on full logits), seed (every batch
-padded to --max_length, full-logits loss), and, when TRL is installed, trl (SFTTrainer, padded batches) and
+with its block-diagonal mask, batches padded to their longest sample, the loss on full logits),
+chatft_checkpointing (--activation_checkpointing True, as Qwen's launchers pass it: less memory, more compute),
+seed (every batch padded to --max_length, full-logits loss), and, when TRL is installed, trl (SFTTrainer, padded batches) and
 trl_padding_free (its packed, padding-free rows). TRL gets the same conversations as OpenAI-style messages (its
 conversational format, every turn) and a ChatML template that renders them as the toolkit does, so it trains on
 the same tokens; this needs text conversations (no tool calls or reasoning traces) and a tokenizer that has the
@@ -53,6 +59,7 @@ CHATFT_VARIANTS = {
     "chatft_masked_attention": ["--attn_implementation", "sdpa"],  # ablations: what each default is worth
     "chatft_padded": ["--padding_free", "False"],
     "chatft_full_logits": ["--labelled_logits_only", "False"],
+    "chatft_checkpointing": ["--activation_checkpointing", "True"],  # the launchers' recipe: memory for speed
     "seed": ["--pad_to_max_length", "True", "--labelled_logits_only", "False"],
 }
 TRL_VARIANTS = {"trl": False, "trl_padding_free": True}  # the latter: TRL's packed, padding-free rows
@@ -139,12 +146,35 @@ class CountingCollator:
         return batch
 
 
+def matmul_flops(model) -> dict:
+    """Training FLOPs of the model's linear layers (LoRA's A and B included; the embedding lookup and attention scores
+    not counted): per token for every layer but the output layer, and per labelled token for the output layer.
+
+    Each linear layer costs 2 x weights per token forward, 2 x backward to its input, and 2 x more for its weight's
+    gradient when that weight trains. Of the output layer's copies (peft's modules_to_save keeps the frozen original
+    beside the trained one) the one that runs counts: the trained one when there is one."""
+    import torch
+
+    head = model.get_output_embeddings()
+    head_ids = {id(module) for module in head.modules()} if head is not None else set()
+    per_token, head_costs = 0, [0]
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        cost = 2 * module.in_features * module.out_features * (3 if module.weight.requires_grad else 2)
+        if id(module) in head_ids:
+            head_costs.append(cost)
+        else:
+            per_token += cost
+    return {"flops_per_token": per_token, "flops_per_labelled_token": max(head_costs)}
+
+
 def measured(trainer, runtime: float, counter: CountingCollator, baseline_mib: float) -> dict:
     """A worker's numbers, from its trained Trainer and the counts of its collator."""
     return {"train_runtime": runtime, "real_tokens": counter.real_tokens, "labelled_tokens": counter.labelled_tokens,
             "positions": counter.positions,
             "num_parameters": sum(p.numel() for p in trainer.model.parameters() if p.dim() > 0),
-            "baseline_mib": baseline_mib}
+            **matmul_flops(trainer.model), "baseline_mib": baseline_mib}
 
 
 def run_chatft(config: dict, samples: list[dict], scratch: str) -> dict:
@@ -310,7 +340,9 @@ def parse_args(argv=None):
                         help="Time preprocessing only (no training): this toolkit vs the seed's per-turn tokenization "
                         "vs one batched tokenizer call. --num_samples 0: the whole file.")
     parser.add_argument("--preprocessing_num_workers", type=int, default=2, help="With --preprocess_only.")
-    parser.add_argument("--repeats", type=int, default=3, help="With --preprocess_only: best of this many.")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="Runs per variant, interleaved: the table shows medians and their spread (min-max). With "
+                        "--preprocess_only: the best of this many.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -324,8 +356,8 @@ def measure_variant(config: dict, matmul_rate: float) -> dict:
     result = {**config, **run.result}
     result["tokens_per_second"] = result["real_tokens"] / result["train_runtime"]
     result["padded_fraction"] = 1 - result["real_tokens"] / result["positions"]
-    flops_per_token = (4 if config["mode"] == "lora" else 6) * result["num_parameters"]
-    result["mfu"] = result["tokens_per_second"] * flops_per_token / matmul_rate
+    flops = result["flops_per_token"] * result["real_tokens"] + result["flops_per_labelled_token"] * result["labelled_tokens"]
+    result["mfu"] = flops / result["train_runtime"] / matmul_rate
     print(f"    {result['tokens_per_second']:.1f} real tokens/s, {100 * result['padded_fraction']:.0f}% "
           f"padding, peak {result['peak_memory_mib']:.0f} MiB ({result['peak_above_baseline_mib']:.0f} "
           f"above the libraries), MFU {100 * result['mfu']:.1f}%", flush=True)
@@ -343,6 +375,8 @@ def main(argv=None) -> int:
 
     from chatft.data import load_samples
 
+    if args.repeats < 1:
+        raise ArgumentError(f"--repeats {args.repeats}: give 1 or more.")
     model = resolve_model(args.model)
     if args.preprocess_only:
         result = benchmark_preprocessing(model, args.data, args.num_samples or None, args.max_length,
@@ -364,38 +398,78 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     gemm = {precision: matmul_flops_per_second(precision) for precision in args.precisions.split(",")}
     print("matmul rate: " + ", ".join(f"{p} {rate / 1e9:.0f} GFLOP/s" for p, rate in gemm.items()), flush=True)
-    results = []
-    for mode in args.modes.split(","):
-        for precision in args.precisions.split(","):
-            for variant in variants:
-                config = {"model": model, "data": os.path.abspath(args.data), "num_samples": args.num_samples,
-                          "max_length": args.max_length, "batch_size": args.batch_size, "mode": mode,
-                          "precision": precision, "variant": variant, "cuda": cuda}
-                print(f"--- {mode} {precision} {variant}", flush=True)
-                results.append(measure_variant(config, gemm[precision]))
+    runs = []
+    for repeat in range(args.repeats):  # round-robin: a slow spell of the machine hits every variant alike
+        for mode in args.modes.split(","):
+            for precision in args.precisions.split(","):
+                for variant in variants:
+                    config = {"model": model, "data": os.path.abspath(args.data), "num_samples": args.num_samples,
+                              "max_length": args.max_length, "batch_size": args.batch_size, "mode": mode,
+                              "precision": precision, "variant": variant, "cuda": cuda}
+                    print(f"--- {mode} {precision} {variant} (run {repeat + 1} of {args.repeats})", flush=True)
+                    runs.append({**measure_variant(config, gemm[precision]), "repeat": repeat})
+    results = summarize(runs)
     print_table(results)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"matmul_flops_per_second": gemm, "results": results}, f, indent=2)
+            json.dump({"matmul_flops_per_second": gemm, "repeats": args.repeats, "results": results, "runs": runs},
+                      f, indent=2)
     return 0
 
 
+SUMMARIZED = ("tokens_per_second", "mfu", "peak_memory_mib", "peak_above_baseline_mib", "train_runtime")
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One result per (mode, precision, variant): the first run's counts, the median of each measured number over the
+    runs that finished, and its spread (`<name>_min`, `<name>_max`); a variant with a failed run keeps its error."""
+    import statistics
+
+    results = {}
+    for run in runs:
+        results.setdefault((run["mode"], run["precision"], run["variant"]), []).append(run)
+    summary = []
+    for group in results.values():
+        failed = [run for run in group if "error" in run]
+        if failed:
+            summary.append({**failed[0], "runs": len(group)})
+            continue
+        result = {key: value for key, value in group[0].items() if key != "repeat"} | {"runs": len(group)}
+        for name in SUMMARIZED:
+            values = [run[name] for run in group]
+            result |= {name: statistics.median(values), f"{name}_min": min(values), f"{name}_max": max(values)}
+        summary.append(result)
+    return summary
+
+
+def with_spread(result: dict, name: str, scale: float = 1.0, digits: int = 1) -> str:
+    """`median` alone for one run, `median (min-max)` for several."""
+    value = f"{scale * result[name]:.{digits}f}"
+    if result["runs"] == 1:
+        return value
+    return f"{value} ({scale * result[name + '_min']:.{digits}f}-{scale * result[name + '_max']:.{digits}f})"
+
+
 def print_table(results: list[dict]) -> None:
-    """Markdown, with the ratio of this toolkit's default to each variant: speed (x faster) and memory."""
-    print("\n| mode | precision | variant | real tokens/s | padding | peak memory MiB (above libraries) | MFU "
+    """Markdown, with the ratio of this toolkit's default to each variant: speed (x faster) and memory. With several
+    runs per variant: medians, with the spread in brackets, and ratios of medians."""
+    print("\n| mode | precision | variant | real tokens/s | padding | peak memory MiB | above libraries | MFU "
           "| chatft speed / this | chatft memory / this |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for result in results:
         if "error" in result:
-            print(f"| {result['mode']} | {result['precision']} | {result['variant']} | failed: {result['error']} ||||||")
+            print(f"| {result['mode']} | {result['precision']} | {result['variant']} | failed: {result['error']} "
+                  "|||||||")
             continue
         own = next((r for r in results if r["variant"] == "chatft" and r["mode"] == result["mode"]
                     and r["precision"] == result["precision"] and "error" not in r), None)
         speed = f"{own['tokens_per_second'] / result['tokens_per_second']:.2f}x" if own else "-"
         memory = f"{own['peak_above_baseline_mib'] / result['peak_above_baseline_mib']:.2f}" if own else "-"
-        print(f"| {result['mode']} | {result['precision']} | {result['variant']} | {result['tokens_per_second']:.1f} | "
-              f"{100 * result['padded_fraction']:.0f}% | {result['peak_memory_mib']:.0f} "
-              f"({result['peak_above_baseline_mib']:.0f}) | {100 * result['mfu']:.1f}% | {speed} | {memory} |")
+        print(f"| {result['mode']} | {result['precision']} | {result['variant']} | "
+              f"{with_spread(result, 'tokens_per_second')} | {100 * result['padded_fraction']:.0f}% | "
+              f"{with_spread(result, 'peak_memory_mib', digits=0)} | "
+              f"{with_spread(result, 'peak_above_baseline_mib', digits=0)} | {with_spread(result, 'mfu', 100)}% | "
+              f"{speed} | {memory} |")
 
 
 if __name__ == "__main__":

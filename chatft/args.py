@@ -142,7 +142,11 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Where downloaded hub files are cached (transformers' and Qwen's flag; tokenized data is "
                   "cached in --preprocessing_cache_dir)."},
     )
-    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer, as in transformers.TrainingArguments."})
+    # Qwen's script says adamw_torch; the fused kernel is the same AdamW update in one pass over each tensor, faster
+    # on the CPU and on CUDA (transformers' own default since torch 2.8)
+    optim: str = field(default="adamw_torch_fused", metadata={
+        "help": "Optimizer, as in transformers.TrainingArguments (default: AdamW, its fused kernel; adamw_torch: "
+                "the same update, one tensor at a time, as Qwen's script)."})
     model_max_length: int = field(
         default=8192, metadata={"help": "Maximum tokens per sample; longer samples are truncated on the right."}
     )

@@ -43,7 +43,7 @@ def test_throughput_compares_the_same_tokens(tiny_qwen2_64_dir, tmp_path):
     variants = ["chatft", "chatft_packing", "chatft_padded", "seed"] + (["trl"] if importlib.util.find_spec("trl") else [])
     result = run_module("bench.throughput", "-m", str(tiny_qwen2_64_dir), "--data", str(data), "--num_samples", "12",
                         "--max_length", "64", "--batch_size", "2", "--modes", "lora", "--precisions", "fp32",
-                        "--variants", ",".join(variants), "--json", str(tmp_path / "bench.json"))
+                        "--variants", ",".join(variants), "--repeats", "1", "--json", str(tmp_path / "bench.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {r["variant"]: r for r in json.load(open(tmp_path / "bench.json"))["results"]}
     assert set(runs) == set(variants) and not any("error" in r for r in runs.values())
@@ -54,8 +54,9 @@ def test_throughput_compares_the_same_tokens(tiny_qwen2_64_dir, tmp_path):
     assert runs["chatft"]["padded_fraction"] == runs["chatft_packing"]["padded_fraction"] == 0
     assert runs["seed"]["positions"] == 12 * 64  # every sample padded to --max_length
     assert runs["chatft"]["padded_fraction"] < runs["chatft_padded"]["padded_fraction"] < runs["seed"]["padded_fraction"]
-    # (MFU is not bounded by 1 on a model this tiny: its embedding rows count in N but cost no matmul)
     assert all(r["tokens_per_second"] > 0 and r["mfu"] > 0 for r in runs.values())
+    # MFU counts the same work for every variant (TRL's LoRA included), so its ratios are the speed ratios
+    assert len({(r["flops_per_token"], r["flops_per_labelled_token"]) for r in runs.values()}) == 1
     assert "| lora | fp32 | seed |" in result.stdout
 
 
@@ -254,3 +255,53 @@ def test_bench_patches_nothing():
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr":
                 assert not (isinstance(node.args[0], ast.Name) and node.args[0].id in modules), \
                     f"{path.name}:{node.lineno} setattr on {node.args[0].id}"
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "lora_emb"])
+def test_matmul_flops_count_each_linear_layer_as_it_trains(mode):
+    """MFU's numerator: 2 FLOPs per weight forward, 2 backward to the input, 2 more where the weight trains; LoRA's
+    A and B are layers of their own; the output layer's cost is per labelled token (the trained copy under peft)."""
+    import peft
+    import transformers
+
+    from bench.throughput import matmul_flops
+
+    hidden, inter, kv, vocab, rank = 32, 48, 16, 100, 4
+    config = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    projections = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+                   "o_proj": (hidden, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+                   "down_proj": (inter, hidden)}
+    base = 2 * sum(i * o for i, o in projections.values())  # both layers
+    if mode == "full":
+        expected = {"flops_per_token": 6 * base, "flops_per_labelled_token": 6 * hidden * vocab}
+    else:
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=rank, target_modules=list(projections), modules_to_save=["lm_head"] if mode == "lora_emb" else None))
+        adapters = 2 * sum(rank * (i + o) for i, o in projections.values())
+        expected = {"flops_per_token": 4 * base + 6 * adapters,
+                    "flops_per_labelled_token": (6 if mode == "lora_emb" else 4) * hidden * vocab}
+    assert matmul_flops(model) == expected
+
+
+def test_repeated_runs_are_summarized_as_median_and_spread(capsys):
+    from bench.throughput import print_table, summarize
+
+    def run(variant, tokens_per_second, repeat, **extra):
+        return {"mode": "lora", "precision": "bf16", "variant": variant, "repeat": repeat, "padded_fraction": 0.0,
+                "tokens_per_second": tokens_per_second, "mfu": tokens_per_second / 1000, "train_runtime": 1.0,
+                "peak_memory_mib": 1000.0 + tokens_per_second, "peak_above_baseline_mib": tokens_per_second, **extra}
+
+    runs = [run("chatft", 300, 0), run("seed", 100, 0), run("chatft", 200, 1), run("seed", 150, 1),
+            run("chatft", 400, 2), run("seed", 50, 2), run("trl", 10, 0), run("trl", 0, 1, error="killed")]
+    results = {r["variant"]: r for r in summarize(runs)}
+    assert results["chatft"]["tokens_per_second"] == 300 and results["seed"]["tokens_per_second"] == 100
+    assert (results["chatft"]["tokens_per_second_min"], results["chatft"]["tokens_per_second_max"]) == (200, 400)
+    assert results["chatft"]["runs"] == 3 and "repeat" not in results["chatft"]
+    assert results["trl"]["error"] == "killed"  # one failed run fails the variant: no median of what is left
+    print_table(list(results.values()))
+    table = capsys.readouterr().out
+    assert "| lora | bf16 | chatft | 300.0 (200.0-400.0) |" in table
+    assert "| lora | bf16 | seed | 100.0 (50.0-150.0) |" in table and "| 3.00x | 3.00 |" in table  # ratios of medians
+    assert "| lora | bf16 | trl | failed: killed" in table

@@ -206,3 +206,19 @@ def test_rounding_tolerance_passes_reordered_sums_and_fails_a_real_difference():
     with pytest.raises(AssertionError):
         assert_close_up_to_rounding(in_bf16, exact, terms=1024)
     assert_close_up_to_rounding(in_bf16, exact, terms=1024, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("extra", [[], ["--use_lora", "--lora_r", "4"]])
+def test_the_default_optimizer_is_adamw_fused_and_trains_as_qwens_adamw_torch(tiny_qwen2_dir, data_file, tmp_path,
+                                                                              extra):
+    """The default --optim is AdamW's fused kernel, the same update as Qwen's adamw_torch (one tensor at a time)."""
+    fused = run(tiny_qwen2_dir, data_file, tmp_path / "fused", *extra)
+    qwens = run(tiny_qwen2_dir, data_file, tmp_path / "qwens", *extra, "--optim", "adamw_torch")
+    assert isinstance(fused.optimizer.optimizer, torch.optim.AdamW)
+    assert fused.optimizer.optimizer.defaults["fused"] and not qwens.optimizer.optimizer.defaults["fused"]
+    for name, value in qwens.model.state_dict().items():
+        torch.testing.assert_close(fused.model.state_dict()[name], value, rtol=1e-4, atol=1e-6)
+    # ... and it trained: the weights moved from the start (an optimizer that did nothing would also be "equal")
+    initial = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir).state_dict()
+    final = (fused.model.merge_and_unload() if extra else fused.model).state_dict()
+    assert any(not torch.equal(final[name], value) for name, value in initial.items())
