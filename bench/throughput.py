@@ -28,6 +28,7 @@ loss on labelled positions only), chatft_packing (--packing True: rows of --max_
 chatft_masked_attention, chatft_padded and chatft_full_logits (one default turned off each: transformers' sdpa
 with its block-diagonal mask, batches padded to their longest sample, the loss on full logits),
 chatft_checkpointing (--activation_checkpointing True, as Qwen's launchers pass it: less memory, more compute),
+chatft_adamw_torch (--optim adamw_torch, Qwen's setting: the same AdamW update, one tensor at a time, unfused),
 seed (every batch padded to --max_length, full-logits loss), and, when TRL is installed, trl (SFTTrainer, padded batches) and
 trl_padding_free (its packed, padding-free rows). TRL gets the same conversations as OpenAI-style messages (its
 conversational format, every turn) and a ChatML template that renders them as the toolkit does, so it trains on
@@ -60,6 +61,7 @@ CHATFT_VARIANTS = {
     "chatft_padded": ["--padding_free", "False"],
     "chatft_full_logits": ["--labelled_logits_only", "False"],
     "chatft_checkpointing": ["--activation_checkpointing", "True"],  # the launchers' recipe: memory for speed
+    "chatft_adamw_torch": ["--optim", "adamw_torch"],  # Qwen's optimizer setting: AdamW one tensor at a time
     "seed": ["--pad_to_max_length", "True", "--labelled_logits_only", "False"],
 }
 TRL_VARIANTS = {"trl": False, "trl_padding_free": True}  # the latter: TRL's packed, padding-free rows
