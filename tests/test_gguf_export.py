@@ -1,0 +1,407 @@
+"""export_gguf.py: a model (full, merged, sharded in any float dtype, or a LoRA adapter merged on the fly) written as
+one GGUF file that transformers' GGUF loader reads back with the same weights (f16/bf16: exactly their rounding; q8_0
+and q4_k_m: exactly what the format's dequantizer gives), logits, tokenizer, chat template and stop token; llama.cpp's
+q4_k_m type mix; the real SmolLM2 against the GGUF file llama.cpp's converter wrote for it; finetune.py training from an
+exported file. The file is written whole or not at all; each user mistake is one error line, before any model loads.
+llama.cpp itself is not run here."""
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from gguf import GGMLQuantizationType as QType
+
+import export_gguf
+from chatft import kquants
+from chatft.chat_format import IM_END
+from chatft.gguf_export import tensor_type, use_more_bits
+from console_noise import library_noise
+from support import (ROOT, assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, probe_logits,
+                     run, unloadable_copy)
+
+# system, Chinese, digits, a think block (user-defined tokens) and the generation prompt
+CONVERSATION = [
+    {"role": "system", "content": "You are Tessa."},
+    {"role": "user", "content": "你好! What is 1234 + 5678? <think>hm</think>"},
+    {"role": "assistant", "content": "6912, in 2024."},
+    {"role": "user", "content": "Bye"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_256_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A tiny SmolLM2: a random 2-layer Llama with SmolLM2's tokenizer and tied embeddings, its widths multiples of 256
+    (whole Q4_K/Q6_K blocks), 4 heads and 2 key/value heads of 64, and 64 embedding rows no token uses (as models
+    whose vocabulary is padded to a round number have)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer) + 64, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        rms_norm_eps=1e-5, rope_theta=50000.0, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama") / "tiny-llama-256"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["tiny_qwen2_dir", "tiny_llama_256_dir"], ids=["qwen2", "llama"])
+def model_dir(request) -> Path:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="module")
+def f16_file(model_dir, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("gguf") / "model-f16.gguf"
+    assert export(model_dir, output) == 0
+    return output
+
+
+@pytest.fixture(scope="module")
+def f16_reader(f16_file) -> gguf.GGUFReader:
+    """The f16 file's metadata and tensor table, read once: reading 150k tokens and merges takes seconds."""
+    return gguf.GGUFReader(f16_file)
+
+
+def export(model_dir, output, *extra) -> int:
+    return export_gguf.main(["--model_path", str(model_dir), "--output", str(output), *extra])
+
+
+def load_gguf(path: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+
+
+def load_source(model_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def gguf_types(path: Path) -> dict[str, str]:
+    return {tensor.name: tensor.tensor_type.name for tensor in gguf.GGUFReader(path).tensors}
+
+
+def gguf_field(reader: gguf.GGUFReader, key: str):
+    return reader.fields[key].contents()
+
+
+def written_as(weights: dict[str, torch.Tensor], types: dict[str, str], n_layers: int, arch) -> dict[str, torch.Tensor]:
+    """Each weight as the file's type stores it: quantized by the same quantizers, read back by gguf's dequantizer."""
+    names = gguf.get_tensor_name_map(arch, n_layers)
+    expected = {}
+    for hf_name, weight in weights.items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        qtype = QType[types.get(name, types["token_embd.weight"])]  # a tied output layer is the embeddings
+        data = weight.float().numpy()
+        quantized = (kquants.quantize(data, qtype) if qtype in (QType.Q4_K, QType.Q6_K)
+                     else gguf.quants.quantize(data, qtype))
+        expected[hf_name] = torch.from_numpy(np.array(gguf.quants.dequantize(quantized, qtype), dtype=np.float32))
+    return expected
+
+
+def rounded(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The weights as a file of `dtype` holds them: matrices rounded to it, vectors (norms, biases) kept in float32."""
+    return {name: (w.to(dtype) if w.dim() > 1 else w).float() for name, w in weights.items()}
+
+
+def assert_same_weights(actual: dict, expected: dict):
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+
+def arch_of(model) -> gguf.MODEL_ARCH:
+    return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[model.config.model_type]
+
+
+# f16: the weights exactly as float16 rounds them, so the logits too
+
+
+def test_f16_file_reads_back_with_the_weights_rounded_to_float16(model_dir, f16_file):
+    source, loaded = load_source(model_dir), load_gguf(f16_file)
+    assert_same_weights(loaded.state_dict(), rounded(source.state_dict(), torch.float16))
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "max_position_embeddings", "vocab_size", "tie_word_embeddings"):
+        assert getattr(loaded.config, key) == getattr(source.config, key), key
+    assert loaded.config.rope_parameters["rope_theta"] == source.config.rope_parameters["rope_theta"]
+    assert loaded.config.rms_norm_eps == pytest.approx(source.config.rms_norm_eps, rel=1e-6)  # stored as float32
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    # the weights differ by float16's rounding, so the logits by that rounding of every term summed on the way
+    assert_close_up_to_rounding(probe_logits(loaded, tokenizer), probe_logits(source, tokenizer),
+                                terms=decoder_terms(source.config), dtype=torch.float16)
+
+
+def test_tokenizer_reads_back_with_the_same_ids_template_and_stop_token(model_dir, f16_file, f16_reader):
+    source = transformers.AutoTokenizer.from_pretrained(model_dir)
+    loaded = transformers.AutoTokenizer.from_pretrained(f16_file.parent, gguf_file=f16_file.name)
+    for prompt in (False, True):
+        assert (loaded.apply_chat_template(CONVERSATION, add_generation_prompt=prompt)["input_ids"]
+                == source.apply_chat_template(CONVERSATION, add_generation_prompt=prompt)["input_ids"])
+    assert loaded.chat_template == source.chat_template and "<|im_start|>" in loaded.chat_template
+    assert loaded.eos_token == IM_END
+    assert (loaded.bos_token, loaded.pad_token) == (source.bos_token, source.pad_token)
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    expected = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": {"qwen2": "qwen2", "llama": "smollm"}[
+        config.model_type], "tokenizer.ggml.eos_token_id": source.convert_tokens_to_ids(IM_END),
+        "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": source.chat_template,
+        "general.file_type": gguf.LlamaFileType.MOSTLY_F16}
+    assert {key: gguf_field(f16_reader, key) for key in expected} == expected
+    tokens = gguf_field(f16_reader, "tokenizer.ggml.tokens")
+    types = gguf_field(f16_reader, "tokenizer.ggml.token_type")
+    assert tokens[:len(source)] == [source.convert_ids_to_tokens(i) for i in range(len(source))]
+    for index, added in source.added_tokens_decoder.items():  # llama.cpp matches both kinds whole in the text
+        control = added.special or (added.content.startswith("<|") and added.content.endswith("|>"))  # as its converter
+        assert types[index] == (gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED), added
+    assert types[source.convert_tokens_to_ids("hello")] == gguf.TokenType.NORMAL
+    assert len(tokens) == config.vocab_size  # one per embedding row; rows no token uses are unused placeholders
+    assert tokens[len(source):] == [f"[PAD{i}]" for i in range(len(source), config.vocab_size)]
+    assert set(types[len(source):]) <= {gguf.TokenType.UNUSED}
+
+
+def test_output_layer_only_when_untied_and_biases_where_the_model_has_them(model_dir, f16_reader):
+    config, names = transformers.AutoConfig.from_pretrained(model_dir), {t.name for t in f16_reader.tensors}
+    assert ("output.weight" in names) == (not config.tie_word_embeddings)  # tied: llama.cpp uses token_embd
+    assert ("blk.0.attn_q.bias" in names) == (config.model_type == "qwen2")
+
+
+# other dtypes and types
+
+
+def test_sharded_bf16_model_exports_exactly(tiny_llama_256_dir, tmp_path):
+    source = load_source(tiny_llama_256_dir).to(torch.bfloat16)
+    source.save_pretrained(tmp_path / "bf16", max_shard_size="4MB")
+    transformers.AutoTokenizer.from_pretrained(tiny_llama_256_dir).save_pretrained(tmp_path / "bf16")
+    assert len(list((tmp_path / "bf16").glob("*.safetensors"))) > 1
+    weights = source.state_dict()
+    assert export(tmp_path / "bf16", tmp_path / "bf16.gguf", "--type", "bf16") == 0
+    assert_same_weights(load_gguf(tmp_path / "bf16.gguf").state_dict(), rounded(weights, torch.bfloat16))
+    # float16 holds every bf16 value of this range exactly (10 mantissa bits to 7), and rounds those under 2^-17
+    assert export(tmp_path / "bf16", tmp_path / "f16.gguf") == 0
+    assert_same_weights(load_gguf(tmp_path / "f16.gguf").state_dict(), rounded(weights, torch.float16))
+
+
+# llama-quantize's choices for these shapes (llama_tensor_get_type, worked out by hand): the type of every matrix
+# but those named; vectors (norms, biases) are F32. Qwen2's rows of 32 and 48 values are not whole 256-value blocks:
+# Q4_K falls back to Q5_0 (rows of 32) or F16 (rows of 48: not whole 32-value blocks either), Q6_K (the output layer,
+# the last layer's attn_v) to Q8_0. The Llama's rows are whole blocks; its tied embeddings take the output's Q6_K.
+TYPE_MIXES = {
+    ("tiny_qwen2_dir", "q4_k_m"): ("Q5_0", {"output.weight": "Q8_0", "blk.1.attn_v.weight": "Q8_0",
+                                            "blk.0.ffn_down.weight": "F16", "blk.1.ffn_down.weight": "F16"}),
+    ("tiny_llama_256_dir", "q4_k_m"): ("Q4_K", {"token_embd.weight": "Q6_K", "blk.1.attn_v.weight": "Q6_K",
+                                                "blk.1.ffn_down.weight": "Q6_K"}),  # the last eighth of 2 layers
+    ("tiny_llama_256_dir", "q8_0"): ("Q8_0", {}),
+}
+
+
+@pytest.mark.parametrize("model, gguf_type", list(TYPE_MIXES), ids=["qwen2-q4_k_m", "llama-q4_k_m", "llama-q8_0"])
+def test_quantized_file_holds_llama_quantize_s_types_and_reads_back_as_they_store(model, gguf_type, request,
+                                                                                     tmp_path):
+    model_dir, output = request.getfixturevalue(model), tmp_path / f"model-{gguf_type}.gguf"
+    assert export(model_dir, output, "--type", gguf_type) == 0
+    reader = gguf.GGUFReader(output)
+    types = {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
+    matrices, named = TYPE_MIXES[model, gguf_type]
+    assert types == {name: "F32" if name.endswith(("norm.weight", ".bias")) else named.get(name, matrices)
+                     for name in types}
+    assert gguf_field(reader, "general.file_type") == gguf.LlamaFileType[f"MOSTLY_{gguf_type.upper()}"]
+
+    source, loaded = load_source(model_dir), load_gguf(output)
+    assert_same_weights(loaded.state_dict(),
+                        written_as(source.state_dict(), types, source.config.num_hidden_layers, arch_of(source)))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    before, after = probe_logits(source, tokenizer).flatten(), probe_logits(loaded, tokenizer).flatten()
+    relative_error = float((after - before).norm() / before.norm())
+    correlation = float(torch.corrcoef(torch.stack([before, after]))[0, 1])
+    if gguf_type == "q8_0":
+        # 8-bit steps of a 32-value block's max/127 err by about 0.5% of a weight's size; the logits' error, a few
+        # such errors compounded, stays well under 3%
+        assert relative_error < 0.03, relative_error
+    else:
+        # 4-bit Q4_K errs by about 7% RMS per weight (Q5_0 by 3%, Q6_K by 2%): the logits keep their pattern
+        assert correlation > 0.95 and relative_error < 0.35, (correlation, relative_error)
+
+
+def test_q4_k_m_type_choices_follow_llama_quantize():
+    """llama_tensor_get_type's Q4_K_M rules (src/llama-quant.cpp), worked out by hand for two real shapes."""
+    assert [i for i in range(32) if use_more_bits(i, 32)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert [i for i in range(30) if use_more_bits(i, 30)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    smollm2 = {  # 30 layers, hidden 576 (not whole 256-value blocks), intermediate 1536, tied embeddings
+        ("token_embd.weight", (49152, 576)): QType.Q8_0,  # the output layer's type; rows of 576 do not fit Q6_K
+        ("blk.0.attn_q.weight", (576, 576)): QType.Q5_0,
+        ("blk.0.attn_v.weight", (192, 576)): QType.Q8_0,  # Q6_K in layer 0, not fitting either
+        ("blk.3.attn_v.weight", (192, 576)): QType.Q5_0,
+        ("blk.0.ffn_down.weight", (576, 1536)): QType.Q6_K,
+        ("blk.3.ffn_down.weight", (576, 1536)): QType.Q4_K,
+        ("blk.3.ffn_up.weight", (1536, 576)): QType.Q5_0,
+        ("blk.3.attn_norm.weight", (576,)): QType.F32,
+    }
+    for (name, shape), expected in smollm2.items():
+        assert tensor_type(name, shape, "q4_k_m", n_layers=30, tied=True) == expected, name
+    assert tensor_type("token_embd.weight", (151680, 256), "q4_k_m", n_layers=2, tied=False) == QType.Q4_K
+    assert tensor_type("output.weight", (151680, 256), "q4_k_m", n_layers=2, tied=False) == QType.Q6_K
+    assert tensor_type("blk.0.ffn_down.weight", (32, 48), "q8_0", n_layers=2, tied=False) == QType.F16
+    assert tensor_type("blk.0.ffn_down.weight", (32, 48), "bf16", n_layers=2, tied=False) == QType.BF16
+
+
+# adapters, GGUF input, the round trip through finetune.py
+
+
+def write_adapter(base_dir, path: Path) -> Path:
+    """A LoRA adapter of `base_dir` as finetune.py saves one (with the tokenizer), random A and B: its merge shows."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(1)
+    peft.get_peft_model(load_source(base_dir), config).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(base_dir).save_pretrained(path)
+    return path
+
+
+def test_adapter_directory_is_merged_on_the_fly(tiny_qwen2_dir, tmp_path):
+    assert export(write_adapter(tiny_qwen2_dir, tmp_path / "adapter"), tmp_path / "adapter.gguf") == 0
+    merged = peft.PeftModel.from_pretrained(load_source(tiny_qwen2_dir), tmp_path / "adapter").merge_and_unload()
+    loaded = load_gguf(tmp_path / "adapter.gguf").state_dict()
+    assert_same_weights(loaded, rounded(merged.state_dict(), torch.float16))
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(loaded[q_proj], load_source(tiny_qwen2_dir).state_dict()[q_proj].half().float())
+
+
+@pytest.mark.slow
+def test_a_gguf_file_is_written_again_in_another_type(tiny_llama_256_dir, tmp_path, monkeypatch):
+    """A .gguf --model_path: its weights as the file holds them, quantized again (llama-quantize's use)."""
+    monkeypatch.setenv("CHATFT_CACHE", str(tmp_path / "cache"))  # where the f16 file is de-quantised to
+    assert export(tiny_llama_256_dir, tmp_path / "f16.gguf") == 0
+    assert export(tmp_path / "f16.gguf", tmp_path / "q8_0.gguf", "--type", "q8_0") == 0
+    f16 = load_gguf(tmp_path / "f16.gguf")
+    assert_same_weights(load_gguf(tmp_path / "q8_0.gguf").state_dict(), written_as(
+        f16.state_dict(), gguf_types(tmp_path / "q8_0.gguf"), f16.config.num_hidden_layers, arch_of(f16)))
+
+
+@pytest.mark.slow
+def test_finetune_trains_from_an_exported_file_and_its_result_exports_again(tiny_qwen2_dir, data_file, tmp_path,
+                                                                              monkeypatch):
+    """GGUF in and GGUF out are one format: finetune.py reads what export_gguf.py writes."""
+    monkeypatch.setenv("CHATFT_CACHE", str(tmp_path / "cache"))
+    assert export(tiny_qwen2_dir, tmp_path / "model.gguf") == 0
+    trainer = run(tmp_path / "model.gguf", data_file, tmp_path / "trained", "--max_steps", "2")
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert export(tmp_path / "trained", tmp_path / "trained.gguf") == 0
+    trained = load_source(tmp_path / "trained")
+    assert_same_weights(load_gguf(tmp_path / "trained.gguf").state_dict(), rounded(trained.state_dict(), torch.float16))
+
+
+@pytest.mark.slow
+def test_the_script_prints_the_path_alone_and_no_library_noise(tiny_qwen2_dir, tmp_path):
+    adapter, output = write_adapter(tiny_qwen2_dir, tmp_path / "adapter"), tmp_path / "out" / "tessa.gguf"
+    result = subprocess.run([sys.executable, "export_gguf.py", "--model_path", str(adapter), "--output", str(output),
+                             "--type", "q4_k_m"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "CHATFT_VERBOSE": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == f"{output}\n" and library_noise(result.stderr) == []
+    assert "Merging" in result.stderr  # and what is written, type by type:
+    assert all(count in result.stderr for count in ("12 Q5_0", "11 F32", "2 F16", "2 Q8_0")), result.stderr
+
+
+# the real SmolLM2, against the GGUF file llama.cpp's converter wrote for it
+
+
+@pytest.mark.slow
+def test_smollm2_metadata_and_tensors_match_llama_cpp_s_own_file(smollm2_dir, tmp_path):
+    from chatft.bundled import bundled_gguf_path
+
+    assert export(smollm2_dir, tmp_path / "smollm2.gguf") == 0
+    ours, theirs = gguf.GGUFReader(tmp_path / "smollm2.gguf"), gguf.GGUFReader(bundled_gguf_path())
+    # add_space_prefix is for sentencepiece vocabularies; llama.cpp's converter no longer writes it for BPE ones
+    keys = [key for key in theirs.fields if key.startswith(("llama.", "tokenizer.")) and "add_space_prefix" not in key]
+    for key in keys:  # every hyper-parameter and the whole vocabulary: tokens, types, merges, special ids, template
+        assert gguf_field(ours, key) == gguf_field(theirs, key), key
+    shapes = [sorted((tensor.name, tuple(tensor.shape)) for tensor in reader.tensors) for reader in (ours, theirs)]
+    assert shapes[0] == shapes[1]  # the same names and shapes: q/k permuted in place, no output.weight (tied)
+    source, loaded = load_source(smollm2_dir), load_gguf(tmp_path / "smollm2.gguf")
+    assert_same_weights(loaded.state_dict(), rounded(source.state_dict(), torch.float16))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    assert_close_up_to_rounding(probe_logits(loaded, tokenizer), probe_logits(source, tokenizer),
+                                terms=decoder_terms(source.config), dtype=torch.float16)
+
+    # q4_k_m as llama-quantize mixes it for SmolLM2's shapes (worked out by hand): rows of 576 values are not whole
+    # 256-value blocks, so Q4_K falls back to Q5_0 and Q6_K to Q8_0; ffn_down's rows of 1536 are whole. 14 of the 30
+    # layers get more bits (use_more_bits): their attn_v Q8_0 and ffn_down Q6_K; the tied embeddings Q8_0.
+    assert export(smollm2_dir, tmp_path / "smollm2-q4_k_m.gguf", "--type", "q4_k_m") == 0
+    mix = Counter(t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "smollm2-q4_k_m.gguf").tensors)
+    assert mix == {"Q5_0": 5 * 30 + 16, "Q8_0": 14 + 1, "Q6_K": 14, "Q4_K": 16, "F32": 2 * 30 + 1}
+    before = probe_logits(source, tokenizer).flatten()
+    after = probe_logits(load_gguf(tmp_path / "smollm2-q4_k_m.gguf"), tokenizer).flatten()
+    assert torch.corrcoef(torch.stack([before, after]))[0, 1] > 0.98  # 0.991 measured; a perplexity check is due
+
+
+# what is refused, and what is left on disk
+
+
+def test_unsupported_architecture_is_one_error_line_before_loading(tiny_qwen3_dir, tmp_path, capsys):
+    model = unloadable_copy(tiny_qwen3_dir, tmp_path)
+    assert export(model, tmp_path / "out.gguf") == 2
+    error = capsys.readouterr().err
+    assert error.count("error:") == 1 and "a Qwen3ForCausalLM model" in error
+    assert "LlamaForCausalLM (model_type llama), Qwen2ForCausalLM (model_type qwen2)" in error
+    assert sorted(os.listdir(tmp_path)) == [model.name]
+
+
+def test_existing_output_is_refused_and_left_untouched(tiny_qwen2_dir, tmp_path, capsys):
+    output = tmp_path / "out.gguf"
+    output.write_bytes(b"an earlier export")
+    assert export(unloadable_copy(tiny_qwen2_dir, tmp_path), output) == 2
+    assert "--overwrite" in capsys.readouterr().err and output.read_bytes() == b"an earlier export"
+    assert export(tiny_qwen2_dir, output, "--overwrite") == 0
+    assert capsys.readouterr().out == f"{output}\n"  # the path alone on stdout
+    assert output.read_bytes()[:4] == b"GGUF"
+    assert sorted(os.listdir(tmp_path)) == sorted(["out.gguf", f"{Path(tiny_qwen2_dir).name}-unloadable"])
+
+
+def test_a_failed_export_leaves_nothing_and_keeps_the_previous_file(tiny_qwen2_dir, tmp_path, capsys):
+    """A weight float16 cannot hold, in the last layer: the file is half written when the export fails."""
+    model = load_source(tiny_qwen2_dir)
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight[0, 0] = 1e5
+    model.save_pretrained(tmp_path / "large")
+    transformers.AutoTokenizer.from_pretrained(tiny_qwen2_dir).save_pretrained(tmp_path / "large")
+    output = tmp_path / "out.gguf"
+    output.write_bytes(b"an earlier export")
+    assert export(tmp_path / "large", output, "--overwrite") == 2
+    error = capsys.readouterr().err
+    assert "blk.1.ffn_down.weight holds values up to 1e+05" in error and "--type bf16" in error
+    assert output.read_bytes() == b"an earlier export" and sorted(os.listdir(tmp_path)) == ["large", "out.gguf"]
+    assert export(tmp_path / "large", output, "--overwrite", "--type", "bf16") == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model_path", "no/such/dir", "--output", "x.gguf"], "no/such/dir: no such file or directory"),
+    (["--model_path", "{model}", "--output", "{tmp}/model.bin"], "end the file's name with .gguf"),
+    (["--model_path", "{model}", "--output", "{tmp}/dir.gguf"], "is a directory"),
+    (["--model_path", "{model}", "--output", "{tmp}/x.gguf", "--base_model_path", "{model}"], "is for an adapter"),
+])
+def test_user_mistakes_are_one_error_line(tiny_qwen2_dir, tmp_path, capsys, argv, message):
+    model = unloadable_copy(tiny_qwen2_dir, tmp_path)
+    (tmp_path / "dir.gguf").mkdir()
+    argv = [arg.format(model=model, tmp=tmp_path) for arg in argv]
+    assert export_gguf.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("error:") == 1 and message in error
+
+
+def test_a_tokenizer_without_chatml_is_refused_before_the_weights_load(tmp_path, capsys):
+    model = unloadable_copy(make_non_chatml_model(tmp_path, tie=True), tmp_path, keep_tokenizer=True)
+    assert export(model, tmp_path / "out.gguf") == 2
+    assert f"its tokenizer has no {IM_END}" in capsys.readouterr().err
+
+
+def test_unknown_type_is_refused_by_the_parser(tiny_qwen2_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export(tiny_qwen2_dir, tmp_path / "x.gguf", "--type", "q4_0")
+    assert exit_info.value.code == 2 and "invalid choice: 'q4_0'" in capsys.readouterr().err
