@@ -21,10 +21,10 @@ if __name__ == "__main__":  # before the libraries are imported: they look at wh
 from chatft.gguf_export import DEFAULT_TYPE, GGUF_TYPES, export_gguf  # noqa: E402
 
 TYPE_HELP = ("f16 (default): every matrix in float16, as llama.cpp's converter writes by default: a bf16 model's "
-             "weights exactly (refused if any exceeds float16's range: use bf16); bf16: bfloat16, exact for bf16 "
-             "models; q8_0: 8-bit blocks, about half of f16's size and close to it; q4_k_m: llama.cpp's 4-bit mix "
-             "(Q4_K, Q6_K for the output layer and sensitive layers' attn_v and ffn_down), about a third of f16's "
-             "size.")
+             "weights exactly but those under 2^-17 (refused if any exceeds float16's range: use bf16); bf16: "
+             "bfloat16, exact for bf16 models; q8_0: 8-bit blocks, about half of f16's size and close to it; q4_k_m: "
+             "llama.cpp's 4-bit mix (Q4_K, Q6_K for the output layer and sensitive layers' attn_v and ffn_down), "
+             "about a third of f16's size.")
 
 
 def parse_args(argv=None):

@@ -58,9 +58,9 @@ GGUF_TYPES = {
     "q8_0": GgufType(QType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "q4_k_m": GgufType(QType.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_M),
 }
-# f16 as llama.cpp's converter writes by default: float16 holds every bf16 weight in its range exactly (10 mantissa
-# bits to bf16's 7), every llama.cpp backend computes in it, llama-quantize takes it as input, and finetune.py trains
-# from it with nothing lost. Weights beyond its range (|w| > 65504) are refused, pointing at bf16.
+# f16 as llama.cpp's converter writes by default: float16 holds every bf16 weight from 2^-17 to 65504 exactly (10
+# mantissa bits to bf16's 7; smaller ones are rounded), every llama.cpp backend computes in it, llama-quantize takes it
+# as input, and finetune.py trains from it. Weights beyond its range (|w| > 65504) are refused, pointing at bf16.
 DEFAULT_TYPE = "f16"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
