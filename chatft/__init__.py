@@ -16,6 +16,8 @@ report       the dry-run report, the loss curve and the end-of-run summary
 checkpoints  what a model/adapter/GGUF path or hub id holds, from its files alone
 export       merging a LoRA adapter into a standalone model
 quantize     GPTQ quantization (run_gptq.py)
+gguf_export  writing a model as one GGUF file for llama.cpp (export_gguf.py)
+kquants      llama.cpp's Q4_K and Q6_K quantizers in numpy
 chat         loading any checkpoint and generating, for cli_demo.py and tests
 device       which device and precision a run gets
 distributed  ending a multi-process run cleanly (every rank waits for rank 0, process groups destroyed)
