@@ -423,8 +423,9 @@ SUMMARIZED = ("tokens_per_second", "mfu", "peak_memory_mib", "peak_above_baselin
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """One result per (mode, precision, variant): the first run's counts, the median of each measured number over the
-    runs that finished, and its spread (`<name>_min`, `<name>_max`); a variant with a failed run keeps its error."""
+    """One result per (mode, precision, variant): the first run's counts, the median of each measured number over its
+    runs, and its spread (`<name>_min`, `<name>_max`); a variant with any failed run is reported as failed (no median
+    of what is left)."""
     import statistics
 
     results = {}
