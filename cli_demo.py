@@ -1,10 +1,11 @@
-"""Chat with a fine-tuned model: a full, merged or GPTQ model directory, or a LoRA/Q-LoRA adapter
-directory (detected).
+"""Chat with a fine-tuned model: a full, merged or GPTQ model directory, a LoRA/Q-LoRA adapter directory, or a
+.gguf file from export_gguf.py (detected).
 
     $ python cli_demo.py -c output_qwen                          # interactive, streamed
     $ python cli_demo.py -c output_qwen --query "Who are you?"   # one-shot, greedy, prints the reply
 
-Prompts go through the model's own saved chat template, the one the training run wrote.
+Prompts go through the model's own saved chat template, the one the training run wrote. A .gguf file runs in
+llama.cpp when llama-cpp-python is installed (the template embedded in the file), else in transformers.
 Interactive commands: :clear (forget the history), :history, :exit; with --tools, `:tool TEXT` gives the
 model a tool's result (after it answered with a <tool_call>) and lets it continue.
 A reply's reasoning (a `<think>` block, from a model trained on traces) is shown on its own `Thinking:` line,
@@ -19,12 +20,12 @@ from chatft.checkpoints import checkpoint_kind
 
 
 KIND_NAMES = {"full": "full model", "gptq": "GPTQ-quantized model", "lora": "LoRA adapter",
-              "qlora": "Q-LoRA adapter on its NF4 base"}
+              "qlora": "Q-LoRA adapter on its NF4 base", "gguf": "GGUF file"}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--checkpoint-path", required=True, help="Model or LoRA adapter directory.")
+    parser.add_argument("-c", "--checkpoint-path", required=True, help="Model or LoRA adapter directory, or .gguf file.")
     parser.add_argument("--query", action="append", help="Ask this and print the reply (repeatable); no prompt loop.")
     parser.add_argument("--system", default=None, help="System message (default: the one saved in the chat template).")
     parser.add_argument("--tools", default=None, help="JSON file with a list of tool definitions for the model to call "
@@ -41,7 +42,7 @@ def parse_args(argv=None):
 
 
 # What loading each kind of checkpoint imports (chatft.console.OPTIONAL_PACKAGES)
-PACKAGES_FOR_KIND = {"full": (), "lora": (), "qlora": ("bitsandbytes", "gptqmodel"), "gptq": ("gptqmodel",)}
+PACKAGES_FOR_KIND = {"full": (), "lora": (), "qlora": ("bitsandbytes", "gptqmodel"), "gptq": ("gptqmodel",), "gguf": ()}
 
 
 def chat(argv=None) -> int:
@@ -57,14 +58,19 @@ def chat(argv=None) -> int:
 
     from chatft.chat import ThinkingStreamer, generate_reply, load_chat_model, load_tools
     from chatft.chat_format import split_reasoning
+    from chatft.gguf_runtime import LlamaCppModel
 
     transformers.set_seed(args.seed)
     tools = load_tools(args.tools) if args.tools else None
     model, tokenizer, kind = load_chat_model(args.checkpoint_path, trust_remote_code=args.trust_remote_code,
                                              device="cpu" if args.cpu_only else None,
                                              dtype=torch.float32 if args.cpu_only else None)
-    print(f"Loaded {args.checkpoint_path} ({KIND_NAMES[kind]}, {model.dtype}, {model.device})", file=sys.stderr)
+    in_llama_cpp = isinstance(model, LlamaCppModel)
+    shown = model.describe() if in_llama_cpp else f"{KIND_NAMES[kind]}, {model.dtype}, {model.device}"
+    print(f"Loaded {args.checkpoint_path} ({shown})", file=sys.stderr)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
+    if args.do_sample and in_llama_cpp:  # llama.cpp samples with its own generator
+        sampling["seed"] = args.seed
     sampling["tools"] = tools
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
 

@@ -1,4 +1,7 @@
-"""Loading a fine-tuned result for chat, and generating one reply (used by cli_demo.py and tests)."""
+"""Loading a fine-tuned result for chat, and generating one reply (used by cli_demo.py and tests).
+
+A GGUF file (export_gguf.py's) is served by llama.cpp when llama-cpp-python is installed (chatft.gguf_runtime), as
+its users will run it; otherwise by transformers, from the file's de-quantised copy (chatft.model.gguf_to_hf_dir)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from chatft.chat_format import THINK_CLOSE, THINK_OPEN, stop_token_ids
 from chatft.checkpoints import (ADAPTER_CONFIG_FILE, adapter_base, checkpoint_kind, require_model_source,
                                 saved_quantization)
 from chatft.errors import ArgumentError
+from chatft.gguf_runtime import LlamaCppModel, llama_cpp_installed
 
 
 def default_device_and_dtype(kind: str) -> tuple[str, torch.dtype]:
@@ -23,12 +27,19 @@ def default_device_and_dtype(kind: str) -> tuple[str, torch.dtype]:
 
 
 def load_chat_model(path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False, device=None):
-    """(model, tokenizer, kind) from a full, merged or GPTQ model directory or a LoRA/Q-LoRA adapter directory.
+    """(model, tokenizer, kind) from a full, merged or GPTQ model directory, a LoRA/Q-LoRA adapter directory or a
+    .gguf file. A GGUF file in llama.cpp is a LlamaCppModel, with no tokenizer (llama.cpp has its own).
 
     A Q-LoRA adapter is served on the same NF4 rounding of its base that it was trained on.
     """
     require_model_source(path, "--checkpoint-path", allow_adapter=True, trust_remote_code=trust_remote_code)
     kind = checkpoint_kind(path)
+    if kind == "gguf" and llama_cpp_installed():
+        return LlamaCppModel.load(path), None, kind
+    if kind == "gguf":
+        from chatft.model import resolve_model_path
+
+        path = resolve_model_path(path)
     if kind in ("lora", "qlora"):
         base = adapter_base(path)
         require_model_source(base, f"the base model recorded in {path}/{ADAPTER_CONFIG_FILE}:",
@@ -76,6 +87,8 @@ def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int =
 
     Greedy unless `do_sample=True` is passed in `sampling` (with temperature, top_p, top_k).
     """
+    if isinstance(model, LlamaCppModel):
+        return model.reply(messages, max_new_tokens, streamer, tools, **sampling)
     inputs = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True)
     inputs = {name: tensor.to(model.device) for name, tensor in inputs.items()}

@@ -79,7 +79,10 @@ def adapter_base(adapter_dir: str) -> str | None:
 
 
 def checkpoint_kind(path: str) -> str:
-    """"lora", "qlora" (an adapter trained on a 4-bit NF4 base), "gptq" or "full" (a full or merged model)."""
+    """"lora", "qlora" (an adapter trained on a 4-bit NF4 base), "gptq", "gguf" (a .gguf file) or "full" (a full or
+    merged model)."""
+    if path.endswith(".gguf"):
+        return "gguf"
     if is_adapter_dir(path):
         return "qlora" if trained_with_qlora(path) else "lora"
     return "gptq" if (saved_quantization(path) or {}).get("quant_method") == "gptq" else "full"

@@ -9,6 +9,9 @@ same name, same weights (seeded). Their widths:
     tiny_qwen2_64_dir, tiny_qwen3_64_dir  hidden 64, intermediate 128: multiples of 64, as bitsandbytes' CPU 4-bit
                                         kernel needs to serve NF4 (training works on any), and of GPTQ's group size 32
     tiny_qwen_dir, tiny_qwen_64_dir     the same, one test per architecture (ids qwen2, qwen3)
+    tiny_llama_256_dir                  a Llama with SmolLM2's tokenizer, hidden 256 (rows of whole 256-value
+                                        blocks, as llama.cpp's K-quants need), intermediate 544 (ffn_down's rows are
+                                        not: llama.cpp's fallback types)
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
 from support import CONVERSATIONS, ROOT, build_tiny_model, qwen_tokenizer_dir, write_json
@@ -71,6 +75,44 @@ def tiny_qwen3_64_dir(tmp_path_factory) -> Path:
 @pytest.fixture(params=["qwen2", "qwen3"])
 def tiny_qwen_64_dir(request) -> Path:
     return request.getfixturevalue(f"tiny_{request.param}_64_dir")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_256_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A tiny SmolLM2: a random 2-layer Llama with SmolLM2's tokenizer and tied embeddings, hidden 256 (whole Q4_K/Q6_K
+    blocks) and intermediate 544 (ffn_down's rows are not: they take llama.cpp's fallback types), 4 heads and 2
+    key/value heads of 64, and 64 embedding rows no token uses (as models whose vocabulary is padded to a round
+    number have)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer) + 64, hidden_size=256, intermediate_size=544, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        rms_norm_eps=1e-5, rope_theta=50000.0, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama") / "tiny-llama-256"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(smollm2_dir, tmp_path_factory):
+    """The real SmolLM2 exported by export_gguf.py: smollm2_gguf("q4_k_m") is the path of its file of that type
+    (written once per session)."""
+    import export_gguf
+
+    root, files = tmp_path_factory.mktemp("smollm2-gguf"), {}
+
+    def path_of(gguf_type: str) -> Path:
+        if gguf_type not in files:
+            output = root / f"smollm2-{gguf_type}.gguf"
+            assert export_gguf.main(["--model_path", str(smollm2_dir), "--output", str(output), "--type",
+                                     gguf_type]) == 0
+            files[gguf_type] = output
+        return files[gguf_type]
+
+    return path_of
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,13 @@ import os
 import shutil
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import tokenizers
 import torch
 import transformers
+from gguf import GGMLQuantizationType as QType
 
 ROOT = Path(__file__).resolve().parent.parent
 # Public test data beside the project's CI checkout (CHATFT_SHARED_DATA: elsewhere, e.g. to test shared_data_path)
@@ -117,6 +120,19 @@ def shared_data_path(name: str) -> Path:
     return path
 
 
+def require_llama_cpp():
+    """The llama_cpp module (llama-cpp-python, in requirements-dev.txt), for the tests that run a real llama.cpp.
+    Where it is not installed the test is skipped with the reason; under CI=true it fails instead."""
+    try:
+        import llama_cpp
+    except ImportError:
+        reason = "llama-cpp-python is not installed (pip install -r requirements-dev.txt): no llama.cpp to run"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; CI=true, and CI installs it to run these tests", pytrace=False)
+        pytest.skip(reason)
+    return llama_cpp
+
+
 def shared_data(name: str):
     with open(shared_data_path(name), encoding="utf-8") as f:
         return json.load(f)
@@ -195,3 +211,40 @@ def make_non_chatml_model(root, tie):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# GGUF files
+
+
+def planned_types(model, gguf_type: str) -> dict[str, str]:
+    """The type of each tensor of an export_gguf.py file of `gguf_type` (chatft.gguf_export.tensor_type), by llama.cpp
+    name, without reading the file (reading a 150k-token vocabulary back takes seconds)."""
+    from chatft.gguf_export import tensor_type
+
+    config, names = model.config, gguf.get_tensor_name_map(arch_of(model), model.config.num_hidden_layers)
+    types = {}
+    for hf_name, weight in model.state_dict().items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        types[name] = tensor_type(name, tuple(weight.shape), gguf_type, config.num_hidden_layers,
+                                  config.tie_word_embeddings).name
+    return types
+
+
+def written_as(weights: dict[str, torch.Tensor], types: dict[str, str], n_layers: int, arch) -> dict[str, torch.Tensor]:
+    """Each weight as the file's type stores it: quantized by the same quantizers, read back by gguf's dequantizer."""
+    from chatft import kquants
+
+    names = gguf.get_tensor_name_map(arch, n_layers)
+    expected = {}
+    for hf_name, weight in weights.items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        qtype = QType[types.get(name, types["token_embd.weight"])]  # a tied output layer is the embeddings
+        data = weight.float().numpy()
+        quantized = (kquants.quantize(data, qtype) if qtype in (QType.Q4_K, QType.Q6_K)
+                     else gguf.quants.quantize(data, qtype))
+        expected[hf_name] = torch.from_numpy(np.array(gguf.quants.dequantize(quantized, qtype), dtype=np.float32))
+    return expected
+
+
+def arch_of(model) -> gguf.MODEL_ARCH:
+    return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[model.config.model_type]

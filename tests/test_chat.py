@@ -1,5 +1,6 @@
-"""cli_demo.py and chatft.chat on tiny models: every kind of checkpoint is detected and served, one-shot
-queries are deterministic, the interactive loop keeps and clears its history, prompts use the saved template."""
+"""cli_demo.py and chatft.chat on tiny models: every kind of checkpoint is detected and served (a .gguf file by
+llama.cpp, or by transformers where llama-cpp-python is not installed), one-shot queries are deterministic, the
+interactive loop keeps and clears its history, prompts use the saved template."""
 
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from chatft import chat
 from chatft.chat import checkpoint_kind, load_chat_model
 from chatft.chat_format import stop_token_ids
 from chatft.errors import ModelPathError
-from support import ROOT, run
+from support import ROOT, require_llama_cpp, run
 
 
 def test_every_kind_of_checkpoint_is_detected_and_served(tiny_qwen2_64_dir, tiny_gptq_dir, data_file, tmp_path):
@@ -41,6 +42,39 @@ def test_every_kind_of_checkpoint_is_detected_and_served(tiny_qwen2_64_dir, tiny
     assert type(q_proj).__name__ == "Linear4bit"  # served on the NF4 base it was trained on
     with pytest.raises(ModelPathError, match="missing: no such file or directory"):
         load_chat_model(str(tmp_path / "missing"))
+
+
+def test_a_gguf_file_is_served_by_llama_cpp_else_by_transformers(tiny_qwen2_64_dir, tmp_path, monkeypatch, capsys):
+    import export_gguf
+
+    require_llama_cpp()
+    monkeypatch.setenv("CHATFT_CACHE", str(tmp_path / "cache"))  # where transformers' copy of the file is written
+    path = str(tmp_path / "model.gguf")
+    assert export_gguf.main(["--model_path", str(tiny_qwen2_64_dir), "--output", path]) == 0
+    assert checkpoint_kind(path) == "gguf"
+    query = ["-c", path, "--query", "Who are you?", "--query", "你好", "--max-new-tokens", "6"]
+    capsys.readouterr()
+    assert cli_demo.main(query) == 0
+    in_llama_cpp = capsys.readouterr()
+    assert "(GGUF file, f16, in llama.cpp on " in in_llama_cpp.err
+    monkeypatch.setattr(chat, "llama_cpp_installed", lambda: False)
+    assert cli_demo.main(query) == 0
+    in_transformers = capsys.readouterr()
+    assert "(GGUF file, torch.float32, cpu)" in in_transformers.err
+    # the same greedy replies: the same float16 weights, llama.cpp rounding its activations to match
+    assert in_llama_cpp.out == in_transformers.out and in_llama_cpp.out.startswith("User: Who are you?\nAssistant: ")
+    monkeypatch.undo()
+
+    sampled = ["-c", path, "--query", "Hi", "--do-sample", "--temperature", "1.5", "--max-new-tokens", "8"]
+    replies = []
+    for seed in ("1", "1", "2"):
+        assert cli_demo.main(sampled + ["--seed", seed]) == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] != replies[2]  # llama.cpp's sampler, seeded by --seed
+    lines = iter(["hello", ":history", ":exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert cli_demo.main(["-c", path, "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("Assistant: ") == 2  # streamed, then shown by :history
 
 
 def test_query_mode_is_greedy_and_deterministic(tiny_qwen2_64_dir):

@@ -16,6 +16,7 @@ from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 
 from chatft import kquants
 from chatft.kquants import quantize
+from support import require_llama_cpp
 
 Q4_K, Q6_K = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K
 KQUANTS = [Q4_K, Q6_K]
@@ -259,8 +260,7 @@ def test_bytes_are_llama_cpp_reference_bytes(qtype):
 
 
 def llama_cpp_reference_library() -> ctypes.CDLL:
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: no llama.cpp "
-                                                        "quantizer to compare bytes with")
+    llama_cpp = require_llama_cpp()
     package_dir = Path(llama_cpp.__file__).parent
     for path in sorted(package_dir.rglob("*")):
         if not (".so" in path.suffixes or path.suffix in (".dylib", ".dll")) or "ggml" not in path.name:

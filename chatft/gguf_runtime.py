@@ -1,0 +1,95 @@
+"""A GGUF file run by llama.cpp itself (llama-cpp-python, when installed): the runtime that llama.cpp, Ollama and
+LM Studio users serve the file with, so what it answers here is what they will see.
+
+- LlamaCppModel.load: the file, loaded quietly (llama.cpp's loading log shows with CHATFT_VERBOSE=1);
+- LlamaCppModel.reply: one chat reply through llama.cpp's chat completion, which renders the prompt with the chat
+  template embedded in the file (export_gguf.py writes the one training used) and stops at the file's EOS
+  (<|im_end|>); greedy unless sampling is asked for, as chatft.chat.generate_reply;
+- LlamaCppModel.reply_perplexity: the perplexity of assistant replies as chatft.quantize.reply_perplexity measures
+  it, from llama.cpp's own logits (computed with the quantized weights, as a user's runtime computes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+
+from chatft import console
+from chatft.chat_format import IGNORE_INDEX, TokenizedSample
+from chatft.errors import DataError
+
+DEFAULT_CONTEXT = 4096  # tokens of prompt and reply a chat can hold (the model's own limit if smaller)
+
+
+def llama_cpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+class LlamaCppModel:
+    """A GGUF file loaded in llama.cpp, with the chat template embedded in it."""
+
+    def __init__(self, llama, path: str):
+        self.llama, self.path = llama, path
+
+    @classmethod
+    def load(cls, path: str, context: int = DEFAULT_CONTEXT, all_logits: bool = False) -> "LlamaCppModel":
+        """`all_logits`: keep every position's logits (for reply_perplexity), not only the last one's."""
+        import llama_cpp
+
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        with console.library_output_hidden():  # llama.cpp logs from C while loading, whatever `verbose` says
+            llama = llama_cpp.Llama(model_path=path, n_ctx=context, n_threads=threads, logits_all=all_logits,
+                                    verbose=console.verbose())
+        return cls(llama, path)
+
+    @property
+    def chat_template_source(self) -> str:
+        """Where the prompt format comes from: "chat_template.default" is the template embedded in the file."""
+        return self.llama.chat_format
+
+    def describe(self) -> str:
+        import gguf
+
+        file_type = self.llama.metadata.get("general.file_type", "")
+        named = {str(int(t)): t.name.removeprefix("MOSTLY_").lower() for t in gguf.LlamaFileType}.get(file_type, "?")
+        return f"GGUF file, {named}, in llama.cpp on {self.llama.n_threads} CPU threads"
+
+    def reply(self, messages: list[dict], max_new_tokens: int = 256, streamer=None, tools=None, do_sample=False,
+              temperature: float = 0.7, top_p: float = 0.8, seed: int | None = None) -> str:
+        """One assistant reply to `messages`, streamed to `streamer` (a chatft.chat.ThinkingStreamer) when given."""
+        sampling = ({"temperature": temperature, "top_p": top_p, "top_k": 0, "min_p": 0.0, "seed": seed}
+                    if do_sample else {"temperature": 0.0})  # llama.cpp's greedy sampler at temperature 0
+        completion = self.llama.create_chat_completion(
+            messages=messages, tools=tools, max_tokens=max_new_tokens, repeat_penalty=1.0, stream=streamer is not None,
+            **sampling)
+        if streamer is None:
+            return (completion["choices"][0]["message"]["content"] or "").strip()
+        pieces = []
+        for chunk in completion:
+            piece = chunk["choices"][0]["delta"].get("content") or ""
+            pieces.append(piece)
+            streamer.on_finalized_text(piece)
+        streamer.on_finalized_text("", stream_end=True)
+        return "".join(pieces).strip()
+
+    def reply_perplexity(self, samples: list[TokenizedSample]) -> float:
+        """exp(mean negative log-likelihood) of the labelled tokens (assistant replies and their <|im_end|>), from
+        llama.cpp's logits; the model must be loaded with all_logits=True."""
+        total_nll, total_tokens = 0.0, 0
+        for sample in samples:
+            labels = np.asarray(sample.labels[1:])
+            positions = np.flatnonzero(labels != IGNORE_INDEX)
+            if positions.size == 0:
+                continue
+            self.llama.reset()
+            self.llama.eval(sample.input_ids)
+            logits = np.asarray(self.llama.scores[: len(sample.input_ids) - 1], dtype=np.float64)[positions]
+            peak = logits.max(axis=1, keepdims=True)
+            log_norm = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
+            total_nll += float((log_norm - logits[np.arange(positions.size), labels[positions]]).sum())
+            total_tokens += positions.size
+        if total_tokens == 0:
+            raise DataError("The samples have no assistant token to measure.")
+        return float(np.exp(total_nll / total_tokens))

@@ -1,0 +1,174 @@
+"""The files export_gguf.py writes, run by a real llama.cpp (llama-cpp-python, from requirements-dev.txt; skipped
+with the reason where it is not installed, failed under CI=true): llama.cpp computes the logits transformers computes
+from the same file, for every type and both architectures (a wrong q/k layout, tokenizer or hyper-parameter shows
+here); it tokenizes as the model's tokenizer does and builds chat prompts with the template embedded in the file;
+our q8_0 and q4_k_m tensors are byte for byte those llama-quantize writes from the f16 file; on the real SmolLM2 its
+greedy replies equal transformers' and its reply perplexity of each type stays within bounds (chatft.gguf_runtime)."""
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import export_gguf
+from chatft.chat import generate_reply, load_chat_model
+from chatft.chat_format import IM_END
+from chatft.gguf_export import PRE_TOKENIZER_CHECK_TEXT
+from chatft.gguf_runtime import LlamaCppModel
+from support import ROOT, arch_of, planned_types, require_llama_cpp, written_as
+
+TYPES = ["f16", "bf16", "q8_0", "q4_k_m"]
+MODELS = {"qwen2": "tiny_qwen2_dir", "llama": "tiny_llama_256_dir"}
+CONVERSATION = [
+    {"role": "system", "content": "You are Tessa."},
+    {"role": "user", "content": "你好! What is 1234 + 5678? <think>hm</think>"},
+    {"role": "assistant", "content": "6912, in 2024."},
+    {"role": "user", "content": "Bye"},
+]
+QUESTIONS = ["Who are you?", "Who made you?", "What is the capital of France?"]  # the demo's
+
+
+@pytest.fixture(autouse=True)
+def llama_cpp():
+    return require_llama_cpp()
+
+
+@pytest.fixture(scope="module")
+def exported(request, tmp_path_factory):
+    """exported("llama", "q8_0"): the path of that tiny model's file of that type, written once per module."""
+    root, files = tmp_path_factory.mktemp("gguf-runtime"), {}
+
+    def path_of(model: str, gguf_type: str) -> Path:
+        if (model, gguf_type) not in files:
+            output = root / f"{model}-{gguf_type}.gguf"
+            source = request.getfixturevalue(MODELS[model])
+            assert export_gguf.main(["--model_path", str(source), "--output", str(output), "--type", gguf_type]) == 0
+            files[model, gguf_type] = output
+        return files[model, gguf_type]
+
+    return path_of
+
+
+def prompt_ids(tokenizer, messages=CONVERSATION) -> list[int]:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+
+
+def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    model = LlamaCppModel.load(str(path), context=256, all_logits=True)
+    model.llama.eval(ids)
+    return np.asarray(model.llama.scores[: len(ids)], dtype=np.float32)
+
+
+# llama.cpp against transformers, on the same weights: the file's, de-quantised to float32 by the gguf package (as
+# transformers' GGUF loader does; test_gguf_export.py shows it reads these very values); llama.cpp computes with them as they are stored, rounding the activations to match (float16 or
+# bfloat16; 8-bit blocks for quantized matrices). Measured relative errors of the logits, qwen2 / llama: f16
+# 0.03% / 0.05%, bf16 0.18% / 0.34%, q8_0 0.6% / 1.0%, q4_k_m 0.6% / 1.5%. The Llama file written without its
+# q/k permutation errs by 4.4% even in f16: the bound for f16 and bf16 catches a wrong rotary layout.
+LOGITS_BOUND = {"f16": 0.002, "bf16": 0.01, "q8_0": 0.03, "q4_k_m": 0.04}
+
+
+@pytest.mark.parametrize("gguf_type", TYPES)
+@pytest.mark.parametrize("model", list(MODELS))
+def test_llama_cpp_computes_the_logits_transformers_computes_from_the_same_file(model, gguf_type, exported,
+                                                                               request):
+    source_dir = request.getfixturevalue(MODELS[model])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source_dir)
+    ids = prompt_ids(tokenizer)
+    stored = transformers.AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)  # as the file holds it:
+    stored.load_state_dict(written_as(stored.state_dict(), planned_types(stored, gguf_type),
+                                      stored.config.num_hidden_layers, arch_of(stored)))
+    with torch.no_grad():
+        expected = stored(torch.tensor([ids])).logits[0].numpy()
+    actual = llama_cpp_logits(exported(model, gguf_type), ids)
+    relative_error = np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+    assert relative_error < LOGITS_BOUND[gguf_type], relative_error
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_llama_cpp_tokenizes_and_builds_prompts_as_training_did(model, exported, request):
+    """The pre-tokenizer, merges and special tokens, then the chat template embedded in the file, which llama.cpp's
+    chat completion uses (not a format of its own), ending at the file's EOS <|im_end|>."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(request.getfixturevalue(MODELS[model]))
+    served = LlamaCppModel.load(str(exported(model, "f16")))
+    rendered = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+    for text in (rendered, PRE_TOKENIZER_CHECK_TEXT):
+        assert served.llama.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text)
+    assert served.llama.token_eos() == tokenizer.convert_tokens_to_ids(IM_END)
+    assert served.chat_template_source == "chat_template.default"  # the file's own template
+
+    for messages in (CONVERSATION, CONVERSATION[1:]):  # without a system turn: the template's default system message
+        served.reply(messages, max_new_tokens=3)
+        ids = prompt_ids(tokenizer, messages)
+        assert served.llama.input_ids[: len(ids)].tolist() == ids
+
+
+def test_q8_0_and_q4_k_m_tensors_are_llama_quantize_s_bytes(tiny_llama_256_dir, llama_cpp, tmp_path):
+    """From the same weights, export_gguf.py and llama.cpp's quantizer (llama_model_quantize, what llama-quantize
+    runs, given the f16 file) write the same type for every tensor and the same bytes: Q4_K and Q6_K where rows hold
+    whole 256-value blocks, llama.cpp's fallbacks Q5_0 and Q8_0 for ffn_down's rows of 544, Q8_0, F32 norms."""
+    import ctypes
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_256_dir, dtype=torch.float16)
+    model.float().save_pretrained(tmp_path / "model")  # weights float16 holds exactly: the f16 file loses nothing
+    transformers.AutoTokenizer.from_pretrained(tiny_llama_256_dir).save_pretrained(tmp_path / "model")
+    f16 = tmp_path / "f16.gguf"
+    assert export_gguf.main(["--model_path", str(tmp_path / "model"), "--output", str(f16)]) == 0
+    for gguf_type, file_type in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0),
+                                 ("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
+        ours, theirs = tmp_path / f"ours-{gguf_type}.gguf", tmp_path / f"theirs-{gguf_type}.gguf"
+        assert export_gguf.main(["--model_path", str(tmp_path / "model"), "--output", str(ours), "--type",
+                                 gguf_type]) == 0
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = file_type
+        assert llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+        ours_tensors = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+        theirs_tensors = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+        assert ours_tensors.keys() == theirs_tensors.keys()
+        assert {t.tensor_type.name for t in ours_tensors.values()} == (
+            {"Q4_K", "Q6_K", "Q5_0", "Q8_0", "F32"} if gguf_type == "q4_k_m" else {"Q8_0", "F32"})
+        for name, tensor in ours_tensors.items():
+            assert tensor.tensor_type == theirs_tensors[name].tensor_type, name
+            # every byte equal, measured; a llama.cpp built with fused multiply-adds may round a near-tie in a
+            # K-quant's scale search the other way (then the block is an equally good fit): not seen here
+            assert np.array_equal(np.asarray(tensor.data), np.asarray(theirs_tensors[name].data)), (gguf_type, name)
+
+
+# the real SmolLM2
+
+
+@pytest.mark.slow
+def test_smollm2_f16_in_llama_cpp_answers_the_demo_questions_as_transformers_does(smollm2_dir, smollm2_gguf):
+    """Greedy replies, token for token: the demo's three questions (the third stops at <|im_end|> on its own)."""
+    served, _, kind = load_chat_model(str(smollm2_gguf("f16")))
+    assert kind == "gguf" and isinstance(served, LlamaCppModel)
+    source = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    for question in QUESTIONS:
+        messages = [{"role": "user", "content": question}]
+        expected = generate_reply(source, tokenizer, messages, max_new_tokens=40)
+        assert generate_reply(served, None, messages, max_new_tokens=40) == expected, question
+    assert expected == "The capital of France is Paris."
+
+
+@pytest.mark.slow
+def test_smollm2_reply_perplexity_in_llama_cpp(smollm2_dir, smollm2_gguf):
+    """What each type costs as llama.cpp runs it (quantized weights and activations): the perplexity of the demo's
+    identity replies, which SmolLM2 never trained on, against the f16 file's; f16's against transformers'."""
+    from chatft.data import load_samples
+    from chatft.quantize import GptqSettings, reply_perplexity, tokenize_as_served
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    samples = tokenize_as_served(load_samples(str(ROOT / "data" / "identity_demo.json"))[:32], tokenizer,
+                                 GptqSettings())
+    context = max(len(sample.input_ids) for sample in samples)
+    perplexity = {gguf_type: LlamaCppModel.load(str(smollm2_gguf(gguf_type)), context, all_logits=True)
+                  .reply_perplexity(samples) for gguf_type in ("f16", "q8_0", "q4_k_m")}
+    source = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    ratio = {name: value / perplexity["f16"] for name, value in perplexity.items()}
+    ratio["transformers"] = reply_perplexity(source, samples) / perplexity["f16"]
+    # measured: transformers (float32 source) 0.999, q8_0 1.028, q4_k_m 1.072 (25.8 for f16)
+    assert abs(ratio["transformers"] - 1) < 0.005, ratio
+    assert ratio["q8_0"] < 1.05 and ratio["q4_k_m"] < 1.15, ratio
