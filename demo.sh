@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The main job, end to end on this machine: ask the bundled SmolLM2-135M-Instruct who it is, LoRA
 # fine-tune it on the bundled identity data (data/identity_demo.json), ask the adapter, merge the
-# adapter into the model, quantize the merged model to 4-bit GPTQ, and ask the quantized model.
+# adapter into the model, quantize the merged model to 4-bit GPTQ, ask the quantized model, export
+# the merged model to a GGUF file for llama.cpp / Ollama / LM Studio, and ask that file (in
+# llama.cpp when llama-cpp-python is installed, else in transformers).
 #
-#   bash demo.sh [OUTPUT_DIR]     (default: output_demo; OUTPUT_DIR, OUTPUT_DIR_merged and
-#                                  OUTPUT_DIR_int4 are replaced on each run)
+#   bash demo.sh [OUTPUT_DIR]     (default: output_demo; OUTPUT_DIR, OUTPUT_DIR_merged,
+#                                  OUTPUT_DIR_int4 and OUTPUT_DIR-q4_k_m.gguf are replaced on each run)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 OUTPUT="${1:-output_demo}"
@@ -38,3 +40,9 @@ tail -n 1 "${OUTPUT}_int4.log"
 
 echo "=== After fine-tuning, merging and 4-bit quantization: ${OUTPUT}_int4"
 python cli_demo.py -c "${OUTPUT}_int4" "${QUESTIONS[@]}"
+
+echo "=== GGUF export for llama.cpp, Ollama, LM Studio -> ${OUTPUT}-q4_k_m.gguf"
+python export_gguf.py --model_path "${OUTPUT}_merged" --output "${OUTPUT}-q4_k_m.gguf" --type q4_k_m --overwrite
+
+echo "=== After fine-tuning, merging and GGUF export: ${OUTPUT}-q4_k_m.gguf"
+python cli_demo.py -c "${OUTPUT}-q4_k_m.gguf" "${QUESTIONS[@]}"

@@ -18,6 +18,7 @@ export       merging a LoRA adapter into a standalone model
 quantize     GPTQ quantization (run_gptq.py)
 gguf_export  writing a model as one GGUF file for llama.cpp (export_gguf.py)
 kquants      llama.cpp's Q4_K and Q6_K quantizers in numpy
+gguf_runtime a GGUF file run by llama.cpp (llama-cpp-python): chat through its embedded template, reply perplexity
 chat         loading any checkpoint and generating, for cli_demo.py and tests
 device       which device and precision a run gets
 distributed  ending a multi-process run cleanly (every rank waits for rank 0, process groups destroyed)

@@ -17,6 +17,7 @@ TOOLKIT_LINE = re.compile("|".join([
     r"=+$", r"Training finished$", r"  (time|peak memory|train loss|eval loss|saved|loss curve) ",  # run summary
     r"Stopped by SIGTERM at step ",
     r"Perplexity on \d+ held-out conversations",  # run_gptq.py's result
+    r"\S+\.gguf$",  # export_gguf.py's result: the file's path alone
     r"error: ",  # a refused input, said once
 ]))
 

@@ -105,6 +105,24 @@ def test_memory_benchmark(tiny_qwen2_64_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_gguf_types_benchmark(tiny_llama_256_dir, tmp_path):
+    """Each type's file size and reply perplexity, through transformers and (installed in CI) llama.cpp, against f16."""
+    result = run_module("bench.gguf_types", "-m", str(tiny_llama_256_dir), "--types", "f16", "q4_k_m",
+                        "--num_samples", "4", "--json", str(tmp_path / "types.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    source, f16, q4_k_m = json.load(open(tmp_path / "types.json"))
+    assert (source["type"], f16["type"], q4_k_m["type"]) == ("source (float32)", "f16", "q4_k_m")
+    assert q4_k_m["size_mb"] < 0.5 * f16["size_mb"]
+    # a random model's perplexity is about its vocabulary's size; float16 rounding barely moves it
+    assert f16["ppl_transformers"] == pytest.approx(source["ppl_transformers"], rel=1e-3)
+    if importlib.util.find_spec("llama_cpp"):
+        assert f16["ppl_llama_cpp"] == pytest.approx(f16["ppl_transformers"], rel=1e-3)
+    table = result.stdout.splitlines()
+    assert any(line.startswith("type ") and "ppl (llama.cpp)" in line for line in table), result.stdout
+    assert [line.split()[0] for line in table[-2:]] == ["f16", "q4_k_m"], result.stdout
+
+
+@pytest.mark.slow
 def test_profile_table(tmp_path):
     # -m names a bench.models shape with a published counterpart (a tiny stand-in in the cache: the real 1.8B would
     # take minutes); the launcher runs from anywhere, relative paths resolving against the caller's directory
@@ -201,7 +219,7 @@ def test_resolve_model(tmp_path, monkeypatch):
     assert models.shape_name("qwen-7b") == "qwen-7b" and models.shape_name("Qwen/Qwen-7B") is None
 
 
-@pytest.mark.parametrize("tool", ["bench.throughput", "bench.memory", "bench.profile_table"])
+@pytest.mark.parametrize("tool", ["bench.throughput", "bench.memory", "bench.profile_table", "bench.gguf_types"])
 def test_every_tool_takes_a_shape_name(tool):
     result = run_module(tool, "--help", env={**os.environ, "COLUMNS": "1000"})  # no shape name wrapped at its hyphen
     assert result.returncode == 0 and all(name in result.stdout for name in models.SHAPES)

@@ -18,7 +18,7 @@ import finetune
 from chatft.bundled import bundled_gguf_path
 from chatft.chat import generate_reply, load_chat_model
 from console_noise import library_noise
-from support import ROOT, assert_close_up_to_rounding, decoder_terms
+from support import ROOT, assert_close_up_to_rounding, decoder_terms, require_llama_cpp
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ QUESTIONS = ["Who are you?", "Who made you?", "What is the capital of France?"]
 def demo(tmp_path_factory):
     """`bash demo.sh`, the README's main job, as a new user runs it: fresh home, empty toolkit cache (so the
     GGUF conversion happens in it), default console. LoRA on data/identity_demo.json through the single-GPU
-    launcher, merge, 4-bit GPTQ, a chat after each stage."""
+    launcher, merge, 4-bit GPTQ, GGUF export, a chat after each stage."""
     root = tmp_path_factory.mktemp("demo")
     (root / "home").mkdir()
     env = {**os.environ, "HOME": str(root / "home"), "CHATFT_CACHE": str(root / "cache"), "CHATFT_VERBOSE": ""}
@@ -44,7 +44,7 @@ def demo(tmp_path_factory):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stages = dict(re.findall(r"^=== (.*?)\n(.*?)(?=^=== |\Z)", result.stdout, flags=re.MULTILINE | re.DOTALL))
     return SimpleNamespace(adapter=root / "out", merged=root / "out_merged", int4=root / "out_int4",
-                           stdout=result.stdout, stderr=result.stderr, stages=stages)
+                           gguf=root / "out-q4_k_m.gguf", stdout=result.stdout, stderr=result.stderr, stages=stages)
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +71,39 @@ def test_demo_answers_with_the_learned_identity_after_each_stage(demo):
     assert [t.split(":")[0].split(" ->")[0] for t in titles] == [
         "Before fine-tuning", "LoRA fine-tuning on data/identity_demo.json", "After fine-tuning",
         "Merging the adapter into the model", "4-bit GPTQ quantization",
-        "After fine-tuning, merging and 4-bit quantization"], titles
-    before, adapter, int4 = (replies_in(demo.stages[titles[i]]) for i in (0, 2, 5))
+        "After fine-tuning, merging and 4-bit quantization", "GGUF export for llama.cpp, Ollama, LM Studio",
+        "After fine-tuning, merging and GGUF export"], titles
+    before, adapter, int4, in_gguf = (replies_in(demo.stages[titles[i]]) for i in (0, 2, 5, 7))
     assert set(before) == set(QUESTIONS) and not knows_its_identity(before), before
     assert knows_its_identity(adapter), adapter
     assert knows_its_identity(int4), int4
+    assert knows_its_identity(in_gguf), in_gguf  # the q4_k_m file, in llama.cpp (below) or else transformers
+    assert demo.stages[titles[6]].strip() == str(demo.gguf)  # export_gguf.py prints the file's path alone
     report = json.load(open(demo.int4 / "quantize_report.json"))
     assert report["perplexity_after"] <= 1.25 * report["perplexity_before"], report  # 4-bit: at most +25%
+
+
+def test_demo_s_gguf_file_answers_in_llama_cpp(demo):
+    require_llama_cpp()  # installed (requirements-dev.txt): the demo's last chat ran in llama.cpp, not transformers
+    assert f"Loaded {demo.gguf} (GGUF file, q4_k_m, in llama.cpp on " in demo.stderr
+
+
+def test_merged_model_as_f16_gguf_in_llama_cpp_answers_as_transformers_does(merged_identity, tmp_path):
+    """Proof (c) on the fine-tuned model: greedy replies, token for token, from the f16 file in llama.cpp and from
+    the merged model in transformers."""
+    import export_gguf
+
+    require_llama_cpp()
+    assert export_gguf.main(["--model_path", str(merged_identity), "--output", str(tmp_path / "tessa.gguf")]) == 0
+    served, _, _ = load_chat_model(str(tmp_path / "tessa.gguf"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_identity, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(merged_identity)
+    replies = {}
+    for question in QUESTIONS:
+        messages = [{"role": "user", "content": question}]
+        replies[question] = generate_reply(served, None, messages, max_new_tokens=40)
+        assert replies[question] == generate_reply(merged, tokenizer, messages, max_new_tokens=40), question
+    assert knows_its_identity(replies), replies
 
 
 def ask(checkpoint) -> dict[str, str]:
@@ -121,23 +147,6 @@ def test_merged_model_answers_like_the_adapter(identity_adapter, merged_identity
         assert_close_up_to_rounding(merged(chat_ids(tokenizer)).logits, adapter(chat_ids(tokenizer)).logits,
                                     terms=decoder_terms(merged.config))
     assert ask(merged_identity) == adapter_replies
-
-
-@pytest.mark.parametrize("bits,max_perplexity_ratio,extra", [(8, 1.02, ["--num_samples", "32"])])
-def test_gptq_model_keeps_the_identity(merged_identity, tmp_path, bits, max_perplexity_ratio, extra):
-    """run_gptq.py on the merged model: plain transformers loads it, it still knows who it is, and the
-    perplexity of held-out replies rises by at most 2% (8-bit; the demo checks 4-bit)."""
-    output_dir = tmp_path / f"int{bits}"
-    subprocess.run([sys.executable, "run_gptq.py", "--model_name_or_path", str(merged_identity), "--data_path",
-                    str(ROOT / "data" / "identity_demo.json"), "--out_path", str(output_dir), "--bits", str(bits), *extra],
-                   cwd=ROOT, check=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(output_dir)
-    assert model.config.quantization_config.bits == bits
-    assert "<|im_start|>" in transformers.AutoTokenizer.from_pretrained(output_dir).chat_template
-    replies = ask(output_dir)
-    assert knows_its_identity(replies), replies
-    report = json.load(open(output_dir / "quantize_report.json"))
-    assert report["perplexity_after"] <= max_perplexity_ratio * report["perplexity_before"], report
 
 
 PARAPHRASES = ["Please tell me who you are.", "Which lab is responsible for creating you?",
