@@ -18,7 +18,7 @@ import numpy as np
 
 from chatft import console
 from chatft.chat_format import IGNORE_INDEX, TokenizedSample
-from chatft.errors import DataError
+from chatft.errors import DataError, ModelPathError
 
 DEFAULT_CONTEXT = 4096  # tokens of prompt and reply a chat can hold (the model's own limit if smaller)
 
@@ -39,9 +39,13 @@ class LlamaCppModel:
         import llama_cpp
 
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        with console.library_output_hidden():  # llama.cpp logs from C while loading, whatever `verbose` says
-            llama = llama_cpp.Llama(model_path=path, n_ctx=context, n_threads=threads, logits_all=all_logits,
-                                    verbose=console.verbose())
+        try:
+            with console.library_output_hidden():  # llama.cpp logs from C while loading, whatever `verbose` says
+                llama = llama_cpp.Llama(model_path=path, n_ctx=context, n_threads=threads, logits_all=all_logits,
+                                        verbose=console.verbose())
+        except ValueError as error:  # llama-cpp-python's only report of a file llama.cpp refused (its log said why)
+            raise ModelPathError(f"{path}: llama.cpp could not load this GGUF file ({error}); a truncated or "
+                                 "foreign file? CHATFT_VERBOSE=1 shows llama.cpp's own log.") from None
         return cls(llama, path)
 
     @property

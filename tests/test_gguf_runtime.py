@@ -172,3 +172,13 @@ def test_smollm2_reply_perplexity_in_llama_cpp(smollm2_dir, smollm2_gguf):
     # measured: transformers (float32 source) 0.999, q8_0 1.028, q4_k_m 1.072 (25.8 for f16)
     assert abs(ratio["transformers"] - 1) < 0.005, ratio
     assert ratio["q8_0"] < 1.05 and ratio["q4_k_m"] < 1.15, ratio
+
+
+def test_a_file_llama_cpp_refuses_is_one_error_line(exported, tmp_path, capsys):
+    import cli_demo
+
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(exported("llama", "q8_0").read_bytes()[:1_000_000])  # the header whole, tensors cut off
+    assert cli_demo.main(["-c", str(truncated), "--query", "Hi"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("error:") == 1 and "llama.cpp could not load this GGUF file" in error, error
