@@ -18,9 +18,9 @@ import numpy as np
 
 from chatft import console
 from chatft.chat_format import IGNORE_INDEX, TokenizedSample
-from chatft.errors import DataError, ModelPathError
+from chatft.errors import ArgumentError, DataError, ModelPathError
 
-DEFAULT_CONTEXT = 4096  # tokens of prompt and reply a chat can hold (the model's own limit if smaller)
+DEFAULT_CONTEXT = 4096  # tokens a chat's prompt and reply can hold together (llama.cpp's cache is sized for them)
 
 
 def llama_cpp_installed() -> bool:
@@ -65,16 +65,22 @@ class LlamaCppModel:
         """One assistant reply to `messages`, streamed to `streamer` (a chatft.chat.ThinkingStreamer) when given."""
         sampling = ({"temperature": temperature, "top_p": top_p, "top_k": 0, "min_p": 0.0, "seed": seed}
                     if do_sample else {"temperature": 0.0})  # llama.cpp's greedy sampler at temperature 0
-        completion = self.llama.create_chat_completion(
-            messages=messages, tools=tools, max_tokens=max_new_tokens, repeat_penalty=1.0, stream=streamer is not None,
-            **sampling)
-        if streamer is None:
-            return (completion["choices"][0]["message"]["content"] or "").strip()
-        pieces = []
-        for chunk in completion:
-            piece = chunk["choices"][0]["delta"].get("content") or ""
-            pieces.append(piece)
-            streamer.on_finalized_text(piece)
+        try:
+            completion = self.llama.create_chat_completion(
+                messages=messages, tools=tools, max_tokens=max_new_tokens, repeat_penalty=1.0,
+                stream=streamer is not None, **sampling)
+            if streamer is None:
+                return (completion["choices"][0]["message"]["content"] or "").strip()
+            pieces = []
+            for chunk in completion:
+                piece = chunk["choices"][0]["delta"].get("content") or ""
+                pieces.append(piece)
+                streamer.on_finalized_text(piece)
+        except ValueError as error:  # the prompt is longer than the context llama.cpp was given
+            if "exceed context window" not in str(error):
+                raise
+            raise ArgumentError(f"the conversation no longer fits llama.cpp's context ({error}); start a shorter "
+                                "one (:clear in a chat).") from None
         streamer.on_finalized_text("", stream_end=True)
         return "".join(pieces).strip()
 

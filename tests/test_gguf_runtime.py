@@ -182,3 +182,11 @@ def test_a_file_llama_cpp_refuses_is_one_error_line(exported, tmp_path, capsys):
     assert cli_demo.main(["-c", str(truncated), "--query", "Hi"]) == 2
     error = capsys.readouterr().err
     assert error.count("error:") == 1 and "llama.cpp could not load this GGUF file" in error, error
+
+
+def test_a_conversation_longer_than_the_context_is_one_error_line(exported):
+    from chatft.errors import ArgumentError
+
+    served = LlamaCppModel.load(str(exported("llama", "f16")), context=256)
+    with pytest.raises(ArgumentError, match="no longer fits llama.cpp's context"):
+        served.reply([{"role": "user", "content": "word " * 1000}], max_new_tokens=2)
