@@ -44,13 +44,13 @@ def test_every_kind_of_checkpoint_is_detected_and_served(tiny_qwen2_64_dir, tiny
         load_chat_model(str(tmp_path / "missing"))
 
 
-def test_a_gguf_file_is_served_by_llama_cpp_else_by_transformers(tiny_qwen2_64_dir, tmp_path, monkeypatch, capsys):
+def test_a_gguf_file_is_served_by_llama_cpp_else_by_transformers(tiny_llama_256_dir, tmp_path, monkeypatch, capsys):
     import export_gguf
 
     require_llama_cpp()
     monkeypatch.setenv("CHATFT_CACHE", str(tmp_path / "cache"))  # where transformers' copy of the file is written
     path = str(tmp_path / "model.gguf")
-    assert export_gguf.main(["--model_path", str(tiny_qwen2_64_dir), "--output", path]) == 0
+    assert export_gguf.main(["--model_path", str(tiny_llama_256_dir), "--output", path]) == 0
     assert checkpoint_kind(path) == "gguf"
     query = ["-c", path, "--query", "Who are you?", "--query", "你好", "--max-new-tokens", "6"]
     capsys.readouterr()

@@ -228,13 +228,14 @@ def write_adapter(base_dir, path: Path) -> Path:
     return path
 
 
-def test_adapter_directory_is_merged_on_the_fly(tiny_qwen2_dir, tmp_path):
-    assert export(write_adapter(tiny_qwen2_dir, tmp_path / "adapter"), tmp_path / "adapter.gguf") == 0
-    merged = peft.PeftModel.from_pretrained(load_source(tiny_qwen2_dir), tmp_path / "adapter").merge_and_unload()
+def test_adapter_directory_is_merged_on_the_fly(tiny_llama_256_dir, tmp_path):
+    """A Llama adapter: its update to q_proj is permuted with the rest of q_proj."""
+    assert export(write_adapter(tiny_llama_256_dir, tmp_path / "adapter"), tmp_path / "adapter.gguf") == 0
+    merged = peft.PeftModel.from_pretrained(load_source(tiny_llama_256_dir), tmp_path / "adapter").merge_and_unload()
     loaded = load_gguf(tmp_path / "adapter.gguf").state_dict()
     assert_same_weights(loaded, rounded(merged.state_dict(), torch.float16))
     q_proj = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(loaded[q_proj], load_source(tiny_qwen2_dir).state_dict()[q_proj].half().float())
+    assert not torch.equal(loaded[q_proj], load_source(tiny_llama_256_dir).state_dict()[q_proj].half().float())
 
 
 @pytest.mark.slow
@@ -249,11 +250,12 @@ def test_a_gguf_file_is_written_again_in_another_type(tiny_llama_256_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_finetune_trains_from_an_exported_file_and_its_result_exports_again(tiny_qwen2_dir, data_file, tmp_path,
+def test_finetune_trains_from_an_exported_file_and_its_result_exports_again(tiny_llama_256_dir, data_file, tmp_path,
                                                                               monkeypatch):
-    """GGUF in and GGUF out are one format: finetune.py reads what export_gguf.py writes."""
+    """GGUF in and GGUF out are one format: finetune.py reads what export_gguf.py writes (a Llama: its q/k permuted
+    on the way out and back in)."""
     monkeypatch.setenv("CHATFT_CACHE", str(tmp_path / "cache"))
-    assert export(tiny_qwen2_dir, tmp_path / "model.gguf") == 0
+    assert export(tiny_llama_256_dir, tmp_path / "model.gguf") == 0
     trainer = run(tmp_path / "model.gguf", data_file, tmp_path / "trained", "--max_steps", "2")
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(np.isfinite(losses))
@@ -311,13 +313,12 @@ def test_smollm2_reply_perplexity_of_each_type_against_f16(smollm2_dir, smollm2_
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     samples = tokenize_as_served(load_samples(str(ROOT / "data" / "identity_demo.json"))[:32], tokenizer,
                                  GptqSettings())
-    perplexity = {"source": reply_perplexity(load_source(smollm2_dir), samples)}
-    for gguf_type in ("f16", "q8_0", "q4_k_m"):
-        perplexity[gguf_type] = reply_perplexity(load_gguf(smollm2_gguf(gguf_type)), samples)
+    perplexity = {gguf_type: reply_perplexity(load_gguf(smollm2_gguf(gguf_type)), samples)
+                  for gguf_type in ("f16", "q8_0", "q4_k_m")}
     ratio = {name: value / perplexity["f16"] for name, value in perplexity.items()}
-    # measured: source 0.999, q8_0 1.010, q4_k_m 1.086 (25.8 for f16). f16 only rounds the weights; q8_0's 8-bit
-    # blocks cost about 1%; q4_k_m's 4- and 5-bit blocks cost more, within the +25% run_gptq's 4-bit GPTQ is held to
-    assert abs(ratio["source"] - 1) < 0.005, ratio
+    # measured: q8_0 1.010, q4_k_m 1.086 (25.8 for f16, 0.999 of the source's: f16 only rounds the weights, as the
+    # logits above show). q8_0's 8-bit blocks cost about 1%; q4_k_m's 4- and 5-bit blocks cost more, within the +25%
+    # run_gptq's 4-bit GPTQ is held to
     assert ratio["q8_0"] < 1.03, ratio
     assert ratio["q4_k_m"] < 1.15, ratio
     assert ratio["q8_0"] < ratio["q4_k_m"], ratio  # more bits, closer to f16
