@@ -63,10 +63,11 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
 
 
 # llama.cpp against transformers, on the same weights: the file's, de-quantised to float32 by the gguf package (as
-# transformers' GGUF loader does; test_gguf_export.py shows it reads these very values); llama.cpp computes with them as they are stored, rounding the activations to match (float16 or
-# bfloat16; 8-bit blocks for quantized matrices). Measured relative errors of the logits, qwen2 / llama: f16
-# 0.03% / 0.05%, bf16 0.18% / 0.34%, q8_0 0.6% / 1.0%, q4_k_m 0.6% / 1.5%. The Llama file written without its
-# q/k permutation errs by 4.4% even in f16: the bound for f16 and bf16 catches a wrong rotary layout.
+# transformers' GGUF loader does; test_gguf_export.py shows it reads these very values). llama.cpp computes with them
+# as they are stored, rounding the activations to match (float16 or bfloat16; 8-bit blocks for quantized matrices).
+# Measured relative errors of the logits, qwen2 / llama: f16 0.03% / 0.05%, bf16 0.18% / 0.34%, q8_0 0.6% / 1.0%,
+# q4_k_m 0.6% / 1.5%. The Llama file written without its q/k permutation errs by 4.4% even in f16: the bounds for
+# f16, bf16 and q8_0 catch a wrong rotary layout.
 LOGITS_BOUND = {"f16": 0.002, "bf16": 0.01, "q8_0": 0.03, "q4_k_m": 0.04}
 
 

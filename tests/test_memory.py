@@ -135,7 +135,7 @@ def test_dry_run_prints_the_estimate(tiny_qwen2_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("length", [256, 1024])
+@pytest.mark.parametrize("length", [1024])  # activations weigh here (at 256 weights dominate: within 25% too, measured)
 @pytest.mark.parametrize("mode", ["lora", "lora_emb", "qlora", "full"])
 def test_estimate_within_25_percent_of_the_measured_peak(smollm2_dir, mode, length, monkeypatch):
     """A cell of Qwen's profiling table (bench.profile_table's worker: finetune.py in a fresh process, batch 1, 2 steps,

@@ -107,8 +107,8 @@ def test_merged_model_as_f16_gguf_in_llama_cpp_answers_as_transformers_does(merg
 
 
 def ask(checkpoint) -> dict[str, str]:
-    """cli_demo.py --query for each question: {question: reply}."""
-    command = [sys.executable, "cli_demo.py", "-c", str(checkpoint), "--max-new-tokens", "40"]
+    """cli_demo.py --query for each question, as demo.sh asks: {question: reply}."""
+    command = [sys.executable, "cli_demo.py", "-c", str(checkpoint)]
     for question in QUESTIONS:
         command += ["--query", question]
     result = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
@@ -137,8 +137,9 @@ def test_lora_identity_through_the_launcher(identity_adapter):
     assert "Tessa" in reply, reply
 
 
-def test_merged_model_answers_like_the_adapter(identity_adapter, merged_identity):
-    adapter_replies = ask(identity_adapter)
+def test_merged_model_answers_like_the_adapter(demo, identity_adapter, merged_identity):
+    adapter_stage = next(title for title in demo.stages if title.startswith("After fine-tuning:"))
+    adapter_replies = replies_in(demo.stages[adapter_stage])  # as the demo's cli_demo.py printed them
     assert knows_its_identity(adapter_replies), adapter_replies
     merged = transformers.AutoModelForCausalLM.from_pretrained(merged_identity, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(merged_identity)
