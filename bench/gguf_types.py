@@ -35,7 +35,7 @@ def measure(model_path: str, data_path: str, num_samples: int, types: list[str],
 
     from chatft.data import load_samples
     from chatft.gguf_export import export_gguf
-    from chatft.gguf_runtime import llama_cpp_installed
+    from chatft.gguf_runtime import llama_cpp_installed, llama_cpp_reply_perplexity
     from chatft.quantize import GptqSettings, reply_perplexity, tokenize_as_served
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
@@ -53,18 +53,11 @@ def measure(model_path: str, data_path: str, num_samples: int, types: list[str],
                                                                    dtype=torch.float32)
         row = {"type": gguf_type, "size_mb": os.path.getsize(path) / 1e6, "export_s": seconds,
                "ppl_transformers": reply_perplexity(loaded, samples),
-               "ppl_llama_cpp": llama_cpp_perplexity(path, samples) if llama_cpp_installed() else None}
+               "ppl_llama_cpp": llama_cpp_reply_perplexity(path, samples) if llama_cpp_installed() else None}
         del loaded
         os.remove(path)
         rows.append(row)
     return rows
-
-
-def llama_cpp_perplexity(path: str, samples) -> float:
-    from chatft.gguf_runtime import LlamaCppModel
-
-    context = max(len(sample.input_ids) for sample in samples)
-    return LlamaCppModel.load(path, context=context, all_logits=True).reply_perplexity(samples)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -105,4 +98,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(console.run_entry_point(lambda argv: main(argv), sys.argv[1:]))
+    sys.exit(console.run_entry_point(main, sys.argv[1:]))

@@ -5,8 +5,8 @@ LM Studio users serve the file with, so what it answers here is what they will s
 - LlamaCppModel.reply: one chat reply through llama.cpp's chat completion, which renders the prompt with the chat
   template embedded in the file (export_gguf.py writes the one training used) and stops at the file's EOS
   (<|im_end|>); greedy unless sampling is asked for, as chatft.chat.generate_reply;
-- LlamaCppModel.reply_perplexity: the perplexity of assistant replies as chatft.quantize.reply_perplexity measures
-  it, from llama.cpp's own logits (computed with the quantized weights, as a user's runtime computes).
+- llama_cpp_reply_perplexity: the perplexity of assistant replies as chatft.quantize.reply_perplexity measures it,
+  from llama.cpp's own logits (computed with the quantized weights, as a user's runtime computes).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class LlamaCppModel:
 
     @classmethod
     def load(cls, path: str, context: int = DEFAULT_CONTEXT, all_logits: bool = False) -> "LlamaCppModel":
-        """`all_logits`: keep every position's logits (for reply_perplexity), not only the last one's."""
+        """`all_logits`: keep every position's logits (for llama_cpp_reply_perplexity), not only the last one's."""
         import llama_cpp
 
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -84,22 +84,24 @@ class LlamaCppModel:
         streamer.on_finalized_text("", stream_end=True)
         return "".join(pieces).strip()
 
-    def reply_perplexity(self, samples: list[TokenizedSample]) -> float:
-        """exp(mean negative log-likelihood) of the labelled tokens (assistant replies and their <|im_end|>), from
-        llama.cpp's logits; the model must be loaded with all_logits=True."""
-        total_nll, total_tokens = 0.0, 0
-        for sample in samples:
-            labels = np.asarray(sample.labels[1:])
-            positions = np.flatnonzero(labels != IGNORE_INDEX)
-            if positions.size == 0:
-                continue
-            self.llama.reset()
-            self.llama.eval(sample.input_ids)
-            logits = np.asarray(self.llama.scores[: len(sample.input_ids) - 1], dtype=np.float64)[positions]
-            peak = logits.max(axis=1, keepdims=True)
-            log_norm = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
-            total_nll += float((log_norm - logits[np.arange(positions.size), labels[positions]]).sum())
-            total_tokens += positions.size
-        if total_tokens == 0:
-            raise DataError("The samples have no assistant token to measure.")
-        return float(np.exp(total_nll / total_tokens))
+
+def llama_cpp_reply_perplexity(path: str, samples: list[TokenizedSample]) -> float:
+    """exp(mean negative log-likelihood) of the labelled tokens (assistant replies and their <|im_end|>) of `samples`,
+    from the logits llama.cpp computes with the GGUF file `path`."""
+    llama = LlamaCppModel.load(path, context=max(len(sample.input_ids) for sample in samples), all_logits=True).llama
+    total_nll, total_tokens = 0.0, 0
+    for sample in samples:
+        labels = np.asarray(sample.labels[1:])
+        positions = np.flatnonzero(labels != IGNORE_INDEX)
+        if positions.size == 0:
+            continue
+        llama.reset()
+        llama.eval(sample.input_ids)
+        logits = np.asarray(llama.scores[: len(sample.input_ids) - 1], dtype=np.float64)[positions]
+        peak = logits.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
+        total_nll += float((log_norm - logits[np.arange(positions.size), labels[positions]]).sum())
+        total_tokens += positions.size
+    if total_tokens == 0:
+        raise DataError("The samples have no assistant token to measure.")
+    return float(np.exp(total_nll / total_tokens))

@@ -17,7 +17,7 @@ import export_gguf
 from chatft.chat import generate_reply, load_chat_model
 from chatft.chat_format import IM_END
 from chatft.gguf_export import PRE_TOKENIZER_CHECK_TEXT
-from chatft.gguf_runtime import LlamaCppModel
+from chatft.gguf_runtime import LlamaCppModel, llama_cpp_reply_perplexity
 from support import ROOT, arch_of, planned_types, require_llama_cpp, written_as
 
 TYPES = ["f16", "bf16", "q8_0", "q4_k_m"]
@@ -164,9 +164,8 @@ def test_smollm2_reply_perplexity_in_llama_cpp(smollm2_dir, smollm2_gguf):
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     samples = tokenize_as_served(load_samples(str(ROOT / "data" / "identity_demo.json"))[:32], tokenizer,
                                  GptqSettings())
-    context = max(len(sample.input_ids) for sample in samples)
-    perplexity = {gguf_type: LlamaCppModel.load(str(smollm2_gguf(gguf_type)), context, all_logits=True)
-                  .reply_perplexity(samples) for gguf_type in ("f16", "q8_0", "q4_k_m")}
+    perplexity = {gguf_type: llama_cpp_reply_perplexity(str(smollm2_gguf(gguf_type)), samples)
+                  for gguf_type in ("f16", "q8_0", "q4_k_m")}
     source = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     ratio = {name: value / perplexity["f16"] for name, value in perplexity.items()}
     ratio["transformers"] = reply_perplexity(source, samples) / perplexity["f16"]
