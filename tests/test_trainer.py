@@ -12,7 +12,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from chatft.chat_format import IGNORE_INDEX
 from chatft.data import ChatCollator, SupervisedDataset
-from chatft.trainer import head_linears, output_layer_returns_loss_sum, supports_labelled_logits
+from chatft.losses import head_linears, labelled_cross_entropy, output_layer_computes, supports_labelled_logits
 from chatft.transformers_patch import checkpoints_written_as
 from support import CONVERSATIONS, assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, run
 
@@ -35,9 +35,9 @@ def test_same_loss_and_gradients_as_the_full_logits(tmp_path, qwen_tokenizer, ch
     head = model.get_output_embeddings()
     head.register_forward_hook(lambda module, inputs, output: outputs_seen.append(output.shape))
     count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    with output_layer_returns_loss_sum(head_linears(model), batch["labels"], chunk_size) as returned:
+    with output_layer_computes(head_linears(model), batch["labels"], chunk_size, labelled_cross_entropy) as returned:
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    loss_sum = returned.of(outputs)
+    loss_sum = returned.of(outputs, ())
     assert outputs_seen == [torch.Size([])]  # the output layer returned the loss: no vocabulary-wide tensor
     (loss_sum / count).backward()
     terms = decoder_terms(model.config, loss=True)  # the same sums, in chunks: equal up to their rounding
@@ -58,8 +58,8 @@ def test_bf16_autocast_matches_the_plain_path(tiny_qwen_dir, qwen_tokenizer):
     model.zero_grad()
     count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     with (torch.autocast("cpu", dtype=torch.bfloat16),
-          output_layer_returns_loss_sum([model.lm_head], batch["labels"], 7) as returned):
-        loss = returned.of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])) / count
+          output_layer_computes([model.lm_head], batch["labels"], 7, labelled_cross_entropy) as returned):
+        loss = returned.of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), ()) / count
     loss.backward()
     # both paths share everything up to the output layer's bf16 dot products: the loss carries their rounding
     assert_close_up_to_rounding(loss, reference, terms=model.config.hidden_size, dtype=torch.bfloat16,
@@ -72,8 +72,8 @@ def test_no_labelled_position_gives_zero_loss_and_gradients(tiny_qwen_dir, qwen_
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)
     batch = batch_of(qwen_tokenizer, CONVERSATIONS[:2])
     labels = torch.full_like(batch["labels"], IGNORE_INDEX)
-    with output_layer_returns_loss_sum([model.lm_head], labels, 16) as returned:
-        loss = returned.of(model(input_ids=batch["input_ids"]))
+    with output_layer_computes([model.lm_head], labels, 16, labelled_cross_entropy) as returned:
+        loss = returned.of(model(input_ids=batch["input_ids"]), ())
     loss.backward()
     assert loss.item() == 0.0 and model.lm_head.weight.grad is not None
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
@@ -125,10 +125,10 @@ def test_causal_lms_return_their_output_layers_result_as_logits(tiny_qwen_dir, t
 def test_an_output_layer_the_model_never_called_is_an_error(tiny_qwen_dir):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)
     input_ids = torch.tensor([[1, 2, 3, 4]])
-    with output_layer_returns_loss_sum([torch.nn.Linear(4, 4)], input_ids, 16) as returned:
+    with output_layer_computes([torch.nn.Linear(4, 4)], input_ids, 16, labelled_cross_entropy) as returned:
         outputs = model(input_ids=input_ids)
     with pytest.raises(RuntimeError, match="the layer ran 0 times and logits has shape .*--labelled_logits_only False"):
-        returned.of(outputs)
+        returned.of(outputs, ())
 
 
 def test_transformers_still_writes_checkpoints_under_the_patched_prefix(tmp_path):
@@ -178,7 +178,7 @@ def test_linear_cross_entropy_with_bias(weight_trains):
     reference = torch.nn.functional.cross_entropy(head(hidden[:, :-1]).flatten(0, 1), labels[:, 1:].flatten(),
                                                   reduction="sum")
     grads = torch.autograd.grad(reference, [hidden, head.bias] + ([head.weight] if weight_trains else []))
-    with output_layer_returns_loss_sum([head], labels, 4):
+    with output_layer_computes([head], labels, 4, labelled_cross_entropy):
         loss = head(hidden)
     terms = head.in_features + head.out_features + labels.numel()  # logits, log-sum-exp and softmax, positions
     assert_close_up_to_rounding(loss, reference, terms=terms)

@@ -1,0 +1,190 @@
+"""chatft.losses: the loss seam and its kernels. The per-token log-probability kernel equals log_softmax of the full
+logits, values and gradients (frozen and trainable output layer, bias, chunks, bf16 autocast); SupervisedLoss keeps
+what a mixture-of-experts model adds to its own loss (the router's load-balancing loss), equal to the model's own
+loss on a padded batch, and a training run logs it beside the loss."""
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from chatft.chat_format import IGNORE_INDEX
+from chatft.losses import (LossScale, SupervisedLoss, labelled_token_log_probs, output_layer_computes)
+from support import assert_close_up_to_rounding, qwen_tokenizer_dir, run
+
+
+def reference_log_probs(head, hidden, labels):
+    """log p(labels[t + 1]) at every labelled position, from the full logits (what the kernel must equal)."""
+    log_probs = head(hidden[:, :-1]).float().log_softmax(-1)
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    return log_probs[labelled].gather(1, targets[labelled][:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 1000])
+@pytest.mark.parametrize("head_trains", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_token_log_probs_and_their_gradients_equal_the_full_logits(chunk_size, head_trains, bias):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    head.requires_grad_(head_trains)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :4] = IGNORE_INDEX
+    labels[1, 6] = IGNORE_INDEX
+    weights = torch.rand(int((labels[:, 1:] != IGNORE_INDEX).sum())) * 3  # any per-token weights: a weighted loss
+    wrt = [hidden] + ([head.weight] + ([head.bias] if bias else []) if head_trains else [])
+    expected = reference_log_probs(head, hidden, labels)
+    expected_grads = torch.autograd.grad(-(weights * expected).sum(), wrt)
+
+    with output_layer_computes([head], labels, chunk_size, labelled_token_log_probs) as returned:
+        head(hidden)  # the layer returns the log-probabilities in place of its logits
+    got = labelled_token_log_probs(hidden, labels, head, chunk_size)
+    assert returned.calls == 1
+    terms = head.in_features + head.out_features
+    assert got.shape == expected.shape == weights.shape
+    assert_close_up_to_rounding(got, expected, terms=terms)
+    for grad, want in zip(torch.autograd.grad(-(weights * got).sum(), wrt), expected_grads):
+        assert_close_up_to_rounding(grad, want, terms=terms)
+
+
+def test_token_log_probs_under_bf16_autocast_compute_as_the_output_layer_would():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 64, bias=False)
+    hidden = torch.randn(1, 12, 32, requires_grad=True)
+    labels = torch.randint(0, 64, (1, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference_log_probs(head, hidden, labels)
+        got = labelled_token_log_probs(hidden, labels, head, 5)
+    # both take bf16 dot products; what differs is the order of fp32 sums after them
+    assert_close_up_to_rounding(got, expected, terms=head.in_features + head.out_features, dtype=torch.float32,
+                                magnitude=expected.abs().max())
+    assert got.dtype == torch.float32
+
+
+def test_log_probs_of_a_row_sum_to_its_cross_entropy():
+    """The two kernels agree: minus the sum of the log-probabilities is the summed cross-entropy."""
+    from chatft.losses import labelled_cross_entropy
+
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 30)
+    hidden = torch.randn(3, 7, 8)
+    labels = torch.randint(0, 30, (3, 7))
+    labels[2, :5] = IGNORE_INDEX
+    summed = labelled_cross_entropy(hidden, labels, head, 4)
+    assert_close_up_to_rounding(-labelled_token_log_probs(hidden, labels, head, 4).sum(), summed, terms=8 + 30 + 21)
+
+
+# --- mixture-of-experts: the model's own extra loss survives the fast path -----------------------------------------
+
+def build_tiny_moe(root, model_type):
+    """A random 2-layer `model_type` (qwen2_moe, qwen3_moe: 4 experts, top 2) with the real Qwen tokenizer and the
+    router's load-balancing loss on (output_router_logits), as a MoE fine-tune trains it."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    moe = {"qwen2_moe": dict(shared_expert_intermediate_size=24), "qwen3_moe": {}}[model_type]
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, max_position_embeddings=512, tie_word_embeddings=False, output_router_logits=True,
+        router_aux_loss_coef=0.25,  # large, so that a dropped term could not hide in the rounding
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id, **moe)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    path = root / model_type
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def padded_batch(tokenizer):
+    """Three rows of different lengths, right-padded (attention_mask 0, labels IGNORE_INDEX), the first few tokens
+    of each unlabelled like a prompt."""
+    texts = ["<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\nI am Tessa.<|im_end|>",
+             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello! How can I help you today?<|im_end|>",
+             "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>"]
+    rows = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), IGNORE_INDEX)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+        labels[i, 6 : len(row)] = torch.tensor(row[6:])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "qwen2_moe"])
+def tiny_moe_dir(request, tmp_path_factory):
+    return build_tiny_moe(tmp_path_factory.mktemp("moe"), request.param)
+
+
+@pytest.mark.parametrize("labelled_logits", [True, False])
+def test_moe_loss_through_the_seam_equals_the_models_own_loss(tiny_moe_dir, labelled_logits):
+    """CE + router_aux_loss_coef x aux on a padded batch, and the same gradients, as the model computes its loss."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_moe_dir)
+    batch = padded_batch(transformers.AutoTokenizer.from_pretrained(tiny_moe_dir))
+    own = model(**batch)
+    own.loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    assert own.aux_loss is not None and own.aux_loss > 0
+
+    loss = SupervisedLoss(labelled_logits)
+    loss.prepare(model)
+    assert loss.labelled_logits == labelled_logits
+    tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    terms = loss(model, batch, LossScale(tokens=tokens))
+    terms.loss.backward()
+
+    bound = dict(terms=2 * (2 * (4 * 32 + 48) + 32) + model.config.vocab_size)
+    assert_close_up_to_rounding(terms.loss, own.loss, **bound)
+    assert_close_up_to_rounding(terms.logs["aux_loss"], own.aux_loss, **bound)
+    coefficient = model.config.router_aux_loss_coef
+    assert_close_up_to_rounding(terms.logs["lm_loss"] + coefficient * terms.logs["aux_loss"], own.loss, **bound)
+    # the aux term is far above the rounding: a seam that dropped it would fail the first assertion
+    assert coefficient * own.aux_loss.detach() > 100 * (abs(float(terms.loss.detach() - own.loss.detach())) + 1e-6)
+    router_grads = 0
+    for name, p in model.named_parameters():
+        if name in expected:
+            assert_close_up_to_rounding(p.grad, expected[name], **bound)
+            router_grads += "gate.weight" in name and "shared" not in name
+    assert router_grads == 2  # each layer's router learns from the aux loss (and the CE)
+
+
+def test_a_dense_model_logs_no_extra_terms(tiny_qwen2_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir)
+    batch = padded_batch(transformers.AutoTokenizer.from_pretrained(tiny_qwen2_dir))
+    loss = SupervisedLoss()
+    loss.prepare(model)
+    terms = loss(model, batch, LossScale(tokens=int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())))
+    assert terms.logs == {}
+    assert_close_up_to_rounding(terms.loss, model(**batch).loss, terms=2 * (2 * (4 * 32 + 48) + 32) + 151_665)
+
+
+def test_loss_scale_normalizes_as_the_trainer_does():
+    labels = torch.tensor([[IGNORE_INDEX, 1, 2, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, 3, 4]])
+    total = torch.tensor(12.0)
+    # counted by the Trainer over 2 micro-batches of 2 processes: the token sum over the accumulated batch, x2 undone
+    # by the gradient average; the router's mean divided by the micro-batches, not multiplied by the processes
+    scale = LossScale(tokens=8, processes=2, accumulation_steps=2)
+    assert scale.token_mean(total, labels) == 12.0 / 8 * 2
+    assert scale.batch_mean(torch.tensor(0.5)) == 0.25
+    # not counted: this micro-batch's own 4 labelled tokens; the Trainer divides both by the accumulation steps
+    uncounted = LossScale(tokens=None, accumulation_steps=2)
+    assert uncounted.token_mean(total, labels) == 3.0
+    assert uncounted.batch_mean(torch.tensor(0.5)) == 0.5
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe"])
+def test_a_moe_training_run_logs_the_router_loss_beside_the_loss(tmp_path, data_file, model_type):
+    model_dir = build_tiny_moe(tmp_path, model_type)
+    trainer = run(model_dir, data_file, tmp_path / "out", "--use_lora", "--lora_r", "4")
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3
+    coefficient = trainer.model.config.router_aux_loss_coef
+    for entry in logged:
+        assert entry["aux_loss"] > 0 and math.isfinite(entry["lm_loss"])
+        # one micro-batch per step: the logged loss is its CE plus the weighted router loss
+        assert entry["loss"] == pytest.approx(entry["lm_loss"] + coefficient * entry["aux_loss"], abs=2e-3)
