@@ -34,7 +34,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from chatft.chat_format import IGNORE_INDEX
-from chatft.transformers_patch import checkpoints_written_as
+from chatft.patches import checkpoints_written_as
 
 logger = logging.getLogger(__name__)
 
