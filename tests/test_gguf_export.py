@@ -388,3 +388,10 @@ def test_unknown_type_is_refused_by_the_parser(tiny_qwen2_dir, tmp_path, capsys)
     with pytest.raises(SystemExit) as exit_info:
         export(tiny_qwen2_dir, tmp_path / "x.gguf", "--type", "q4_0")
     assert exit_info.value.code == 2 and "invalid choice: 'q4_0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_flag, output_flag", [("--model_name_or_path", "--output_file"),
+                                                      ("--model_path", "--output")])
+def test_the_flags_and_their_old_spellings_are_one_flag(model_flag, output_flag):
+    args = export_gguf.parse_args([model_flag, "model", output_flag, "model.gguf"])
+    assert (args.model_name_or_path, args.output_file) == ("model", "model.gguf")
