@@ -40,7 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", "--top_p", type=float, default=0.8, metavar="P")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--cpu-only", "--cpu_only", action="store_true", help="Run on the CPU even when CUDA is available.")
+    parser.add_argument("--cpu-only", "--cpu_only", action="store_true",
+                        help="Run on the CPU even when CUDA is available.")
     parser.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true")
     return parser.parse_args(argv)
 

@@ -179,8 +179,8 @@ def test_quantized_file_holds_llama_quantize_s_types_and_reads_back_as_they_stor
     assert gguf_field(reader, "general.file_type") == gguf.LlamaFileType[f"MOSTLY_{gguf_type.upper()}"]
 
     source, loaded = load_source(model_dir), load_gguf(output)
-    assert_same_weights(loaded.state_dict(),
-                        written_as(source.state_dict(), types, source.config.num_hidden_layers, arch_of(source)))
+    expected = written_as(source.state_dict(), types, source.config.num_hidden_layers, arch_of(source), output)
+    assert_same_weights(loaded.state_dict(), expected)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     before, after = probe_logits(source, tokenizer).flatten(), probe_logits(loaded, tokenizer).flatten()
     relative_error = float((after - before).norm() / before.norm())
