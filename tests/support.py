@@ -244,12 +244,10 @@ def written_as(weights: dict[str, torch.Tensor], types: dict[str, str], n_layers
     expected = {}
     for hf_name, weight in weights.items():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name not in types:  # a tied output layer is the embeddings
-            name = "token_embd.weight"
-        qtype = QType[types[name]]
+        qtype = QType[types.get(name, types["token_embd.weight"])]  # a tied output layer is the embeddings
         data = weight.float().numpy()
         if qtype in KQUANT_TYPES:
-            back = stored[name]
+            back = stored[name if name in stored or name != "output.weight" else "token_embd.weight"]
             assert back.shape == data.shape, (hf_name, back.shape, data.shape)
             error = np.sqrt(np.mean((back - data) ** 2) / np.mean(data ** 2))
             assert error <= kquant_rounding_error_bound(data, qtype), (hf_name, qtype.name, error)
