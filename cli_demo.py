@@ -1,8 +1,8 @@
 """Chat with a fine-tuned model: a full, merged or GPTQ model directory, a LoRA/Q-LoRA adapter directory, or a
 .gguf file from export_gguf.py (detected).
 
-    $ python cli_demo.py -c output_qwen                          # interactive, streamed
-    $ python cli_demo.py -c output_qwen --query "Who are you?"   # one-shot, greedy, prints the reply
+    $ python cli_demo.py --model_name_or_path output_qwen                         # interactive, streamed
+    $ python cli_demo.py -c output_qwen --query "Who are you?"   # -c: the same; one-shot, greedy, prints the reply
 
 Prompts go through the model's own saved chat template, the one the training run wrote. A .gguf file runs in
 llama.cpp when llama-cpp-python is installed (the template embedded in the file), else in transformers.
@@ -25,19 +25,24 @@ KIND_NAMES = {"full": "full model", "gptq": "GPTQ-quantized model", "lora": "LoR
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--checkpoint-path", required=True, help="Model or LoRA adapter directory, or .gguf file.")
+    parser.add_argument("--model_name_or_path", "-c", "--checkpoint-path", "--checkpoint_path", required=True,
+                        dest="model_name_or_path", metavar="PATH",
+                        help="Model or LoRA adapter directory, or .gguf file.")
     parser.add_argument("--query", action="append", help="Ask this and print the reply (repeatable); no prompt loop.")
     parser.add_argument("--system", default=None, help="System message (default: the one saved in the chat template).")
     parser.add_argument("--tools", default=None, help="JSON file with a list of tool definitions for the model to call "
                                                       "(as in the training data's `tools`).")
-    parser.add_argument("--hide-thinking", action="store_true", help="Show only the answer of a reply that reasons.")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--do-sample", action="store_true", help="Sample instead of greedy decoding.")
+    # each hyphenated flag also takes the underscore spelling the other entry points use (--max_new_tokens)
+    parser.add_argument("--hide-thinking", "--hide_thinking", action="store_true",
+                        help="Show only the answer of a reply that reasons.")
+    parser.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=256, metavar="N")
+    parser.add_argument("--do-sample", "--do_sample", action="store_true", help="Sample instead of greedy decoding.")
     parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=0.8)
+    parser.add_argument("--top-p", "--top_p", type=float, default=0.8, metavar="P")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--cpu-only", action="store_true", help="Run on the CPU even when CUDA is available.")
-    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--cpu-only", "--cpu_only", action="store_true",
+                        help="Run on the CPU even when CUDA is available.")
+    parser.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -48,7 +53,7 @@ PACKAGES_FOR_KIND = {"full": (), "lora": (), "qlora": ("bitsandbytes", "gptqmode
 def chat(argv=None) -> int:
     args = parse_args(argv)
     try:
-        kind = checkpoint_kind(args.checkpoint_path)
+        kind = checkpoint_kind(args.model_name_or_path)
     except (OSError, ValueError):  # not a readable checkpoint: load_chat_model says what is wrong with it
         kind = "full"
     if __name__ == "__main__":  # the libraries are imported only now: they look at what is installed then
@@ -62,12 +67,12 @@ def chat(argv=None) -> int:
 
     transformers.set_seed(args.seed)
     tools = load_tools(args.tools) if args.tools else None
-    model, tokenizer, kind = load_chat_model(args.checkpoint_path, trust_remote_code=args.trust_remote_code,
+    model, tokenizer, kind = load_chat_model(args.model_name_or_path, trust_remote_code=args.trust_remote_code,
                                              device="cpu" if args.cpu_only else None,
                                              dtype=torch.float32 if args.cpu_only else None)
     in_llama_cpp = isinstance(model, LlamaCppModel)
     shown = model.describe() if in_llama_cpp else f"{KIND_NAMES[kind]}, {model.dtype}, {model.device}"
-    print(f"Loaded {args.checkpoint_path} ({shown})", file=sys.stderr)
+    print(f"Loaded {args.model_name_or_path} ({shown})", file=sys.stderr)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
     if args.do_sample and in_llama_cpp:  # llama.cpp samples with its own generator
         sampling["seed"] = args.seed

@@ -14,7 +14,7 @@ QUESTIONS=(--query "Who are you?" --query "Who made you?" --query "What is the c
 
 MODEL="$(python -m chatft.bundled)"
 echo "=== Before fine-tuning: $MODEL"
-python cli_demo.py -c "$MODEL" "${QUESTIONS[@]}"
+python cli_demo.py --model_name_or_path "$MODEL" "${QUESTIONS[@]}"
 
 echo "=== LoRA fine-tuning on data/identity_demo.json -> $OUTPUT"
 # Qwen's LoRA recipe, made quick for 80 short samples on a CPU: 8 samples a step (not 2 x 8 accumulation), so
@@ -24,7 +24,7 @@ bash finetune/finetune_lora_single_gpu.sh -o "$OUTPUT" --overwrite_output_dir Tr
   --num_train_epochs 3 --activation_checkpointing False
 
 echo "=== After fine-tuning: $OUTPUT (LoRA adapter)"
-python cli_demo.py -c "$OUTPUT" "${QUESTIONS[@]}"
+python cli_demo.py --model_name_or_path "$OUTPUT" "${QUESTIONS[@]}"
 
 echo "=== Merging the adapter into the model -> ${OUTPUT}_merged"
 python merge_lora.py --adapter_path "$OUTPUT" --output_dir "${OUTPUT}_merged" --overwrite
@@ -32,17 +32,17 @@ python merge_lora.py --adapter_path "$OUTPUT" --output_dir "${OUTPUT}_merged" --
 echo "=== 4-bit GPTQ quantization -> ${OUTPUT}_int4 (about 2.5 minutes on a 2-core CPU; log: ${OUTPUT}_int4.log)"
 # gptqmodel's progress display is meant for a terminal; the log keeps it, the summary line is shown.
 if ! python run_gptq.py --model_name_or_path "${OUTPUT}_merged" --data_path data/identity_demo.json \
-    --out_path "${OUTPUT}_int4" --bits 4 --overwrite > "${OUTPUT}_int4.log" 2>&1; then
+    --output_dir "${OUTPUT}_int4" --bits 4 --overwrite > "${OUTPUT}_int4.log" 2>&1; then
   tail -n 40 "${OUTPUT}_int4.log"
   exit 1
 fi
 tail -n 1 "${OUTPUT}_int4.log"
 
 echo "=== After fine-tuning, merging and 4-bit quantization: ${OUTPUT}_int4"
-python cli_demo.py -c "${OUTPUT}_int4" "${QUESTIONS[@]}"
+python cli_demo.py --model_name_or_path "${OUTPUT}_int4" "${QUESTIONS[@]}"
 
 echo "=== GGUF export for llama.cpp, Ollama, LM Studio -> ${OUTPUT}-q4_k_m.gguf"
-python export_gguf.py --model_path "${OUTPUT}_merged" --output "${OUTPUT}-q4_k_m.gguf" --type q4_k_m --overwrite
+python export_gguf.py --model_name_or_path "${OUTPUT}_merged" --output_file "${OUTPUT}-q4_k_m.gguf" --type q4_k_m --overwrite
 
 echo "=== After fine-tuning, merging and GGUF export: ${OUTPUT}-q4_k_m.gguf"
-python cli_demo.py -c "${OUTPUT}-q4_k_m.gguf" "${QUESTIONS[@]}"
+python cli_demo.py --model_name_or_path "${OUTPUT}-q4_k_m.gguf" "${QUESTIONS[@]}"

@@ -1,13 +1,13 @@
 """Write a fine-tuned model as one GGUF file, for llama.cpp, ollama, LM Studio (and finetune.py, which trains on it).
 
-    $ python export_gguf.py --model_path output_demo_merged --output tessa.gguf
-    $ python export_gguf.py --model_path output_demo --output tessa-q4_k_m.gguf --type q4_k_m
+    $ python export_gguf.py --model_name_or_path output_demo_merged --output_file tessa.gguf
+    $ python export_gguf.py --model_name_or_path output_demo --output_file tessa-q4_k_m.gguf --type q4_k_m
     $ llama-cli -m tessa-q4_k_m.gguf -cnv   # chat: the ChatML template the model trained with, stops at <|im_end|>
 
---model_path is a full or merged model directory (finetune.py's or merge_lora.py's output) or a LoRA/Q-LoRA adapter
-directory, merged into its base on the fly as merge_lora.py does. Llama (SmolLM2) and Qwen2 models. The file is written
-beside --output under a temporary name and renamed when complete; an existing --output is refused unless --overwrite.
-The file's path is printed alone on stdout.
+--model_name_or_path (or --model_path) is a full or merged model directory (finetune.py's or merge_lora.py's output) or
+a LoRA/Q-LoRA adapter directory, merged into its base on the fly as merge_lora.py does. Llama (SmolLM2) and Qwen2
+models. The file is written beside --output_file (or --output) under a temporary name and renamed when complete; an
+existing one is refused unless --overwrite. The file's path is printed alone on stdout.
 """
 
 import argparse
@@ -29,21 +29,23 @@ TYPE_HELP = ("f16 (default): every matrix in float16, as llama.cpp's converter w
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_path", required=True,
+    parser.add_argument("--model_name_or_path", "--model_path", required=True, dest="model_name_or_path",
+                        metavar="PATH",
                         help="A full or merged model directory, a LoRA/Q-LoRA output directory of finetune.py, or a "
                              ".gguf file (written again in --type).")
-    parser.add_argument("--output", required=True, help="The .gguf file to write.")
+    parser.add_argument("--output_file", "--output", required=True, dest="output_file", metavar="FILE",
+                        help="The .gguf file to write.")
     parser.add_argument("--type", choices=list(GGUF_TYPES), default=DEFAULT_TYPE, help=TYPE_HELP)
     parser.add_argument("--base_model_path", default=None,
                         help="For an adapter: the full-precision base to merge it into (default: the one recorded in "
                              "adapter_config.json).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output_file.")
     return parser.parse_args(argv)
 
 
 def export(argv=None) -> None:
     args = parse_args(argv)
-    console.print_value(lambda: export_gguf(args.model_path, args.output, args.type, args.base_model_path,
+    console.print_value(lambda: export_gguf(args.model_name_or_path, args.output_file, args.type, args.base_model_path,
                                             args.overwrite))
 
 

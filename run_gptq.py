@@ -1,12 +1,12 @@
 """Quantize a (merged) fine-tuned model to GPTQ int2/3/4/8 with gptqmodel, calibrated on your data.
 
-    $ python run_gptq.py --model_name_or_path output_qwen_merged --data_path data/identity_demo.json \
-        --out_path output_qwen_int4 --bits 4
+    $ python run_gptq.py --model_name_or_path output_qwen_merged --data_path data/identity_demo.json \\
+        --output_dir output_qwen_int4 --bits 4
 
 --data_path takes the training data format; its conversations are rendered and tokenized by the
 same code as training. A seeded part of the data is held out from calibration and the perplexity of
 the assistant replies on it is printed before and after quantization, and written with the settings
-to OUT_PATH/quantize_report.json. The output loads with plain `AutoModelForCausalLM.from_pretrained`
+to OUTPUT_DIR/quantize_report.json. The output loads with plain `AutoModelForCausalLM.from_pretrained`
 (gptqmodel and optimum installed) and `AutoTokenizer.from_pretrained`, chat template included.
 Runs on CUDA, or on the CPU (slowly).
 """
@@ -26,9 +26,11 @@ DEFAULTS = GptqSettings()
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True, help="Full-precision model, e.g. merge_lora.py's output.")
+    parser.add_argument("--model_name_or_path", required=True, metavar="PATH",
+                        help="Full-precision model, e.g. merge_lora.py's output.")
     parser.add_argument("--data_path", required=True, help="Calibration data, in the training data format.")
-    parser.add_argument("--out_path", required=True, help="Where the quantized model is written.")
+    parser.add_argument("--output_dir", "--out_path", required=True, dest="output_dir", metavar="DIR",
+                        help="Where the quantized model is written.")
     parser.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=DEFAULTS.bits)
     parser.add_argument("--group-size", "--group_size", dest="group_size", type=int, default=DEFAULTS.group_size,
                         help="Columns sharing one scale; -1: one per row (default: 128, or 64/32 where 128 "
@@ -42,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--system_message", default=DEFAULTS.system_message,
                         help="System prompt for conversations without one (use the one training used).")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="Chooses the held-out samples.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out_path.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output_dir.")
     return parser.parse_args(argv)
 
 
@@ -53,10 +55,10 @@ def quantize(argv=None) -> None:
         max_len=args.max_len, num_samples=args.num_samples, num_eval_samples=args.num_eval_samples,
         seed=args.seed, system_message=args.system_message,
     )
-    report = run_gptq(args.model_name_or_path, args.data_path, args.out_path, settings, args.overwrite)
+    report = run_gptq(args.model_name_or_path, args.data_path, args.output_dir, settings, args.overwrite)
     print(f"Perplexity on {report['held_out_samples']} held-out conversations (assistant replies): "
           f"{report['perplexity_before']:.3f} before, {report['perplexity_after']:.3f} after "
-          f"{args.bits}-bit GPTQ (x{report['perplexity_ratio']:.3f}). Report: {args.out_path}/{REPORT_FILE}")
+          f"{args.bits}-bit GPTQ (x{report['perplexity_ratio']:.3f}). Report: {args.output_dir}/{REPORT_FILE}")
 
 
 def main(argv=None) -> int:

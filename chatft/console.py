@@ -22,6 +22,7 @@ import tempfile
 import warnings
 from typing import Callable, Iterable
 
+from chatft import patches
 from chatft.errors import ChatftError
 
 VERBOSE_VARIABLE = "CHATFT_VERBOSE"
@@ -60,6 +61,9 @@ HARMLESS_WARNINGS = [
      "DeepSpeed calls torch collectives under their old names (hundreds of times under ZeRO-3); same results"),
 ]
 
+# What start() sets up for the process's lifetime (never closed: the libraries keep what they saw at import)
+_FOR_THE_PROCESS = contextlib.ExitStack()
+
 
 def verbose() -> bool:
     return os.environ.get(VERBOSE_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
@@ -74,24 +78,11 @@ class _DropHarmless(logging.Filter):
         return self.text not in str(record.getMessage())
 
 
-def hide_unused_packages(used: Iterable[str]) -> list[str]:
-    """Make the OPTIONAL_PACKAGES not in `used` look uninstalled to this process; return their names.
-
-    A None entry in sys.modules is Python's documented way to block an import: `importlib.util.find_spec`
-    returns None and `import` raises ModuleNotFoundError, which is exactly how transformers and peft detect
-    a package that is not installed, so they take their well-trodden "not installed" path. Must run before
-    transformers is imported (it records what is available then)."""
-    hidden = []
-    for name in OPTIONAL_PACKAGES:
-        if name not in used and name not in sys.modules:
-            sys.modules[name] = None
-            hidden.append(name)
-    return hidden
-
-
 def start(uses: Iterable[str] = ()) -> None:
-    """Set up the console for an entry point; `uses`: the OPTIONAL_PACKAGES this run needs."""
-    hide_unused_packages(set(uses))
+    """Set up the console for an entry point; `uses`: the OPTIONAL_PACKAGES this run needs. The others are hidden
+    for the rest of the process (chatft.patches.packages_hidden): libraries record what is installed when imported."""
+    uses = set(uses)
+    _FOR_THE_PROCESS.enter_context(patches.packages_hidden(name for name in OPTIONAL_PACKAGES if name not in uses))
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO if verbose() else logging.WARNING)
     for name in TOOLKIT_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO)

@@ -25,9 +25,10 @@ import ctypes
 import logging
 import os
 import sys
-import threading
 
 import torch
+
+from chatft import patches
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,7 @@ def exit_process(status: int = 0) -> None:
     non-daemon threads and thread pools, run the atexit handlers: logging, temporary files, trackers such as
     wandb), but without the interpreter's teardown, where threads of C++ libraries can abort the process."""
     try:
-        shutdown_threads = getattr(threading, "_shutdown", None)  # what Py_FinalizeEx calls first
-        if shutdown_threads is not None:
-            shutdown_threads()
-        atexit._run_exitfuncs()
+        patches.run_exit_steps()  # CPython's private threading._shutdown and atexit._run_exitfuncs
     finally:
         for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
             try:

@@ -204,17 +204,19 @@ def run_gptq(model_path: str, data_path: str, out_path: str, settings: GptqSetti
 def quantize_with_gptqmodel(model_path: str, samples: list[TokenizedSample], settings: GptqSettings, out_dir: str):
     console.import_gptqmodel(info_lines=True)
     from gptqmodel import GPTQModel, QuantizeConfig
-    from gptqmodel.looper import loop_processor
+
+    from chatft.patches import gptqmodel_logs_written_to
 
     # gptqmodel writes per-run logs into ./logs of the working directory; keep them with the output instead
-    loop_processor._PROJECT_LOG_DIR = type(loop_processor._PROJECT_LOG_DIR)(os.path.join(out_dir, "gptq_logs"))
-    config = QuantizeConfig(bits=settings.bits, group_size=settings.group_size,
-                            damp_percent=settings.damp_percent, desc_act=settings.desc_act)
-    logger.info("Quantizing to %d bits (group size %d) with gptqmodel", settings.bits, settings.group_size)
-    model = GPTQModel.load(model_path, config)
-    calibration = [{"input_ids": s.input_ids, "attention_mask": [1] * len(s.input_ids)} for s in samples]
-    model.quantize(calibration, batch_size=1)
-    model.save(out_dir)
-    shutil.rmtree(loop_processor._PROJECT_LOG_DIR, ignore_errors=True)  # scratch logs; quant_log.csv stays
+    log_dir = os.path.join(out_dir, "gptq_logs")
+    with gptqmodel_logs_written_to(log_dir):
+        config = QuantizeConfig(bits=settings.bits, group_size=settings.group_size,
+                                damp_percent=settings.damp_percent, desc_act=settings.desc_act)
+        logger.info("Quantizing to %d bits (group size %d) with gptqmodel", settings.bits, settings.group_size)
+        model = GPTQModel.load(model_path, config)
+        calibration = [{"input_ids": s.input_ids, "attention_mask": [1] * len(s.input_ids)} for s in samples]
+        model.quantize(calibration, batch_size=1)
+        model.save(out_dir)
+    shutil.rmtree(log_dir, ignore_errors=True)  # scratch logs; quant_log.csv stays
     del model
     gc.collect()

@@ -7,7 +7,7 @@ aux_loss of a mixture-of-experts model) beside `loss`, averaged over the logging
 smoothing and a `compute_loss_func` given to the Trainer keep transformers' own loss.
 
 Checkpoints: while `ChatTrainer` trains, transformers writes each checkpoint as `tmp-checkpoint-N`
-(chatft.transformers_patch, the one patch of transformers), and `AtomicCheckpoints.on_save` renames it to
+(chatft.patches, the one module of library patches), and `AtomicCheckpoints.on_save` renames it to
 `checkpoint-N` once every process has finished writing, so a crash mid-save never leaves a partial
 `checkpoint-N` for `--resume_from_checkpoint True` to pick.
 """
@@ -25,7 +25,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from chatft.losses import LossScale, SupervisedLoss
-from chatft.transformers_patch import checkpoints_written_as
+from chatft.patches import checkpoints_written_as
 
 logger = logging.getLogger(__name__)
 

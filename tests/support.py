@@ -230,20 +230,68 @@ def planned_types(model, gguf_type: str) -> dict[str, str]:
     return types
 
 
-def written_as(weights: dict[str, torch.Tensor], types: dict[str, str], n_layers: int, arch) -> dict[str, torch.Tensor]:
-    """Each weight as the file's type stores it: quantized by the same quantizers, read back by gguf's dequantizer."""
-    from chatft import kquants
+KQUANT_TYPES = (QType.Q4_K, QType.Q6_K)
 
+
+def written_as(weights: dict[str, torch.Tensor], types: dict[str, str], n_layers: int, arch,
+               gguf_file: Path | None = None) -> dict[str, torch.Tensor]:
+    """Each weight as the file's type stores it, read back by gguf's dequantizer. Never through the code under test:
+    the types gguf can write (F16, BF16, Q8_0, Q5_0) are quantized here by gguf.quants.quantize; the K-quants (Q4_K,
+    Q6_K), which only chatft.kquants writes, are the bytes `gguf_file` holds (required when `types` has any), each
+    checked to be within the format's rounding error of its weight."""
     names = gguf.get_tensor_name_map(arch, n_layers)
+    stored = kquant_tensors(gguf_file) if any(QType[t] in KQUANT_TYPES for t in types.values()) else {}
     expected = {}
     for hf_name, weight in weights.items():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         qtype = QType[types.get(name, types["token_embd.weight"])]  # a tied output layer is the embeddings
         data = weight.float().numpy()
-        quantized = (kquants.quantize(data, qtype) if qtype in (QType.Q4_K, QType.Q6_K)
-                     else gguf.quants.quantize(data, qtype))
-        expected[hf_name] = torch.from_numpy(np.array(gguf.quants.dequantize(quantized, qtype), dtype=np.float32))
+        if qtype in KQUANT_TYPES:
+            back = stored[name if name in stored or name != "output.weight" else "token_embd.weight"]
+            assert back.shape == data.shape, (hf_name, back.shape, data.shape)
+            error = np.sqrt(np.mean((back - data) ** 2) / np.mean(data ** 2))
+            assert error <= kquant_rounding_error_bound(data, qtype), (hf_name, qtype.name, error)
+        else:
+            back = gguf.quants.dequantize(gguf.quants.quantize(data, qtype), qtype)
+        expected[hf_name] = torch.from_numpy(np.array(back, dtype=np.float32))
     return expected
+
+
+def kquant_tensors(gguf_file: Path) -> dict[str, np.ndarray]:
+    """The Q4_K and Q6_K tensors of a GGUF file, by llama.cpp name, de-quantized by gguf and in transformers' layout
+    (a Llama's attn_q/attn_k rows taken back from llama.cpp's rotary order: pairs (2i, 2i+1) -> (i, i + d/2))."""
+    assert gguf_file is not None, "K-quant types: pass the file, whose bytes are the expectation"
+    reader = gguf.GGUFReader(gguf_file)
+    arch = reader.fields["general.architecture"].contents()
+    heads = {"attn_q": reader.fields[f"{arch}.attention.head_count"].contents(),
+             "attn_k": reader.fields[f"{arch}.attention.head_count_kv"].contents()}
+    tensors = {}
+    for tensor in reader.tensors:
+        if tensor.tensor_type not in KQUANT_TYPES:
+            continue
+        back = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        role = tensor.name.split(".")[-2]
+        if arch == "llama" and role in heads:
+            rows = back.shape[0]
+            back = back.reshape(heads[role], rows // heads[role] // 2, 2, -1).swapaxes(1, 2).reshape(back.shape)
+        tensors[tensor.name] = back
+    return tensors
+
+
+def kquant_rounding_error_bound(x: np.ndarray, qtype: QType, slack: float = 1.05) -> float:
+    """The relative RMS error of rounding each value to the nearest point of a uniform grid laid over
+    its sub-block as the format lays it: Q4_K, 16 levels from min(x_min, 0) to x_max over 32 values
+    (step = range/15); Q6_K, 64 levels with the largest |x| at 32 steps over 16 values (step =
+    max|x|/32). Uniform rounding error has RMS step/sqrt(12). `slack` covers storing each step as
+    a 6-bit (Q4_K) or 8-bit (Q6_K) multiple of an fp16 number. On Gaussian data: 0.081 and 0.019.
+    """
+    if qtype == QType.Q4_K:
+        sub = x.reshape(-1, 32)
+        step = (sub.max(axis=1) - np.minimum(sub.min(axis=1), 0)) / 15
+    else:
+        sub = x.reshape(-1, 16)
+        step = np.abs(sub).max(axis=1) / 32
+    return slack * float(np.sqrt(np.mean(step ** 2) / 12 / np.mean(x ** 2)))
 
 
 def arch_of(model) -> gguf.MODEL_ARCH:

@@ -202,3 +202,14 @@ def test_the_streamer_puts_thinking_on_its_own_line(tiny_qwen2_64_dir, capsys, s
     out = capsys.readouterr().out
     expected = ("Thinking: Let me see.\n" if show else "") + "Assistant: Hello!\nAssistant: No thoughts\n"
     assert out == expected
+
+
+@pytest.mark.parametrize("model_flag", ["--model_name_or_path", "-c", "--checkpoint-path", "--checkpoint_path"])
+def test_the_model_flag_and_its_old_spellings_are_one_flag(model_flag):
+    args = cli_demo.parse_args([model_flag, "out", "--max_new_tokens", "7", "--top_p", "0.5", "--do_sample",
+                                "--hide_thinking", "--cpu_only", "--trust_remote_code"])
+    assert (args.model_name_or_path, args.max_new_tokens, args.top_p) == ("out", 7, 0.5)
+    assert args.do_sample and args.hide_thinking and args.cpu_only and args.trust_remote_code
+    hyphenated = cli_demo.parse_args([model_flag, "out", "--max-new-tokens", "7", "--top-p", "0.5", "--do-sample",
+                                      "--hide-thinking", "--cpu-only", "--trust-remote-code"])
+    assert hyphenated == args

@@ -179,8 +179,8 @@ def test_quantized_file_holds_llama_quantize_s_types_and_reads_back_as_they_stor
     assert gguf_field(reader, "general.file_type") == gguf.LlamaFileType[f"MOSTLY_{gguf_type.upper()}"]
 
     source, loaded = load_source(model_dir), load_gguf(output)
-    assert_same_weights(loaded.state_dict(),
-                        written_as(source.state_dict(), types, source.config.num_hidden_layers, arch_of(source)))
+    expected = written_as(source.state_dict(), types, source.config.num_hidden_layers, arch_of(source), output)
+    assert_same_weights(loaded.state_dict(), expected)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     before, after = probe_logits(source, tokenizer).flatten(), probe_logits(loaded, tokenizer).flatten()
     relative_error = float((after - before).norm() / before.norm())
@@ -388,3 +388,10 @@ def test_unknown_type_is_refused_by_the_parser(tiny_qwen2_dir, tmp_path, capsys)
     with pytest.raises(SystemExit) as exit_info:
         export(tiny_qwen2_dir, tmp_path / "x.gguf", "--type", "q4_0")
     assert exit_info.value.code == 2 and "invalid choice: 'q4_0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_flag, output_flag", [("--model_name_or_path", "--output_file"),
+                                                      ("--model_path", "--output")])
+def test_the_flags_and_their_old_spellings_are_one_flag(model_flag, output_flag):
+    args = export_gguf.parse_args([model_flag, "model", output_flag, "model.gguf"])
+    assert (args.model_name_or_path, args.output_file) == ("model", "model.gguf")

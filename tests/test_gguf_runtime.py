@@ -79,11 +79,12 @@ def test_llama_cpp_computes_the_logits_transformers_computes_from_the_same_file(
     tokenizer = transformers.AutoTokenizer.from_pretrained(source_dir)
     ids = prompt_ids(tokenizer)
     stored = transformers.AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)  # as the file holds it:
+    path = exported(model, gguf_type)
     stored.load_state_dict(written_as(stored.state_dict(), planned_types(stored, gguf_type),
-                                      stored.config.num_hidden_layers, arch_of(stored)))
+                                      stored.config.num_hidden_layers, arch_of(stored), path))
     with torch.no_grad():
         expected = stored(torch.tensor([ids])).logits[0].numpy()
-    actual = llama_cpp_logits(exported(model, gguf_type), ids)
+    actual = llama_cpp_logits(path, ids)
     relative_error = np.linalg.norm(actual - expected) / np.linalg.norm(expected)
     assert relative_error < LOGITS_BOUND[gguf_type], relative_error
 

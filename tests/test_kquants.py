@@ -16,7 +16,7 @@ from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 
 from chatft import kquants
 from chatft.kquants import quantize
-from support import require_llama_cpp
+from support import kquant_rounding_error_bound, require_llama_cpp
 
 Q4_K, Q6_K = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K
 KQUANTS = [Q4_K, Q6_K]
@@ -29,22 +29,6 @@ def gaussian(rows: int = 96, cols: int = 1024, seed: int = 0, sigma: float = 1.0
 def relative_rms_error(x: np.ndarray, quantized: np.ndarray, qtype: GGMLQuantizationType) -> float:
     back = gguf.quants.dequantize(quantized, qtype)
     return float(np.sqrt(np.mean((back - x) ** 2) / np.mean(x ** 2)))
-
-
-def rounding_error_bound(x: np.ndarray, qtype: GGMLQuantizationType, slack: float = 1.05) -> float:
-    """The relative RMS error of rounding each value to the nearest point of a uniform grid laid over
-    its sub-block as the format lays it: Q4_K, 16 levels from min(x_min, 0) to x_max over 32 values
-    (step = range/15); Q6_K, 64 levels with the largest |x| at 32 steps over 16 values (step =
-    max|x|/32). Uniform rounding error has RMS step/sqrt(12). `slack` covers storing each step as
-    a 6-bit (Q4_K) or 8-bit (Q6_K) multiple of an fp16 number. On Gaussian data: 0.081 and 0.019.
-    """
-    if qtype == Q4_K:
-        sub = x.reshape(-1, 32)
-        step = (sub.max(axis=1) - np.minimum(sub.min(axis=1), 0)) / 15
-    else:
-        sub = x.reshape(-1, 16)
-        step = np.abs(sub).max(axis=1) / 32
-    return slack * float(np.sqrt(np.mean(step ** 2) / 12 / np.mean(x ** 2)))
 
 
 def round_to_nearest_baseline(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -71,7 +55,7 @@ def test_gguf_reads_gaussian_data_back_within_the_rounding_error_of_the_format(q
     x = gaussian()
     error = relative_rms_error(x, quantize(x, qtype), qtype)
     # measured: Q4_K 0.072 (bound 0.085), Q6_K 0.018 (bound 0.020)
-    assert error < rounding_error_bound(x, qtype)
+    assert error < kquant_rounding_error_bound(x, qtype)
     assert error < {Q4_K: 0.085, Q6_K: 0.021}[qtype]
 
 
@@ -106,7 +90,7 @@ def test_the_bound_fails_a_wrong_byte_layout(qtype, break_layout):
     type_size = GGML_QUANT_SIZES[qtype][1]
     broken = quantize(x, qtype).reshape(-1, type_size).copy()
     break_layout(broken)
-    assert relative_rms_error(x, broken.reshape(x.shape[0], -1), qtype) > 2 * rounding_error_bound(x, qtype)
+    assert relative_rms_error(x, broken.reshape(x.shape[0], -1), qtype) > 2 * kquant_rounding_error_bound(x, qtype)
 
 
 @pytest.mark.parametrize("qtype", KQUANTS, ids=lambda t: t.name)
@@ -144,7 +128,7 @@ def edge_rows() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("name", list(edge_rows()))
 def test_edge_rows_read_back_within_the_rounding_error_of_the_format(qtype, name):
     x = edge_rows()[name][None, :]
-    assert relative_rms_error(x, quantize(x, qtype), qtype) < rounding_error_bound(x, qtype)
+    assert relative_rms_error(x, quantize(x, qtype), qtype) < kquant_rounding_error_bound(x, qtype)
 
 
 @pytest.mark.parametrize("qtype", KQUANTS, ids=lambda t: t.name)

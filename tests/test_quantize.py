@@ -143,3 +143,9 @@ def test_refusals(tiny_qwen2_64_dir, tiny_gptq_dir, data, tmp_path, capsys):
     assert quantize(tiny_qwen2_64_dir, one, tmp_path / "q4") == 2
     assert "at least 2 samples" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("q2", "q3", "q4"))
+
+
+@pytest.mark.parametrize("output_flag", ["--output_dir", "--out_path"])
+def test_the_output_flag_and_its_old_spelling_are_one_flag(output_flag):
+    args = run_gptq.parse_args(["--model_name_or_path", "m", "--data_path", "d.json", output_flag, "out"])
+    assert (args.model_name_or_path, args.data_path, args.output_dir) == ("m", "d.json", "out")

@@ -1,19 +1,15 @@
 """ChatTrainer: the loss computed only at labelled positions, in chunks, equals the model's own loss and
 gradients; the output layer never sees more than a chunk of rows; training steps are the same either way. And what
-both rely on in transformers: a causal LM returns its output layer's result as its logits (the loss hooks), and
-Trainer names checkpoint folders from the prefix chatft.transformers_patch sets (atomic checkpoints)."""
-
-import os
+it relies on in transformers: a causal LM returns its output layer's result as its logits (the loss hooks). What the
+atomic checkpoints rely on (chatft.patches.checkpoints_written_as) is pinned in test_patches.py."""
 
 import pytest
 import torch
 import transformers
-from transformers.trainer_utils import get_last_checkpoint
 
 from chatft.chat_format import IGNORE_INDEX
 from chatft.data import ChatCollator, SupervisedDataset
 from chatft.losses import head_linears, labelled_cross_entropy, output_layer_computes, supports_labelled_logits
-from chatft.transformers_patch import checkpoints_written_as
 from support import CONVERSATIONS, assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, run
 
 
@@ -129,26 +125,6 @@ def test_an_output_layer_the_model_never_called_is_an_error(tiny_qwen_dir):
         outputs = model(input_ids=input_ids)
     with pytest.raises(RuntimeError, match="the layer ran 0 times and logits has shape .*--labelled_logits_only False"):
         returned.of(outputs, ())
-
-
-def test_transformers_still_writes_checkpoints_under_the_patched_prefix(tmp_path):
-    """What chatft.transformers_patch relies on, on a plain transformers.Trainer: checkpoint folders are named from
-    transformers.trainer.PREFIX_CHECKPOINT_DIR at save time, and neither resuming (get_last_checkpoint) nor
-    --save_total_limit's rotation looks at folders under another prefix. Fails the day transformers changes that."""
-    config = transformers.Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, use_cache=False)
-    torch.manual_seed(0)
-    rows = [{"input_ids": list(range(i, i + 8)), "labels": list(range(i, i + 8))} for i in range(4)]
-    args = transformers.TrainingArguments(str(tmp_path), max_steps=2, save_strategy="steps", save_steps=1,
-                                          save_total_limit=1, per_device_train_batch_size=2, use_cpu=True,
-                                          report_to="none", logging_strategy="no")
-    trainer = transformers.Trainer(model=transformers.Qwen2ForCausalLM(config), args=args, train_dataset=rows)
-    with checkpoints_written_as("scratch"):
-        trainer.train()
-    assert sorted(os.listdir(tmp_path)) == ["scratch-1", "scratch-2"]  # neither rotated away
-    assert os.path.isfile(tmp_path / "scratch-2" / "trainer_state.json")
-    assert get_last_checkpoint(str(tmp_path)) is None
-    assert transformers.trainer.PREFIX_CHECKPOINT_DIR == "checkpoint"
 
 
 def make_model(tmp_path, tie):
