@@ -1,7 +1,7 @@
 """Writing a model as one GGUF file, for llama.cpp (and ollama, LM Studio, ...): export_gguf.py's logic.
 
-    $ python export_gguf.py --model_path output_demo_merged --output tessa.gguf                # f16
-    $ python export_gguf.py --model_path output_demo --output tessa-q4_k_m.gguf --type q4_k_m  # adapter, merged here
+    $ python export_gguf.py --model_name_or_path output_demo_merged --output_file tessa.gguf                # f16
+    $ python export_gguf.py --model_name_or_path output_demo --output_file tessa-q4_k_m.gguf --type q4_k_m  # adapter, merged here
 
 The file holds what llama.cpp's convert_hf_to_gguf.py and llama-quantize would write (their layout; this code):
 - the weights under llama.cpp's tensor names (gguf.TensorNameMap). Llama's q/k projections are permuted into
@@ -14,7 +14,7 @@ The file holds what llama.cpp's convert_hf_to_gguf.py and llama-quantize would w
   chat mode builds the very prompts training saw.
 Types (--type): f16, bf16 and q8_0 store every matrix in that type; q4_k_m is llama.cpp's mix (Q4_K, Q6_K for the output
 layer and for attn_v and ffn_down in the layers llama.cpp deems sensitive); norms and biases stay F32 in every type.
-Nothing is written under --output until the whole file is: it is written beside it under a temporary name, then renamed.
+Nothing is written under --output_file until the whole file is: it is written beside it under a temporary name, then renamed.
 """
 
 from __future__ import annotations
@@ -118,20 +118,20 @@ def export_gguf(model_path: str, output: str, gguf_type: str = DEFAULT_TYPE, bas
 
 def check_output_file(output: str, overwrite: bool, model_path: str) -> None:
     if not output.endswith(".gguf"):
-        raise ArgumentError(f"--output {output}: end the file's name with .gguf (llama.cpp tools and finetune.py "
+        raise ArgumentError(f"--output_file {output}: end the file's name with .gguf (llama.cpp tools and finetune.py "
                             "recognize GGUF files by it).")
     if os.path.isdir(output):
-        raise OutputDirError(f"--output {output} is a directory; give the path of the .gguf file to write.")
+        raise OutputDirError(f"--output_file {output} is a directory; give the path of the .gguf file to write.")
     if os.path.exists(model_path) and os.path.realpath(model_path) == os.path.realpath(output):
-        raise OutputDirError(f"--output {output} is also --model_path; write the result elsewhere.")
+        raise OutputDirError(f"--output_file {output} is also --model_name_or_path; write the result elsewhere.")
     if os.path.exists(output) and not overwrite:
-        raise OutputDirError(f"--output {output} exists; choose another file or pass --overwrite (the file is replaced "
+        raise OutputDirError(f"--output_file {output} exists; choose another file or pass --overwrite (the file is replaced "
                              "only once the new one is completely written).")
 
 
 def check_source(model_path: str, base_model_path: str | None):
     """(the base an adapter merges into or None, the config of the model to write), checked from files alone."""
-    require_model_source(model_path, "--model_path", allow_adapter=True)
+    require_model_source(model_path, "--model_name_or_path", allow_adapter=True)
     if is_adapter_dir(model_path):
         base_path = merge_base_path(model_path, base_model_path)
         if trained_with_qlora(model_path):
@@ -140,12 +140,12 @@ def check_source(model_path: str, base_model_path: str | None):
                            model_path, base_path)
         return base_path, model_config(base_path)
     if base_model_path:
-        raise ArgumentError(f"--base_model_path is for an adapter directory; --model_path {model_path} is a whole "
+        raise ArgumentError(f"--base_model_path is for an adapter directory; --model_name_or_path {model_path} is a whole "
                             "model. Drop --base_model_path.")
     quantization = saved_quantization(model_path)
     if quantization is not None:
         raise ModelPathError(
-            f"--model_path {model_path} is a {quantization.get('quant_method', 'quantized')} model; export the "
+            f"--model_name_or_path {model_path} is a {quantization.get('quant_method', 'quantized')} model; export the "
             "full-precision model it was quantized from (--type q8_0 or q4_k_m quantize it for llama.cpp).")
     return None, model_config(model_path)
 
@@ -155,11 +155,11 @@ def gguf_architecture(config, model_path: str) -> gguf.MODEL_ARCH:
     if config.model_type not in ARCHITECTURES:
         shown = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
         supported = ", ".join(f"{name} (model_type {model_type})" for model_type, (name, _) in ARCHITECTURES.items())
-        raise ModelPathError(f"--model_path {model_path}: a {shown} model; export_gguf.py writes {supported} models "
+        raise ModelPathError(f"--model_name_or_path {model_path}: a {shown} model; export_gguf.py writes {supported} models "
                              "(e.g. SmolLM2, Llama; Qwen2, Qwen2.5).")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
-        raise ModelPathError(f"--model_path {model_path}: its RoPE scaling ({rope['rope_type']!r}) is not written by "
+        raise ModelPathError(f"--model_name_or_path {model_path}: its RoPE scaling ({rope['rope_type']!r}) is not written by "
                              "export_gguf.py yet, and llama.cpp would run the model without it.")
     return ARCHITECTURES[config.model_type][1]
 
@@ -168,17 +168,17 @@ def check_tokenizer(tokenizer, model_path: str) -> str:
     """llama.cpp's name for the tokenizer's pre-tokenizer; errors for a tokenizer llama.cpp could not run as it is."""
     state = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
     if state.get("model", {}).get("type") != "BPE" or (state.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ModelPathError(f"--model_path {model_path}: its tokenizer is not a byte-level BPE one (as Qwen's, "
+        raise ModelPathError(f"--model_name_or_path {model_path}: its tokenizer is not a byte-level BPE one (as Qwen's, "
                              "SmolLM2's and Llama 3's are); export_gguf.py writes only those (tokenizer.ggml.model "
                              "gpt2).")
     if IM_END not in tokenizer.get_vocab():
-        raise ModelPathError(f"--model_path {model_path}: its tokenizer has no {IM_END}, the end of a ChatML turn that "
+        raise ModelPathError(f"--model_name_or_path {model_path}: its tokenizer has no {IM_END}, the end of a ChatML turn that "
                              "llama.cpp must stop at; export a model fine-tuned with finetune.py, which adds it.")
     ids = tokenizer.encode(PRE_TOKENIZER_CHECK_TEXT)
     digest = hashlib.sha256(str(ids).encode()).hexdigest()
     if digest not in PRE_TOKENIZERS:
         raise ModelPathError(
-            f"--model_path {model_path}: llama.cpp would not know how to split text for its tokenizer (pre-tokenizer "
+            f"--model_name_or_path {model_path}: llama.cpp would not know how to split text for its tokenizer (pre-tokenizer "
             f"hash {digest}); export_gguf.py knows {', '.join(sorted(set(PRE_TOKENIZERS.values())))}. If llama.cpp's "
             "convert_hf_to_gguf.py names this hash, add it to chatft.gguf_export.PRE_TOKENIZERS.")
     return PRE_TOKENIZERS[digest]
