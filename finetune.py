@@ -24,7 +24,7 @@ import transformers  # noqa: E402
 from chatft.args import parse_args  # noqa: E402
 from chatft.attention import rows_keep_samples_apart  # noqa: E402
 from chatft.errors import ArgumentError  # noqa: E402
-from chatft.chat_format import preprocess  # noqa: E402  (re-exported: `from finetune import preprocess`, as Qwen's)
+from chatft.data import preprocess  # noqa: E402  (re-exported: `from finetune import preprocess`, as Qwen's)
 from chatft.data import load_samples, make_collator, make_datasets, split_off_eval  # noqa: E402
 from chatft.model import (join_process_group, load_model, load_tokenizer, resolve_model_path,  # noqa: E402
                           trainable_embeddings)

@@ -98,7 +98,7 @@ def trl_messages(sample: dict) -> list[dict]:
     """
     conversation = to_conversation(sample)
     if conversation.tools or any(t.tool_calls or t.reasoning or t.role == "tool" for t in conversation.turns):
-        raise ArgumentError(f"sample {sample.get('id', '?')!r} has tool calls or a reasoning trace, which the TRL "
+        raise ArgumentError(f"sample {conversation.id if conversation.id is not None else '?'!r} has tool calls or a reasoning trace, which the TRL "
                             "variants do not render like the toolkit; use text conversations, or --variants without "
                             "trl and trl_padding_free.")
     return [{"role": turn.role, "content": turn.content} for turn in conversation.turns]
@@ -183,10 +183,12 @@ def run_chatft(config: dict, samples: list[dict], scratch: str) -> dict:
     """One chatft variant: finetune.train with the variant's flags, its collator wrapped in a CountingCollator."""
     import finetune
 
+    from chatft.data import read_json_or_jsonl
+
     baseline_mib = harness.current_resident_mib()
     data_file = os.path.join(scratch, "train.json")
-    with open(data_file, "w", encoding="utf-8") as f:
-        json.dump(samples, f, ensure_ascii=False)
+    with open(data_file, "w", encoding="utf-8") as f:  # the records of the same samples, in the file's own format
+        json.dump(read_json_or_jsonl(config["data"])[0][: len(samples)], f, ensure_ascii=False)
     argv = ["--model_name_or_path", config["model"], "--data_path", data_file,
             "--output_dir", os.path.join(scratch, "out"),
             "--num_train_epochs", "1", "--per_device_train_batch_size", str(config["batch_size"]),
@@ -312,7 +314,8 @@ def benchmark_preprocessing(model: str, data: str, num_samples: int | None, max_
         timings["chatft_cached"] = best_time(lambda: SupervisedDataset(samples, tokenizer, max_length, cache_dir=cache),
                                              repeats)
     timings["seed_per_turn"] = best_time(
-        lambda: seed_preprocess([s["conversations"] for s in samples], tokenizer, max_length, DEFAULT_SYSTEM_MESSAGE),
+        lambda: seed_preprocess([[{"from": t.role, "value": t.content} for t in s.turns] for s in samples], tokenizer,
+                                max_length, DEFAULT_SYSTEM_MESSAGE),
         repeats)
     timings["batched_call_floor"] = best_time(lambda: tokenizer(texts, add_special_tokens=False), repeats)
     print(f"\n{len(samples)} conversations, {sum(map(len, texts))} characters, max_length {max_length}, "

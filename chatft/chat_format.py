@@ -1,16 +1,18 @@
 """Conversation -> ChatML text -> (input_ids, labels).
 
-One sample goes through three separate steps:
+A sample has one shape from the data file to the tokens: a `Conversation` of `Turn`s, which chatft.formats' readers
+build from each record (checking it as they go). Then two separate steps:
 
-1. `to_conversation` turns a sample (`conversations`, optional `tools`) into a `Conversation` of `Turn`s
-   (checked by `chatft.data` beforehand), dropping a leading assistant turn as Qwen's script did.
-2. `render_chatml` builds the exact text the model sees, and the character spans of
+1. `render_chatml` builds the exact text the model sees, and the character spans of
    what the model must generate: each assistant reply (text and tool calls) and its closing `<|im_end|>`.
    Tools are rendered as Qwen2.5/Qwen3's chat templates do: their definitions in the system message
    (`<tools>`), calls as `<tool_call>` blocks in the assistant's message, results as `<tool_response>`
    blocks in a user message (not trained).
-3. `tokenize_conversations` tokenizes the texts of many samples in one batched call, with
+2. `tokenize_conversations` tokenizes the texts of many samples in one batched call, with
    offsets, and labels every token that carries a character of a trainable span.
+
+Qwen's own sample shape (`{"conversations": [{"from", "value"}]}`, unchecked) is still read where Qwen's scripts pass
+it (`to_turns`, `to_conversation`, chatft.data.preprocess), by the same turn rules (`make_turn`, `join_turns`).
 
 Because the whole text is tokenized in one call, `input_ids` are exactly what
 `tokenizer(text)` and `tokenizer.apply_chat_template` (with `chatml_template`) give
@@ -63,6 +65,7 @@ class Conversation:
     turns: tuple[Turn, ...]
     tools: tuple[str, ...] = ()  # tool definitions, each as its JSON text
     trained: tuple[int, ...] | None = None  # indices of the assistant turns that carry loss; None: every one
+    id: object = None  # the record's `id`, named in messages about the sample; None: it has none
 
 
 @dataclass
@@ -154,38 +157,52 @@ def split_reasoning(text: str) -> tuple[str, str]:
     return before.rstrip("\n").split(THINK_OPEN)[-1].lstrip("\n"), answer.lstrip("\n")
 
 
-def to_turns(conversation: list[dict]) -> list[Turn]:
-    """A sample's turns (`{"from", "value"}`, and on assistant turns an optional `reasoning_content`) -> `Turn`s.
+def make_turn(role: str, value, reasoning: str | None = None) -> Turn:
+    """One turn in the roles of Qwen's samples (`ROLES`) -> a `Turn`. A `function_call` turn (its value JSON text,
+    or calls already parsed) becomes an assistant turn with tool calls, an `observation` a `tool` turn. An assistant's
+    `reasoning` (its `reasoning_content`; None: absent) is its trace; without one, a `<think>` block leading its text
+    is. Raises ValueError for a tool call that does not parse (chatft.formats checks every turn first)."""
+    if role == "function_call":
+        calls = value if isinstance(value, tuple) else parse_tool_calls(value)
+        return Turn("assistant", "", calls, reasoning or "")
+    if role == "assistant":
+        if reasoning is None:
+            reasoning, value = split_reasoning(value)
+        return Turn("assistant", value, (), reasoning)
+    return Turn("tool" if role == "observation" else role, value)
 
-    `function_call` turns become assistant turns with tool calls (merged into the assistant turn just before,
-    if that one has text only: its text, then its calls, in one message, as Qwen renders them); `observation`
-    turns become `tool` turns. A conversation that opens with an assistant turn (after an optional system
-    turn) loses that turn: there is no user message for it to answer.
-    """
-    turns: list[Turn] = []
-    for turn in conversation:
-        role, value, reasoning = turn["from"], turn["value"], turn.get("reasoning_content") or ""
-        if role == "function_call":
-            calls = parse_tool_calls(value)
-            if turns and turns[-1].role == "assistant" and not turns[-1].tool_calls:
-                turns[-1] = Turn("assistant", turns[-1].content, calls, turns[-1].reasoning or reasoning)
-            else:
-                turns.append(Turn("assistant", "", calls, reasoning))
-        elif role == "assistant":
-            if "reasoning_content" not in turn or turn["reasoning_content"] is None:
-                reasoning, value = split_reasoning(value)
-            turns.append(Turn("assistant", value, (), reasoning))
+
+def join_turns(turns: list[Turn]) -> list[Turn]:
+    """A sample's turns as they are trained. A call-only assistant turn (a `function_call`) joins the assistant turn
+    just before it if that one has text only: its text, then its calls, in one message, as Qwen renders them. A
+    conversation that opens with an assistant turn (after an optional system turn) loses that turn: there is no user
+    message for it to answer."""
+    joined: list[Turn] = []
+    for turn in turns:
+        previous = joined[-1] if joined else None
+        if (turn.role == "assistant" and turn.tool_calls and not turn.content and previous is not None
+                and previous.role == "assistant" and not previous.tool_calls):
+            joined[-1] = Turn("assistant", previous.content, turn.tool_calls, previous.reasoning or turn.reasoning)
         else:
-            turns.append(Turn("tool" if role == "observation" else role, value))
-    first = 1 if turns and turns[0].role == "system" else 0
-    if len(turns) > first and turns[first].role == "assistant":
-        turns = turns[:first] + turns[first + 1 :]
-    return turns
+            joined.append(turn)
+    first = 1 if joined and joined[0].role == "system" else 0
+    if len(joined) > first and joined[first].role == "assistant":
+        joined = joined[:first] + joined[first + 1 :]
+    return joined
 
 
-def to_conversation(sample: dict) -> Conversation:
-    """A validated sample (`conversations`, optional `tools`) -> `Conversation`."""
-    return Conversation(tuple(to_turns(sample["conversations"])), parse_tools(sample.get("tools")))
+def to_turns(conversation: list[dict]) -> list[Turn]:
+    """Qwen's turns (`{"from", "value"}`, and on assistant turns an optional `reasoning_content`) -> `Turn`s, read
+    by `make_turn` and `join_turns`, unchecked (chatft.formats reads data files, checking every turn)."""
+    return join_turns([make_turn(turn["from"], turn["value"], turn.get("reasoning_content")) for turn in conversation])
+
+
+def to_conversation(sample: Conversation | dict) -> Conversation:
+    """A `Conversation` as it is; Qwen's sample (`conversations`, optional `tools` and `id`, unchecked: what Qwen's
+    scripts pass) read into one."""
+    if isinstance(sample, Conversation):
+        return sample
+    return Conversation(tuple(to_turns(sample["conversations"])), parse_tools(sample.get("tools")), id=sample.get("id"))
 
 
 def _think_block(reasoning: str) -> str:
@@ -399,23 +416,6 @@ def tokenize_conversation(
 ) -> TokenizedSample:
     """Tokenize one conversation (see `tokenize_conversations`)."""
     return tokenize_conversations([conversation], tokenizer, max_len, system_message, chat_format)[0]
-
-
-def preprocess(sources, tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE) -> dict:
-    """Qwen's `preprocess`, in Qwen's shape: `sources` is a list of `conversations` lists (or of whole samples).
-
-    Returns `{"input_ids", "labels", "attention_mask"}`, tensors with one row per source, in order, each padded
-    (with the tokenizer's pad token, labels with IGNORE_INDEX) or truncated to `max_len`; attention_mask is True on
-    the sample's own tokens. A source left with no trainable token after truncation keeps its row, with every
-    label IGNORE_INDEX (training drops such samples when it builds the dataset, and says so). input_ids and
-    labels are int64 (Qwen's were int32), what embeddings and the loss take.
-    """
-    from chatft.data import pad_rows  # here, so that rendering and labelling stay free of torch (and data imports this)
-
-    conversations = [to_conversation(c) if isinstance(c, dict) else to_turns(c) for c in sources]  # samples or turns
-    samples = tokenize_conversations(conversations, tokenizer, max_len, system_message)
-    batch = pad_rows([{"input_ids": s.input_ids, "labels": s.labels} for s in samples], max_len, tokenizer.pad_token_id)
-    return batch | {"attention_mask": batch["attention_mask"].bool()}
 
 
 def chatml_template(system_message: str = DEFAULT_SYSTEM_MESSAGE) -> str:

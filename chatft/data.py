@@ -1,9 +1,10 @@
-"""Data files -> validated samples -> datasets -> padded batches.
+"""Data files -> `Conversation`s -> datasets -> padded batches.
 
-A sample is Qwen's `{"id": ..., "conversations": [{"from": "user"|"assistant"|"system", "value": str}]}`, optionally
-with tool use (`function_call`/`observation` turns and `tools`, see chatft.formats).
-`load_samples` reads JSON (a list) or JSONL (one sample a line) and checks every sample,
-reporting all problems at once (file, index, id, what is wrong) before any model is loaded.
+`load_samples` reads JSON (a list) or JSONL (one record a line) in any of chatft.formats' formats, and gives each
+record's `Conversation` (chatft.chat_format), reporting all problems at once (file, index, id, what is wrong) before
+any model is loaded. The datasets tokenize conversations, and drop those left with nothing to train by one rule
+(`keep_trainable`), which the dry run (chatft.report) and run_gptq's calibration (chatft.quantize) use too.
+`preprocess` is Qwen's function, in Qwen's shapes.
 """
 
 from __future__ import annotations
@@ -28,17 +29,17 @@ from tqdm.auto import tqdm
 
 from chatft import chat_format as chat_format_code  # its source is part of the tokenized cache key
 from chatft.errors import DataError
-from chatft.formats import file_format, format_mismatch, ignored_keys, sample_name, to_sample, where
-from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, ROLES, Conversation, TokenizedSample,
-                                parse_tool_calls, parse_tools, to_conversation, to_turns, tokenize_conversation,
-                                tokenize_conversations, training_conversations)
+from chatft.formats import file_format, format_mismatch, ignored_keys, read_record, sample_name
+from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, Conversation, TokenizedSample, render,
+                                to_conversation, to_turns, tokenize_conversation, tokenize_conversations,
+                                training_conversations)
 
 logger = logging.getLogger(__name__)
 
 MAX_REPORTED_PROBLEMS = 20
 
 
-def _read_json_or_jsonl(path: str) -> tuple[list, list[str]]:
+def read_json_or_jsonl(path: str) -> tuple[list, list[str]]:
     """Return (records, problems). JSONL is one JSON value a line; blank lines are skipped."""
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate the BOM some editors write
@@ -67,94 +68,6 @@ def _read_json_or_jsonl(path: str) -> tuple[list, list[str]]:
     return records, problems
 
 
-def sample_problems(sample, index: int, path: str, names: tuple[str, str, str] = ("conversations", "from", "value"),
-                    turn_sources: list[str] | None = None) -> list[str]:
-    """Everything wrong with one sample (in the seed's format), each message naming file, index and id; `names`
-    are the list, role and text fields to name in messages and `turn_sources` where each turn came from (a
-    converted sample's original ones). Checked in stages, each only once the one before found nothing: the
-    sample's shape, its tools and every turn, the order of tool calls and results, the conversation as trained."""
-    turns_name, _, value_name = names
-    at = where(path, index, sample)
-    if not isinstance(sample, dict):
-        return [f"{at}: expected an object with 'conversations', found a {type(sample).__name__}"]
-    conversation = sample.get("conversations")
-    if conversation is None:
-        return [f"{at}: missing 'conversations'"]
-    if not isinstance(conversation, list) or not conversation:
-        return [f"{at}: '{turns_name}' must be a non-empty list of turns"]
-    turn_at = [f"{at}: {turn_sources[j] if turn_sources else f'{turns_name}[{j}]'}" for j in range(len(conversation))]
-    problems = _tools_problems(sample, at)
-    for turn, turn_where in zip(conversation, turn_at):
-        problems += _turn_problems(turn, turn_where, value_name)
-    return problems or _tool_order_problems([turn["from"] for turn in conversation], turn_at) or \
-        _trained_conversation_problems(conversation, at)
-
-
-def _tools_problems(sample: dict, at: str) -> list[str]:
-    """The sample's tool definitions, when it has them, must parse (chat_format.parse_tools)."""
-    if "tools" not in sample:
-        return []
-    try:
-        parse_tools(sample["tools"])
-    except ValueError as error:
-        return [f"{at}: 'tools': {error}"]
-    return []
-
-
-def _turn_problems(turn, at: str, value_name: str) -> list[str]:
-    """One turn's types, role, text, reasoning and (for a tool call) JSON."""
-    if not isinstance(turn, dict):
-        return [f"{at}: expected an object with 'from' and 'value', found a {type(turn).__name__}"]
-    missing = [key for key in ("from", "value") if key not in turn]
-    if missing:
-        return [f"{at}: missing {' and '.join(repr(k) for k in missing)}"]
-    problems = []
-    role, value, reasoning = turn["from"], turn["value"], turn.get("reasoning_content")
-    if reasoning is not None and not isinstance(reasoning, str):
-        problems.append(f"{at}: 'reasoning_content' must be a string, found a {type(reasoning).__name__}")
-    elif reasoning and role not in ("assistant", "function_call"):
-        problems.append(f"{at}: 'reasoning_content' on a {role} turn (only an assistant's reasoning is read)")
-    if role not in ROLES:
-        problems.append(f"{at}: unknown role {role!r} in 'from' (expected one of {', '.join(ROLES)})")
-    if not isinstance(value, str):
-        problems.append(f"{at}: '{value_name}' must be a string, found a {type(value).__name__}")
-    elif role in ("user", "assistant") and not value.strip() and not (role == "assistant" and reasoning):
-        problems.append(f"{at}: empty {role} '{value_name}'")
-    elif role == "function_call":
-        try:
-            parse_tool_calls(value)
-        except ValueError as error:
-            problems.append(f"{at}: {error}")
-    return problems
-
-
-def _tool_order_problems(roles: list[str], turn_at: list[str]) -> list[str]:
-    """A tool call is answered by its results; results answer a call."""
-    problems = []
-    for j, role in enumerate(roles):
-        before, after = roles[j - 1] if j else None, roles[j + 1] if j + 1 < len(roles) else None
-        if role == "function_call" and after not in (None, "observation"):
-            problems.append(f"{turn_at[j]}: tool call out of order: it must be followed by its result (a tool "
-                            f"result turn), found a {after} turn")
-        if role == "observation" and before not in ("function_call", "observation"):
-            problems.append(f"{turn_at[j]}: tool result out of order: it must follow a tool call (or another "
-                            f"result), found after {f'a {before} turn' if before else 'nothing'}")
-    return problems
-
-
-def _trained_conversation_problems(conversation: list[dict], at: str) -> list[str]:
-    """After conversion (chat_format.to_turns drops a leading assistant turn) something must be left to learn."""
-    turns = to_turns(conversation)
-    opening = turns[1:] if turns and turns[0].role == "system" else turns
-    if opening and opening[0].role == "tool":
-        return [f"{at}: the conversation opens with a tool call and its result (a leading assistant turn is dropped, "
-                "since no user message precedes it)"]
-    if not any(t.role == "assistant" for t in turns):
-        return [f"{at}: no assistant turn to learn from (a leading assistant turn is dropped, since no user message "
-                "precedes it)"]
-    return []
-
-
 def data_files(spec: str) -> tuple[list[str], list[str]]:
     """(files, problems) for a --data_path: files and directories (their .json/.jsonl files), comma-separated."""
     files, problems = [], []
@@ -173,24 +86,21 @@ def data_files(spec: str) -> tuple[list[str], list[str]]:
     return files, problems
 
 
-def load_samples(spec: str, data_format: str = "auto") -> list[dict]:
-    """Read, convert (chatft.formats) and validate the data of a --data_path (files and directories,
-    comma-separated); raise `DataError` listing every problem found."""
+def load_samples(spec: str, data_format: str = "auto") -> list[Conversation]:
+    """The conversations of a --data_path (files and directories, comma-separated), in order, each record read and
+    checked by chatft.formats.read_record; raise `DataError` listing every problem found."""
     files, problems = data_files(spec)
     samples = []
     for path in [] if problems else files:
-        records, file_problems = _read_json_or_jsonl(path)
+        records, file_problems = read_json_or_jsonl(path)
         found_format = file_format(records, data_format)
-        names = ("messages", "role", "content") if found_format == "messages" else ("conversations", "from", "value")
         for index, record in enumerate(records):
             mismatch = format_mismatch(record, found_format, index, path) if data_format == "auto" else None
             if mismatch:
                 file_problems.append(mismatch)
                 samples.append(None)
                 continue
-            sample, record_problems, turn_sources = to_sample(record, found_format, index, path)
-            if sample is not None:
-                record_problems += sample_problems(sample, index, path, names, turn_sources)
+            sample, record_problems = read_record(record, found_format, index, path)
             file_problems += record_problems
             samples.append(sample)
         if not file_problems and not records:
@@ -207,7 +117,7 @@ def load_samples(spec: str, data_format: str = "auto") -> list[dict]:
     return samples
 
 
-def split_off_eval(samples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def split_off_eval(samples: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, eval): a seeded random `fraction` of the samples (at least one) held out for evaluation."""
     count = max(1, round(fraction * len(samples)))
     if count >= len(samples):
@@ -222,14 +132,20 @@ TOKENIZED_FORMAT = "chatft-tokenized-2"  # the cache file's layout
 TOKENIZE_BATCH = 512  # conversations per batched tokenizer call (and per progress step, per worker task)
 
 
-def tokenized_cache_key(raw_data: list[dict], tokenizer, max_len: int, system_message: str, chat_format: str = "chatml",
-                        reasoning_turns: str = "all") -> str:
-    """A digest of everything the tokenized samples depend on: data content, tokenizer, template, length, and
+def _conversations_text(conversations: list[Conversation]) -> str:
+    """Everything of the conversations that their tokens depend on, as JSON text (ids are not)."""
+    return json.dumps([[[[t.role, t.content, [[c.name, c.arguments] for c in t.tool_calls], t.reasoning] for t in c.turns],
+                        c.tools, c.trained] for c in conversations], ensure_ascii=False)
+
+
+def tokenized_cache_key(conversations: list[Conversation], tokenizer, max_len: int, system_message: str,
+                        chat_format: str = "chatml", reasoning_turns: str = "all") -> str:
+    """A digest of everything the tokenized samples depend on: the conversations, tokenizer, template, length, and
     the code that renders and labels (chat_format.py's source), so an upgrade never reads a stale cache."""
     digest = hashlib.sha256()
     code = Path(chat_format_code.__file__).read_text(encoding="utf-8")
     for part in (TOKENIZED_FORMAT, code, type(tokenizer).__name__, tokenizer.backend_tokenizer.to_str(), system_message,
-                 chat_format, reasoning_turns, str(max_len), json.dumps(raw_data, sort_keys=True, ensure_ascii=False)):
+                 chat_format, reasoning_turns, str(max_len), _conversations_text(conversations)):
         digest.update(part.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
     return digest.hexdigest()[:40]
@@ -269,19 +185,25 @@ def _tokenize_in_worker(conversations):
     return tokenize_conversations(conversations, **_worker_job)
 
 
-def training_conversations_of(raw_data: list[dict], chat_format: str = "chatml", reasoning_turns: str = "all"
+def training_conversations_of(samples: list[Conversation], chat_format: str = "chatml", reasoning_turns: str = "all"
                               ) -> tuple[list[Conversation], list[int]]:
-    """The conversations to train on, in order, and the index in `raw_data` each comes from: one per sample, or
+    """The conversations to train on, in order, and the index in `samples` each comes from: one per sample, or
     several for a conversation split so that each reasoning turn is trained in its own context (qwen3 format)."""
     conversations, origins = [], []
-    for index, raw in enumerate(raw_data):
-        parts = training_conversations(to_conversation(raw), chat_format, reasoning_turns)
+    for index, sample in enumerate(samples):
+        parts = training_conversations(sample, chat_format, reasoning_turns)
         conversations += parts
         origins += [index] * len(parts)
     return conversations, origins
 
 
-def tokenize_training_samples(raw_data: list[dict], tokenizer, max_len: int,
+def as_conversations(samples: list) -> list[Conversation]:
+    """`Conversation`s (load_samples') as they are; Qwen's sample dicts, as Qwen's scripts pass them, read into them
+    (chat_format.to_conversation): what the datasets and `tokenize_training_samples` take."""
+    return [to_conversation(sample) for sample in samples]
+
+
+def tokenize_training_samples(samples: list[Conversation], tokenizer, max_len: int,
                               system_message: str = DEFAULT_SYSTEM_MESSAGE, num_workers: int = 1,
                               cache_dir: str | os.PathLike | None = None, desc: str = "Tokenizing",
                               chat_format: str = "chatml", reasoning_turns: str = "all") -> list[TokenizedSample]:
@@ -292,38 +214,39 @@ def tokenize_training_samples(raw_data: list[dict], tokenizer, max_len: int,
     data, tokenizer, template and length reads it back instead (the other ranks of a distributed run, the
     next run).
     """
+    samples = as_conversations(samples)
     cache_path = None
     if cache_dir:
-        key = tokenized_cache_key(raw_data, tokenizer, max_len, system_message, chat_format, reasoning_turns)
+        key = tokenized_cache_key(samples, tokenizer, max_len, system_message, chat_format, reasoning_turns)
         cache_path = Path(cache_dir) / f"{key}.safetensors"
         if cache_path.is_file():
-            logger.info("%s: reusing %d tokenized samples from %s", desc, len(raw_data), cache_path)
+            logger.info("%s: reusing %d tokenized samples from %s", desc, len(samples), cache_path)
             return _load_tokenized(cache_path)
-    conversations, origins = training_conversations_of(raw_data, chat_format, reasoning_turns)
+    conversations, origins = training_conversations_of(samples, chat_format, reasoning_turns)
     batches = [conversations[i : i + TOKENIZE_BATCH] for i in range(0, len(conversations), TOKENIZE_BATCH)]
     progress = tqdm(total=len(conversations), desc=desc, unit=" samples", disable=len(batches) < 4)
-    samples = []
+    tokenized = []
     if num_workers > 1 and len(batches) > 1:
         # fork: the workers inherit the tokenizer instead of unpickling it for every batch
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker,
                                  initargs=(tokenizer, max_len, system_message, chat_format)) as pool:
             for result in pool.map(_tokenize_in_worker, batches):
-                samples += result
+                tokenized += result
                 progress.update(len(result))
     else:
         for batch in batches:
-            samples += tokenize_conversations(batch, tokenizer, max_len, system_message, chat_format)
+            tokenized += tokenize_conversations(batch, tokenizer, max_len, system_message, chat_format)
             progress.update(len(batch))
     progress.close()
-    for sample, origin in zip(samples, origins):
+    for sample, origin in zip(tokenized, origins):
         sample.origin = origin
     if cache_path is not None:
         try:
-            _save_tokenized(samples, cache_path)
+            _save_tokenized(tokenized, cache_path)
         except OSError as error:  # a read-only or full cache costs the next run time, not this one its data
             logger.warning("Could not cache the tokenized data in %s: %s", cache_dir, error)
-    return samples
+    return tokenized
 
 
 def split_summary(samples: list[TokenizedSample], num_raw: int) -> str:
@@ -334,17 +257,28 @@ def split_summary(samples: list[TokenizedSample], num_raw: int) -> str:
             f"{len(samples)} samples from {num_raw} (each reasoning turn trained in the context it is generated in)")
 
 
-def split_trainable(samples: list[TokenizedSample], raw_data: list[dict]) -> tuple[list[TokenizedSample], list[str]]:
-    """(the samples that keep a trainable token, the names of those that do not, e.g. "sample 3 (id='x')"). The rule
-    every dataset (and the dry run) drops samples by: a sample without a labelled token has no loss."""
+def untrainable_reason(max_len: int, flag: str = "--model_max_length") -> str:
+    """Why a sample is dropped (`keep_trainable`); `flag` is the option that sets `max_len`."""
+    return (f"no assistant token within {flag.lstrip('-')}={max_len} (truncation cut every reply: raise {flag} to keep "
+            "them)")
+
+
+def keep_trainable(samples: list[TokenizedSample], sources: list[Conversation], max_len: int,
+                   flag: str = "--model_max_length", total: int | None = None) -> tuple[list[TokenizedSample], str | None]:
+    """The one rule by which samples are dropped, in training (both datasets), --dry_run (chatft.report) and run_gptq's
+    calibration and perplexity (chatft.quantize): a sample with no labelled token (truncation to `max_len` cut every
+    reply) has no loss to learn or measure, and a batch of only such samples would make the loss NaN.
+
+    Returns (the samples that keep a labelled token, in order; the one message that names those dropped, e.g.
+    "Dropped 1 of 3 samples with no assistant token within model_max_length=64 (...): sample 1 (id='x')", or None
+    when none is). `sources` are the conversations the samples' `origin`s index; `total`, the number of samples the
+    message counts them among, when `samples` are only some of them (LazySupervisedDataset's)."""
     kept = [sample for sample in samples if sample.num_trainable]
-    dropped = [sample_name(s.origin, raw_data[s.origin]) for s in samples if not s.num_trainable]
-    return kept, dropped
-
-
-def untrainable_reason(max_len: int) -> str:
-    """Why a sample is dropped, said the same way by training, --lazy_preprocess and --dry_run."""
-    return f"no assistant token within model_max_length={max_len} (truncation cut every reply: raise --model_max_length to train on them)"
+    if len(kept) == len(samples):
+        return kept, None
+    dropped = [sample_name(s.origin, sources[s.origin]) for s in samples if not s.num_trainable]
+    total = len(samples) if total is None else total
+    return kept, f"Dropped {len(dropped)} of {total} samples with {untrainable_reason(max_len, flag)}: {name_list(dropped)}"
 
 
 def name_list(names: list[str], shown: int = 10) -> str:
@@ -352,24 +286,25 @@ def name_list(names: list[str], shown: int = 10) -> str:
     return ", ".join(names[:shown]) + (" ..." if len(names) > shown else "")
 
 
-def nothing_to_train(max_len: int) -> DataError:
-    return DataError(f"No sample has an assistant token within model_max_length={max_len}; raise it.")
+def nothing_to_train(max_len: int, flag: str = "--model_max_length") -> DataError:
+    return DataError(f"No sample has an assistant token within {flag.lstrip('-')}={max_len}; raise it.")
 
 
 class SupervisedDataset(Dataset):
-    """Tokenizes every sample up front (Qwen's default); drops samples left with no trainable token."""
+    """Tokenizes every sample up front (Qwen's default); drops samples left with no trainable token (`keep_trainable`).
+    Takes `Conversation`s (load_samples') or Qwen's sample dicts (`as_conversations`)."""
 
-    def __init__(self, raw_data: list[dict], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE,
+    def __init__(self, samples: list[Conversation], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE,
                  num_workers: int = 1, cache_dir: str | os.PathLike | None = None, chat_format: str = "chatml",
                  reasoning_turns: str = "all"):
-        tokenized = tokenize_training_samples(raw_data, tokenizer, max_len, system_message, num_workers, cache_dir,
+        conversations = as_conversations(samples)
+        tokenized = tokenize_training_samples(conversations, tokenizer, max_len, system_message, num_workers, cache_dir,
                                               chat_format=chat_format, reasoning_turns=reasoning_turns)
-        if len(tokenized) > len(raw_data):
-            logger.info(split_summary(tokenized, len(raw_data)))
-        self.samples, dropped = split_trainable(tokenized, raw_data)
+        if len(tokenized) > len(conversations):
+            logger.info(split_summary(tokenized, len(conversations)))
+        self.samples, dropped = keep_trainable(tokenized, conversations, max_len)
         if dropped:
-            logger.warning("Dropped %d of %d samples with %s: %s", len(dropped), len(tokenized),
-                           untrainable_reason(max_len), name_list(dropped))
+            logger.warning(dropped)
         if not self.samples:
             raise nothing_to_train(max_len)
 
@@ -384,41 +319,63 @@ class SupervisedDataset(Dataset):
         return {"input_ids": self.samples[i].input_ids, "labels": self.samples[i].labels}
 
 
+def tokens_before_first_reply_bound(conversation: Conversation, system_message: str, chat_format: str) -> int | None:
+    """An upper bound on the tokens before a conversation's first trained token, from its text alone (None: it has
+    no trained span): the UTF-8 bytes of the text before that reply, since a token of a byte-level or byte-fallback
+    tokenizer carries at least one byte, plus one per special token, where a sentencepiece tokenizer may prepend a
+    word marker to the text that follows."""
+    text, spans = render(conversation, system_message, chat_format)
+    if not spans:
+        return None
+    before = text[: spans[0][0]]
+    return len(before.encode("utf-8", "surrogatepass")) + before.count(IM_START) + before.count(IM_END) + 1
+
+
 class LazySupervisedDataset(Dataset):
     """Tokenizes each sample on first access (`--lazy_preprocess`), for quick starts on big files.
 
-    Whether a sample keeps a trainable token after truncation is only known once it is
-    tokenized, so an untrainable sample is replaced by the next trainable one (and reported)
-    rather than yielding a batch with no loss, which would be NaN.
+    It holds the very samples SupervisedDataset keeps, dropped up front by the same rule and message
+    (`keep_trainable`): substituting another sample when an untrainable one is read would train that one twice an
+    epoch, and dropping on first read would change the length the sampler already drew from. Deciding needs no
+    tokenizing of most samples: one whose text before its first reply is shorter than max_len tokens by
+    `tokens_before_first_reply_bound` keeps a trained token; only the others (the long ones) are tokenized up front,
+    in one batched call, and kept for their first access.
     """
 
-    def __init__(self, raw_data: list[dict], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE,
+    def __init__(self, samples: list[Conversation], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE,
                  chat_format: str = "chatml", reasoning_turns: str = "all"):
-        self.raw_data = raw_data
-        # converting is cheap; tokenizing is what waits for first use
-        self.conversations, self.origins = training_conversations_of(raw_data, chat_format, reasoning_turns)
+        self.sources = as_conversations(samples)
+        self.conversations, self.origins = training_conversations_of(self.sources, chat_format, reasoning_turns)
         self.tokenizer, self.max_len, self.system_message, self.chat_format = tokenizer, max_len, system_message, chat_format
-        self.cache = {}
+        doubtful = [i for i, conversation in enumerate(self.conversations)
+                    if (tokens_before_first_reply_bound(conversation, system_message, chat_format) or max_len) >= max_len]
+        tokenized = tokenize_conversations([self.conversations[i] for i in doubtful], tokenizer, max_len, system_message,
+                                           chat_format)
+        for i, sample in zip(doubtful, tokenized):
+            sample.origin = self.origins[i]
+        self.cache = dict(zip(doubtful, tokenized))
+        _, dropped = keep_trainable(tokenized, self.sources, max_len, total=len(self.conversations))
+        if dropped:
+            logger.warning(dropped)
+        self.kept = [i for i in range(len(self.conversations)) if i not in self.cache or self.cache[i].num_trainable]
+        if not self.kept:
+            raise nothing_to_train(max_len)
 
     def __len__(self):
-        return len(self.conversations)
+        return len(self.kept)
 
-    def _tokenized(self, i):
+    def __getitem__(self, k) -> dict:
+        i = self.kept[k]
         if i not in self.cache:
             self.cache[i] = tokenize_conversation(self.conversations[i], self.tokenizer, self.max_len,
                                                   self.system_message, self.chat_format)
-            if not self.cache[i].num_trainable:
-                origin = self.origins[i]
-                logger.warning("%s has %s; using the next sample instead.",
-                               sample_name(origin, self.raw_data[origin]), untrainable_reason(self.max_len))
-        return self.cache[i]
-
-    def __getitem__(self, i) -> dict:
-        for offset in range(len(self)):
-            sample = self._tokenized((i + offset) % len(self))
-            if sample.num_trainable:
-                return {"input_ids": sample.input_ids, "labels": sample.labels}
-        raise nothing_to_train(self.max_len)
+        sample = self.cache[i]
+        if not sample.num_trainable:  # the bound held for every tokenizer it was tried on; say so if one breaks it
+            origin = self.origins[i]
+            raise DataError(f"{sample_name(origin, self.sources[origin])} has {untrainable_reason(self.max_len)}, which "
+                            f"--lazy_preprocess did not foresee for {type(self.tokenizer).__name__} (its text before "
+                            "the first reply has more tokens than bytes); train without --lazy_preprocess.")
+        return {"input_ids": sample.input_ids, "labels": sample.labels}
 
 
 @dataclass
@@ -442,7 +399,7 @@ class ChatCollator:
 def pad_rows(features: list[dict], length: int, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Samples as rows of `length` tokens, padded on the right: input_ids with `pad_token_id`, labels with
     IGNORE_INDEX, attention_mask 1 on each sample's own tokens and 0 on padding (int64 tensors).
-    The one padding loop: ChatCollator pads each batch with it, chat_format.preprocess pads to max_len."""
+    The one padding loop: ChatCollator pads each batch with it, `preprocess` pads to max_len."""
     batch = {
         "input_ids": torch.full((len(features), length), pad_token_id, dtype=torch.long),
         "labels": torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long),
@@ -454,6 +411,22 @@ def pad_rows(features: list[dict], length: int, pad_token_id: int) -> dict[str, 
         batch["labels"][row, :n] = torch.tensor(f["labels"])
         batch["attention_mask"][row, :n] = 1
     return batch
+
+
+def preprocess(sources, tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE) -> dict:
+    """Qwen's `preprocess`, in Qwen's shape: `sources` is a list of `conversations` lists (or of whole samples).
+
+    Returns `{"input_ids", "labels", "attention_mask"}`, tensors with one row per source, in order, each padded
+    (with the tokenizer's pad token, labels with IGNORE_INDEX) or truncated to `max_len`; attention_mask is True on
+    the sample's own tokens. A source left with no trainable token after truncation keeps its row, with every
+    label IGNORE_INDEX: Qwen's callers count on one row per source (training drops such samples when it builds the
+    dataset, by `keep_trainable`, and says so). input_ids and labels are int64 (Qwen's were int32), what embeddings
+    and the loss take.
+    """
+    conversations = [to_conversation(c) if isinstance(c, dict) else to_turns(c) for c in sources]  # samples or turns
+    samples = tokenize_conversations(conversations, tokenizer, max_len, system_message)
+    batch = pad_rows([{"input_ids": s.input_ids, "labels": s.labels} for s in samples], max_len, tokenizer.pad_token_id)
+    return batch | {"attention_mask": batch["attention_mask"].bool()}
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -560,7 +533,7 @@ class PaddingFreeCollator:
 def make_datasets(train_samples, eval_samples, tokenizer, max_len: int, lazy: bool, system_message: str,
                   packing: bool = False, num_workers: int = 1, cache_dir: str | os.PathLike | None = None,
                   chat_format: str = "chatml", reasoning_turns: str = "all"):
-    """Build (train_dataset, eval_dataset or None) from validated samples; packed rows with `packing`;
+    """Build (train_dataset, eval_dataset or None) from conversations (load_samples'); packed rows with `packing`;
     tokenized in `num_workers` processes and cached in `cache_dir` (unless `lazy`)."""
     rendering = {"chat_format": chat_format, "reasoning_turns": reasoning_turns}
     if lazy:

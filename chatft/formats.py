@@ -1,4 +1,4 @@
-"""The data formats people publish -> the seed's conversation samples.
+"""The data formats people publish -> `Conversation`s, each record checked as it is read.
 
 Detected per file from its records (`--data_format` overrides):
 
@@ -13,16 +13,18 @@ assistant's call, JSON `{"name", "arguments"}` or a list of them) and `observati
 with the tool definitions in the sample's `tools` (a list, or that list as JSON text). OpenAI messages carry
 the same as `tool_calls` on assistant messages, `tool` messages and `tools`.
 
-Every format becomes the seed's sample, so a conversation gives identical tokens and labels whatever
-format it came in. Problems are returned as messages naming the file, sample index, id and field; each
-converter also names, for every turn of the sample it returns, where that turn came from in the record.
+`read_record` gives one record's `Conversation` (chatft.chat_format), so a conversation gives identical tokens and
+labels whatever format it came in. Each format's reader names each turn in the seed's roles (`ROLES`), and every
+format's turns are then checked and built by the same rules (`_read_turns`). Problems are returned as messages
+naming the file, sample index, id and the record's own field (`messages[2]`, `history[0][1]`, `'output'`).
 """
 
 from __future__ import annotations
 
-import json
+from typing import NamedTuple
 
-from chatft.chat_format import parse_tool_calls
+from chatft.chat_format import (ROLES, Conversation, Turn, join_turns, make_turn, parse_tool_calls,
+                                parse_tools)
 
 FORMATS = ("auto", "conversations", "sharegpt", "messages", "alpaca")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
@@ -76,9 +78,12 @@ def format_mismatch(record, file_format_: str, index: int, path: str) -> str | N
             "per file")
 
 
-def sample_name(index: int, record) -> str:
-    """How every message names a sample: `sample 3 (id='x')`, or `sample 3` when it has no id."""
-    return f"sample {index}" + (f" (id={record['id']!r})" if isinstance(record, dict) and "id" in record else "")
+def sample_name(index: int, sample) -> str:
+    """How every message names a sample (a record, or the `Conversation` read from it): `sample 3 (id='x')`, or
+    `sample 3` when it has no id."""
+    if isinstance(sample, Conversation):
+        return f"sample {index}" + (f" (id={sample.id!r})" if sample.id is not None else "")
+    return f"sample {index}" + (f" (id={sample['id']!r})" if isinstance(sample, dict) and "id" in sample else "")
 
 
 def where(path: str, index: int, record) -> str:
@@ -86,30 +91,55 @@ def where(path: str, index: int, record) -> str:
     return f"{path}: {sample_name(index, record)}"
 
 
-def _sample(record: dict, conversations: list[dict]) -> dict:
-    """The seed's sample: the record's id and tools (when it has them) and `conversations`."""
-    return ({"id": record["id"]} if "id" in record else {}) | {"conversations": conversations} | (
-        {"tools": record["tools"]} if record.get("tools") not in (None, "", []) else {})
+def _reasoning(turn: dict):
+    """A turn's reasoning trace (`reasoning_content`, as Qwen3 and OpenAI-compatible servers return it); None when
+    it has none."""
+    return turn.get("reasoning_content")
 
 
-def _reasoning(turn: dict) -> dict:
-    """A turn's reasoning trace (`reasoning_content`, as Qwen3 and OpenAI-compatible servers return it), kept."""
-    return {"reasoning_content": turn["reasoning_content"]} if "reasoning_content" in turn else {}
+class _Item(NamedTuple):
+    """One turn of a record as its reader found it, in the seed's roles: checked and built by `_read_turns`."""
+    role: str  # one of chat_format.ROLES (else refused)
+    value: object  # its text; for a function_call, JSON text or the calls already parsed (OpenAI tool_calls)
+    reasoning: object  # its `reasoning_content`; None: none
+    at: str  # where it is: `data.json: sample 3 (id='x'): messages[2]`
 
 
-Converted = tuple[dict | None, list[str], list[str]]  # (sample, problems, where each of its turns came from)
+Read = tuple[Conversation | None, list[str]]  # (the conversation, or None; the problems found)
 
 
-def from_sharegpt(record: dict, at: str) -> Converted:
+def from_conversations(record, at: str) -> Read:
+    """The seed's record: `conversations` of `{"from", "value"}` turns in the seed's roles."""
+    if not isinstance(record, dict):
+        return None, [f"{at}: expected an object with 'conversations', found a {type(record).__name__}"]
+    turns = record.get("conversations")
+    if turns is None:
+        return None, [f"{at}: missing 'conversations'"]
+    if not isinstance(turns, list) or not turns:
+        return None, [f"{at}: 'conversations' must be a non-empty list of turns"]
+    items, problems = [], []
+    for j, turn in enumerate(turns):
+        here = f"{at}: conversations[{j}]"
+        if not isinstance(turn, dict):
+            problems.append(f"{here}: expected an object with 'from' and 'value', found a {type(turn).__name__}")
+            continue
+        missing = [key for key in ("from", "value") if key not in turn]
+        if missing:
+            problems.append(f"{here}: missing {' and '.join(repr(k) for k in missing)}")
+            continue
+        items.append(_Item(turn["from"], turn["value"], _reasoning(turn), here))
+    return _read_turns(record, at, items, "value", problems)
+
+
+def from_sharegpt(record: dict, at: str) -> Read:
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
-        return None, [f"{at}: 'conversations' must be a non-empty list of turns"], []
-    problems, conversations, sources = [], [], []
+        return None, [f"{at}: 'conversations' must be a non-empty list of turns"]
+    problems, items = [], []
     system = record.get("system")
     if system is not None:
         if isinstance(system, str):
-            conversations.append({"from": "system", "value": system})
-            sources.append("'system'")
+            items.append(_Item("system", system, None, f"{at}: 'system'"))
         else:
             problems.append(f"{at}: 'system' must be a string, found a {type(system).__name__}")
     for j, turn in enumerate(turns):
@@ -119,18 +149,16 @@ def from_sharegpt(record: dict, at: str) -> Converted:
             problems.append(f"{at}: conversations[{j}]: unknown role {turn['from']!r} in 'from' "
                             f"(expected one of {', '.join(SHAREGPT_ROLES)})")
         else:
-            conversations.append({"from": SHAREGPT_ROLES[turn["from"]], "value": turn["value"]}
-                                 | _reasoning(turn))
-            sources.append(f"conversations[{j}]")
-    return (None, problems, []) if problems else (_sample(record, conversations), [], sources)
+            items.append(_Item(SHAREGPT_ROLES[turn["from"]], turn["value"], _reasoning(turn), f"{at}: conversations[{j}]"))
+    return (None, problems) if problems else _read_turns(record, at, items, "value")
 
 
-def from_messages(record: dict, at: str) -> Converted:
+def from_messages(record: dict, at: str) -> Read:
     key = "messages" if "messages" in record else "conversations"  # OpenAI turns under either key
     messages = record.get(key)
     if not isinstance(messages, list) or not messages:
-        return None, [f"{at}: {key!r} must be a non-empty list of messages"], []
-    problems, conversations, sources = [], [], []
+        return None, [f"{at}: {key!r} must be a non-empty list of messages"]
+    problems, items = [], []
     for j, message in enumerate(messages):
         here = f"{at}: {key}[{j}]"
         if not isinstance(message, dict) or "role" not in message:
@@ -139,8 +167,7 @@ def from_messages(record: dict, at: str) -> Converted:
         role, content = message["role"], message.get("content")
         calls = message.get("tool_calls") or message.get("function_call") if role == "assistant" else None
         if role in MESSAGE_ROLE_ALIASES and isinstance(content, str):
-            conversations.append({"from": MESSAGE_ROLE_ALIASES[role], "value": content})
-            sources.append(f"{key}[{j}]")
+            items.append(_Item(MESSAGE_ROLE_ALIASES[role], content, None, here))
         elif role not in MESSAGE_ROLES:
             problems.append(f"{here}: unknown role {role!r} (expected {', '.join(MESSAGE_ROLES)})")
         elif content is None and not calls:
@@ -153,22 +180,16 @@ def from_messages(record: dict, at: str) -> Converted:
             except ValueError as error:
                 problems.append(f"{here}: {'tool_calls' if message.get('tool_calls') else 'function_call'!r}: {error}")
                 continue
-            if content and content.strip():  # text before the calls: one message, merged back by to_turns
-                conversations.append({"from": "assistant", "value": content} | _reasoning(message))
-                sources.append(f"{key}[{j}]")
-            # arguments as the exact JSON text they render to: an object's, or a text kept verbatim
-            conversations.append({"from": "function_call", "value": json.dumps(
-                [{"name": call.name, "arguments": call.arguments} for call in parsed], ensure_ascii=False)}
-                | ({} if content and content.strip() else _reasoning(message)))
-            sources.append(f"{key}[{j}]")
-        else:
-            conversations.append({"from": "observation" if role == "tool" else role, "value": content}
-                                 | _reasoning(message))  # on a non-assistant turn: refused by the checks
-            sources.append(f"{key}[{j}]")
-    return (None, problems, []) if problems else (_sample(record, conversations), [], sources)
+            with_text = bool(content and content.strip())
+            if with_text:  # text before the calls: one message, joined back by chat_format.join_turns
+                items.append(_Item("assistant", content, _reasoning(message), here))
+            items.append(_Item("function_call", parsed, None if with_text else _reasoning(message), here))
+        else:  # a trace on a non-assistant message is kept here to be refused by the checks
+            items.append(_Item("observation" if role == "tool" else role, content, _reasoning(message), here))
+    return (None, problems) if problems else _read_turns(record, at, items, "content")
 
 
-def from_alpaca(record: dict, at: str) -> Converted:
+def from_alpaca(record: dict, at: str) -> Read:
     problems = []
     for field, required in (("instruction", True), ("output", True), ("input", False), ("system", False)):
         if required and field not in record:
@@ -180,24 +201,103 @@ def from_alpaca(record: dict, at: str) -> Converted:
             isinstance(pair, list) and len(pair) == 2 and all(isinstance(text, str) for text in pair) for pair in history):
         problems.append(f"{at}: 'history' must be a list of [query, reply] string pairs")
     if problems:
-        return None, problems, []
+        return None, problems
     if not record["output"].strip():
         problems.append(f"{at}: 'output' is empty")
     query = record["instruction"] + (f"\n{record['input']}" if record.get("input") else "")
     if not query.strip():
         problems.append(f"{at}: 'instruction' and 'input' are empty")
     if problems:
-        return None, problems, []
-    conversations, sources = [], []
-    if record.get("system") is not None:
-        conversations.append({"from": "system", "value": record["system"]})
-        sources.append("'system'")
+        return None, problems
+    items = [_Item("system", record["system"], None, f"{at}: 'system'")] if record.get("system") is not None else []
     for k, (past_query, past_reply) in enumerate(history):
-        conversations += [{"from": "user", "value": past_query}, {"from": "assistant", "value": past_reply}]
-        sources += [f"history[{k}][0]", f"history[{k}][1]"]
-    conversations += [{"from": "user", "value": query}, {"from": "assistant", "value": record["output"]}]
-    sources += ["'instruction'", "'output'"]
-    return _sample(record, conversations), [], sources
+        items += [_Item("user", past_query, None, f"{at}: history[{k}][0]"),
+                  _Item("assistant", past_reply, None, f"{at}: history[{k}][1]")]
+    items += [_Item("user", query, None, f"{at}: 'instruction'"), _Item("assistant", record["output"], None, f"{at}: 'output'")]
+    return _read_turns(record, at, items, "value")
+
+
+def _read_turns(record: dict, at: str, items: list[_Item], value_name: str, problems: list[str] = ()) -> Read:
+    """The conversation of a record whose reader found `items` (and `problems`), checked in stages, each only once
+    the one before found nothing: the record's tools and every turn, the order of tool calls and results, the
+    conversation as trained. `value_name` is the record's name for a turn's text ('value', 'content')."""
+    problems = _tools_problems(record, at) + list(problems)
+    turns = []
+    for item in items:
+        turn, turn_problems = _turn(item, value_name)
+        problems += turn_problems
+        turns.append(turn)
+    if problems:
+        return None, problems
+    problems = _tool_order_problems([item.role for item in items], [item.at for item in items])
+    if problems:
+        return None, problems
+    turns = join_turns(turns)
+    problems = _trained_conversation_problems(turns, at)
+    if problems:
+        return None, problems
+    return Conversation(tuple(turns), parse_tools(record.get("tools")), id=record.get("id")), []
+
+
+def _tools_problems(record: dict, at: str) -> list[str]:
+    """The record's tool definitions, when it has them, must parse (chat_format.parse_tools)."""
+    if "tools" not in record:
+        return []
+    try:
+        parse_tools(record["tools"])
+    except ValueError as error:
+        return [f"{at}: 'tools': {error}"]
+    return []
+
+
+def _turn(item: _Item, value_name: str) -> tuple[Turn | None, list[str]]:
+    """One turn's role, text, reasoning and (for a tool call) calls, checked; its `Turn` when they are right."""
+    role, value, reasoning, at = item
+    problems = []
+    if reasoning is not None and not isinstance(reasoning, str):
+        problems.append(f"{at}: 'reasoning_content' must be a string, found a {type(reasoning).__name__}")
+    elif reasoning and role not in ("assistant", "function_call"):
+        problems.append(f"{at}: 'reasoning_content' on a {role} turn (only an assistant's reasoning is read)")
+    if role not in ROLES:
+        problems.append(f"{at}: unknown role {role!r} in 'from' (expected one of {', '.join(ROLES)})")
+    if isinstance(value, tuple) and role == "function_call":
+        pass  # calls parsed by the reader
+    elif not isinstance(value, str):
+        problems.append(f"{at}: '{value_name}' must be a string, found a {type(value).__name__}")
+    elif role in ("user", "assistant") and not value.strip() and not (role == "assistant" and reasoning):
+        problems.append(f"{at}: empty {role} '{value_name}'")
+    elif role == "function_call":
+        try:
+            parse_tool_calls(value)
+        except ValueError as error:
+            problems.append(f"{at}: {error}")
+    return (None, problems) if problems else (make_turn(role, value, reasoning), [])
+
+
+def _tool_order_problems(roles: list[str], turn_at: list[str]) -> list[str]:
+    """A tool call is answered by its results; results answer a call."""
+    problems = []
+    for j, role in enumerate(roles):
+        before, after = roles[j - 1] if j else None, roles[j + 1] if j + 1 < len(roles) else None
+        if role == "function_call" and after not in (None, "observation"):
+            problems.append(f"{turn_at[j]}: tool call out of order: it must be followed by its result (a tool "
+                            f"result turn), found a {after} turn")
+        if role == "observation" and before not in ("function_call", "observation"):
+            problems.append(f"{turn_at[j]}: tool result out of order: it must follow a tool call (or another "
+                            f"result), found after {f'a {before} turn' if before else 'nothing'}")
+    return problems
+
+
+def _trained_conversation_problems(turns: list[Turn], at: str) -> list[str]:
+    """After joining (chat_format.join_turns drops a leading assistant turn) something must be left to learn."""
+    opening = turns[1:] if turns and turns[0].role == "system" else turns
+    if opening and opening[0].role == "tool":
+        return [f"{at}: the conversation opens with a tool call and its result (a leading assistant turn is dropped, "
+                "since no user message precedes it)"]
+    if not any(t.role == "assistant" for t in turns):
+        return [f"{at}: no assistant turn to learn from (a leading assistant turn is dropped, since no user message "
+                "precedes it)"]
+    return []
 
 
 # What each format's reader uses; every other key of a record or turn is reported (ignored_keys), never dropped silently.
@@ -238,12 +338,12 @@ def ignored_keys(records: list, data_format: str) -> list[str]:
     return lines
 
 
-def to_sample(record, data_format: str, index: int, path: str) -> Converted:
-    """(the seed's sample, problems, where each of its turns came from) for one record of a file in `data_format`;
-    the seed's format passes through (its turns are named by chatft.data's checks)."""
+def read_record(record, data_format: str, index: int, path: str) -> Read:
+    """(the `Conversation`, or None; the problems, each naming file, index, id and field) for one record of a file
+    in `data_format`."""
     at = where(path, index, record)
     if data_format == "conversations":
-        return record, [], []  # checked, like every converted sample, by chatft.data.sample_problems
+        return from_conversations(record, at)
     if not isinstance(record, dict):
-        return None, [f"{at}: expected an object ({data_format} format), found a {type(record).__name__}"], []
+        return None, [f"{at}: expected an object ({data_format} format), found a {type(record).__name__}"]
     return {"sharegpt": from_sharegpt, "messages": from_messages, "alpaca": from_alpaca}[data_format](record, at)

@@ -2,7 +2,8 @@
 
 Calibration samples are read and validated by `chatft.data.load_samples` and rendered and
 tokenized by `chatft.chat_format.tokenize_conversation`: the same code as training, so the
-quantizer sees exactly the text the model was fine-tuned on. A held-out part of the data
+quantizer sees exactly the text the model was fine-tuned on; a sample that --max_len leaves no reply token is
+dropped by training's rule and message (`chatft.data.keep_trainable`). A held-out part of the data
 (not used for calibration) measures the perplexity of the model on its assistant replies
 before and after quantization.
 """
@@ -23,9 +24,9 @@ import torch
 import transformers
 
 from chatft import console
-from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, TokenizedSample, is_thinking_template,
-                                to_conversation, tokenize_conversation)
-from chatft.data import load_samples
+from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, Conversation, TokenizedSample,
+                                is_thinking_template, tokenize_conversation)
+from chatft.data import as_conversations, keep_trainable, load_samples
 from chatft.checkpoints import is_adapter_dir, require_model_source, saved_quantization
 from chatft.errors import DataError, QuantizeError
 from chatft.output_dir import check_new_output_dir, staged_output_dir
@@ -61,14 +62,28 @@ def split_samples(samples: list, settings: GptqSettings) -> tuple[list, list]:
     return calibration, held_out
 
 
-def tokenize_as_served(samples: list[dict], tokenizer, settings: GptqSettings) -> list[TokenizedSample]:
+def tokenize_as_served(samples: list[Conversation], tokenizer, settings: GptqSettings) -> list[TokenizedSample]:
     """The samples tokenized in the format the model was trained and is served in: its saved template's (qwen3 for a
-    thinking template, else ChatML), one whole conversation each (calibration and perplexity samples)."""
+    thinking template, else ChatML), one whole conversation each (calibration and perplexity samples), in order,
+    each with its `origin` (its index in `samples`)."""
     chat_format = "qwen3" if is_thinking_template(tokenizer.chat_template) else "chatml"
-    return [
-        tokenize_conversation(to_conversation(sample), tokenizer, settings.max_len, settings.system_message, chat_format)
-        for sample in samples
-    ]
+    tokenized = [tokenize_conversation(conversation, tokenizer, settings.max_len, settings.system_message, chat_format)
+                 for conversation in as_conversations(samples)]
+    for origin, sample in enumerate(tokenized):
+        sample.origin = origin
+    return tokenized
+
+
+def trainable_as_served(samples: list[Conversation], tokenizer, settings: GptqSettings, what: str
+                        ) -> list[TokenizedSample]:
+    """`tokenize_as_served`, less the samples with no reply token within --max_len, dropped as training drops them
+    (chatft.data.keep_trainable, with its message prefixed by `what`): with nothing to measure they only add
+    prompts to calibration."""
+    kept, dropped = keep_trainable(tokenize_as_served(samples, tokenizer, settings), as_conversations(samples),
+                                   settings.max_len, flag="--max_len")
+    if dropped:
+        logger.warning("%s: %s", what, dropped)
+    return kept
 
 
 @torch.inference_mode()
@@ -166,8 +181,11 @@ def run_gptq(model_path: str, data_path: str, out_path: str, settings: GptqSetti
     check_quantizable(model_path, tokenizer, settings)
     settings = replace(settings, group_size=choose_group_size(settings.group_size, linear_input_widths(model_path)))
     calibration, held_out = split_samples(samples, settings)
-    calibration_tokens = [s for s in tokenize_as_served(calibration, tokenizer, settings) if len(s.input_ids) > 1]
-    held_out_tokens = tokenize_as_served(held_out, tokenizer, settings)
+    calibration_tokens = trainable_as_served(calibration, tokenizer, settings, "calibration samples")
+    held_out_tokens = trainable_as_served(held_out, tokenizer, settings, "held-out samples")
+    for tokens, what in ((calibration_tokens, "calibration"), (held_out_tokens, "held-out")):
+        if not tokens:
+            raise DataError(f"No {what} sample has an assistant token within --max_len {settings.max_len}; raise it.")
     logger.info("%d calibration conversations (%d tokens), %d held out for perplexity",
                 len(calibration_tokens), sum(len(s.input_ids) for s in calibration_tokens), len(held_out_tokens))
 

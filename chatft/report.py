@@ -17,9 +17,8 @@ import resource
 
 import torch
 
-from chatft.chat_format import IGNORE_INDEX, TokenizedSample, describe_sample, to_conversation
-from chatft.data import (PackedDataset, name_list, split_summary, split_trainable, tokenize_training_samples,
-                         untrainable_reason)
+from chatft.chat_format import IGNORE_INDEX, Conversation, TokenizedSample, describe_sample
+from chatft.data import PackedDataset, as_conversations, keep_trainable, split_summary, tokenize_training_samples
 
 HISTOGRAM_BINS = 8
 BAR_WIDTH = 40
@@ -73,37 +72,38 @@ def packing_summary(rows: PackedDataset, batch_size: int, accumulation: int, pro
             f"step{'s' if steps != 1 else ''} per epoch")
 
 
-def dry_run_report(name: str, raw_samples: list[dict], tokenizer, max_len: int, system_message: str, packing: bool,
+def dry_run_report(name: str, samples: list[Conversation], tokenizer, max_len: int, system_message: str, packing: bool,
                    padding_free: bool, batch_size: int, accumulation: int, processes: int, seed: int,
                    chat_format: str = "chatml", reasoning_turns: str = "all", estimate_memory=None) -> str:
     """The report's lines (module docstring); `estimate_memory`: tokens -> chatft.memory.MemoryEstimate, to add the
-    peak memory estimated at the longest batch (chatft.memory.run_estimator)."""
-    full = tokenize_training_samples(raw_samples, tokenizer, 10**9, system_message, desc=f"Tokenizing {name}",
+    peak memory estimated at the longest batch (chatft.memory.run_estimator). Samples are dropped as training
+    drops them (chatft.data.keep_trainable), from the untruncated tokens cut to max_len: the lengths before truncation
+    are part of the report."""
+    conversations = as_conversations(samples)
+    full = tokenize_training_samples(conversations, tokenizer, 10**9, system_message, desc=f"Tokenizing {name}",
                                      chat_format=chat_format, reasoning_turns=reasoning_turns)
-    kept, dropped = split_trainable([TokenizedSample(s.input_ids[:max_len], s.labels[:max_len], s.origin) for s in full],
-                                    raw_samples)
+    kept, dropped = keep_trainable([TokenizedSample(s.input_ids[:max_len], s.labels[:max_len], s.origin) for s in full],
+                                   conversations, max_len)
     lengths = [len(s.input_ids) for s in full]
     truncated = [n - max_len for n in lengths if n > max_len]
     trainable = sum(s.num_trainable for s in kept)
     cut_trainable = sum(sum(label != IGNORE_INDEX for label in s.labels[max_len:]) for s in full)
-    conversations = [to_conversation(raw) for raw in raw_samples]
     turns = sum(len(c.turns) for c in conversations)
     tool_calls = sum(len(turn.tool_calls) for c in conversations for turn in c.turns)
     with_tools = sum(bool(c.tools) for c in conversations)
     with_reasoning = sum(any(turn.reasoning for turn in c.turns) for c in conversations)
-    lines = [f"== {name}: {len(raw_samples)} samples, {turns} turns"
+    lines = [f"== {name}: {len(conversations)} samples, {turns} turns"
              + (f"; {with_tools} sample(s) define tools, {tool_calls} tool call(s) (trained; results are not)"
                 if with_tools or tool_calls else ""),
              f"format: {chat_format}" + (" (Qwen3's template: think blocks, no default system prompt)"
                                          if chat_format == "qwen3" else "")
              + f"; {with_reasoning} sample(s) with reasoning traces (trained, in <think> blocks)"
-             + (f"; {split_summary(full, len(raw_samples))}" if len(full) > len(raw_samples) else ""),
+             + (f"; {split_summary(full, len(conversations))}" if len(full) > len(conversations) else ""),
              f"tokens: {sum(min(n, max_len) for n in lengths):,} after truncation to model_max_length={max_len} "
              f"({trainable:,} trainable, {100 * trainable / max(1, sum(min(n, max_len) for n in lengths)):.1f}%); "
              f"{sum(truncated):,} cut from {len(truncated)} sample(s) longer than {max_len} "
              f"({cut_trainable:,} of them trainable)"]
-    lines.append(f"dropped: {len(dropped)} sample(s) with {untrainable_reason(max_len)}: {name_list(dropped)}"
-                 if dropped else "dropped: none")
+    lines.append(dropped or "dropped: none")
     lines.append(f"sample lengths (tokens, before truncation; longest {max(lengths)}, mean {sum(lengths) / len(lengths):.0f}):")
     lines += length_histogram(lengths, max_len)
     kept_lengths = [len(s.input_ids) for s in kept]

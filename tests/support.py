@@ -151,15 +151,6 @@ def alpaca_to_conversations(records, placeholders=None) -> list[dict]:
     return samples
 
 
-def sharegpt_to_conversations(records) -> list[dict]:
-    """ShareGPT tool-call data -> Qwen format (calls as assistant turns, tool results as user turns)."""
-    role = {"human": "user", "gpt": "assistant", "function_call": "assistant", "observation": "user", "system": "system"}
-    return [
-        {"id": f"glaive_{index}", "conversations": [{"from": role[t["from"]], "value": t["value"]} for t in r["conversations"]]}
-        for index, r in enumerate(records)
-    ]
-
-
 def write_json(path: Path, data) -> Path:
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return path

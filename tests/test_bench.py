@@ -65,7 +65,7 @@ def test_trl_messages_keep_every_turn(qwen_tokenizer):
     from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, render_chatml, to_conversation
     from chatft.formats import from_alpaca
 
-    sample, problems, _ = from_alpaca(ALPACA[0], "train.json, sample 0")
+    sample, problems = from_alpaca(ALPACA[0], "train.json, sample 0")
     assert not problems
     messages = trl_messages(sample)
     assert [m["role"] for m in messages] == ["user", "assistant"] * 3

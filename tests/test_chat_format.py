@@ -2,6 +2,8 @@
 and input_ids equal the tokenization of the rendered ChatML text (and of apply_chat_template)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -10,7 +12,7 @@ from chatft.chat_format import (
     tokenize_conversation,
     tokenize_conversations,
 )
-from support import alpaca_to_conversations, sharegpt_to_conversations, shared_data, shared_data_path
+from support import ROOT, alpaca_to_conversations, shared_data, shared_data_path
 
 SYSTEM = "You are a helpful assistant."
 
@@ -94,14 +96,35 @@ def test_labels_are_exactly_the_replies(tokenizer, conversation):
     check_conversation(tokenizer, conversation)
 
 
-def test_public_data_converted_masks(tokenizer):
+def check_tool_conversation(tokenizer, qwen_tokenizer, conversation):
+    """A conversation with tool calls and results, against Qwen's own chat template (Qwen3's, written independently
+    of chatft): input_ids are the tokens of the template's text (less the empty think block it puts in the final
+    reply), and the labelled runs are the body of each assistant message in that text (its reply and calls), with
+    its <|im_end|>; tool results and definitions are in the text, never labelled."""
+    messages, tools = openai_messages(conversation)
+    whole = qwen_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    cut = whole.rindex(QWEN3_EMPTY_THINK)
+    text = whole[:cut] + whole[cut + len(QWEN3_EMPTY_THINK):]
+    sample = tokenize_conversation(conversation, tokenizer, max_len=100_000, system_message=SYSTEM)
+    assert sample.input_ids == tokenizer(text, add_special_tokens=False).input_ids
+    bodies = [part.split(IM_END)[0] for part in text.split("<|im_start|>assistant\n")[1:]]
+    runs = labelled_runs(tokenizer, sample)
+    assert len(runs) == len(bodies) == sum(turn.role == "assistant" for turn in conversation.turns)
+    for run, body in zip(runs, bodies):
+        assert_run_is_reply(run, body)
+    return runs
+
+
+def test_public_data_converted_masks(tokenizer, qwen_tokenizer, glaive_conversations):
     samples = (
         alpaca_to_conversations(shared_data("alpaca_en_demo.json"))[:150]
         + alpaca_to_conversations(shared_data("identity.json"), {"{{name}}": "Tessa", "{{author}}": "Lumen Labs"})
-        + sharegpt_to_conversations(shared_data("glaive_toolcall_en_demo.json"))[:100]
     )
     for sample in samples:
         check_conversation(tokenizer, sample["conversations"])
+    # the ShareGPT tool-call file as chatft.formats reads it: calls, results and tool definitions rendered
+    runs = [check_tool_conversation(tokenizer, qwen_tokenizer, c) for c in glaive_conversations[:100]]
+    assert sum("<tool_call>" in run for sample_runs in runs for run in sample_runs) > 50
 
 
 def test_reply_starting_with_newline(qwen_tokenizer):
@@ -179,12 +202,11 @@ def test_describe_sample_marks_trained_spans(qwen_tokenizer):
     assert shown.count("[[") == 2
 
 
-def test_one_batched_call_equals_one_call_per_sample(tokenizer):
+def test_one_batched_call_equals_one_call_per_sample(tokenizer, glaive_conversations):
     """Offsets of all samples are resolved together: no sample's labels may leak into its neighbour's."""
-    samples = (alpaca_to_conversations(shared_data("alpaca_en_demo.json"))[:60]
-               + sharegpt_to_conversations(shared_data("glaive_toolcall_en_demo.json"))[:40]
-               + [{"conversations": c} for c in TURN_LISTS])
-    conversations = [to_turns(s["conversations"]) for s in samples]
+    conversations = ([to_turns(s["conversations"]) for s in alpaca_to_conversations(shared_data("alpaca_en_demo.json"))[:60]]
+                     + glaive_conversations[:40]  # with tools: calls, results and definitions
+                     + [to_turns(c) for c in TURN_LISTS])
     for max_len in (48, 100_000):
         batched = tokenize_conversations(conversations, tokenizer, max_len, SYSTEM)
         assert batched == [tokenize_conversation(turns, tokenizer, max_len, SYSTEM) for turns in conversations]
@@ -213,9 +235,10 @@ def openai_messages(conversation, system=SYSTEM):
 
 @pytest.fixture(scope="module")
 def glaive_conversations():
+    """The public ShareGPT tool-call file as chatft.formats reads it (every tool turn kept)."""
     from chatft.data import load_samples
 
-    return [to_conversation(s) for s in load_samples(str(shared_data_path("glaive_toolcall_en_demo.json")))]
+    return load_samples(str(shared_data_path("glaive_toolcall_en_demo.json")))
 
 
 def test_tool_calls_render_as_qwens_own_template(qwen_tokenizer, glaive_conversations):
@@ -401,3 +424,11 @@ def test_qwen3_training_samples_of_a_multi_turn_reasoning_conversation():
     assert training_conversations(no_reasoning, "qwen3") == [no_reasoning]  # nothing to lose: one sample
     assert render_qwen3(no_reasoning)[0].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nd<|im_end|>\n")
     assert training_conversations(conversation, "chatml") == [conversation]
+
+
+def test_rendering_does_not_import_the_data_module():
+    """The import circle chat_format -> data -> formats -> chat_format is cut: rendering and labelling stand alone
+    (Qwen's `preprocess`, which pads with chatft.data, lives there)."""
+    code = ("import sys, chatft.chat_format, chatft.formats; "
+            "assert 'chatft.data' not in sys.modules, sorted(m for m in sys.modules if m.startswith('chatft'))")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from chatft.chat_format import IGNORE_INDEX, to_turns, tokenize_conversation
+from chatft.chat_format import IGNORE_INDEX, to_conversation, to_turns, tokenize_conversation
 from chatft.data import (
     ChatCollator, DataError, LazySupervisedDataset, PackedDataset, PaddingFreeCollator, SupervisedDataset,
     first_fit_decreasing, load_samples, make_datasets, split_off_eval, tokenize_training_samples,
@@ -20,14 +20,22 @@ from support import (alpaca_to_conversations, assert_close_up_to_rounding, decod
 GOOD = {"id": "ok", "conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello"}]}
 
 
+def read(records: list[dict]) -> list:
+    """The conversations that records in the seed's format hold, read by chat_format.to_conversation (Qwen's samples,
+    unchecked): what load_samples must give for them."""
+    return [to_conversation(record) for record in records]
+
+
 def test_json_and_jsonl_load(tmp_path):
     as_json = write_json(tmp_path / "a.json", [GOOD, GOOD])
     as_jsonl = tmp_path / "a.jsonl"
     as_jsonl.write_text(json.dumps(GOOD) + "\n\n" + json.dumps(GOOD) + "\n")
-    assert load_samples(str(as_json)) == load_samples(str(as_jsonl)) == [GOOD, GOOD]
+    assert load_samples(str(as_json)) == load_samples(str(as_jsonl)) == read([GOOD, GOOD])
     jsonl_named_json = tmp_path / "b.json"
     jsonl_named_json.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD))
-    assert load_samples(str(jsonl_named_json)) == [GOOD, GOOD]
+    assert load_samples(str(jsonl_named_json)) == read([GOOD, GOOD])
+    [sample] = load_samples(str(write_json(tmp_path / "c.json", [GOOD])))
+    assert sample.id == "ok" and [(t.role, t.content) for t in sample.turns] == [("user", "Hi"), ("assistant", "Hello")]
 
 
 BAD_SAMPLES = [
@@ -113,7 +121,7 @@ def test_each_bad_sample_is_named(tmp_path, sample, message):
 
 def test_empty_system_prompt_is_allowed(tmp_path):
     sample = {"id": "s", "conversations": [{"from": "system", "value": ""}, *GOOD["conversations"]]}
-    assert load_samples(str(write_json(tmp_path / "d.json", [sample]))) == [sample]
+    assert load_samples(str(write_json(tmp_path / "d.json", [sample]))) == read([sample])
 
 
 def test_all_problems_reported_up_to_a_cap(tmp_path):
@@ -140,7 +148,7 @@ def test_bad_files(tmp_path, content, message):
 def test_utf8_bom_is_accepted_and_non_utf8_is_reported(tmp_path):
     path = tmp_path / "bom.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps([GOOD]).encode())
-    assert load_samples(str(path)) == [GOOD]
+    assert load_samples(str(path)) == read([GOOD])
     path.write_bytes(json.dumps([GOOD]).encode("utf-16"))
     with pytest.raises(DataError, match="not UTF-8 text"):
         load_samples(str(path))
@@ -174,22 +182,44 @@ def long_sample(i):
     return {"id": f"long{i}", "conversations": [{"from": "user", "value": "word " * 200}, {"from": "assistant", "value": "ok"}]}
 
 
+DROPPED_LONG1 = ("Dropped 1 of 3 samples with no assistant token within model_max_length=64 (truncation cut every "
+                 "reply: raise --model_max_length to keep them): sample 1 (id='long1')")
+
+
 def test_eager_dataset_drops_untrainable_samples(qwen_tokenizer, caplog):
     data = [GOOD, long_sample(1), GOOD]
     dataset = SupervisedDataset(data, qwen_tokenizer, max_len=64)
     assert len(dataset) == 2
     assert "Dropped 1 of 3" in caplog.text and "id='long1'" in caplog.text
+    assert [r.getMessage() for r in caplog.records if "Dropped" in r.getMessage()] == [DROPPED_LONG1]
 
 
 def test_lazy_dataset_never_yields_a_sample_without_loss(qwen_tokenizer, caplog):
+    """--lazy_preprocess holds the very samples the eager dataset keeps, dropped with the same message: an epoch is
+    the same samples either way (no untrainable sample replaced by its neighbour, which trained that one twice)."""
     data = [GOOD, long_sample(1), {**GOOD, "id": "third"}]
     dataset = LazySupervisedDataset(data, qwen_tokenizer, max_len=64)
-    assert len(dataset) == 3
+    assert [r.getMessage() for r in caplog.records if "Dropped" in r.getMessage()] == [DROPPED_LONG1]
+    caplog.clear()
     eager = SupervisedDataset(data, qwen_tokenizer, max_len=64)
-    assert dataset[0] == eager[0]
-    assert dataset[1] == eager[1]  # the untrainable sample is replaced by the next one
-    assert any(label != IGNORE_INDEX for label in dataset[1]["labels"])
-    assert "id='long1'" in caplog.text
+    assert [r.getMessage() for r in caplog.records if "Dropped" in r.getMessage()] == [DROPPED_LONG1]
+    assert len(dataset) == len(eager) == 2
+    assert [dataset[i] for i in range(2)] == [eager[i] for i in range(2)]
+    assert all(any(label != IGNORE_INDEX for label in dataset[i]["labels"]) for i in range(2))
+
+
+def test_lazy_dataset_tokenizes_up_front_only_the_samples_truncation_may_empty(qwen_tokenizer, monkeypatch):
+    """Its byte bound on the tokens before the first reply clears the short samples without tokenizing them; the
+    long ones are tokenized, once, and kept for their first access."""
+    data = many_samples(6) + [long_sample(1)]
+    dataset = LazySupervisedDataset(data, qwen_tokenizer, max_len=512)
+    assert sorted(dataset.cache) == [6]  # "word " * 200 before the reply: 1,000 bytes, more than 512
+    assert len(dataset) == 7 and dataset[6] == SupervisedDataset(data, qwen_tokenizer, 512)[6]
+    calls = []
+    real = chatft.data.tokenize_conversation
+    monkeypatch.setattr(chatft.data, "tokenize_conversation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    dataset[6]
+    assert calls == []
 
 
 def test_nothing_trainable_is_an_error(qwen_tokenizer):
@@ -200,10 +230,20 @@ def test_nothing_trainable_is_an_error(qwen_tokenizer):
 
 
 def test_make_datasets(qwen_tokenizer):
+    expected = tokenize_conversation(to_turns(GOOD["conversations"]), qwen_tokenizer, 128, "s")
+    expected = {"input_ids": expected.input_ids, "labels": expected.labels}
+    assert qwen_tokenizer.decode([t for t, label in zip(expected["input_ids"], expected["labels"])
+                                  if label != IGNORE_INDEX]) == "Hello<|im_end|>"
     train, evaluation = make_datasets([GOOD] * 3, None, qwen_tokenizer, 128, lazy=True, system_message="s")
     assert isinstance(train, LazySupervisedDataset) and evaluation is None
+    assert len(train) == 3 and [train[i] for i in range(3)] == [expected] * 3
     train, evaluation = make_datasets([GOOD] * 3, [GOOD], qwen_tokenizer, 128, lazy=False, system_message="s")
-    assert isinstance(evaluation, SupervisedDataset) and len(evaluation) == 1
+    assert isinstance(train, SupervisedDataset) and isinstance(evaluation, SupervisedDataset)
+    assert [train[i] for i in range(len(train))] == [expected] * 3 and [evaluation[0]] == [expected]
+    assert train.num_tokens == 3 * len(expected["input_ids"])
+    train, _ = make_datasets([GOOD] * 3, None, qwen_tokenizer, 128, lazy=False, system_message="s", packing=True)
+    assert isinstance(train, PackedDataset) and len(train) == 1 and train.num_samples == 3
+    assert train[0]["input_ids"] == expected["input_ids"] * 3
 
 
 # --- formats --------------------------------------------------------------------------------------------
@@ -230,22 +270,24 @@ def test_every_format_gives_the_same_sample(tmp_path, data_format, suffix, qwen_
     path = tmp_path / f"data{suffix}"
     records = SAME_CONVERSATION[data_format]
     path.write_text(json.dumps(records) if suffix == ".json" else "\n".join(json.dumps(r) for r in records))
-    assert load_samples(str(path)) == SAME_CONVERSATION["conversations"]  # detected
-    assert load_samples(str(path), data_format) == SAME_CONVERSATION["conversations"]  # named
+    assert load_samples(str(path)) == read(SAME_CONVERSATION["conversations"])  # detected
+    assert load_samples(str(path), data_format) == read(SAME_CONVERSATION["conversations"])  # named
 
 
 def test_public_alpaca_and_sharegpt_files_load(tmp_path):
     alpaca = load_samples(str(shared_data_path("alpaca_en_demo.json")))
     expected = alpaca_to_conversations(shared_data("alpaca_en_demo.json"))
-    assert [s["conversations"] for s in alpaca] == [s["conversations"] for s in expected]
+    assert [s.turns for s in alpaca] == [s.turns for s in read(expected)]
     glaive = load_samples(str(shared_data_path("glaive_toolcall_en_demo.json")))  # ShareGPT with tool calls
     records = shared_data("glaive_toolcall_en_demo.json")
     assert len(glaive) == len(records)
     for sample, record in zip(glaive, records):
         roles = {"human": "user", "gpt": "assistant"}
-        assert sample["conversations"] == [{"from": roles.get(t["from"], t["from"]), "value": t["value"]}
-                                           for t in record["conversations"]]
-        assert sample.get("tools", "[]") == record["tools"]
+        seed = {"tools": record["tools"], "conversations": [{"from": roles.get(t["from"], t["from"]), "value": t["value"]}
+                                                            for t in record["conversations"]]}
+        assert (sample.turns, sample.tools) == (to_conversation(seed).turns, to_conversation(seed).tools)
+        assert sample.tools == tuple(json.dumps({"type": "function", "function": tool}, ensure_ascii=False)
+                                     for tool in json.loads(record["tools"] or "[]"))
 
 
 TOOL_TOOLS = [{"name": "get_weather", "description": "Weather in a city",
@@ -298,7 +340,7 @@ def test_tool_calls_give_the_same_tokens_in_every_format(tmp_path, data_format, 
     assert [t.role for t in expected.turns] == ["user", "assistant", "tool", "tool", "assistant"]
     assert [c.arguments for c in expected.turns[1].tool_calls] == ['{"city": "Paris"}', '{"city": "Zürich"}']
     tokens = tokenize_training_samples([sample], qwen_tokenizer, 4096)
-    assert tokens == tokenize_training_samples(SAME_TOOL_CONVERSATION["conversations"], qwen_tokenizer, 4096)
+    assert tokens == tokenize_training_samples(read(SAME_TOOL_CONVERSATION["conversations"]), qwen_tokenizer, 4096)
     text, _ = render_chatml(expected)
     assert tokens[0].input_ids == qwen_tokenizer(text, add_special_tokens=False).input_ids
 
@@ -310,7 +352,7 @@ def test_several_files_and_directories(tmp_path):
     write_json(directory / "b.json", SAME_CONVERSATION["messages"])
     (directory / "notes.txt").write_text("ignored")
     single = write_json(tmp_path / "c.json", [GOOD])
-    expected = SAME_CONVERSATION["conversations"] * 2 + [GOOD]
+    expected = read(SAME_CONVERSATION["conversations"] * 2 + [GOOD])
     assert load_samples(f"{directory},{single}") == expected
     with pytest.raises(DataError, match="nope.json: no such data file"):
         load_samples(f"{single},{tmp_path / 'nope.json'}")
@@ -472,7 +514,7 @@ def test_openai_legacy_function_call_message(tmp_path):
 def test_mixed_formats_in_one_file(tmp_path):
     seed, sharegpt = SAME_CONVERSATION["conversations"][0], SAME_CONVERSATION["sharegpt"][0]
     # the seed's records and ShareGPT's mix: ShareGPT's reading covers both
-    assert load_samples(str(write_json(tmp_path / "a.json", [seed, sharegpt]))) == [seed, seed]
+    assert load_samples(str(write_json(tmp_path / "a.json", [seed, sharegpt]))) == read([seed, seed])
     mixed = write_json(tmp_path / "b.json", [SAME_CONVERSATION["messages"][0], SAME_CONVERSATION["alpaca"][0]])
     with pytest.raises(DataError, match=r"sample 1 \(id='s1'\): a record in alpaca format in a file detected as messages"):
         load_samples(str(mixed))
@@ -505,11 +547,12 @@ def test_glaive_as_openai_messages_gives_the_same_tokens(tmp_path, qwen_tokenize
 def test_role_content_turns_under_conversations_and_raw_sharegpt_roles(tmp_path):
     messages = SAME_CONVERSATION["messages"][0]
     under_conversations = {"id": "s1", "conversations": messages["messages"]}
-    assert load_samples(str(write_json(tmp_path / "a.json", [under_conversations]))) == SAME_CONVERSATION["conversations"]
+    assert load_samples(str(write_json(tmp_path / "a.json", [under_conversations]))) == read(SAME_CONVERSATION["conversations"])
     raw_sharegpt = [{"id": "r", "conversations": [{"from": "human", "value": "q"}, {"from": "chatgpt", "value": "a"},
                                                   {"from": "human", "value": "q2"}, {"from": "bing", "value": "b"}]}]
     [sample] = load_samples(str(write_json(tmp_path / "b.json", raw_sharegpt)))
-    assert [t["from"] for t in sample["conversations"]] == ["user", "assistant", "user", "assistant"]
+    assert [(t.role, t.content) for t in sample.turns] == [("user", "q"), ("assistant", "a"), ("user", "q2"),
+                                                           ("assistant", "b")]
     bad = [{"id": "x", "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}]}]
     with pytest.raises(DataError, match=r"sample 0 \(id='x'\): conversations\[1\]: 'content' must be a string"):
         load_samples(str(write_json(tmp_path / "c.json", bad)))

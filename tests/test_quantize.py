@@ -4,6 +4,7 @@ template; calibration is the training tokenization; the perplexity report is rig
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -12,10 +13,10 @@ import transformers
 import finetune
 from chatft.errors import DataError
 import run_gptq
-from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE
+from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, to_conversation
 from chatft.data import SupervisedDataset, load_samples
 from chatft.quantize import (GptqSettings, QuantizeError, choose_group_size, reply_perplexity, split_samples,
-                             tokenize_as_served)
+                             tokenize_as_served, trainable_as_served)
 from support import assert_close_up_to_rounding, probe_logits, unloadable_copy, write_json
 
 QUESTIONS = ["Who are you?", "What is 2+2?", "你好", "Say goodbye.", "Name a colour.", "Count to three.",
@@ -39,7 +40,9 @@ def quantize(model, data, out, *extra):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_output_loads_with_plain_transformers(tiny_qwen2_64_dir, data, tmp_path, bits, capsys):
     assert quantize(tiny_qwen2_64_dir, data, tmp_path / "q", "--bits", str(bits), "--group-size", "32") == 0
-    assert "before" in capsys.readouterr().out
+    printed = re.search(r"Perplexity on (\d+) held-out conversations \(assistant replies\): (\S+) before, (\S+) after "
+                        r"(\d)-bit GPTQ \(x(\S+)\)", capsys.readouterr().out)
+    assert printed, "run_gptq.py prints the perplexities before and after"
     config = json.load(open(tmp_path / "q" / "config.json"))["quantization_config"]
     assert config["quant_method"] == "gptq" and config["bits"] == bits and config["group_size"] == 32
     assert not (tmp_path / "logs").exists() and not (tmp_path / "q" / "gptq_logs").exists()
@@ -51,8 +54,22 @@ def test_quantized_output_loads_with_plain_transformers(tiny_qwen2_64_dir, data,
     report = json.load(open(tmp_path / "q" / "quantize_report.json"))
     assert report["held_out_samples"] == 2 and report["calibration_samples"] == len(SAMPLES) - 2
     assert report["settings"]["bits"] == bits
-    # the model before quantization, measured independently with the HF loss on one held-out sample
+    # what it prints is the report's: exp of a mean negative log-likelihood, finite and at least 1
+    before, after = report["perplexity_before"], report["perplexity_after"]
+    assert printed.groups() == (str(report["held_out_samples"]), f"{before:.3f}", f"{after:.3f}", str(bits),
+                                f"{report['perplexity_ratio']:.3f}")
+    assert all(math.isfinite(value) and value >= 1 for value in (before, after))
+    assert report["perplexity_ratio"] == after / before
+    # the model before quantization, measured independently: exp of the HF loss over the held-out reply tokens
     full = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_64_dir, dtype=torch.float32)
+    _, held_out = split_samples(load_samples(str(data)), GptqSettings())
+    nll, count = 0.0, 0
+    for sample in tokenize_as_served(held_out, tokenizer, GptqSettings(max_len=64)):
+        labelled = sum(label != IGNORE_INDEX for label in sample.labels[1:])
+        with torch.no_grad():
+            loss = full(input_ids=torch.tensor([sample.input_ids]), labels=torch.tensor([sample.labels])).loss
+        nll, count = nll + float(loss) * labelled, count + labelled
+    assert math.exp(nll / count) == pytest.approx(before, rel=1e-4)
     if bits == 8:  # 8 bits barely move a model; 4 bits move a random tiny one more, but not to noise
         # lossy: 8-bit GPTQ moves each weight by up to half a step of its group's 256 levels, which moved the
         # logits by 0.4% of the largest here: 0.02 + 2% of each logit leaves about ten times that
@@ -86,6 +103,25 @@ def test_calibration_is_the_training_tokenization(tiny_qwen2_64_dir):
         training = SupervisedDataset(SAMPLES, tokenizer, 64, DEFAULT_SYSTEM_MESSAGE, chat_format=chat_format)
         assert [s.input_ids for s in tokenized] == [list(training[i]["input_ids"]) for i in range(len(SAMPLES))]
         assert (tokenizer.decode(tokenized[0].input_ids).startswith("<|im_start|>system")) == (chat_format == "chatml")
+
+
+def test_calibration_drops_what_training_drops(tiny_qwen2_64_dir, caplog):
+    """The one rule and message (chatft.data.keep_trainable): a sample that --max_len leaves no reply token is neither
+    calibrated on nor measured, as training does not train on it."""
+    from chatft.chat_format import chatml_template
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_64_dir)
+    tokenizer.chat_template = chatml_template(DEFAULT_SYSTEM_MESSAGE)
+    long = {"id": "long", "conversations": [{"from": "user", "value": "word " * 100}, {"from": "assistant", "value": "ok"}]}
+    samples = [to_conversation(sample) for sample in SAMPLES[:3] + [long]]
+    kept = trainable_as_served(samples, tokenizer, GptqSettings(max_len=64), "calibration samples")
+    training = SupervisedDataset(samples, tokenizer, 64, DEFAULT_SYSTEM_MESSAGE, chat_format="chatml")
+    assert len(kept) == len(training) == 3
+    assert [s.input_ids for s in kept] == [training[i]["input_ids"] for i in range(3)]
+    reason = "no assistant token within {0}={1} (truncation cut every reply: raise --{0} to keep them): sample 3 (id='long')"
+    assert [r.getMessage() for r in caplog.records if "Dropped" in r.getMessage()] == [
+        "calibration samples: Dropped 1 of 4 samples with " + reason.format("max_len", 64),
+        "Dropped 1 of 4 samples with " + reason.format("model_max_length", 64)]
 
 
 def test_held_out_samples_are_not_calibrated_on():
