@@ -6,8 +6,9 @@
 
 Every transformers.TrainingArguments flag works. The steps, in order: check the flags and
 output_dir, read and validate the data (errors before any model is loaded), load the
-tokenizer (--dry_run: report on the tokenized data and stop), the model, train with the HF
-Trainer, save into output_dir.
+tokenizer and plan the run (chatft.plan: mode, precision, quantization, sharding, chat format;
+--dry_run: report on the tokenized data and stop), load the model the plan describes, train
+with the HF Trainer, save into output_dir.
 """
 
 import logging
@@ -26,11 +27,11 @@ from chatft.attention import rows_keep_samples_apart  # noqa: E402
 from chatft.errors import ArgumentError  # noqa: E402
 from chatft.data import preprocess  # noqa: E402  (re-exported: `from finetune import preprocess`, as Qwen's)
 from chatft.data import load_samples, make_collator, make_datasets, split_off_eval  # noqa: E402
-from chatft.model import (join_process_group, load_model, load_tokenizer, resolve_model_path,  # noqa: E402
-                          trainable_embeddings)
+from chatft.model import join_process_group, load_model  # noqa: E402
 from chatft.distributed import end_run  # noqa: E402
 from chatft.memory import longest_batch_tokens, run_estimator  # noqa: E402
 from chatft.output_dir import check_output_dir  # noqa: E402
+from chatft.plan import plan_run  # noqa: E402
 from chatft.report import dry_run_report, packing_summary, plot_losses, run_summary  # noqa: E402
 from chatft.saving import save_run  # noqa: E402
 from chatft.trainer import ChatTrainer, StopOnSigterm  # noqa: E402
@@ -78,22 +79,17 @@ def train(argv=None, callbacks=(), wrap_collator=None):
     train_samples, eval_samples = read_data(data_args, training_args.seed)
     if not data_args.dry_run:
         join_process_group(training_args)
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    tokenizer, added_tokens, chat_format = load_tokenizer(
-        model_path, training_args.model_max_length, data_args.system_message,
-        cache_dir=training_args.cache_dir, trust_remote_code=model_args.trust_remote_code,
-        chat_format=data_args.chat_format,
-    )
-    train_embeddings = trainable_embeddings(model_args, training_args, lora_args, added_tokens)
-    # tokens -> peak memory estimated from config.json alone (chatft.memory), said before any memory is spent
-    estimate_memory = run_estimator(model_path, model_args, training_args, lora_args, train_embeddings, len(tokenizer))
+    # the tokenizer, then everything the flags and the model's config decide (chatft.plan), read by all that follows
+    plan, tokenizer = plan_run(model_args, data_args, training_args, lora_args)
+    # tokens -> peak memory estimated from the plan alone (chatft.memory), said before any memory is spent
+    estimate_memory = run_estimator(plan)
     if data_args.dry_run:  # the tokenizer only: no model, nothing written
         for name, samples in (("training data", train_samples), ("evaluation data", eval_samples)):
             if samples:
                 print(dry_run_report(name, samples, tokenizer, training_args.model_max_length, data_args.system_message,
                                      data_args.packing, data_args.padding_free,
                                      training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
-                                     int(os.environ.get("WORLD_SIZE", "1")), training_args.seed, chat_format,
+                                     plan.world_size, training_args.seed, plan.chat_format,
                                      data_args.reasoning_turns, estimate_memory if name == "training data" else None))
         return None
     # The first process of each machine tokenizes (and caches); the others wait, then read its cache.
@@ -101,16 +97,16 @@ def train(argv=None, callbacks=(), wrap_collator=None):
         train_dataset, eval_dataset = make_datasets(
             train_samples, eval_samples, tokenizer, training_args.model_max_length,
             data_args.lazy_preprocess, data_args.system_message, data_args.packing,
-            data_args.preprocessing_num_workers, data_args.resolved_preprocessing_cache_dir, chat_format,
+            data_args.preprocessing_num_workers, data_args.resolved_preprocessing_cache_dir, plan.chat_format,
             data_args.reasoning_turns,
         )
     if data_args.packing and training_args.should_log:  # the batch no longer means what the flags say: say so
         logger.info(packing_summary(train_dataset, training_args.per_device_train_batch_size,
-                                    training_args.gradient_accumulation_steps, training_args.world_size))
+                                    training_args.gradient_accumulation_steps, plan.world_size))
     if estimate_memory is not None and training_args.should_log:
         logger.info(estimate_memory(longest_batch_tokens(train_dataset, training_args.per_device_train_batch_size,
                                                          training_args.model_max_length)).text())
-    model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added_tokens, train_embeddings)
+    model = load_model(plan, lora_args, device=training_args.device)
     collator = make_collator(tokenizer, padding_free_for(model, data_args),
                              training_args.model_max_length if data_args.pad_to_max_length else None)
     trainer = ChatTrainer(
@@ -138,10 +134,10 @@ def train(argv=None, callbacks=(), wrap_collator=None):
         end_run(trainer, exit_when_done=__name__ == "__main__")
         return trainer
     groups = {"model": model_args, "data": data_args, "training": training_args, "lora": lora_args}
-    save_run(trainer, tokenizer, groups, model_path)
+    save_run(trainer, tokenizer, groups, plan.model_path)
     if trainer.is_world_process_zero():
         plot_losses(trainer.state.log_history, os.path.join(training_args.output_dir, "loss.png"))
-        print(run_summary(trainer, "LoRA adapter" if lora_args.use_lora else "model"), flush=True)
+        print(run_summary(trainer, "model" if plan.mode == "full" else "LoRA adapter"), flush=True)
     # Multi-process runs: every rank waits here until rank 0 has written everything, then the process groups are
     # destroyed; when finetune.py is the program, the process exits here with status 0 (chatft.distributed: why).
     end_run(trainer, exit_when_done=__name__ == "__main__")

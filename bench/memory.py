@@ -3,8 +3,9 @@
     python -m bench.memory                      # the bundled SmolLM2-135M-Instruct
     python -m bench.memory -m MODEL --seq-len 512 --batch-size 4 --steps 3 --json out.json
 
-Each mode runs in a fresh process (so one mode's peak does not hide another's), loads the model exactly
-as finetune.py does (chatft.model.load_model), and takes `--steps` optimizer steps on random tokens.
+Each mode runs in a fresh process (so one mode's peak does not hide another's), plans the run and loads
+the model exactly as finetune.py does (chatft.plan.plan_run, chatft.model.load_model), and takes
+`--steps` optimizer steps on random tokens.
 Printed per mode: weight memory (parameters and buffers), peak memory (CUDA: max allocated; CPU: the
 process's peak resident set above what it held before loading), and tokens per second.
 """
@@ -34,22 +35,23 @@ def measure(config: dict) -> dict:
     import torch
 
     from chatft.args import parse_args
-    from chatft.model import join_process_group, load_model, load_tokenizer, trainable_embeddings
+    from chatft.model import join_process_group, load_model
+    from chatft.plan import plan_run
 
     mode, model_path, seq_len, batch_size, steps = (config[k] for k in ("mode", "model", "seq_len", "batch_size", "steps"))
     on_cuda = torch.cuda.is_available()
     flags = ["--model_name_or_path", model_path, "--data_path", "unused.json", "--output_dir", "unused",
-             "--bf16", "True", "--activation_checkpointing", "--lora_dropout", "0", *MODES[mode]]
+             "--bf16", "True", "--activation_checkpointing", "--lora_dropout", "0", "--model_max_length", str(seq_len),
+             *MODES[mode]]
     model_args, data_args, training_args, lora_args = parse_args(flags + ([] if on_cuda else ["--use_cpu", "True"]))
     join_process_group(training_args)
     baseline_mib = harness.current_resident_mib()
-    tokenizer, added, _ = load_tokenizer(model_path, seq_len, data_args.system_message)
-    model = load_model(model_path, model_args, training_args, lora_args, tokenizer, added,
-                       trainable_embeddings(model_args, training_args, lora_args, added))
+    plan, tokenizer = plan_run(model_args, data_args, training_args, lora_args)
+    model = load_model(plan, lora_args, device=training_args.device)
     if mode != "qlora":  # 4-bit weights were placed by their device map
         model.to(training_args.device)
     model.train()
-    if training_args.activation_checkpointing:
+    if plan.activation_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -59,7 +61,7 @@ def measure(config: dict) -> dict:
     for step in range(steps + 1):  # step 0 warms up and is not timed
         if step == 1:
             start = time.perf_counter()
-        with torch.autocast(training_args.device.type, dtype=torch.bfloat16):
+        with torch.autocast(training_args.device.type, dtype=plan.compute_dtype):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()

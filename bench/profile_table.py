@@ -71,8 +71,10 @@ def run_cell(cell: dict) -> dict:
     import torch
 
     import finetune
+    from chatft.args import parse_args as parse_finetune_flags
     from chatft.device import device_flags
-    from chatft.memory import estimate_for_flags
+    from chatft.memory import run_estimator
+    from chatft.plan import plan_run
 
     cuda = torch.cuda.is_available()
     timer = StepTimer()
@@ -87,7 +89,9 @@ def run_cell(cell: dict) -> dict:
                 "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "True",
                 "--activation_checkpointing", str(cell["activation_checkpointing"]),
                 "--preprocessing_cache_dir", "none", *device_flags().split(), *MODES[cell["mode"]]]
-        estimate = estimate_for_flags(argv, cell["length"])  # what finetune.py says before it starts (chatft.memory)
+        # what finetune.py says before it starts: the same plan (chatft.plan), its estimate (chatft.memory)
+        estimate_memory = run_estimator(plan_run(*parse_finetune_flags(argv))[0])
+        estimate = estimate_memory(cell["length"]) if estimate_memory is not None else None
         baseline_mib = harness.current_resident_mib()
         try:
             finetune.train(argv, callbacks=[timer])

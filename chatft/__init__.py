@@ -4,8 +4,9 @@ args         command-line dataclasses and their cross-field checks
 chat_format  conversation -> ChatML text -> input_ids and labels
 formats      ShareGPT, OpenAI messages and alpaca records -> the seed's conversations
 data         loading and validating data files, tokenized datasets (cached), packing, collators
-model        tokenizer and model loading (GGUF, added tokens, LoRA, Q-LoRA)
-memory       the peak training memory estimate, from the config and the flags
+plan         the run plan: what the flags and the model's config decide (mode, dtype, quantization, sharding, ...), once
+model        tokenizer and model loading (GGUF, added tokens, LoRA, Q-LoRA), as the plan says
+memory       the peak training memory estimate, from the plan alone (a pure estimator)
 attention    attention inside each sample of a multi-sample row (AttentionInterface)
 trainer      the HF Trainer with the loss computed at labelled positions only; checkpoints renamed whole
 patches      the one module that reaches into libraries' private parts (checkpoint folder names, gptqmodel's logs,

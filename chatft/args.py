@@ -223,10 +223,13 @@ def parse_args(argv: list[str] | None = None):
 
 
 def deepspeed_zero_stage(training_args) -> int | None:
-    """The ZeRO stage of --deepspeed (a config path or dict), or None without DeepSpeed."""
+    """The ZeRO stage DeepSpeed runs with, or None without DeepSpeed: from --deepspeed (a config path or dict), else
+    from accelerate's DeepSpeed plugin (`accelerate launch --use_deepspeed` sets one up without --deepspeed). The one
+    place the stage is read: the checks below and chatft.plan.sharding ask here, not transformers' global."""
     config = training_args.deepspeed
     if not config:
-        return None
+        plugin = getattr(training_args, "deepspeed_plugin", None)
+        return plugin.zero_stage if plugin is not None else None
     if isinstance(config, str):
         with open(config, encoding="utf-8") as f:
             config = json.load(f)

@@ -7,7 +7,7 @@ the position_ids restarts and runs sdpa on each one alone (causal, no mask), sum
 through transformers' AttentionInterface (and AttentionMaskInterface, so that no mask is built for such rows) under
 PER_SAMPLE_SDPA; a batch that is not a multi-sample row (a padded batch with its mask, one sample a row) goes to
 transformers' own sdpa unchanged. On CUDA with flash-attn installed, flash_attention_2's variable-length kernel
-reads the same position_ids instead (chatft.model.resolve_attn_implementation).
+reads the same position_ids instead (chatft.plan.resolve_attn_implementation).
 """
 
 from __future__ import annotations

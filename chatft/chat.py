@@ -14,16 +14,9 @@ from chatft import console
 from chatft.chat_format import THINK_CLOSE, THINK_OPEN, stop_token_ids
 from chatft.checkpoints import (ADAPTER_CONFIG_FILE, adapter_base, checkpoint_kind, require_model_source,
                                 saved_quantization)
+from chatft.device import inference_device_and_dtype
 from chatft.errors import ArgumentError
 from chatft.gguf_runtime import LlamaCppModel, llama_cpp_installed
-
-
-def default_device_and_dtype(kind: str) -> tuple[str, torch.dtype]:
-    """CUDA in bf16 (fp16 for GPTQ kernels, or without bf16 support); the CPU in fp32."""
-    if torch.cuda.is_available():
-        use_bf16 = torch.cuda.is_bf16_supported() and kind != "gptq"
-        return "cuda", torch.bfloat16 if use_bf16 else torch.float16
-    return "cpu", torch.float32
 
 
 def load_chat_model(path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False, device=None):
@@ -44,7 +37,7 @@ def load_chat_model(path: str, dtype: torch.dtype | None = None, trust_remote_co
         base = adapter_base(path)
         require_model_source(base, f"the base model recorded in {path}/{ADAPTER_CONFIG_FILE}:",
                              trust_remote_code=trust_remote_code)
-    default_device, default_dtype = default_device_and_dtype(kind)
+    default_device, default_dtype = inference_device_and_dtype(gptq=kind == "gptq")
     device, dtype = device or default_device, dtype or default_dtype
     loading = {"dtype": dtype, "device_map": {"": device}, "trust_remote_code": trust_remote_code,
                "use_safetensors": True}

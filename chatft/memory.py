@@ -1,9 +1,15 @@
-"""Training memory, estimated before any of it is spent: from the model's config and the flags alone.
+"""Training memory, estimated before any of it is spent: from the run's plan (the model's config and what the flags
+decided) alone.
 
-    >>> estimate = estimate_training_memory(config, TrainingSetup(mode="lora", compute_dtype=torch.bfloat16), 1024)
+    >>> estimate = estimate_training_memory(RunPlan(config=config, mode="lora", compute_dtype=torch.bfloat16), 1024)
     >>> print(estimate.text())
     memory estimate: ~0.9 GiB peak (weights 0.3 GiB, gradients 0.1 GiB, optimizer 0.1 GiB, activations 0.4 GiB at the
     longest batch of 1,024 tokens)
+
+A pure estimator: it reads a chatft.plan.RunPlan's fields (mode, compute_dtype, quantization, gptq_bits,
+gptq_group_size, shard, world_size, train_embeddings, vocab_size, lora_r, lora_targets, lora_dropout,
+activation_checkpointing, labelled_logits_only; config and trust_remote_code to build the model's shape) and imports
+nothing from chatft, so that it cannot decide anything the plan decides.
 
 The peak is taken as the sum of four parts, each in bytes, matching what chatft.model.load_model and
 chatft.trainer.ChatTrainer hold:
@@ -33,7 +39,6 @@ import copy
 import functools
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -48,27 +53,6 @@ ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 LOGITS_PER_CHUNK = 1 << 25  # chatft.trainer.LOGITS_PER_CHUNK (not imported: the trainer imports transformers' Trainer)
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class TrainingSetup:
-    """What the flags decide about memory. `mode`: full, lora or qlora; `quantization`: nf4 or gptq (Q-LoRA);
-    `shard`: none, zero1, zero2, zero3, fsdp_grad (FSDP shard_grad_op) or fsdp_full (full_shard)."""
-
-    mode: str = "lora"
-    compute_dtype: torch.dtype = torch.bfloat16
-    lora_r: int = 64
-    lora_targets: tuple[str, ...] = ()  # empty: every linear layer but the output layer (chatft.model's default)
-    lora_dropout: float = 0.0
-    train_embeddings: bool = False  # LoRA: modules_to_save copies; full: False freezes them
-    quantization: str = "nf4"
-    gptq_bits: int = 4
-    gptq_group_size: int = 128
-    activation_checkpointing: bool = True
-    labelled_logits_only: bool = True
-    shard: str = "none"
-    world_size: int = 1
-    vocab_size: int | None = None  # the tokenizer's size when embeddings are resized to it
 
 
 @dataclass(frozen=True)
@@ -123,8 +107,7 @@ class ModelShape:
 
     @classmethod
     def of_model(cls, model, config) -> ModelShape:
-        from chatft.model import is_linear
-
+        """`model`: built from `config` (on the meta device), so its linear layers are torch's."""
         embeddings = {id(p): p.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
                       if m is not None for p in m.parameters()}
         head = model.get_output_embeddings()
@@ -137,37 +120,37 @@ class ModelShape:
             params=sum(p.numel() for p in model.parameters()), embedding_params=sum(embeddings.values()),
             head_params=head.weight.numel() if head is not None else 0,
             linears=tuple((name.split(".")[-1], m.in_features, m.out_features) for name, m in model.named_modules()
-                          if is_linear(m) and m is not head),
+                          if isinstance(m, torch.nn.Linear) and m is not head),
         )
 
-    def lora_params(self, setup: TrainingSetup) -> int:
+    def lora_params(self, plan) -> int:
         """r * (in + out) for every targeted linear layer (peft matches a target by the module's short name)."""
-        targets = set(setup.lora_targets) or {name for name, _, _ in self.linears}
-        return sum(setup.lora_r * (i + o) for name, i, o in self.linears if name in targets)
+        targets = set(plan.lora_targets) or {name for name, _, _ in self.linears}
+        return sum(plan.lora_r * (i + o) for name, i, o in self.linears if name in targets)
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def trainable_params(shape: ModelShape, setup: TrainingSetup) -> int:
+def trainable_params(shape: ModelShape, plan) -> int:
     """Parameters with requires_grad after load_model: everything (less the embeddings with --train_embeddings false)
     for full-parameter training; adapters (plus one fp32 copy of the embeddings and output layer) for LoRA."""
-    if setup.mode == "full":
-        return shape.params - (0 if setup.train_embeddings else shape.embedding_params)
-    return shape.lora_params(setup) + (shape.embedding_params if setup.train_embeddings else 0)
+    if plan.mode == "full":
+        return shape.params - (0 if plan.train_embeddings else shape.embedding_params)
+    return shape.lora_params(plan) + (shape.embedding_params if plan.train_embeddings else 0)
 
 
-def weight_bytes(shape: ModelShape, setup: TrainingSetup, trainable: int) -> int:
+def weight_bytes(shape: ModelShape, plan, trainable: int) -> int:
     """The parameters as stored: fp32 master weights (full); base in the compute dtype plus fp32 trainable weights
     (LoRA); 4-bit linear layers, the rest upcast to fp32, plus fp32 trainable weights (Q-LoRA)."""
-    if setup.mode == "full":
+    if plan.mode == "full":
         return 4 * shape.params
-    if setup.mode == "lora":
-        return dtype_bytes(setup.compute_dtype) * shape.params + 4 * trainable
+    if plan.mode == "lora":
+        return dtype_bytes(plan.compute_dtype) * shape.params + 4 * trainable
     quantized = sum(i * o for _, i, o in shape.linears)
-    if setup.quantization == "gptq":
-        bits, group = setup.gptq_bits, setup.gptq_group_size
+    if plan.quantization == "gptq":
+        bits, group = plan.gptq_bits, plan.gptq_group_size
         # qweight and qzeros packed `bits` to a byte's 8, fp16 scales per group and output, int32 g_idx per input
         four_bit = sum(i * o * bits / 8 + math.ceil(i / group) * o * (bits / 8 + 2) + 4 * i for _, i, o in shape.linears)
     else:
@@ -175,7 +158,7 @@ def weight_bytes(shape: ModelShape, setup: TrainingSetup, trainable: int) -> int
     return int(four_bit) + 4 * (shape.params - quantized) + 4 * trainable
 
 
-def layer_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> int:
+def layer_activation_bytes(shape: ModelShape, plan) -> int:
     """Bytes autograd keeps per token for one decoder layer, forward to backward (a Llama/Qwen layer under autocast).
 
     a: the compute dtype's bytes; s: the residual stream's (fp32 for full-parameter and Q-LoRA, whose embeddings are
@@ -189,144 +172,97 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> int:
     - LoRA, per targeted layer: its input as lora_A's (in * a) and lora_A's output (r * a); with dropout also its
       mask and output (in * (1 + a))
     """
-    a = dtype_bytes(setup.compute_dtype)
-    s = a if setup.mode == "lora" else 4
+    a = dtype_bytes(plan.compute_dtype)
+    s = a if plan.mode == "lora" else 4
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     norms = 2 * shape.hidden * (8 + s)
     attention = ((3 if s != a else 1) * shape.hidden * a + 2 * (q + kv) * a + (2 * q + 2 * kv) * a
                  + 4 * shape.heads + q * a)
     mlp = (2 if s != a else 1) * shape.hidden * a + 4 * shape.intermediate * a
     lora = 0
-    if setup.mode != "full":
+    if plan.mode != "full":
         per_layer = [(name, i, o) for name, i, o in shape.linears[: len(shape.linears) // max(shape.layers, 1)]]
-        targets = set(setup.lora_targets) or {name for name, _, _ in shape.linears}
-        lora = sum(i * a + setup.lora_r * a + (i * (1 + a) if setup.lora_dropout else 0)
+        targets = set(plan.lora_targets) or {name for name, _, _ in shape.linears}
+        lora = sum(i * a + plan.lora_r * a + (i * (1 + a) if plan.lora_dropout else 0)
                    for name, i, o in per_layer if name in targets)
     return norms + attention + mlp + lora
 
 
-def loss_bytes(shape: ModelShape, setup: TrainingSetup, tokens: int) -> int:
+def loss_bytes(shape: ModelShape, plan, tokens: int) -> int:
     """The loss's working set at its peak. Labelled logits (chatft.trainer): one chunk of at most 2^25 logits, as the
     matmul's compute-dtype output, its fp32 copy and the compute-dtype gradient; the labelled hidden states and their
     gradient; the output layer's fp32 gradient when it trains. Full logits (--labelled_logits_only False): the
     compute-dtype logits, their fp32 upcast and the log-softmax kept for the backward pass, for every token."""
-    a = dtype_bytes(setup.compute_dtype)
-    if not setup.labelled_logits_only:
+    a = dtype_bytes(plan.compute_dtype)
+    if not plan.labelled_logits_only:
         return tokens * shape.vocab * (a + 8)
     chunk = min(tokens, max(64, LOGITS_PER_CHUNK // shape.vocab))
     return (chunk * shape.vocab * (2 * a + 4) + 2 * tokens * shape.hidden * 4
-            + (4 * shape.head_params if setup.train_embeddings else 0))
+            + (4 * shape.head_params if plan.train_embeddings else 0))
 
 
-def autocast_copy_bytes(shape: ModelShape, setup: TrainingSetup, trainable: int) -> int:
+def autocast_copy_bytes(shape: ModelShape, plan, trainable: int) -> int:
     """The compute-dtype copies of fp32 weights that autocast caches through the forward pass (and the output
     layer's, made by the labelled-logits loss): every linear weight for full-parameter training, the adapters for
     LoRA; Q-LoRA's 4-bit layers are de-quantized one at a time (the largest layer, twice: forward and its input)."""
-    a = dtype_bytes(setup.compute_dtype)
+    a = dtype_bytes(plan.compute_dtype)
     if a == 4:
         return 0
     linear = sum(i * o for _, i, o in shape.linears)
-    if setup.mode == "full":
+    if plan.mode == "full":
         return a * (linear + shape.head_params)
     copies = a * trainable
-    if setup.mode == "qlora":
+    if plan.mode == "qlora":
         copies += a * (shape.head_params + 2 * max((i * o for _, i, o in shape.linears), default=0))
     return copies
 
 
-def activation_bytes(shape: ModelShape, setup: TrainingSetup, tokens: int, trainable: int) -> int:
+def activation_bytes(shape: ModelShape, plan, tokens: int, trainable: int) -> int:
     """Activations at a batch of `tokens` tokens. With activation checkpointing each layer keeps only its input (the
     residual stream, hidden * s per token) and one layer's full set exists at a time, recomputed in the backward
     pass; without it every layer keeps its full set. Plus the embedding output and final norm, the loss's working set
     and autocast's weight copies."""
-    s = dtype_bytes(setup.compute_dtype) if setup.mode == "lora" else 4
-    per_layer = layer_activation_bytes(shape, setup)
-    if setup.activation_checkpointing:
+    s = dtype_bytes(plan.compute_dtype) if plan.mode == "lora" else 4
+    per_layer = layer_activation_bytes(shape, plan)
+    if plan.activation_checkpointing:
         layers = shape.layers * shape.hidden * s + per_layer
     else:
         layers = shape.layers * per_layer
     outside = shape.hidden * (s + 8 + s)  # embedding output, final RMSNorm
-    return tokens * (layers + outside) + loss_bytes(shape, setup, tokens) + autocast_copy_bytes(shape, setup, trainable)
+    return tokens * (layers + outside) + loss_bytes(shape, plan, tokens) + autocast_copy_bytes(shape, plan, trainable)
 
 
-def estimate_training_memory(config, setup: TrainingSetup, tokens: int, shape: ModelShape | None = None
-                             ) -> MemoryEstimate:
-    """Peak training memory for `config` (a transformers config: nothing is loaded) trained as `setup` says, at a
-    batch of `tokens` tokens (the longest the run will see). See the module docstring for what each part holds."""
-    shape = shape or ModelShape.of(config, setup.vocab_size)
-    trainable = trainable_params(shape, setup)
-    weights = weight_bytes(shape, setup, trainable)
+def estimate_training_memory(plan, tokens: int, shape: ModelShape | None = None) -> MemoryEstimate:
+    """Peak training memory for the run `plan` describes (its config: nothing is loaded), at a batch of `tokens`
+    tokens (the longest the run will see). See the module docstring for what each part holds."""
+    shape = shape or ModelShape.of(plan.config, plan.vocab_size, plan.trust_remote_code)
+    trainable = trainable_params(shape, plan)
+    weights = weight_bytes(shape, plan, trainable)
     gradients = GRADIENT_BYTES * trainable
     optimizer = ADAMW_STATE_BYTES * trainable
-    n = max(setup.world_size, 1)
-    if setup.shard in ("zero1", "zero2", "zero3", "fsdp_grad", "fsdp_full"):
+    n = max(plan.world_size, 1)
+    if plan.shard in ("zero1", "zero2", "zero3", "fsdp_grad", "fsdp_full"):
         optimizer //= n
-    if setup.shard in ("zero2", "zero3", "fsdp_grad", "fsdp_full"):
+    if plan.shard in ("zero2", "zero3", "fsdp_grad", "fsdp_full"):
         gradients //= n
-    if setup.shard in ("zero3", "fsdp_full"):
+    if plan.shard in ("zero3", "fsdp_full"):
         weights //= n
     return MemoryEstimate(weights=int(weights), gradients=int(gradients), optimizer=int(optimizer),
-                          activations=int(activation_bytes(shape, setup, tokens, trainable)), tokens=tokens,
+                          activations=int(activation_bytes(shape, plan, tokens, trainable)), tokens=tokens,
                           trainable_params=trainable)
 
 
-def sharding(training_args) -> str:
-    """none, zero1/zero2/zero3 (the --deepspeed config's ZeRO stage), fsdp_grad (shard_grad_op) or fsdp_full."""
-    from chatft.args import deepspeed_zero_stage
-
-    stage = deepspeed_zero_stage(training_args)
-    if stage is not None:
-        return f"zero{stage}" if stage else "none"
-    fsdp = training_args.fsdp
-    if not fsdp:
-        return "none"
-    if fsdp is True:  # transformers >= 5.x: the strategy moved to fsdp_config (FSDP2: reshard_after_forward)
-        reshard = str((training_args.fsdp_config or {}).get("reshard_after_forward", True)).lower()
-        return "fsdp_full" if reshard in ("true", "1", "full_shard") else "fsdp_grad"
-    options = " ".join(str(getattr(option, "value", option)) for option in
-                       ([fsdp] if isinstance(fsdp, str) else fsdp))
-    return "fsdp_grad" if "shard_grad_op" in options else "fsdp_full"
-
-
-def setup_for_run(model_path: str, model_args, training_args, lora_args, train_embeddings: bool,
-                  vocab_size: int | None = None, world_size: int | None = None) -> TrainingSetup:
-    """The TrainingSetup finetune.py's flags describe (`train_embeddings`: chatft.model.trainable_embeddings, which
-    decides for LoRA; full-parameter training trains the embeddings unless --train_embeddings false)."""
-    from chatft.checkpoints import saved_quantization
-    from chatft.model import compute_dtype
-
-    saved = saved_quantization(model_path, training_args.cache_dir) if lora_args.q_lora else None
-    gptq = bool(saved) and saved.get("quant_method") == "gptq"
-    return TrainingSetup(
-        mode="qlora" if lora_args.q_lora else "lora" if lora_args.use_lora else "full",
-        compute_dtype=compute_dtype(training_args), lora_r=lora_args.lora_r,
-        lora_targets=tuple(lora_args.lora_target_modules or ()), lora_dropout=lora_args.lora_dropout,
-        train_embeddings=train_embeddings if lora_args.use_lora else model_args.train_embeddings != "false",
-        quantization="gptq" if gptq else "nf4",
-        gptq_bits=int(saved.get("bits", 4)) if gptq else 4,
-        gptq_group_size=int(saved.get("group_size", 128)) if gptq else 128,
-        activation_checkpointing=bool(training_args.activation_checkpointing),
-        labelled_logits_only=bool(training_args.labelled_logits_only), shard=sharding(training_args),
-        world_size=world_size or int(os.environ.get("WORLD_SIZE", "1")), vocab_size=vocab_size,
-    )
-
-
-def run_estimator(model_path: str, model_args, training_args, lora_args, train_embeddings: bool,
-                  vocab_size: int | None = None):
-    """`tokens -> MemoryEstimate` for this run, from the model's config.json alone (no weights are read); None, with
-    the reason logged, for a model whose module tree cannot be built on the meta device (some remote code): the
+def run_estimator(plan):
+    """`tokens -> MemoryEstimate` for the run `plan` describes, from its config alone (no weights are read); None,
+    with the reason logged, for a model whose module tree cannot be built on the meta device (some remote code): the
     estimate is advice, and its absence must not stop a run that would train."""
-    from chatft.model import model_config
-
-    config = model_config(model_path, model_args.trust_remote_code, training_args.cache_dir)
     try:
-        setup = setup_for_run(model_path, model_args, training_args, lora_args, train_embeddings, vocab_size)
-        shape = ModelShape.of(config, setup.vocab_size, model_args.trust_remote_code)
+        shape = ModelShape.of(plan.config, plan.vocab_size, plan.trust_remote_code)
     except Exception as error:  # a model class's own constructor, a setting not foreseen: no estimate, the run goes on
-        logger.info("memory estimate: not available for %s (%s: %s)", type(config).__name__,
+        logger.info("memory estimate: not available for %s (%s: %s)", type(plan.config).__name__,
                     type(error).__name__, error)
         return None
-    return functools.partial(estimate_training_memory, config, setup, shape=shape)
+    return functools.partial(estimate_training_memory, plan, shape=shape)
 
 
 def longest_batch_tokens(dataset, batch_size: int, max_len: int) -> int:
@@ -340,20 +276,3 @@ def longest_batch_tokens(dataset, batch_size: int, max_len: int) -> int:
     else:
         longest = max_len
     return longest * batch_size
-
-
-
-
-def estimate_for_flags(argv: list[str], tokens: int) -> MemoryEstimate | None:
-    """The estimate finetune.py logs for its flags `argv` at a batch of `tokens` tokens (for tools and tests: it
-    parses the flags and loads the tokenizer, as finetune.py does, but no weights); None where finetune.py has none."""
-    from chatft.args import parse_args
-    from chatft.model import load_tokenizer, resolve_model_path, trainable_embeddings
-
-    model_args, data_args, training_args, lora_args = parse_args(argv)
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    tokenizer, added, _ = load_tokenizer(model_path, training_args.model_max_length, data_args.system_message,
-                                         cache_dir=training_args.cache_dir, trust_remote_code=model_args.trust_remote_code)
-    train_embeddings = trainable_embeddings(model_args, training_args, lora_args, added)
-    estimate = run_estimator(model_path, model_args, training_args, lora_args, train_embeddings, len(tokenizer))
-    return estimate(tokens) if estimate is not None else None

@@ -1,8 +1,9 @@
 """Tokenizer and model loading: GGUF conversion, ChatML tokens, precision, attention, LoRA.
 
-Order matters and is kept in `finetune.py`: the tokenizer is loaded first (adding
-`<|im_start|>`/`<|im_end|>` if missing), then the model, whose embeddings are resized
-to the tokenizer, then wrapped for LoRA.
+Order matters: the tokenizer is loaded first (adding `<|im_start|>`/`<|im_end|>` if missing),
+the run is planned from it (chatft.plan), then the model is loaded as the plan says, its
+embeddings resized to the tokenizer, then wrapped for LoRA. Nothing here decides what the
+plan decides (dtype, quantization, attention, sharding, trainable embeddings).
 """
 
 from __future__ import annotations
@@ -17,14 +18,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers.integrations import is_deepspeed_zero3_enabled
 
 from chatft import cache_root, console
 from chatft.attention import PER_SAMPLE_SDPA, supports_per_sample_sdpa
 from chatft.checkpoints import saved_quantization
 from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IM_END, IM_START, chatml_template, is_thinking_template,
                                 qwen3_template)
-from chatft.errors import ArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +112,7 @@ def load_tokenizer(model_path: str, model_max_length: int, system_message: str, 
         # Padding positions carry attention_mask 0 and label IGNORE_INDEX, so which token pads does not matter.
         tokenizer.pad_token = tokenizer.eos_token or IM_END
     own_template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    if chat_format == "auto":
-        chat_format = "qwen3" if is_thinking_template(own_template) else "chatml"
+    chat_format = resolve_chat_format(chat_format, own_template)
     if chat_format == "qwen3":
         # the model's own thinking template when it has one (it renders as training does), else Qwen3's
         tokenizer.chat_template = own_template if is_thinking_template(own_template) else qwen3_template()
@@ -127,44 +125,12 @@ def load_tokenizer(model_path: str, model_max_length: int, system_message: str, 
     return tokenizer, added, chat_format
 
 
-def compute_dtype(training_args) -> torch.dtype:
-    if training_args.bf16:
-        return torch.bfloat16
-    if training_args.fp16:
-        return torch.float16
-    return torch.float32
-
-
-def resolve_attn_implementation(requested: str, training_args) -> str:
-    """auto -> flash_attention_2 where flash-attn is installed and training runs on CUDA, else sdpa (made
-    per-sample once the model is loaded, see load_model)."""
-    if requested != "auto":
-        return requested
-    on_cuda = torch.cuda.is_available() and not training_args.use_cpu
-    if on_cuda and importlib.util.find_spec("flash_attn") is not None and compute_dtype(training_args) != torch.float32:
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def trainable_embeddings(model_args, training_args, lora_args, added_tokens: list[str]) -> bool:
-    """Whether the embeddings and output layer train; refuses the combinations that cannot work."""
-    train = {"true": True, "false": False}.get(model_args.train_embeddings, bool(added_tokens))
-    if lora_args.q_lora and added_tokens:
-        raise ArgumentError(
-            f"--q_lora: the tokenizer lacks {' and '.join(added_tokens)}, so they would have to be learned, but Q-LoRA "
-            "keeps the base model frozen in 4 bits and its embeddings cannot learn new tokens. Train LoRA on the "
-            "full-precision model instead (drop --q_lora; the embeddings then train as modules_to_save), or start "
-            "from a model whose tokenizer already has the ChatML tokens."
-        )
-    if lora_args.use_lora and added_tokens and not train:
-        logger.warning("--train_embeddings false: the added %s tokens keep untrained embeddings.", added_tokens)
-    if lora_args.use_lora and train and is_deepspeed_zero3_enabled():
-        # peft copies modules_to_save, which cannot be done with ZeRO-3's partitioned parameters
-        raise ArgumentError(
-            "LoRA with trainable embeddings (--train_embeddings, or ChatML tokens added to the tokenizer) cannot run "
-            "under DeepSpeed ZeRO-3: use --deepspeed ds_config_zero2.json (finetune/finetune_lora_ds.sh's default)."
-        )
-    return train
+def resolve_chat_format(requested: str, own_template: str | None) -> str:
+    """--chat_format as a format: auto -> qwen3 when the model's own chat template renders reasoning as Qwen3's does
+    (is_thinking_template), else chatml; chatml and qwen3 stay."""
+    if requested == "auto":
+        return "qwen3" if is_thinking_template(own_template) else "chatml"
+    return requested
 
 
 def model_config(model_path: str, trust_remote_code: bool = False, cache_dir: str | None = None):
@@ -214,15 +180,14 @@ def lora_target_problems(config, targets: list[str], trust_remote_code: bool = F
             f"this {type(model).__name__}; its linear layers are {', '.join(linear_projection_names(model))}"]
 
 
-def quantized_loading(model_path: str, model_args, training_args) -> dict:
-    """from_pretrained arguments for --q_lora: the model's own GPTQ weights, or NF4 quantization on load.
-    (What --q_lora needs was checked with the flags: training_setup_problems.)"""
-    saved = saved_quantization(model_path, training_args.cache_dir)
+def quantized_loading(plan, device) -> dict:
+    """from_pretrained arguments for Q-LoRA's base, on `device`: the model's own GPTQ weights, or NF4 quantization on
+    load. (What --q_lora needs was checked with the flags: training_setup_problems.)"""
     # One whole copy per process, on its own device: Q-LoRA shards nothing (ZeRO-3 and FSDP are refused).
-    loading = {"device_map": {"": training_args.device}}
-    if saved and saved.get("quant_method") == "gptq":
-        return loading | gptq_loading(saved)
-    return loading | {"quantization_config": nf4_config(compute_dtype(training_args))}
+    loading = {"device_map": {"": device}}
+    if plan.quantization == "gptq":
+        return loading | gptq_loading(plan.gptq_bits)
+    return loading | {"quantization_config": nf4_config(plan.compute_dtype)}
 
 
 def nf4_config(dtype: torch.dtype):
@@ -232,52 +197,48 @@ def nf4_config(dtype: torch.dtype):
     )
 
 
-def gptq_loading(saved: dict) -> dict:
-    """Load a GPTQ model with gptqmodel kernels that have a backward pass."""
+def gptq_loading(bits: int) -> dict:
+    """Load a GPTQ model (quantized to `bits`) with gptqmodel kernels that have a backward pass."""
     console.import_gptqmodel()
     # "auto" may pick an inference-only kernel (on the CPU it does); "auto_trainable" picks one that trains
-    return {"quantization_config": transformers.GPTQConfig(bits=saved["bits"], backend="auto_trainable")}
+    return {"quantization_config": transformers.GPTQConfig(bits=bits, backend="auto_trainable")}
 
 
-def load_model(model_path: str, model_args, training_args, lora_args, tokenizer, added_tokens: list[str],
-               train_embeddings: bool):
-    """Load the causal LM for full-parameter, LoRA or Q-LoRA training, sized to `tokenizer`; `train_embeddings`:
-    whether the embeddings and output layer train (trainable_embeddings)."""
-    # Full-parameter training keeps fp32 master weights (the Trainer autocasts to bf16/fp16); LoRA
-    # freezes the base, so it is loaded directly in the compute dtype, halving its memory.
-    dtype = compute_dtype(training_args) if lora_args.use_lora else torch.float32
-    quantization = quantized_loading(model_path, model_args, training_args) if lora_args.q_lora else {}
-    attn_implementation = resolve_attn_implementation(model_args.attn_implementation, training_args)
-    logger.info("Loading %s (dtype=%s, attn_implementation=%s%s)", model_path, dtype, attn_implementation,
-                ", 4-bit" if quantization else "")
+def load_model(plan, lora_args, device=None):
+    """Load the causal LM the plan (a chatft.plan.RunPlan) describes, for full-parameter, LoRA or Q-LoRA training,
+    with embeddings sized to the tokenizer's vocabulary; `lora_args` give LoRA's settings, `device` the place of
+    Q-LoRA's 4-bit copy (training_args.device)."""
+    quantization = quantized_loading(plan, device) if plan.mode == "qlora" else {}
+    logger.info("Loading %s (dtype=%s, attn_implementation=%s%s)", plan.model_path, plan.load_dtype,
+                plan.attn_implementation, ", 4-bit" if quantization else "")
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_path,
-        cache_dir=training_args.cache_dir,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        trust_remote_code=model_args.trust_remote_code,
+        plan.model_path,
+        cache_dir=plan.cache_dir,
+        dtype=plan.load_dtype,
+        attn_implementation=plan.attn_implementation,
+        trust_remote_code=plan.trust_remote_code,
         use_safetensors=True,  # weights never come from a pickle
         **quantization,
     )
-    if model_args.attn_implementation == "auto" and attn_implementation == "sdpa" and supports_per_sample_sdpa(model):
+    if plan.per_sample_attention and supports_per_sample_sdpa(model):
         # rows of several samples (padding-free batches, packed rows): sdpa on each sample alone, no mask built
         model.set_attn_implementation(PER_SAMPLE_SDPA)
         logger.info("Attention: sdpa on each sample of a row alone (%s)", PER_SAMPLE_SDPA)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     # num_embeddings, not weight.shape: under ZeRO-3 the weight is a partitioned, empty placeholder
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings or added_tokens:
-        model.resize_token_embeddings(len(tokenizer))
-    if lora_args.q_lora:
+    if plan.vocab_size > model.get_input_embeddings().num_embeddings or plan.added_tokens:
+        model.resize_token_embeddings(plan.vocab_size)
+    if plan.mode == "qlora":
         import peft
 
         # fp32 norms and output, input grads for checkpointing: what training on a frozen 4-bit base needs
         model = peft.prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(training_args.activation_checkpointing),
+            model, use_gradient_checkpointing=plan.activation_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    if lora_args.use_lora:
-        model = wrap_lora(model, lora_args, train_embeddings, training_args.activation_checkpointing)
-    elif model_args.train_embeddings == "false":  # full-parameter training trains everything unless told not to
+    if plan.mode != "full":
+        model = wrap_lora(model, lora_args, plan)
+    elif not plan.train_embeddings:  # full-parameter training trains everything unless told not to
         model.get_input_embeddings().weight.requires_grad_(False)
         if model.get_output_embeddings() is not None:
             model.get_output_embeddings().weight.requires_grad_(False)
@@ -311,15 +272,17 @@ def linear_projection_names(model) -> list[str]:
     })
 
 
-def wrap_lora(model, lora_args, train_embeddings: bool, activation_checkpointing: bool):
-    """Add LoRA adapters (new, or continued from --lora_weight_path); only adapters (and embeddings) train."""
+def wrap_lora(model, lora_args, plan):
+    """Add LoRA adapters (new, or continued from --lora_weight_path); only adapters (and, as the plan says, the
+    embeddings) train."""
     import peft
 
     if lora_args.lora_weight_path:
         logger.info("Continuing from the adapter in %s (its LoRA settings apply)", lora_args.lora_weight_path)
         model = peft.PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
     else:
-        modules_to_save = [name.split(".")[-1] for name in embedding_module_names(model)] if train_embeddings else None
+        modules_to_save = ([name.split(".")[-1] for name in embedding_module_names(model)] if plan.train_embeddings
+                           else None)
         config = peft.LoraConfig(
             r=lora_args.lora_r,
             lora_alpha=lora_args.lora_alpha,
@@ -334,11 +297,11 @@ def wrap_lora(model, lora_args, train_embeddings: bool, activation_checkpointing
         logger.info("LoRA on %s", ", ".join(sorted(model.peft_config["default"].target_modules)))
     # Trainable weights in fp32 whatever the base dtype: bf16/fp16 optimizer updates lose small steps.
     # (DeepSpeed keeps its own fp32 master copy, and ZeRO-3's parameters are placeholders: leave them.)
-    if not is_deepspeed_zero3_enabled():
+    if plan.shard != "zero3":
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
-    if activation_checkpointing:
+    if plan.activation_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     model.print_trainable_parameters()
     return model

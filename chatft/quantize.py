@@ -28,6 +28,7 @@ from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM
                                 is_thinking_template, tokenize_conversation)
 from chatft.data import as_conversations, keep_trainable, load_samples
 from chatft.checkpoints import is_adapter_dir, require_model_source, saved_quantization
+from chatft.device import inference_device_and_dtype
 from chatft.errors import DataError, QuantizeError
 from chatft.output_dir import check_new_output_dir, staged_output_dir
 
@@ -105,13 +106,8 @@ def reply_perplexity(model, samples: list[TokenizedSample]) -> float:
     return math.exp(total_nll / total_tokens)
 
 
-def eval_device_and_dtype() -> tuple[str, torch.dtype]:
-    # fp16 is what GPTQ kernels compute in on CUDA; on the CPU fp32 keeps the comparison free of rounding
-    return ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
-
-
 def measure_perplexity(model_path: str, samples: list[TokenizedSample]) -> float:
-    device, dtype = eval_device_and_dtype()
+    device, dtype = inference_device_and_dtype(gptq=True)  # both models alike: fp16 on CUDA, GPTQ kernels' type
     model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map={"": device},
                                                               use_safetensors=True)
     model.eval()

@@ -1,11 +1,13 @@
 """Flags, config files and the cross-field checks."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from chatft.args import ArgumentError, parse_args
+from chatft.args import ArgumentError, deepspeed_zero_stage, parse_args
+from support import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +65,19 @@ def test_lora_weight_path_must_hold_an_adapter(tmp_path, BASE):
 def test_transformers_own_checks_become_argument_errors(BASE):
     with pytest.raises(ArgumentError, match="Invalid arguments"):
         parse_args(BASE + ["--bf16", "True", "--fp16", "True"])
+
+
+def test_deepspeed_zero_stage_is_read_in_one_place(tmp_path):
+    """From --deepspeed's file or dict, or accelerate's plugin (accelerate launch --use_deepspeed, no --deepspeed)."""
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert deepspeed_zero_stage(SimpleNamespace(deepspeed=str(config))) == 3
+    assert deepspeed_zero_stage(SimpleNamespace(deepspeed={"zero_optimization": {"stage": 1}})) == 1
+    assert deepspeed_zero_stage(SimpleNamespace(deepspeed={"train_batch_size": "auto"})) == 0
+    assert deepspeed_zero_stage(SimpleNamespace(deepspeed=None, deepspeed_plugin=SimpleNamespace(zero_stage=2))) == 2
+    assert deepspeed_zero_stage(SimpleNamespace(deepspeed=None, deepspeed_plugin=None)) is None
+
+
+def test_qlora_refused_under_zero3(BASE):
+    with pytest.raises(ArgumentError, match="--q_lora cannot run under DeepSpeed ZeRO-3"):
+        parse_args(BASE + ["--use_lora", "--q_lora", "--deepspeed", str(ROOT / "ds_config_zero3.json")])

@@ -1,20 +1,23 @@
 """chatft.memory: the estimate's parts, its parameter counts against real models loaded as finetune.py loads them,
-sharding, the --dry_run line, and (slow) the estimate finetune.py logs against the peak bench.profile_table measures."""
+sharding, the --dry_run line, that the estimator imports nothing from chatft, and (slow) the estimate finetune.py logs
+against the peak bench.profile_table measures."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import ast
+import dataclasses
 
 import pytest
+import torch
 import transformers
 
 import finetune
 from bench import harness
 from chatft.args import parse_args
-from chatft.memory import (GIB, ModelShape, TrainingSetup, estimate_training_memory, longest_batch_tokens,
-                           setup_for_run, sharding)
-from chatft.model import load_model, load_tokenizer, trainable_embeddings
-from support import make_non_chatml_model, write_json
+from chatft.memory import GIB, MemoryEstimate, ModelShape, estimate_training_memory, longest_batch_tokens
+from chatft.model import load_model
+from chatft.plan import RunPlan, plan_run
+from support import ROOT, make_non_chatml_model, write_json
 
 MODE_FLAGS = {
     "full": [],
@@ -26,17 +29,13 @@ MODE_FLAGS = {
 
 
 def loaded_as_finetune_loads(model_dir, flags):
-    """(model, estimate at 64 tokens) for finetune.py's `flags`: the model from chatft.model.load_model, the estimate
-    from the same flags through setup_for_run."""
+    """(model, estimate at 64 tokens) for finetune.py's `flags`: one plan (chatft.plan.plan_run), the model
+    chatft.model.load_model loads from it and the estimate chatft.memory makes from it."""
     model_args, data_args, training_args, lora_args = parse_args(
         ["--model_name_or_path", str(model_dir), "--data_path", "unused.json", "--output_dir", "unused", "--bf16", "True",
-         "--use_cpu", "True", *flags])
-    tokenizer, added, _ = load_tokenizer(str(model_dir), 64, data_args.system_message)
-    train_embeddings = trainable_embeddings(model_args, training_args, lora_args, added)
-    model = load_model(str(model_dir), model_args, training_args, lora_args, tokenizer, added, train_embeddings)
-    setup = setup_for_run(str(model_dir), model_args, training_args, lora_args, train_embeddings, len(tokenizer), world_size=1)
-    config = transformers.AutoConfig.from_pretrained(model_dir)
-    return model, estimate_training_memory(config, setup, 64)
+         "--use_cpu", "True", "--model_max_length", "64", *flags])
+    plan, _ = plan_run(model_args, data_args, training_args, lora_args)
+    return load_model(plan, lora_args), estimate_training_memory(plan, 64)
 
 
 @pytest.mark.parametrize("mode", MODE_FLAGS)
@@ -60,23 +59,56 @@ def test_counts_follow_added_tokens_and_tied_embeddings(tmp_path, tie):
 def test_lora_parameters_from_shapes(tiny_qwen2_dir):
     """r * (in + out) per targeted layer: q_proj 32 -> 32 and down_proj 48 -> 32, in 2 layers, r 4."""
     shape = ModelShape.of(transformers.AutoConfig.from_pretrained(tiny_qwen2_dir))
-    assert shape.lora_params(TrainingSetup(lora_r=4, lora_targets=("q_proj", "down_proj"))) == 2 * 4 * (64 + 80)
+    assert shape.lora_params(RunPlan(lora_r=4, lora_targets=("q_proj", "down_proj"))) == 2 * 4 * (64 + 80)
 
 
-def test_parts_add_up_and_the_text_names_them(tiny_qwen2_dir):
-    config = transformers.AutoConfig.from_pretrained(tiny_qwen2_dir)
-    estimate = estimate_training_memory(config, TrainingSetup(mode="full"), 4096)
-    assert estimate.total == estimate.weights + estimate.gradients + estimate.optimizer + estimate.activations
-    assert min(estimate.weights, estimate.gradients, estimate.optimizer, estimate.activations) > 0
-    assert estimate.text() == (
-        f"memory estimate: ~{estimate.total / GIB:.2f} GiB peak (weights {estimate.weights / GIB:.2f} GiB, gradients "
-        f"{estimate.gradients / GIB:.2f} GiB, optimizer {estimate.optimizer / GIB:.2f} GiB, activations "
-        f"{estimate.activations / GIB:.2f} GiB at the longest batch of 4,096 tokens)")
+# A Qwen2 small enough to count by hand: vocabulary 128, hidden 16, intermediate 24, 2 layers, 4 heads of 4, 2 key/value
+# heads, untied output layer. Parameters: embeddings 128 * 16 = 2048 and the output layer 2048; per layer q_proj
+# 16 * 16 + 16 (bias) = 272, k_proj and v_proj 16 * 8 + 8 = 136 each, o_proj 256, gate/up/down 16 * 24 = 384 each,
+# 2 norms of 16: 1984; the final norm 16. In all 2048 + 2 * 1984 + 16 + 2048 = 8080.
+SMALL = dict(vocab_size=128, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, tie_word_embeddings=False)
+SMALL_PARAMS = 8080
+# Full-parameter training in fp32 (a = s = 4 bytes), every parameter trained, checkpointing, 64 tokens:
+SMALL_WEIGHTS = 4 * SMALL_PARAMS  # fp32 master weights
+SMALL_GRADIENTS = 4 * SMALL_PARAMS
+SMALL_OPTIMIZER = 8 * SMALL_PARAMS  # AdamW's two fp32 states
+# per token and layer: norms 2 * 16 * (8 + 4) = 384; attention 16 * 4 (input) + 2 * (16 + 8) * 4 (q, k, v, rotary)
+# + (2 * 16 + 2 * 8) * 4 (rotate_half, sdpa's q/k/v) + 4 * 4 (log-sum-exp) + 16 * 4 (o_proj's input) = 528;
+# MLP 16 * 4 + 4 * 24 * 4 = 448: 1360 for the one layer recomputed, 2 * 16 * 4 = 128 for the checkpointed inputs,
+# 16 * (4 + 8 + 4) = 256 for the embedding output and final norm: 64 tokens * (1360 + 128 + 256) = 111,616.
+# The loss: one chunk of 64 x 128 logits * (2 * 4 + 4) = 98,304, hidden states and their gradient 2 * 64 * 16 * 4 = 8,192,
+# the output layer's gradient 4 * 2048 = 8,192. No autocast copies in fp32.
+SMALL_ACTIVATIONS = 111_616 + 98_304 + 8_192 + 8_192
+
+
+def small_plan(**changes) -> RunPlan:
+    config = transformers.Qwen2Config(**SMALL)
+    return dataclasses.replace(RunPlan(config=config, mode="full", compute_dtype=torch.float32, train_embeddings=True),
+                               **changes)
+
+
+def test_parts_of_a_model_counted_by_hand():
+    plan = small_plan()
+    with torch.device("meta"):
+        assert sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(plan.config).parameters()) == SMALL_PARAMS
+    estimate = estimate_training_memory(plan, 64)
+    assert (estimate.weights, estimate.gradients, estimate.optimizer, estimate.activations) == (
+        SMALL_WEIGHTS, SMALL_GRADIENTS, SMALL_OPTIMIZER, SMALL_ACTIVATIONS)
+    assert estimate.total == 355_584 and estimate.trainable_params == SMALL_PARAMS
+
+
+def test_the_text_names_the_parts_in_gib():
+    estimate = MemoryEstimate(weights=3 * GIB // 2, gradients=GIB // 4, optimizer=GIB // 2, activations=GIB // 8,
+                              tokens=4096)
+    assert estimate.total == 19 * GIB // 8
+    assert estimate.text() == ("memory estimate: ~2.38 GiB peak (weights 1.50 GiB, gradients 0.25 GiB, optimizer 0.50 "
+                               "GiB, activations 0.12 GiB at the longest batch of 4,096 tokens)")
 
 
 def test_activations_grow_with_the_batch_and_shrink_with_checkpointing(tiny_qwen2_dir):
     config = transformers.AutoConfig.from_pretrained(tiny_qwen2_dir)
-    act = lambda tokens, **kw: estimate_training_memory(config, TrainingSetup(**kw), tokens).activations  # noqa: E731
+    act = lambda tokens, **kw: estimate_training_memory(RunPlan(config=config, **kw), tokens).activations  # noqa: E731
     assert act(2048) > act(1024) > act(512)
     assert act(1024, activation_checkpointing=False) > act(1024)
     # full logits: tokens x vocab x (compute dtype + 2 fp32 copies); the labelled path stops at one chunk
@@ -84,29 +116,19 @@ def test_activations_grow_with_the_batch_and_shrink_with_checkpointing(tiny_qwen
     assert act(8192) - act(4096) < act(8192, labelled_logits_only=False) - act(4096, labelled_logits_only=False)
 
 
-@pytest.mark.parametrize("shard, divided", [("zero2", {"gradients", "optimizer"}), ("zero1", {"optimizer"}),
-                                            ("zero3", {"weights", "gradients", "optimizer"}),
-                                            ("fsdp_full", {"weights", "gradients", "optimizer"})])
-def test_sharding_divides_by_the_world_size(tiny_qwen2_dir, shard, divided):
-    config = transformers.AutoConfig.from_pretrained(tiny_qwen2_dir)
-    alone = estimate_training_memory(config, TrainingSetup(mode="full"), 256)
-    sharded = estimate_training_memory(config, TrainingSetup(mode="full", shard=shard, world_size=4), 256)
-    for part in ("weights", "gradients", "optimizer"):
-        assert getattr(sharded, part) == (getattr(alone, part) // 4 if part in divided else getattr(alone, part))
-    assert sharded.activations == alone.activations
-
-
-def test_sharding_read_from_the_flags(tmp_path):
-    zero3 = write_json(tmp_path / "ds.json", {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"})
-    assert sharding(SimpleNamespace(deepspeed=str(zero3), fsdp=[])) == "zero3"
-    assert sharding(SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}}, fsdp=[])) == "zero2"
-    assert sharding(SimpleNamespace(deepspeed=None, fsdp=[])) == "none"
-    assert sharding(SimpleNamespace(deepspeed=None, fsdp=["full_shard", "auto_wrap"])) == "fsdp_full"
-    assert sharding(SimpleNamespace(deepspeed=None, fsdp=["shard_grad_op"])) == "fsdp_grad"
-    # what transformers' own TrainingArguments make of --fsdp (5.x: fsdp=True, the strategy in fsdp_config)
-    for flag, expected in (("full_shard auto_wrap", "fsdp_full"), ("shard_grad_op auto_wrap", "fsdp_grad")):
-        args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), fsdp=flag, use_cpu=True)
-        assert sharding(args) == expected, (flag, args.fsdp, args.fsdp_config)
+@pytest.mark.parametrize("shard, expected", [
+    ("none", (SMALL_WEIGHTS, SMALL_GRADIENTS, SMALL_OPTIMIZER)),
+    ("zero1", (32_320, 32_320, 64_640 // 4)),
+    ("zero2", (32_320, 32_320 // 4, 64_640 // 4)),
+    ("fsdp_grad", (32_320, 8_080, 16_160)),
+    ("zero3", (8_080, 8_080, 16_160)),
+    ("fsdp_full", (8_080, 8_080, 16_160)),
+])
+def test_sharding_divides_by_the_world_size(shard, expected):
+    """The small model's fp32 weights (32,320 bytes), gradients (32,320) and AdamW states (64,640) over 4 processes."""
+    estimate = estimate_training_memory(small_plan(shard=shard, world_size=4), 64)
+    assert (estimate.weights, estimate.gradients, estimate.optimizer) == expected
+    assert estimate.activations == SMALL_ACTIVATIONS  # each process holds its own batch's
 
 
 def test_longest_batch_tokens():
@@ -122,16 +144,31 @@ def test_longest_batch_tokens():
 
 
 def test_dry_run_prints_the_estimate(tiny_qwen2_dir, tmp_path, capsys):
+    """The line is the plan's estimate (chatft.plan, chatft.memory) at the longest sample times the batch of 2."""
     data = write_json(tmp_path / "train.json", [{"id": "a", "conversations": [
         {"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello there, how can I help?"}]}])
-    assert finetune.main(["--model_name_or_path", str(tiny_qwen2_dir), "--data_path", str(data), "--output_dir",
-                          str(tmp_path / "o"), "--dry_run", "True", "--use_cpu", "True", "--use_lora",
-                          "--per_device_train_batch_size", "2"]) == 0
-    report = capsys.readouterr().out
-    line = next(line for line in report.splitlines() if line.startswith("memory estimate: ~"))
-    assert "GiB peak (weights" in line and "gradients" in line and "optimizer" in line
-    # the longest sample x the batch of 2 (one sample here)
-    assert int(line.rsplit("of ", 1)[1].split()[0].replace(",", "")) % 2 == 0
+    flags = ["--model_name_or_path", str(tiny_qwen2_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "o"),
+             "--dry_run", "True", "--use_cpu", "True", "--use_lora", "--per_device_train_batch_size", "2",
+             "--chat_format", "chatml"]
+    assert finetune.main(flags) == 0
+    report = capsys.readouterr().out.splitlines()
+    line = next(line for line in report if line.startswith("memory estimate: ~"))
+    rendered = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                "<|im_start|>assistant\nHello there, how can I help?<|im_end|>\n")
+    tokens = len(transformers.AutoTokenizer.from_pretrained(tiny_qwen2_dir)(rendered).input_ids)
+    assert tokens == 30 and f"longest {tokens}," in next(line for line in report if line.startswith("sample lengths"))
+    plan, _ = plan_run(*parse_args(flags))
+    assert line == estimate_training_memory(plan, 2 * tokens).text()
+    assert line.endswith("at the longest batch of 60 tokens)")
+
+
+def test_the_estimator_imports_nothing_from_chatft():
+    """chatft.memory is a pure estimator over a plan: it may not reach up into the modules that decide."""
+    tree = ast.parse((ROOT / "chatft" / "memory.py").read_text(encoding="utf-8"))
+    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    imported += ["." * node.level + (node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert "torch" in imported  # the walk finds imports
+    assert [name for name in imported if name.split(".")[0] in ("chatft", "")] == []  # "": a relative import
 
 
 @pytest.mark.slow
