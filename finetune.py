@@ -34,6 +34,7 @@ from chatft.output_dir import check_output_dir  # noqa: E402
 from chatft.plan import plan_run  # noqa: E402
 from chatft.report import dry_run_report, packing_summary, plot_losses, run_summary  # noqa: E402
 from chatft.saving import save_run  # noqa: E402
+from chatft.losses import SupervisedLoss  # noqa: E402
 from chatft.trainer import ChatTrainer, StopOnSigterm  # noqa: E402
 
 logger = logging.getLogger("finetune")
@@ -117,7 +118,7 @@ def train(argv=None, callbacks=(), wrap_collator=None):
         data_collator=wrap_collator(collator) if wrap_collator else collator,
         processing_class=tokenizer,
         callbacks=list(callbacks),
-        labelled_logits=training_args.labelled_logits_only,
+        loss=SupervisedLoss(labelled_logits=plan.labelled_logits_only),
     )
     sigterm = StopOnSigterm()
     trainer.add_callback(sigterm)

@@ -25,7 +25,7 @@ def load_chat_model(path: str, dtype: torch.dtype | None = None, trust_remote_co
 
     A Q-LoRA adapter is served on the same NF4 rounding of its base that it was trained on.
     """
-    require_model_source(path, "--checkpoint-path", allow_adapter=True, trust_remote_code=trust_remote_code)
+    require_model_source(path, "--model_name_or_path", allow_adapter=True, trust_remote_code=trust_remote_code)
     kind = checkpoint_kind(path)
     if kind == "gguf" and llama_cpp_installed():
         return LlamaCppModel.load(path), None, kind

@@ -276,6 +276,14 @@ def is_thinking_template(template: str | None) -> bool:
     return bool(template) and "reasoning_content" in template and THINK_OPEN in template and "last_query_index" in template
 
 
+
+def resolve_chat_format(requested: str, own_template: str | None) -> str:
+    """--chat_format as a format: auto -> qwen3 when the model's own chat template renders reasoning as Qwen3's does
+    (is_thinking_template), else chatml; chatml and qwen3 stay."""
+    if requested == "auto":
+        return "qwen3" if is_thinking_template(own_template) else "chatml"
+    return requested
+
 def qwen3_template() -> str:
     return QWEN3_TEMPLATE_PATH.read_text(encoding="utf-8")
 

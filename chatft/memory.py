@@ -51,7 +51,7 @@ GRADIENT_BYTES = 4  # fp32 in every mode (chatft.model.wrap_lora upcasts LoRA's 
 ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32
 # NF4 with double quantization: 4 bits, an 8-bit absmax per block of 64, an fp32 scale per 256 such blocks
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
-LOGITS_PER_CHUNK = 1 << 25  # chatft.trainer.LOGITS_PER_CHUNK (not imported: the trainer imports transformers' Trainer)
+LOGITS_PER_CHUNK = 1 << 25  # chatft.losses.LOGITS_PER_CHUNK (not imported: the estimator imports nothing of the toolkit)
 GIB = 2**30
 
 

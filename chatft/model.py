@@ -23,7 +23,7 @@ from chatft import cache_root, console
 from chatft.attention import PER_SAMPLE_SDPA, supports_per_sample_sdpa
 from chatft.checkpoints import saved_quantization
 from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IM_END, IM_START, chatml_template, is_thinking_template,
-                                qwen3_template)
+                                qwen3_template, resolve_chat_format)
 
 logger = logging.getLogger(__name__)
 
@@ -123,14 +123,6 @@ def load_tokenizer(model_path: str, model_max_length: int, system_message: str, 
     else:
         tokenizer.chat_template = chatml_template(system_message)
     return tokenizer, added, chat_format
-
-
-def resolve_chat_format(requested: str, own_template: str | None) -> str:
-    """--chat_format as a format: auto -> qwen3 when the model's own chat template renders reasoning as Qwen3's does
-    (is_thinking_template), else chatml; chatml and qwen3 stay."""
-    if requested == "auto":
-        return "qwen3" if is_thinking_template(own_template) else "chatml"
-    return requested
 
 
 def model_config(model_path: str, trust_remote_code: bool = False, cache_dir: str | None = None):

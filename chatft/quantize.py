@@ -25,7 +25,7 @@ import transformers
 
 from chatft import console
 from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, Conversation, TokenizedSample,
-                                is_thinking_template, tokenize_conversation)
+                                resolve_chat_format, tokenize_conversation)
 from chatft.data import as_conversations, keep_trainable, load_samples
 from chatft.checkpoints import is_adapter_dir, require_model_source, saved_quantization
 from chatft.device import inference_device_and_dtype
@@ -67,7 +67,7 @@ def tokenize_as_served(samples: list[Conversation], tokenizer, settings: GptqSet
     """The samples tokenized in the format the model was trained and is served in: its saved template's (qwen3 for a
     thinking template, else ChatML), one whole conversation each (calibration and perplexity samples), in order,
     each with its `origin` (its index in `samples`)."""
-    chat_format = "qwen3" if is_thinking_template(tokenizer.chat_template) else "chatml"
+    chat_format = resolve_chat_format("auto", tokenizer.chat_template)
     tokenized = [tokenize_conversation(conversation, tokenizer, settings.max_len, settings.system_message, chat_format)
                  for conversation in as_conversations(samples)]
     for origin, sample in enumerate(tokenized):

@@ -121,11 +121,11 @@ class LoggedMeans:
 
 class ChatTrainer(transformers.Trainer):
     """transformers.Trainer whose training loss comes from `loss` (chatft.losses; default: SupervisedLoss, the
-    output layer at labelled positions only unless `labelled_logits` is False)."""
+    output layer at labelled positions only)."""
 
-    def __init__(self, *args, loss=None, labelled_logits: bool = True, **kwargs):
+    def __init__(self, *args, loss=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss = loss if loss is not None else SupervisedLoss(labelled_logits)
+        self.loss = loss if loss is not None else SupervisedLoss()
         self.loss.prepare(self.accelerator.unwrap_model(self.model))
         self.logged_means = LoggedMeans()
         self.run_start = RunStart()

@@ -127,7 +127,7 @@ def test_interactive_streams_to_the_terminal(tiny_qwen2_64_dir):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert cli_demo.main(["-c", str(tmp_path / "nope")]) == 2
-    assert capsys.readouterr().err == f"error: --checkpoint-path {tmp_path / 'nope'}: no such file or directory\n"
+    assert capsys.readouterr().err == f"error: --model_name_or_path {tmp_path / 'nope'}: no such file or directory\n"
 
 
 def test_generate_reply_stops_at_im_end(tiny_qwen2_64_dir):

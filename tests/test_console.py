@@ -137,7 +137,7 @@ def test_finetune_refuses_a_bad_model_path(case, bad_models, data_file, tmp_path
 def test_cli_demo_refuses_a_bad_checkpoint(case, bad_models, capsys):
     path, problem = bad_models[case]
     assert cli_demo.main(["-c", path, "--query", "hi"]) == 2
-    assert_one_error_line(capsys, "--checkpoint-path", path, problem)
+    assert_one_error_line(capsys, "--model_name_or_path", path, problem)
 
 
 @pytest.mark.parametrize("case", CASES)

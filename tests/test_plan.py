@@ -16,7 +16,8 @@ import transformers
 from chatft.args import parse_args
 from chatft.chat_format import qwen3_template
 from chatft.errors import ArgumentError
-from chatft.model import load_model, resolve_chat_format
+from chatft.chat_format import resolve_chat_format
+from chatft.model import load_model
 from chatft.plan import plan_run, resolve_attn_implementation, sharding, trainable_embeddings, world_size
 from support import make_non_chatml_model, write_json
 
