@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from chatft import console
-from chatft.checkpoints import checkpoint_kind
+from chatft.model.sources import checkpoint_kind
 
 
 KIND_NAMES = {"full": "full model", "gptq": "GPTQ-quantized model", "lora": "LoRA adapter",
@@ -61,9 +61,9 @@ def chat(argv=None) -> int:
     import torch
     import transformers
 
-    from chatft.chat import ThinkingStreamer, generate_reply, load_chat_model, load_tools
-    from chatft.chat_format import split_reasoning
-    from chatft.gguf_runtime import LlamaCppModel
+    from chatft.serve.chat import ThinkingStreamer, generate_reply, load_chat_model, load_tools
+    from chatft.data.chat_format import split_reasoning
+    from chatft.serve.gguf_runtime import LlamaCppModel
 
     transformers.set_seed(args.seed)
     tools = load_tools(args.tools) if args.tools else None

@@ -18,7 +18,7 @@ from chatft import console
 if __name__ == "__main__":  # before the libraries are imported: they look at what is installed when imported
     console.start()  # a Q-LoRA adapter merges into its full-precision base: neither bitsandbytes nor gptqmodel
 
-from chatft.gguf_export import DEFAULT_TYPE, GGUF_TYPES, export_gguf  # noqa: E402
+from chatft.export.gguf import DEFAULT_TYPE, GGUF_TYPES, export_gguf  # noqa: E402
 
 TYPE_HELP = ("f16 (default): every matrix in float16, as llama.cpp's converter writes by default: a bf16 model's "
              "weights exactly but those under 2^-17 (refused if any exceeds float16's range: use bf16); bf16: "

@@ -23,19 +23,19 @@ if __name__ == "__main__":  # before the libraries are imported: they look at wh
 import transformers  # noqa: E402
 
 from chatft.args import parse_args  # noqa: E402
-from chatft.attention import rows_keep_samples_apart  # noqa: E402
+from chatft.model.attention import rows_keep_samples_apart  # noqa: E402
 from chatft.errors import ArgumentError  # noqa: E402
-from chatft.data import preprocess  # noqa: E402  (re-exported: `from finetune import preprocess`, as Qwen's)
-from chatft.data import load_samples, make_collator, make_datasets, split_off_eval  # noqa: E402
-from chatft.model import join_process_group, load_model  # noqa: E402
-from chatft.distributed import end_run  # noqa: E402
+from chatft.data.datasets import preprocess  # noqa: E402  (re-exported: `from finetune import preprocess`, as Qwen's)
+from chatft.data.datasets import load_samples, make_collator, make_datasets, split_off_eval  # noqa: E402
+from chatft.model.load import join_process_group, load_model  # noqa: E402
+from chatft.train.distributed import end_run  # noqa: E402
 from chatft.memory import longest_batch_tokens, run_estimator  # noqa: E402
 from chatft.output_dir import check_output_dir  # noqa: E402
 from chatft.plan import plan_run  # noqa: E402
-from chatft.report import dry_run_report, packing_summary, plot_losses, run_summary  # noqa: E402
-from chatft.saving import save_run  # noqa: E402
-from chatft.losses import SupervisedLoss  # noqa: E402
-from chatft.trainer import ChatTrainer, StopOnSigterm  # noqa: E402
+from chatft.train.report import dry_run_report, packing_summary, plot_losses, run_summary  # noqa: E402
+from chatft.train.saving import save_run  # noqa: E402
+from chatft.train.losses import SupervisedLoss  # noqa: E402
+from chatft.train.trainer import ChatTrainer, StopOnSigterm  # noqa: E402
 
 logger = logging.getLogger("finetune")
 __all__ = ["main", "preprocess", "train"]  # preprocess: Qwen's function, for scripts written against its finetune.py
@@ -140,7 +140,7 @@ def train(argv=None, callbacks=(), wrap_collator=None):
         plot_losses(trainer.state.log_history, os.path.join(training_args.output_dir, "loss.png"))
         print(run_summary(trainer, "model" if plan.mode == "full" else "LoRA adapter"), flush=True)
     # Multi-process runs: every rank waits here until rank 0 has written everything, then the process groups are
-    # destroyed; when finetune.py is the program, the process exits here with status 0 (chatft.distributed: why).
+    # destroyed; when finetune.py is the program, the process exits here with status 0 (chatft.train.distributed: why).
     end_run(trainer, exit_when_done=__name__ == "__main__")
     return trainer
 

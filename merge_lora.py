@@ -17,7 +17,7 @@ from chatft import console
 if __name__ == "__main__":  # before the libraries are imported: they look at what is installed when imported
     console.start()  # a Q-LoRA adapter merges into its full-precision base: neither bitsandbytes nor gptqmodel
 
-from chatft.export import DTYPES, merge_adapter  # noqa: E402
+from chatft.export.merge import DTYPES, merge_adapter  # noqa: E402
 
 
 def parse_args(argv=None):

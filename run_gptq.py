@@ -19,7 +19,7 @@ from chatft import console
 if __name__ == "__main__":  # before the libraries are imported: they look at what is installed when imported
     console.start(uses=("gptqmodel",))
 
-from chatft.quantize import GptqSettings, REPORT_FILE, run_gptq  # noqa: E402
+from chatft.export.gptq import GptqSettings, REPORT_FILE, run_gptq  # noqa: E402
 
 DEFAULTS = GptqSettings()
 

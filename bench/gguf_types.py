@@ -3,9 +3,9 @@
     python -m bench.gguf_types                                  # the bundled SmolLM2-135M-Instruct
     python -m bench.gguf_types -m output_demo_merged --data_path ../shared/data/alpaca_en_demo.json --json out.json
 
-Each type is exported (chatft.gguf_export) into a temporary directory and read back. Perplexity is measured on the
+Each type is exported (chatft.export.gguf) into a temporary directory and read back. Perplexity is measured on the
 assistant replies (the training labels) of the first --num_samples conversations of --data_path, tokenized as
-run_gptq.py measures them (chatft.quantize.reply_perplexity):
+run_gptq.py measures them (chatft.export.gptq.reply_perplexity):
 - "transformers": the file loaded by transformers' GGUF loader, every weight de-quantised to float32: the
   quantization's own cost, computed exactly;
 - "llama.cpp": the file run by llama.cpp (llama-cpp-python, when installed), which computes with the quantized
@@ -33,10 +33,10 @@ def measure(model_path: str, data_path: str, num_samples: int, types: list[str],
     import torch
     import transformers
 
-    from chatft.data import load_samples
-    from chatft.gguf_export import export_gguf
-    from chatft.gguf_runtime import llama_cpp_installed, llama_cpp_reply_perplexity
-    from chatft.quantize import GptqSettings, reply_perplexity, tokenize_as_served
+    from chatft.data.datasets import load_samples
+    from chatft.export.gguf import export_gguf
+    from chatft.serve.gguf_runtime import llama_cpp_installed, llama_cpp_reply_perplexity
+    from chatft.export.gptq import GptqSettings, reply_perplexity, tokenize_as_served
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     samples = tokenize_as_served(load_samples(data_path)[:num_samples], tokenizer, GptqSettings())
@@ -75,7 +75,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    from chatft.gguf_export import GGUF_TYPES
+    from chatft.export.gguf import GGUF_TYPES
 
     parser = argparse.ArgumentParser(prog="python -m bench.gguf_types", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

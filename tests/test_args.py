@@ -11,8 +11,8 @@ from support import ROOT
 
 
 @pytest.fixture(scope="module")
-def model(tiny_qwen2_dir):
-    return str(tiny_qwen2_dir)
+def model(tiny_qwen2_arch_dir):
+    return str(tiny_qwen2_arch_dir)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""chatft.attention: in a row of several samples, each sample gets exactly what it gets alone, with no mask built."""
+"""chatft.model.attention: in a row of several samples, each sample gets exactly what it gets alone, with no mask built."""
 
 import json
 import shutil
@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from chatft.attention import PER_SAMPLE_SDPA, sample_spans, supports_per_sample_sdpa
+from chatft.model.attention import PER_SAMPLE_SDPA, sample_spans, supports_per_sample_sdpa
 from support import assert_close_up_to_rounding, decoder_terms, run
 
 LENGTHS = (9, 4, 13)  # three samples of one row
@@ -58,20 +58,20 @@ def outputs_and_grads(model, input_ids, position_ids, targets):
 
 @pytest.mark.parametrize("setup", ["full", "lora", "checkpointing"])
 @pytest.mark.parametrize("reference", ["sdpa", "eager"])
-def test_each_sample_of_a_row_gets_what_it_gets_alone(tiny_qwen2_dir, reference, setup):
+def test_each_sample_of_a_row_gets_what_it_gets_alone(tiny_qwen2_arch_dir, reference, setup):
     generator = torch.Generator().manual_seed(0)
-    vocab = transformers.AutoConfig.from_pretrained(tiny_qwen2_dir).vocab_size
+    vocab = transformers.AutoConfig.from_pretrained(tiny_qwen2_arch_dir).vocab_size
     samples = [torch.randint(0, vocab, (1, n), generator=generator) for n in LENGTHS]
     targets = [torch.randint(0, vocab, (1, n), generator=generator) for n in LENGTHS]
 
-    alone = load(tiny_qwen2_dir, reference, setup)
+    alone = load(tiny_qwen2_arch_dir, reference, setup)
     alone_logits, alone_grads = [], {}
     for ids, target in zip(samples, targets):
         logits, grads = outputs_and_grads(alone, ids, torch.arange(ids.shape[1])[None], target)
         alone_logits.append(logits)
         alone_grads = {n: alone_grads.get(n, 0) + g for n, g in grads.items()}
 
-    row = load(tiny_qwen2_dir, PER_SAMPLE_SDPA, setup)
+    row = load(tiny_qwen2_arch_dir, PER_SAMPLE_SDPA, setup)
     position_ids = torch.cat([torch.arange(n) for n in LENGTHS])[None]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profiler:
         row_logits, row_grads = outputs_and_grads(row, torch.cat(samples, 1), position_ids, torch.cat(targets, 1))
@@ -93,10 +93,10 @@ def test_each_sample_of_a_row_gets_what_it_gets_alone(tiny_qwen2_dir, reference,
         assert_close_up_to_rounding(row_grads[name], grad, terms=terms)
 
 
-def test_a_padded_batch_keeps_its_mask(tiny_qwen2_dir):
+def test_a_padded_batch_keeps_its_mask(tiny_qwen2_arch_dir):
     """Rows that are one sample each (padding masked) take transformers' sdpa path unchanged."""
-    reference = load(tiny_qwen2_dir, "sdpa", "full").eval()
-    model = load(tiny_qwen2_dir, PER_SAMPLE_SDPA, "full").eval()
+    reference = load(tiny_qwen2_arch_dir, "sdpa", "full").eval()
+    model = load(tiny_qwen2_arch_dir, PER_SAMPLE_SDPA, "full").eval()
     ids = torch.randint(0, reference.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
@@ -115,12 +115,12 @@ def test_models_whose_attention_is_not_plain_keep_transformers_masks(tmp_path):
     assert not supports_per_sample_sdpa(transformers.AutoModelForCausalLM.from_config(windowed))
 
 
-def test_training_uses_per_sample_attention_by_default_and_saves_a_portable_config(tiny_qwen2_dir, data_file, tmp_path):
-    trainer = run(tiny_qwen2_dir, data_file, tmp_path / "out")
+def test_training_uses_per_sample_attention_by_default_and_saves_a_portable_config(tiny_qwen2_arch_dir, data_file, tmp_path):
+    trainer = run(tiny_qwen2_arch_dir, data_file, tmp_path / "out")
     assert trainer.model.config._attn_implementation == PER_SAMPLE_SDPA
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert PER_SAMPLE_SDPA not in json.dumps(saved)  # plain transformers loads what was trained
-    explicit = run(tiny_qwen2_dir, data_file, tmp_path / "sdpa", "--attn_implementation", "sdpa")
+    explicit = run(tiny_qwen2_arch_dir, data_file, tmp_path / "sdpa", "--attn_implementation", "sdpa")
     assert explicit.model.config._attn_implementation == "sdpa"
 
 
@@ -153,12 +153,12 @@ def remote_code_model(model_dir, root):
     return path
 
 
-def test_a_model_with_its_own_attention_code_gets_padded_batches(tiny_qwen2_dir, data_file, tmp_path, capsys):
+def test_a_model_with_its_own_attention_code_gets_padded_batches(tiny_qwen2_arch_dir, data_file, tmp_path, capsys):
     """Remote-code models (e.g. Qwen-1's QWenLMHeadModel) attend across a row's samples: no padding-free rows there."""
     import finetune
-    from chatft.data import ChatCollator
+    from chatft.data.datasets import ChatCollator
 
-    model_dir = remote_code_model(tiny_qwen2_dir, tmp_path)
+    model_dir = remote_code_model(tiny_qwen2_arch_dir, tmp_path)
     trainer = run(model_dir, data_file, tmp_path / "out", "--trust_remote_code", "True")
     assert type(trainer.model).__name__ == "OwnAttentionForCausalLM"  # the model's own code, loaded from its directory
     assert isinstance(trainer.data_collator, ChatCollator)

@@ -38,10 +38,10 @@ def cache_with_tiny_model_named(name: str, cache) -> dict:
 
 
 @pytest.mark.slow
-def test_throughput_compares_the_same_tokens(tiny_qwen2_64_dir, tmp_path):
+def test_throughput_compares_the_same_tokens(tiny_qwen2_arch_64_dir, tmp_path):
     data = write_json(tmp_path / "train.json", ALPACA)
     variants = ["chatft", "chatft_packing", "chatft_padded", "seed"] + (["trl"] if importlib.util.find_spec("trl") else [])
-    result = run_module("bench.throughput", "-m", str(tiny_qwen2_64_dir), "--data", str(data), "--num_samples", "12",
+    result = run_module("bench.throughput", "-m", str(tiny_qwen2_arch_64_dir), "--data", str(data), "--num_samples", "12",
                         "--max_length", "64", "--batch_size", "2", "--modes", "lora", "--precisions", "fp32",
                         "--variants", ",".join(variants), "--repeats", "1", "--json", str(tmp_path / "bench.json"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,10 +60,10 @@ def test_throughput_compares_the_same_tokens(tiny_qwen2_64_dir, tmp_path):
     assert "| lora | fp32 | seed |" in result.stdout
 
 
-def test_trl_messages_keep_every_turn(qwen_tokenizer):
+def test_trl_messages_keep_every_turn(qwen3_tokenizer):
     from bench.throughput import trl_chat_template, trl_messages
-    from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, render_chatml, to_conversation
-    from chatft.formats import from_alpaca
+    from chatft.data.chat_format import DEFAULT_SYSTEM_MESSAGE, render_chatml, to_conversation
+    from chatft.data.formats import from_alpaca
 
     sample, problems = from_alpaca(ALPACA[0], "train.json, sample 0")
     assert not problems
@@ -72,18 +72,18 @@ def test_trl_messages_keep_every_turn(qwen_tokenizer):
     assert messages[-1] == {"role": "assistant", "content": "Answer 0."}
     # TRL's template renders the messages as the toolkit renders the sample, and marks its trained spans
     text, spans = render_chatml(to_conversation(sample), DEFAULT_SYSTEM_MESSAGE)
-    rendered = qwen_tokenizer.apply_chat_template(messages, chat_template=trl_chat_template(DEFAULT_SYSTEM_MESSAGE),
+    rendered = qwen3_tokenizer.apply_chat_template(messages, chat_template=trl_chat_template(DEFAULT_SYSTEM_MESSAGE),
                                                   tokenize=False)
     assert rendered == text
-    marked = qwen_tokenizer.apply_chat_template(messages, chat_template=trl_chat_template(DEFAULT_SYSTEM_MESSAGE),
+    marked = qwen3_tokenizer.apply_chat_template(messages, chat_template=trl_chat_template(DEFAULT_SYSTEM_MESSAGE),
                                                 return_dict=True, return_assistant_tokens_mask=True)
     trained = [t for t, m in zip(marked["input_ids"], marked["assistant_masks"]) if m]
-    assert qwen_tokenizer.decode(trained) == "".join(text[a:b] for a, b in spans)
+    assert qwen3_tokenizer.decode(trained) == "".join(text[a:b] for a, b in spans)
 
 
-def test_preprocessing_benchmark(tiny_qwen2_64_dir, tmp_path):
+def test_preprocessing_benchmark(tiny_qwen2_arch_64_dir, tmp_path):
     data = write_json(tmp_path / "train.json", CONVERSATIONS * 5)
-    result = run_module("bench.throughput", "-m", str(tiny_qwen2_64_dir), "--data", str(data), "--preprocess_only",
+    result = run_module("bench.throughput", "-m", str(tiny_qwen2_arch_64_dir), "--data", str(data), "--preprocess_only",
                         "--num_samples", "0", "--repeats", "1", "--json", str(tmp_path / "pre.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.load(open(tmp_path / "pre.json"))
@@ -94,8 +94,8 @@ def test_preprocessing_benchmark(tiny_qwen2_64_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_memory_benchmark(tiny_qwen2_64_dir, tmp_path):
-    result = run_module("bench.memory", "-m", str(tiny_qwen2_64_dir), "--modes", "full,lora", "--seq-len", "32",
+def test_memory_benchmark(tiny_qwen2_arch_64_dir, tmp_path):
+    result = run_module("bench.memory", "-m", str(tiny_qwen2_arch_64_dir), "--modes", "full,lora", "--seq-len", "32",
                         "--batch-size", "2", "--steps", "1", "--json", str(tmp_path / "memory.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     full, lora = json.load(open(tmp_path / "memory.json"))

@@ -1,4 +1,4 @@
-"""cli_demo.py and chatft.chat on tiny models: every kind of checkpoint is detected and served (a .gguf file by
+"""cli_demo.py and chatft.serve.chat on tiny models: every kind of checkpoint is detected and served (a .gguf file by
 llama.cpp, or by transformers where llama-cpp-python is not installed), one-shot queries are deterministic, the
 interactive loop keeps and clears its history, prompts use the saved template."""
 
@@ -9,17 +9,17 @@ import pytest
 import torch
 
 import cli_demo
-from chatft import chat
-from chatft.chat import checkpoint_kind, load_chat_model
-from chatft.chat_format import stop_token_ids
+from chatft.serve import chat
+from chatft.serve.chat import checkpoint_kind, load_chat_model
+from chatft.data.chat_format import stop_token_ids
 from chatft.errors import ModelPathError
 from support import ROOT, require_llama_cpp, run
 
 
-def test_every_kind_of_checkpoint_is_detected_and_served(tiny_qwen2_64_dir, tiny_gptq_dir, data_file, tmp_path):
-    run(tiny_qwen2_64_dir, data_file, tmp_path / "lora", "--use_lora", "--lora_r", "4")
-    run(tiny_qwen2_64_dir, data_file, tmp_path / "qlora", "--use_lora", "--q_lora", "--lora_r", "4", "--bf16", "True")
-    expected = {tiny_qwen2_64_dir: ("full", "Qwen2ForCausalLM"), tiny_gptq_dir: ("gptq", "Qwen2ForCausalLM"),
+def test_every_kind_of_checkpoint_is_detected_and_served(tiny_qwen2_arch_64_dir, tiny_gptq_dir, data_file, tmp_path):
+    run(tiny_qwen2_arch_64_dir, data_file, tmp_path / "lora", "--use_lora", "--lora_r", "4")
+    run(tiny_qwen2_arch_64_dir, data_file, tmp_path / "qlora", "--use_lora", "--q_lora", "--lora_r", "4", "--bf16", "True")
+    expected = {tiny_qwen2_arch_64_dir: ("full", "Qwen2ForCausalLM"), tiny_gptq_dir: ("gptq", "Qwen2ForCausalLM"),
                 tmp_path / "lora": ("lora", "PeftModelForCausalLM"), tmp_path / "qlora": ("qlora", "PeftModelForCausalLM")}
     for path, (kind, class_name) in expected.items():
         assert checkpoint_kind(str(path)) == kind
@@ -77,8 +77,8 @@ def test_a_gguf_file_is_served_by_llama_cpp_else_by_transformers(tiny_llama_256_
     assert capsys.readouterr().out.count("Assistant: ") == 2  # streamed, then shown by :history
 
 
-def test_query_mode_is_greedy_and_deterministic(tiny_qwen2_64_dir):
-    command = [sys.executable, "cli_demo.py", "-c", str(tiny_qwen2_64_dir), "--max-new-tokens", "8",
+def test_query_mode_is_greedy_and_deterministic(tiny_qwen2_arch_64_dir):
+    command = [sys.executable, "cli_demo.py", "-c", str(tiny_qwen2_arch_64_dir), "--max-new-tokens", "8",
                "--query", "Who are you?", "--query", "你好"]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
@@ -87,7 +87,7 @@ def test_query_mode_is_greedy_and_deterministic(tiny_qwen2_64_dir):
     assert "full model" in first.stderr
 
 
-def test_prompts_use_the_saved_template_and_system(tiny_qwen2_64_dir, monkeypatch, capsys):
+def test_prompts_use_the_saved_template_and_system(tiny_qwen2_arch_64_dir, monkeypatch, capsys):
     prompts = []
     original = chat.generate_reply
 
@@ -96,12 +96,12 @@ def test_prompts_use_the_saved_template_and_system(tiny_qwen2_64_dir, monkeypatc
         return original(model, tokenizer, messages, *args, **kwargs)
 
     monkeypatch.setattr(chat, "generate_reply", recording)
-    assert cli_demo.main(["-c", str(tiny_qwen2_64_dir), "--query", "Q1", "--system", "Be brief.",
+    assert cli_demo.main(["-c", str(tiny_qwen2_arch_64_dir), "--query", "Q1", "--system", "Be brief.",
                           "--max-new-tokens", "2"]) == 0
     assert prompts == ["<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n"]
 
 
-def test_interactive_history_clear_and_exit(tiny_qwen2_64_dir, monkeypatch, capsys):
+def test_interactive_history_clear_and_exit(tiny_qwen2_arch_64_dir, monkeypatch, capsys):
     seen = []
 
     def fake_reply(model, tokenizer, messages, *args, **kwargs):
@@ -111,14 +111,14 @@ def test_interactive_history_clear_and_exit(tiny_qwen2_64_dir, monkeypatch, caps
     monkeypatch.setattr(chat, "generate_reply", fake_reply)
     lines = iter(["first", "second", ":history", ":clear", "third", ":exit", "never"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    assert cli_demo.main(["-c", str(tiny_qwen2_64_dir)]) == 0
+    assert cli_demo.main(["-c", str(tiny_qwen2_arch_64_dir)]) == 0
     assert seen == [["first"], ["first", "reply 1", "second"], ["third"]]
     out = capsys.readouterr().out
     assert "User: first\nAssistant: reply 1\nUser: second\nAssistant: reply 2" in out
 
 
-def test_interactive_streams_to_the_terminal(tiny_qwen2_64_dir):
-    result = subprocess.run([sys.executable, "cli_demo.py", "-c", str(tiny_qwen2_64_dir), "--max-new-tokens", "4"],
+def test_interactive_streams_to_the_terminal(tiny_qwen2_arch_64_dir):
+    result = subprocess.run([sys.executable, "cli_demo.py", "-c", str(tiny_qwen2_arch_64_dir), "--max-new-tokens", "4"],
                             cwd=ROOT, input="hello\n:history\n", capture_output=True, text=True, check=True)
     assert "Commands: :clear, :history, :exit" in result.stdout and "User: hello\nAssistant: " in result.stdout
     # once streamed as it was generated, once more by :history
@@ -130,8 +130,8 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: --model_name_or_path {tmp_path / 'nope'}: no such file or directory\n"
 
 
-def test_generate_reply_stops_at_im_end(tiny_qwen2_64_dir):
-    model, tokenizer, _ = load_chat_model(str(tiny_qwen2_64_dir))
+def test_generate_reply_stops_at_im_end(tiny_qwen2_arch_64_dir):
+    model, tokenizer, _ = load_chat_model(str(tiny_qwen2_arch_64_dir))
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end in stop_token_ids(tokenizer)
 
@@ -148,10 +148,10 @@ def test_generate_reply_stops_at_im_end(tiny_qwen2_64_dir):
     assert reply == "" and len(calls) == 1  # one forward pass: generation stopped at the first <|im_end|>
 
 
-def test_tools_are_offered_as_in_training(tiny_qwen2_64_dir, data_file, tmp_path, monkeypatch, capsys):
+def test_tools_are_offered_as_in_training(tiny_qwen2_arch_64_dir, data_file, tmp_path, monkeypatch, capsys):
     import json
 
-    from chatft.chat_format import Conversation, Turn, parse_tools, render_qwen3
+    from chatft.data.chat_format import Conversation, Turn, parse_tools, render_qwen3
 
     definitions = [{"name": "get_weather", "description": "Weather in a city",
                     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
@@ -169,7 +169,7 @@ def test_tools_are_offered_as_in_training(tiny_qwen2_64_dir, data_file, tmp_path
     lines = iter(["Weather in Paris?", ":tool 12°C", ":exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     trained_model = tmp_path / "out"  # a fine-tuned model: its tokenizer carries the training run's chat template
-    run(tiny_qwen2_64_dir, data_file, trained_model)
+    run(tiny_qwen2_arch_64_dir, data_file, trained_model)
     assert cli_demo.main(["-c", str(trained_model), "--tools", str(tools_file), "--max-new-tokens", "2"]) == 0
     # the tiny model has the Qwen3 tokenizer, so it trained in the qwen3 format (chat_format auto)
     trained, _ = render_qwen3(Conversation((Turn("user", "Weather in Paris?"),), parse_tools(definitions)))
@@ -181,20 +181,20 @@ def test_tools_are_offered_as_in_training(tiny_qwen2_64_dir, data_file, tmp_path
     assert "expected a list of tool definitions" in capsys.readouterr().err
 
 
-def test_a_replys_thinking_is_shown_apart_from_its_answer_or_hidden(tiny_qwen2_64_dir, monkeypatch, capsys):
+def test_a_replys_thinking_is_shown_apart_from_its_answer_or_hidden(tiny_qwen2_arch_64_dir, monkeypatch, capsys):
     monkeypatch.setattr(chat, "generate_reply", lambda *a, **k: "<think>\nIt is a greeting.\n</think>\n\nHello!")
-    assert cli_demo.main(["-c", str(tiny_qwen2_64_dir), "--query", "Hi"]) == 0
+    assert cli_demo.main(["-c", str(tiny_qwen2_arch_64_dir), "--query", "Hi"]) == 0
     assert "User: Hi\nThinking: It is a greeting.\nAssistant: Hello!\n" in capsys.readouterr().out
-    assert cli_demo.main(["-c", str(tiny_qwen2_64_dir), "--query", "Hi", "--hide-thinking"]) == 0
+    assert cli_demo.main(["-c", str(tiny_qwen2_arch_64_dir), "--query", "Hi", "--hide-thinking"]) == 0
     out = capsys.readouterr().out
     assert "User: Hi\nAssistant: Hello!\n" in out and "greeting" not in out
 
 
 @pytest.mark.parametrize("show", [True, False])
-def test_the_streamer_puts_thinking_on_its_own_line(tiny_qwen2_64_dir, capsys, show):
-    from chatft.chat import ThinkingStreamer
+def test_the_streamer_puts_thinking_on_its_own_line(tiny_qwen2_arch_64_dir, capsys, show):
+    from chatft.serve.chat import ThinkingStreamer
 
-    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tiny_qwen2_64_dir)
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tiny_qwen2_arch_64_dir)
     streamer = ThinkingStreamer(tokenizer, show_thinking=show)
     for chunk, end in [("<think>\nLet me", False), (" see.\n</th", False), ("ink>\n\nHel", False), ("lo!", True),
                        ("No thoughts", True)]:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from chatft.chat_format import (
+from chatft.data.chat_format import (
     IGNORE_INDEX, IM_END, Turn, chatml_template, describe_sample, render_chatml, to_conversation, to_turns,
     tokenize_conversation,
     tokenize_conversations,
@@ -87,8 +87,8 @@ def check_conversation(tokenizer, conversation):
 
 
 @pytest.fixture(params=["smollm2", "qwen"])
-def tokenizer(request, smollm2_tokenizer, qwen_tokenizer):
-    return smollm2_tokenizer if request.param == "smollm2" else qwen_tokenizer
+def tokenizer(request, smollm2_tokenizer, qwen3_tokenizer):
+    return smollm2_tokenizer if request.param == "smollm2" else qwen3_tokenizer
 
 
 @pytest.mark.parametrize("conversation", TURN_LISTS, ids=range(len(TURN_LISTS)))
@@ -96,13 +96,13 @@ def test_labels_are_exactly_the_replies(tokenizer, conversation):
     check_conversation(tokenizer, conversation)
 
 
-def check_tool_conversation(tokenizer, qwen_tokenizer, conversation):
+def check_tool_conversation(tokenizer, qwen3_tokenizer, conversation):
     """A conversation with tool calls and results, against Qwen's own chat template (Qwen3's, written independently
     of chatft): input_ids are the tokens of the template's text (less the empty think block it puts in the final
     reply), and the labelled runs are the body of each assistant message in that text (its reply and calls), with
     its <|im_end|>; tool results and definitions are in the text, never labelled."""
     messages, tools = openai_messages(conversation)
-    whole = qwen_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    whole = qwen3_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
     cut = whole.rindex(QWEN3_EMPTY_THINK)
     text = whole[:cut] + whole[cut + len(QWEN3_EMPTY_THINK):]
     sample = tokenize_conversation(conversation, tokenizer, max_len=100_000, system_message=SYSTEM)
@@ -115,25 +115,25 @@ def check_tool_conversation(tokenizer, qwen_tokenizer, conversation):
     return runs
 
 
-def test_public_data_converted_masks(tokenizer, qwen_tokenizer, glaive_conversations):
+def test_public_data_converted_masks(tokenizer, qwen3_tokenizer, glaive_conversations):
     samples = (
         alpaca_to_conversations(shared_data("alpaca_en_demo.json"))[:150]
         + alpaca_to_conversations(shared_data("identity.json"), {"{{name}}": "Tessa", "{{author}}": "Lumen Labs"})
     )
     for sample in samples:
         check_conversation(tokenizer, sample["conversations"])
-    # the ShareGPT tool-call file as chatft.formats reads it: calls, results and tool definitions rendered
-    runs = [check_tool_conversation(tokenizer, qwen_tokenizer, c) for c in glaive_conversations[:100]]
+    # the ShareGPT tool-call file as chatft.data.formats reads it: calls, results and tool definitions rendered
+    runs = [check_tool_conversation(tokenizer, qwen3_tokenizer, c) for c in glaive_conversations[:100]]
     assert sum("<tool_call>" in run for sample_runs in runs for run in sample_runs) > 50
 
 
-def test_reply_starting_with_newline(qwen_tokenizer):
+def test_reply_starting_with_newline(qwen3_tokenizer):
     # Qwen's tokenizer joins "assistant\n" + "\nText" into one "\n\n" token: input_ids stay those of the
     # rendered text, and that token is trained, since it carries the reply's first character.
     conversation = [{"from": "user", "value": "q"}, {"from": "assistant", "value": "\nText"}]
-    sample = tokenize_conversation(to_turns(conversation), qwen_tokenizer, 1000, SYSTEM)
-    assert sample.input_ids == qwen_tokenizer(expected_text(conversation), add_special_tokens=False).input_ids
-    assert labelled_runs(qwen_tokenizer, sample) == ["\n\nText" + IM_END]
+    sample = tokenize_conversation(to_turns(conversation), qwen3_tokenizer, 1000, SYSTEM)
+    assert sample.input_ids == qwen3_tokenizer(expected_text(conversation), add_special_tokens=False).input_ids
+    assert labelled_runs(qwen3_tokenizer, sample) == ["\n\nText" + IM_END]
 
 
 def test_template_reproduces_training_tokens(tokenizer):
@@ -175,28 +175,28 @@ def test_leading_assistant_turn_dropped():
     assert [t.role for t in turns] == ["system", "user", "assistant"]
 
 
-def test_qwen_compatible_preprocess(qwen_tokenizer):
+def test_qwen_compatible_preprocess(qwen3_tokenizer):
     """Qwen's shape: one row per source, in order, padded to max_len; an untrainable source keeps its row."""
     from finetune import preprocess
 
     sources = [TURN_LISTS[0], [{"from": "user", "value": "x " * 300}, {"from": "assistant", "value": "y"}],
                TURN_LISTS[1]]
-    batch = preprocess(sources, qwen_tokenizer, max_len=64)
+    batch = preprocess(sources, qwen3_tokenizer, max_len=64)
     assert set(batch) == {"input_ids", "labels", "attention_mask"}
     assert all(batch[name].shape == (3, 64) for name in batch)
     assert (batch["labels"][1] == IGNORE_INDEX).all()  # no reply left within 64 tokens: kept, nothing to learn
     for row, source in ((0, TURN_LISTS[0]), (2, TURN_LISTS[1])):
-        expected = qwen_tokenizer(expected_text(source), add_special_tokens=False).input_ids
+        expected = qwen3_tokenizer(expected_text(source), add_special_tokens=False).input_ids
         n = len(expected)
         assert batch["input_ids"][row, :n].tolist() == expected and batch["attention_mask"][row].sum() == n
-        assert (batch["input_ids"][row, n:] == qwen_tokenizer.pad_token_id).all()
+        assert (batch["input_ids"][row, n:] == qwen3_tokenizer.pad_token_id).all()
         assert (batch["labels"][row, n:] == IGNORE_INDEX).all() and (batch["labels"][row, :n] != IGNORE_INDEX).any()
     assert batch["attention_mask"][1].all()  # truncated to max_len: every position is the sample's
 
 
-def test_describe_sample_marks_trained_spans(qwen_tokenizer):
-    sample = tokenize_conversation(to_turns(TURN_LISTS[3]), qwen_tokenizer, 1000, SYSTEM)
-    shown = describe_sample(sample, qwen_tokenizer)
+def test_describe_sample_marks_trained_spans(qwen3_tokenizer):
+    sample = tokenize_conversation(to_turns(TURN_LISTS[3]), qwen3_tokenizer, 1000, SYSTEM)
+    shown = describe_sample(sample, qwen3_tokenizer)
     assert "[[안녕하세요! 저는 도우미입니다. 😀<|im_end|>]]" in shown
     assert "[[我是一个乐于助人的助手。🚀✨<|im_end|>]]" in shown
     assert shown.count("[[") == 2
@@ -235,28 +235,28 @@ def openai_messages(conversation, system=SYSTEM):
 
 @pytest.fixture(scope="module")
 def glaive_conversations():
-    """The public ShareGPT tool-call file as chatft.formats reads it (every tool turn kept)."""
-    from chatft.data import load_samples
+    """The public ShareGPT tool-call file as chatft.data.formats reads it (every tool turn kept)."""
+    from chatft.data.datasets import load_samples
 
     return load_samples(str(shared_data_path("glaive_toolcall_en_demo.json")))
 
 
-def test_tool_calls_render_as_qwens_own_template(qwen_tokenizer, glaive_conversations):
+def test_tool_calls_render_as_qwens_own_template(qwen3_tokenizer, glaive_conversations):
     """Every glaive sample, with the real Qwen tokenizer's chat template (Qwen3's, with tool support):
     every prompt the model answers at inference (all turns before an assistant turn, plus the generation
     prompt) is exactly the training text up to that reply; the whole conversation is the training text
     but for Qwen3's empty think block in its final reply (a thinking-mode marker, not part of ChatML)."""
-    assert "<tool_call>" in qwen_tokenizer.chat_template
+    assert "<tool_call>" in qwen3_tokenizer.chat_template
     checked_prompts = 0
     for conversation in glaive_conversations:
         text, spans = render_chatml(conversation, SYSTEM)
         messages, tools = openai_messages(conversation)
-        whole = qwen_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+        whole = qwen3_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
         cut = whole.rindex(QWEN3_EMPTY_THINK)
         assert whole[:cut] + whole[cut + len(QWEN3_EMPTY_THINK):] == text
         assistant_turns = [k + 1 for k, turn in enumerate(conversation.turns) if turn.role == "assistant"]
         for k, (start, _) in zip(assistant_turns, spans):
-            prompt = qwen_tokenizer.apply_chat_template(messages[:k], tools=tools, tokenize=False,
+            prompt = qwen3_tokenizer.apply_chat_template(messages[:k], tools=tools, tokenize=False,
                                                         add_generation_prompt=True)
             assert prompt == text[:start]
             checked_prompts += 1
@@ -304,10 +304,10 @@ def test_parallel_calls_and_string_arguments():
     assert [text[a:b] for a, b in spans][1] == "done<|im_end|>"
 
 
-def test_the_saved_template_renders_reasoning_as_training_does(qwen_tokenizer):
+def test_the_saved_template_renders_reasoning_as_training_does(qwen3_tokenizer):
     """ChatML with traces: every assistant turn keeps its reasoning in a <think> block, in training and in the
     template saved with the model, so the model is served the text it was trained on."""
-    tokenizer = qwen_tokenizer.__class__.from_pretrained(qwen_tokenizer.name_or_path)
+    tokenizer = qwen3_tokenizer.__class__.from_pretrained(qwen3_tokenizer.name_or_path)
     tokenizer.chat_template = chatml_template(SYSTEM)
     conversation = [{"from": "user", "value": "2+2?"},
                     {"from": "assistant", "value": "4", "reasoning_content": "add\n\nthen check"},
@@ -370,15 +370,15 @@ def template_messages(conversation):
     return messages, [json.loads(tool) for tool in conversation.tools] or None
 
 
-def test_the_qwen3_format_is_qwen3s_own_template(qwen_tokenizer):
+def test_the_qwen3_format_is_qwen3s_own_template(qwen3_tokenizer):
     """On the real Qwen3 tokenizer, 300 generated conversations: each training sample's text (and tokens) equal
     apply_chat_template on the same messages, whole; the text before each trained reply equals the template's
     prompt for it (add_generation_prompt=True); the labels are exactly that reply's reasoning, answer and calls and
     its <|im_end|>. Conversations with reasoning in earlier turns are split, one sample per user query."""
-    from chatft.chat_format import is_thinking_template, qwen3_template, render_qwen3, training_conversations
+    from chatft.data.chat_format import is_thinking_template, qwen3_template, render_qwen3, training_conversations
 
-    assert is_thinking_template(qwen_tokenizer.chat_template) and not is_thinking_template(chatml_template())
-    assert qwen3_template() == qwen_tokenizer.chat_template  # what a run forced to qwen3 saves: Qwen3's, verbatim
+    assert is_thinking_template(qwen3_tokenizer.chat_template) and not is_thinking_template(chatml_template())
+    assert qwen3_template() == qwen3_tokenizer.chat_template  # what a run forced to qwen3 saves: Qwen3's, verbatim
     split = 0
     for sample in generated_conversations(300):
         conversation = to_conversation(sample)
@@ -387,27 +387,27 @@ def test_the_qwen3_format_is_qwen3s_own_template(qwen_tokenizer):
         for part in samples:
             messages, tools = template_messages(part)
             text, spans = render_qwen3(part)
-            assert text == qwen_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False), sample["id"]
-            ids = qwen_tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True)["input_ids"]
-            tokenized = tokenize_conversation(part, qwen_tokenizer, 100_000, chat_format="qwen3")
+            assert text == qwen3_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False), sample["id"]
+            ids = qwen3_tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True)["input_ids"]
+            tokenized = tokenize_conversation(part, qwen3_tokenizer, 100_000, chat_format="qwen3")
             assert tokenized.input_ids == ids
             trained = [j for j, turn in enumerate(part.turns) if turn.role == "assistant" and
                        (part.trained is None or j in part.trained)]
             assert len(spans) == len(trained)
             for j, (start, end) in zip(trained, spans):
-                prompt = qwen_tokenizer.apply_chat_template(messages[:j], tools=tools, tokenize=False,
+                prompt = qwen3_tokenizer.apply_chat_template(messages[:j], tools=tools, tokenize=False,
                                                             add_generation_prompt=True)
                 assert text[:start] == prompt, (sample["id"], j)
                 turn = part.turns[j]
                 if turn.reasoning:
                     assert text[start:end].startswith(f"<think>\n{turn.reasoning.strip(chr(10))}\n</think>\n\n")
                 assert text[start:end].endswith(IM_END)
-            assert labelled_runs(qwen_tokenizer, tokenized) == [text[a:b] for a, b in spans]
+            assert labelled_runs(qwen3_tokenizer, tokenized) == [text[a:b] for a, b in spans]
     assert split > 20  # the generator makes plenty of multi-turn conversations with earlier reasoning
 
 
 def test_qwen3_training_samples_of_a_multi_turn_reasoning_conversation():
-    from chatft.chat_format import render_qwen3, training_conversations
+    from chatft.data.chat_format import render_qwen3, training_conversations
 
     conversation = to_conversation({"conversations": [
         {"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4", "reasoning_content": "add"},
@@ -428,7 +428,7 @@ def test_qwen3_training_samples_of_a_multi_turn_reasoning_conversation():
 
 def test_rendering_does_not_import_the_data_module():
     """The import circle chat_format -> data -> formats -> chat_format is cut: rendering and labelling stand alone
-    (Qwen's `preprocess`, which pads with chatft.data, lives there)."""
-    code = ("import sys, chatft.chat_format, chatft.formats; "
-            "assert 'chatft.data' not in sys.modules, sorted(m for m in sys.modules if m.startswith('chatft'))")
+    (Qwen's `preprocess`, which pads with chatft.data.datasets, lives there)."""
+    code = ("import sys, chatft.data.chat_format, chatft.data.formats; "
+            "assert 'chatft.data.datasets' not in sys.modules, sorted(m for m in sys.modules if m.startswith('chatft'))")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -70,10 +70,10 @@ def test_launcher_without_a_model_from_an_empty_cache(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_lora_run_and_a_chat_print_no_library_noise(tiny_qwen_dir, data_file, tmp_path):
+def test_a_lora_run_and_a_chat_print_no_library_noise(tiny_qwen_arch_dir, data_file, tmp_path):
     """No banner, deprecation warning or "Failed to load" line from a library; the switch shows them again."""
     output_dir = tmp_path / "lora"
-    train = [sys.executable, "finetune.py", "--model_name_or_path", str(tiny_qwen_dir), "--data_path", data_file,
+    train = [sys.executable, "finetune.py", "--model_name_or_path", str(tiny_qwen_arch_dir), "--data_path", data_file,
              "--output_dir", str(output_dir), "--use_lora", "--max_steps", "2", "--per_device_train_batch_size", "2",
              "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "True",
              "--model_max_length", "64", "--activation_checkpointing"]
@@ -172,9 +172,9 @@ def test_merge_lora_refuses_a_missing_adapter_and_a_moved_base(tmp_path, capsys)
     assert "--base_model_path" in err and not (tmp_path / "m").exists()
 
 
-def test_unknown_lora_target_lists_the_linear_layers(tiny_qwen_dir, data_file, tmp_path, capsys):
+def test_unknown_lora_target_lists_the_linear_layers(tiny_qwen_arch_dir, data_file, tmp_path, capsys):
     output_dir = tmp_path / "out"
-    code = finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path", data_file, "--output_dir",
+    code = finetune.main(["--model_name_or_path", str(tiny_qwen_arch_dir), "--data_path", data_file, "--output_dir",
                           str(output_dir), "--use_lora", "--lora_target_modules", "q_proj", "c_attn", "--use_cpu", "True"])
     assert code == 2 and not output_dir.exists()
     err = capsys.readouterr().err
@@ -213,21 +213,21 @@ def test_cli_error_is_one_line_without_traceback(data_file, tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_good_models_and_adapters_pass_the_checks(tiny_qwen_dir, tmp_path):
+def test_good_models_and_adapters_pass_the_checks(tiny_qwen_arch_dir, tmp_path):
     """No false alarms: a model directory, a GGUF file and an adapter directory are accepted."""
     from chatft.bundled import bundled_gguf_path
-    from chatft.checkpoints import model_source_problems
+    from chatft.model.sources import model_source_problems
 
-    assert model_source_problems(str(tiny_qwen_dir), "--model_name_or_path") == []
+    assert model_source_problems(str(tiny_qwen_arch_dir), "--model_name_or_path") == []
     assert model_source_problems(str(bundled_gguf_path()), "--model_name_or_path") == []
     adapter = model_like(tmp_path, "adapter", ["adapter_model.safetensors", "tokenizer.json"])
-    write_json(adapter / "adapter_config.json", {"base_model_name_or_path": str(tiny_qwen_dir)})
+    write_json(adapter / "adapter_config.json", {"base_model_name_or_path": str(tiny_qwen_arch_dir)})
     assert model_source_problems(str(adapter), "-c", allow_adapter=True) == []
     assert "is a LoRA adapter directory" in model_source_problems(str(adapter), "--model_name_or_path")[0]
 
 
-def test_a_malformed_flag_is_one_line_not_the_whole_usage(tiny_qwen_dir, data_file, tmp_path, capsys):
-    code = finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path", data_file, "--output_dir",
+def test_a_malformed_flag_is_one_line_not_the_whole_usage(tiny_qwen_arch_dir, data_file, tmp_path, capsys):
+    code = finetune.main(["--model_name_or_path", str(tiny_qwen_arch_dir), "--data_path", data_file, "--output_dir",
                           str(tmp_path / "out"), "--learning_rate", "abc"])
     assert code == 2 and not (tmp_path / "out").exists()
     captured = capsys.readouterr()

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from chatft.attention import PER_SAMPLE_SDPA
+from chatft.model.attention import PER_SAMPLE_SDPA
 from support import ROOT, assert_close_up_to_rounding, decoder_terms, rounding_atol
 
 NO_CUDA = "no CUDA GPU: bench/gpu_check.sh runs these where one is"
@@ -51,10 +51,10 @@ def moved(trainer, base_dir) -> bool:
 
 @on_cuda
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_bf16_training_on_cuda(tiny_qwen2_64_dir, data_file, tmp_path, mode):
+def test_bf16_training_on_cuda(tiny_qwen2_arch_64_dir, data_file, tmp_path, mode):
     """The launchers' precision (bf16) with the default batches (padding-free, attention per sample or
     flash-attention 2): LoRA keeps a bf16 base and fp32 adapters, full-parameter fp32 master weights; both train."""
-    trainer = cuda_run(tiny_qwen2_64_dir, data_file, tmp_path / "out", "--bf16", "True",
+    trainer = cuda_run(tiny_qwen2_arch_64_dir, data_file, tmp_path / "out", "--bf16", "True",
                        *(["--use_lora", "--lora_r", "8"] if mode == "lora" else []))
     assert all(p.device.type == "cuda" for p in trainer.model.parameters())
     expected = "flash_attention_2" if importlib.util.find_spec("flash_attn") else PER_SAMPLE_SDPA
@@ -63,7 +63,7 @@ def test_bf16_training_on_cuda(tiny_qwen2_64_dir, data_file, tmp_path, mode):
     frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
     assert trained == {torch.float32} and frozen == ({torch.bfloat16} if mode == "lora" else set())
     assert len(losses(trainer)) == 3 and all(torch.isfinite(torch.tensor(losses(trainer))))
-    assert moved(trainer, tiny_qwen2_64_dir)
+    assert moved(trainer, tiny_qwen2_arch_64_dir)
     assert (tmp_path / "out" / ("adapter_model.safetensors" if mode == "lora" else "model.safetensors")).is_file()
 
 
@@ -114,39 +114,39 @@ COMMON = ["--max_steps", "-1", "--num_train_epochs", "2", "--per_device_train_ba
 
 
 @on_cuda
-def test_padding_free_equals_padded_in_fp32_on_cuda(tiny_qwen2_dir, data_file, tmp_path):
+def test_padding_free_equals_padded_in_fp32_on_cuda(tiny_qwen2_arch_dir, data_file, tmp_path):
     """CUDA's sdpa kernels, per sample against masked over padded batches: 4 Adam steps to the same weights, with
     fp32 tolerances (no TF32)."""
     assert torch.get_float32_matmul_precision() == "highest"
-    padded = cuda_run(tiny_qwen2_dir, data_file, tmp_path / "padded", *COMMON, "--padding_free", "False")
-    padding_free = cuda_run(tiny_qwen2_dir, data_file, tmp_path / "padding-free", *COMMON)
+    padded = cuda_run(tiny_qwen2_arch_dir, data_file, tmp_path / "padded", *COMMON, "--padding_free", "False")
+    padding_free = cuda_run(tiny_qwen2_arch_dir, data_file, tmp_path / "padding-free", *COMMON)
     assert padding_free.state.global_step == padded.state.global_step == 4
-    same_steps(padding_free, padded, tiny_qwen2_dir, torch.float32)
+    same_steps(padding_free, padded, tiny_qwen2_arch_dir, torch.float32)
 
 
 @on_cuda
 @pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_padding_free_equals_padded_in_bf16_on_cuda(tiny_qwen2_64_dir, data_file, tmp_path, attention, mode):
+def test_padding_free_equals_padded_in_bf16_on_cuda(tiny_qwen2_arch_64_dir, data_file, tmp_path, attention, mode):
     """bf16, as the launchers train: padding-free rows (attention per sample, or flash-attention's variable-length
     path reading the position_ids) against padded batches with their mask, the same kernel family: equal up to
     bf16 rounding."""
     flags = [*COMMON, "--bf16", "True", "--attn_implementation", attention, "--lora_dropout", "0",
              *(["--use_lora", "--lora_r", "8"] if mode == "lora" else [])]
-    padded = cuda_run(tiny_qwen2_64_dir, data_file, tmp_path / "padded", *flags, "--padding_free", "False")
-    padding_free = cuda_run(tiny_qwen2_64_dir, data_file, tmp_path / "padding-free", *flags)
-    same_steps(padding_free, padded, tiny_qwen2_64_dir, torch.bfloat16)
+    padded = cuda_run(tiny_qwen2_arch_64_dir, data_file, tmp_path / "padded", *flags, "--padding_free", "False")
+    padding_free = cuda_run(tiny_qwen2_arch_64_dir, data_file, tmp_path / "padding-free", *flags)
+    same_steps(padding_free, padded, tiny_qwen2_arch_64_dir, torch.bfloat16)
 
 
 @on_cuda
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="skipped: bitsandbytes not installed")
-def test_qlora_nf4_on_cuda(tiny_qwen2_64_dir, data_file, tmp_path):
+def test_qlora_nf4_on_cuda(tiny_qwen2_arch_64_dir, data_file, tmp_path):
     """Q-LoRA: the base quantized to NF4 on load, on the GPU; only LoRA weights train, and they do."""
-    trainer = cuda_run(tiny_qwen2_64_dir, data_file, tmp_path / "out", "--bf16", "True", "--use_lora", "--q_lora",
+    trainer = cuda_run(tiny_qwen2_arch_64_dir, data_file, tmp_path / "out", "--bf16", "True", "--use_lora", "--q_lora",
                        "--lora_r", "8", "--activation_checkpointing")
     assert any("4bit" in type(m).__name__ for m in trainer.model.modules())
     assert all("lora_" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
-    assert all(torch.isfinite(torch.tensor(losses(trainer)))) and moved(trainer, tiny_qwen2_64_dir)
+    assert all(torch.isfinite(torch.tensor(losses(trainer)))) and moved(trainer, tiny_qwen2_arch_64_dir)
     assert isinstance(trainer.model, peft.PeftModel)
 
 

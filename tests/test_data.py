@@ -8,12 +8,12 @@ import pytest
 import torch
 import transformers
 
-from chatft.chat_format import IGNORE_INDEX, to_conversation, to_turns, tokenize_conversation
-from chatft.data import (
+from chatft.data.chat_format import IGNORE_INDEX, to_conversation, to_turns, tokenize_conversation
+from chatft.data.datasets import (
     ChatCollator, DataError, LazySupervisedDataset, PackedDataset, PaddingFreeCollator, SupervisedDataset,
     first_fit_decreasing, load_samples, make_datasets, split_off_eval, tokenize_training_samples,
 )
-import chatft.data
+import chatft.data.datasets
 from support import (alpaca_to_conversations, assert_close_up_to_rounding, decoder_terms, shared_data, shared_data_path,
                      write_json)
 
@@ -186,62 +186,62 @@ DROPPED_LONG1 = ("Dropped 1 of 3 samples with no assistant token within model_ma
                  "reply: raise --model_max_length to keep them): sample 1 (id='long1')")
 
 
-def test_eager_dataset_drops_untrainable_samples(qwen_tokenizer, caplog):
+def test_eager_dataset_drops_untrainable_samples(qwen3_tokenizer, caplog):
     data = [GOOD, long_sample(1), GOOD]
-    dataset = SupervisedDataset(data, qwen_tokenizer, max_len=64)
+    dataset = SupervisedDataset(data, qwen3_tokenizer, max_len=64)
     assert len(dataset) == 2
     assert "Dropped 1 of 3" in caplog.text and "id='long1'" in caplog.text
     assert [r.getMessage() for r in caplog.records if "Dropped" in r.getMessage()] == [DROPPED_LONG1]
 
 
-def test_lazy_dataset_never_yields_a_sample_without_loss(qwen_tokenizer, caplog):
+def test_lazy_dataset_never_yields_a_sample_without_loss(qwen3_tokenizer, caplog):
     """--lazy_preprocess holds the very samples the eager dataset keeps, dropped with the same message: an epoch is
     the same samples either way (no untrainable sample replaced by its neighbour, which trained that one twice)."""
     data = [GOOD, long_sample(1), {**GOOD, "id": "third"}]
-    dataset = LazySupervisedDataset(data, qwen_tokenizer, max_len=64)
+    dataset = LazySupervisedDataset(data, qwen3_tokenizer, max_len=64)
     assert [r.getMessage() for r in caplog.records if "Dropped" in r.getMessage()] == [DROPPED_LONG1]
     caplog.clear()
-    eager = SupervisedDataset(data, qwen_tokenizer, max_len=64)
+    eager = SupervisedDataset(data, qwen3_tokenizer, max_len=64)
     assert [r.getMessage() for r in caplog.records if "Dropped" in r.getMessage()] == [DROPPED_LONG1]
     assert len(dataset) == len(eager) == 2
     assert [dataset[i] for i in range(2)] == [eager[i] for i in range(2)]
     assert all(any(label != IGNORE_INDEX for label in dataset[i]["labels"]) for i in range(2))
 
 
-def test_lazy_dataset_tokenizes_up_front_only_the_samples_truncation_may_empty(qwen_tokenizer, monkeypatch):
+def test_lazy_dataset_tokenizes_up_front_only_the_samples_truncation_may_empty(qwen3_tokenizer, monkeypatch):
     """Its byte bound on the tokens before the first reply clears the short samples without tokenizing them; the
     long ones are tokenized, once, and kept for their first access."""
     data = many_samples(6) + [long_sample(1)]
-    dataset = LazySupervisedDataset(data, qwen_tokenizer, max_len=512)
+    dataset = LazySupervisedDataset(data, qwen3_tokenizer, max_len=512)
     assert sorted(dataset.cache) == [6]  # "word " * 200 before the reply: 1,000 bytes, more than 512
-    assert len(dataset) == 7 and dataset[6] == SupervisedDataset(data, qwen_tokenizer, 512)[6]
+    assert len(dataset) == 7 and dataset[6] == SupervisedDataset(data, qwen3_tokenizer, 512)[6]
     calls = []
-    real = chatft.data.tokenize_conversation
-    monkeypatch.setattr(chatft.data, "tokenize_conversation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = chatft.data.datasets.tokenize_conversation
+    monkeypatch.setattr(chatft.data.datasets, "tokenize_conversation", lambda *a, **k: calls.append(1) or real(*a, **k))
     dataset[6]
     assert calls == []
 
 
-def test_nothing_trainable_is_an_error(qwen_tokenizer):
+def test_nothing_trainable_is_an_error(qwen3_tokenizer):
     with pytest.raises(DataError, match="raise it"):
-        SupervisedDataset([long_sample(1)], qwen_tokenizer, max_len=64)
+        SupervisedDataset([long_sample(1)], qwen3_tokenizer, max_len=64)
     with pytest.raises(DataError, match="raise it"):
-        LazySupervisedDataset([long_sample(1)], qwen_tokenizer, max_len=64)[0]
+        LazySupervisedDataset([long_sample(1)], qwen3_tokenizer, max_len=64)[0]
 
 
-def test_make_datasets(qwen_tokenizer):
-    expected = tokenize_conversation(to_turns(GOOD["conversations"]), qwen_tokenizer, 128, "s")
+def test_make_datasets(qwen3_tokenizer):
+    expected = tokenize_conversation(to_turns(GOOD["conversations"]), qwen3_tokenizer, 128, "s")
     expected = {"input_ids": expected.input_ids, "labels": expected.labels}
-    assert qwen_tokenizer.decode([t for t, label in zip(expected["input_ids"], expected["labels"])
+    assert qwen3_tokenizer.decode([t for t, label in zip(expected["input_ids"], expected["labels"])
                                   if label != IGNORE_INDEX]) == "Hello<|im_end|>"
-    train, evaluation = make_datasets([GOOD] * 3, None, qwen_tokenizer, 128, lazy=True, system_message="s")
+    train, evaluation = make_datasets([GOOD] * 3, None, qwen3_tokenizer, 128, lazy=True, system_message="s")
     assert isinstance(train, LazySupervisedDataset) and evaluation is None
     assert len(train) == 3 and [train[i] for i in range(3)] == [expected] * 3
-    train, evaluation = make_datasets([GOOD] * 3, [GOOD], qwen_tokenizer, 128, lazy=False, system_message="s")
+    train, evaluation = make_datasets([GOOD] * 3, [GOOD], qwen3_tokenizer, 128, lazy=False, system_message="s")
     assert isinstance(train, SupervisedDataset) and isinstance(evaluation, SupervisedDataset)
     assert [train[i] for i in range(len(train))] == [expected] * 3 and [evaluation[0]] == [expected]
     assert train.num_tokens == 3 * len(expected["input_ids"])
-    train, _ = make_datasets([GOOD] * 3, None, qwen_tokenizer, 128, lazy=False, system_message="s", packing=True)
+    train, _ = make_datasets([GOOD] * 3, None, qwen3_tokenizer, 128, lazy=False, system_message="s", packing=True)
     assert isinstance(train, PackedDataset) and len(train) == 1 and train.num_samples == 3
     assert train[0]["input_ids"] == expected["input_ids"] * 3
 
@@ -266,7 +266,7 @@ SAME_CONVERSATION = {
 
 @pytest.mark.parametrize("data_format", SAME_CONVERSATION)
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
-def test_every_format_gives_the_same_sample(tmp_path, data_format, suffix, qwen_tokenizer):
+def test_every_format_gives_the_same_sample(tmp_path, data_format, suffix, qwen3_tokenizer):
     path = tmp_path / f"data{suffix}"
     records = SAME_CONVERSATION[data_format]
     path.write_text(json.dumps(records) if suffix == ".json" else "\n".join(json.dumps(r) for r in records))
@@ -330,8 +330,8 @@ SAME_TOOL_CONVERSATION["messages (legacy roles)"] = [{  # LLaMA-Factory's tags /
 
 
 @pytest.mark.parametrize("data_format", SAME_TOOL_CONVERSATION)
-def test_tool_calls_give_the_same_tokens_in_every_format(tmp_path, data_format, qwen_tokenizer):
-    from chatft.chat_format import render_chatml, to_conversation
+def test_tool_calls_give_the_same_tokens_in_every_format(tmp_path, data_format, qwen3_tokenizer):
+    from chatft.data.chat_format import render_chatml, to_conversation
 
     path = write_json(tmp_path / "tools.json", SAME_TOOL_CONVERSATION[data_format])
     expected = to_conversation(SAME_TOOL_CONVERSATION["conversations"][0])
@@ -339,10 +339,10 @@ def test_tool_calls_give_the_same_tokens_in_every_format(tmp_path, data_format, 
     assert to_conversation(sample) == expected
     assert [t.role for t in expected.turns] == ["user", "assistant", "tool", "tool", "assistant"]
     assert [c.arguments for c in expected.turns[1].tool_calls] == ['{"city": "Paris"}', '{"city": "Zürich"}']
-    tokens = tokenize_training_samples([sample], qwen_tokenizer, 4096)
-    assert tokens == tokenize_training_samples(read(SAME_TOOL_CONVERSATION["conversations"]), qwen_tokenizer, 4096)
+    tokens = tokenize_training_samples([sample], qwen3_tokenizer, 4096)
+    assert tokens == tokenize_training_samples(read(SAME_TOOL_CONVERSATION["conversations"]), qwen3_tokenizer, 4096)
     text, _ = render_chatml(expected)
-    assert tokens[0].input_ids == qwen_tokenizer(text, add_special_tokens=False).input_ids
+    assert tokens[0].input_ids == qwen3_tokenizer(text, add_special_tokens=False).input_ids
 
 
 def test_several_files_and_directories(tmp_path):
@@ -377,42 +377,42 @@ def many_samples(n):
             for i in range(n)]
 
 
-def test_workers_give_the_same_samples_in_order(qwen_tokenizer, monkeypatch):
-    monkeypatch.setattr(chatft.data, "TOKENIZE_BATCH", 7)  # several batches per worker
+def test_workers_give_the_same_samples_in_order(qwen3_tokenizer, monkeypatch):
+    monkeypatch.setattr(chatft.data.datasets, "TOKENIZE_BATCH", 7)  # several batches per worker
     data = many_samples(40)
-    alone = tokenize_training_samples(data, qwen_tokenizer, 32, "s")
-    assert tokenize_training_samples(data, qwen_tokenizer, 32, "s", num_workers=2) == alone
-    assert alone == [tokenize_conversation(to_turns(d["conversations"]), qwen_tokenizer, 32, "s") for d in data]
+    alone = tokenize_training_samples(data, qwen3_tokenizer, 32, "s")
+    assert tokenize_training_samples(data, qwen3_tokenizer, 32, "s", num_workers=2) == alone
+    assert alone == [tokenize_conversation(to_turns(d["conversations"]), qwen3_tokenizer, 32, "s") for d in data]
 
 
-def test_the_cache_is_reused_only_for_the_same_inputs(qwen_tokenizer, tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="chatft.data")
+def test_the_cache_is_reused_only_for_the_same_inputs(qwen3_tokenizer, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="chatft.data.datasets")
     data = many_samples(30) + [long_sample(1)]
-    first = tokenize_training_samples(data, qwen_tokenizer, 64, "s", cache_dir=tmp_path)
+    first = tokenize_training_samples(data, qwen3_tokenizer, 64, "s", cache_dir=tmp_path)
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].suffix == ".safetensors"  # no scratch file left behind
 
     calls = []
-    real = chatft.data.tokenize_conversations
-    monkeypatch.setattr(chatft.data, "tokenize_conversations", lambda *a, **k: calls.append(1) or real(*a, **k))
-    assert tokenize_training_samples(data, qwen_tokenizer, 64, "s", cache_dir=tmp_path) == first
+    real = chatft.data.datasets.tokenize_conversations
+    monkeypatch.setattr(chatft.data.datasets, "tokenize_conversations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert tokenize_training_samples(data, qwen3_tokenizer, 64, "s", cache_dir=tmp_path) == first
     assert calls == [] and "reusing 31 tokenized samples" in caplog.text
-    dataset = SupervisedDataset(data, qwen_tokenizer, 64, "s", cache_dir=tmp_path)
+    dataset = SupervisedDataset(data, qwen3_tokenizer, 64, "s", cache_dir=tmp_path)
     assert len(dataset) == 30 and calls == []  # the untrainable long sample is still dropped
 
     changed = [{**data[0], "conversations": [data[0]["conversations"][0], {"from": "assistant", "value": "New."}]}]
     for other in [(changed + data[1:], 64, "s"), (data, 65, "s"), (data, 64, "t")]:  # data, length, template
         calls.clear()
-        assert tokenize_training_samples(other[0], qwen_tokenizer, other[1], other[2], cache_dir=tmp_path) == \
-            tokenize_training_samples(other[0], qwen_tokenizer, other[1], other[2])
+        assert tokenize_training_samples(other[0], qwen3_tokenizer, other[1], other[2], cache_dir=tmp_path) == \
+            tokenize_training_samples(other[0], qwen3_tokenizer, other[1], other[2])
         assert calls, other[1:]
     assert len(list(tmp_path.iterdir())) == 4
 
 
-def test_an_unwritable_cache_only_warns(qwen_tokenizer, tmp_path, caplog):
+def test_an_unwritable_cache_only_warns(qwen3_tokenizer, tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    samples = tokenize_training_samples(many_samples(3), qwen_tokenizer, 64, "s", cache_dir=blocker / "cache")
+    samples = tokenize_training_samples(many_samples(3), qwen3_tokenizer, 64, "s", cache_dir=blocker / "cache")
     assert len(samples) == 3 and "Could not cache" in caplog.text
 
 
@@ -440,9 +440,9 @@ PACKING_SAMPLES = [
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_a_packed_sample_gets_the_loss_and_gradients_it_gets_alone(tiny_qwen2_dir, qwen_tokenizer, attn_implementation):
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, attn_implementation=attn_implementation)
-    samples = SupervisedDataset(PACKING_SAMPLES, qwen_tokenizer, 512)
+def test_a_packed_sample_gets_the_loss_and_gradients_it_gets_alone(tiny_qwen2_arch_dir, qwen3_tokenizer, attn_implementation):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_dir, attn_implementation=attn_implementation)
+    samples = SupervisedDataset(PACKING_SAMPLES, qwen3_tokenizer, 512)
     packed = PackedDataset(samples, 512)
     assert len(packed) == 1 and packed.rows[0]["position_ids"].count(0) == 3
 
@@ -458,7 +458,7 @@ def test_a_packed_sample_gets_the_loss_and_gradients_it_gets_alone(tiny_qwen2_di
 
     alone_losses, alone_grads = [], None
     for i in range(len(samples)):
-        loss, grads = summed_loss_and_grads(ChatCollator(qwen_tokenizer.pad_token_id, 1)([samples[i]]))
+        loss, grads = summed_loss_and_grads(ChatCollator(qwen3_tokenizer.pad_token_id, 1)([samples[i]]))
         alone_losses.append(loss[0, : len(samples[i]["input_ids"]) - 1])
         alone_grads = grads if alone_grads is None else {n: alone_grads[n] + g for n, g in grads.items()}
     packed_losses, packed_grads = summed_loss_and_grads(PaddingFreeCollator()([packed[0]]))
@@ -488,10 +488,10 @@ def test_padding_free_collator_makes_one_row_of_samples_or_packed_rows():
     assert packed["labels"].tolist() == [[-100, 2, -100, 4, -100, 6]]
 
 
-def test_a_padding_free_batch_holds_the_samples_of_the_padded_batch(qwen_tokenizer):
-    samples = SupervisedDataset(PACKING_SAMPLES, qwen_tokenizer, 512)
+def test_a_padding_free_batch_holds_the_samples_of_the_padded_batch(qwen3_tokenizer):
+    samples = SupervisedDataset(PACKING_SAMPLES, qwen3_tokenizer, 512)
     features = [samples[i] for i in range(len(samples))]
-    padded, flat = ChatCollator(qwen_tokenizer.pad_token_id)(features), PaddingFreeCollator()(features)
+    padded, flat = ChatCollator(qwen3_tokenizer.pad_token_id)(features), PaddingFreeCollator()(features)
     real = padded["attention_mask"].bool()
     assert torch.equal(flat["input_ids"][0], padded["input_ids"][real])
     # the same labelled positions after the shift: the loss sums and normalises over the same tokens
@@ -499,7 +499,7 @@ def test_a_padding_free_batch_holds_the_samples_of_the_padded_batch(qwen_tokeniz
 
 
 def test_openai_legacy_function_call_message(tmp_path):
-    from chatft.chat_format import ToolCall, to_conversation
+    from chatft.data.chat_format import ToolCall, to_conversation
 
     path = write_json(tmp_path / "legacy.json", [{"messages": [
         {"role": "user", "content": "x"},
@@ -520,7 +520,7 @@ def test_mixed_formats_in_one_file(tmp_path):
         load_samples(str(mixed))
 
 
-def test_glaive_as_openai_messages_gives_the_same_tokens(tmp_path, qwen_tokenizer):
+def test_glaive_as_openai_messages_gives_the_same_tokens(tmp_path, qwen3_tokenizer):
     """The public ShareGPT tool-call file, rewritten as OpenAI messages (tool_calls with JSON-text arguments, tool
     messages, wrapped tools) in JSONL: every sample tokenizes and labels exactly as the original."""
     as_messages = []
@@ -539,8 +539,8 @@ def test_glaive_as_openai_messages_gives_the_same_tokens(tmp_path, qwen_tokenize
     path = tmp_path / "glaive_messages.jsonl"
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in as_messages), encoding="utf-8")
     original = tokenize_training_samples(load_samples(str(shared_data_path("glaive_toolcall_en_demo.json"))),
-                                         qwen_tokenizer, 4096)
-    converted = tokenize_training_samples(load_samples(str(path)), qwen_tokenizer, 4096)
+                                         qwen3_tokenizer, 4096)
+    converted = tokenize_training_samples(load_samples(str(path)), qwen3_tokenizer, 4096)
     assert len(converted) == 300 and converted == original
 
 
@@ -574,13 +574,13 @@ SAME_TRACE = {
 
 
 @pytest.mark.parametrize("source", SAME_TRACE)
-def test_a_reasoning_trace_is_read_and_trained(tmp_path, source, qwen_tokenizer):
+def test_a_reasoning_trace_is_read_and_trained(tmp_path, source, qwen3_tokenizer):
     """The issue's record: the trace is kept (not silently dropped) and trained with the answer."""
     [sample] = load_samples(str(write_json(tmp_path / "r.json", [SAME_TRACE[source]])))
-    [tokenized] = SupervisedDataset([sample], qwen_tokenizer, 512, "s").samples
-    trained = qwen_tokenizer.decode([t for t, label in zip(tokenized.input_ids, tokenized.labels) if label != IGNORE_INDEX])
+    [tokenized] = SupervisedDataset([sample], qwen3_tokenizer, 512, "s").samples
+    trained = qwen3_tokenizer.decode([t for t, label in zip(tokenized.input_ids, tokenized.labels) if label != IGNORE_INDEX])
     assert trained == f"<think>\n{TRACE}\n</think>\n\n4<|im_end|>"
-    assert qwen_tokenizer.decode(tokenized.input_ids).endswith(f"<|im_start|>assistant\n<think>\n{TRACE}\n</think>\n\n4<|im_end|>\n")
+    assert qwen3_tokenizer.decode(tokenized.input_ids).endswith(f"<|im_start|>assistant\n<think>\n{TRACE}\n</think>\n\n4<|im_end|>\n")
 
 
 def test_a_reasoning_trace_of_the_wrong_kind_is_refused(tmp_path):

@@ -119,19 +119,19 @@ def torchrun_2_with_a_slow_final_write(tmp_path, *args, delay=2.0):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_two_processes_equal_one_process_with_the_whole_batch(engine, tiny_qwen2_dir, data_file, tmp_path):
+def test_two_processes_equal_one_process_with_the_whole_batch(engine, tiny_qwen2_arch_dir, data_file, tmp_path):
     """2 processes x batch 2 and 1 process x batch 4: same loss curve and final weights."""
     one, two = tmp_path / "one", tmp_path / "two"
-    torchrun(1, "finetune.py", *common_flags(tiny_qwen2_dir, data_file, one, "--per_device_train_batch_size", "4", *ENGINES[engine]))
-    torchrun_2_with_a_slow_final_write(tmp_path, *common_flags(tiny_qwen2_dir, data_file, two, "--per_device_train_batch_size",
+    torchrun(1, "finetune.py", *common_flags(tiny_qwen2_arch_dir, data_file, one, "--per_device_train_batch_size", "4", *ENGINES[engine]))
+    torchrun_2_with_a_slow_final_write(tmp_path, *common_flags(tiny_qwen2_arch_dir, data_file, two, "--per_device_train_batch_size",
                                                                 "2", *ENGINES[engine]))
     curve_one, curve_two = losses(one), losses(two)
     assert len(curve_one) == 3
-    terms = decoder_terms(transformers.AutoConfig.from_pretrained(tiny_qwen2_dir), loss=True)  # the same sums, split
+    terms = decoder_terms(transformers.AutoConfig.from_pretrained(tiny_qwen2_arch_dir), loss=True)  # the same sums, split
     for (loss_one, lr_one), (loss_two, lr_two) in zip(curve_one, curve_two):
         assert_close_up_to_rounding(loss_two, loss_one, terms=terms)
         assert lr_one == pytest.approx(lr_two)
-    base = weights(tiny_qwen2_dir)
+    base = weights(tiny_qwen2_arch_dir)
     final_one, final_two = weights(one), weights(two)
     assert final_one.keys() == final_two.keys()
     for name in final_one:
@@ -141,28 +141,28 @@ def test_two_processes_equal_one_process_with_the_whole_batch(engine, tiny_qwen2
     assert any(not torch.equal(final_one[name], base[name]) for name in final_one)
 
 
-def test_padding_free_equals_padded_with_two_processes_and_accumulation(tiny_qwen2_dir, data_file, tmp_path):
+def test_padding_free_equals_padded_with_two_processes_and_accumulation(tiny_qwen2_arch_dir, data_file, tmp_path):
     """2 processes x batch 2 x accumulation 2 under DDP: the default padding-free batches take the padded run's steps
     (same loss curve, same final weights)."""
     padded, padding_free = tmp_path / "padded", tmp_path / "padding-free"
     flags = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
-    torchrun(2, "finetune.py", *common_flags(tiny_qwen2_dir, data_file, padded, *flags, "--padding_free", "False"))
-    torchrun(2, "finetune.py", *common_flags(tiny_qwen2_dir, data_file, padding_free, *flags))
+    torchrun(2, "finetune.py", *common_flags(tiny_qwen2_arch_dir, data_file, padded, *flags, "--padding_free", "False"))
+    torchrun(2, "finetune.py", *common_flags(tiny_qwen2_arch_dir, data_file, padding_free, *flags))
     assert len(losses(padded)) == len(losses(padding_free)) == 3
-    terms = decoder_terms(transformers.AutoConfig.from_pretrained(tiny_qwen2_dir), loss=True)
+    terms = decoder_terms(transformers.AutoConfig.from_pretrained(tiny_qwen2_arch_dir), loss=True)
     for (loss, lr), (padded_loss, padded_lr) in zip(losses(padding_free), losses(padded)):
         assert_close_up_to_rounding(loss, padded_loss, terms=terms)
         assert lr == pytest.approx(padded_lr)
     final, expected = weights(padding_free), weights(padded)
     for name in expected:
         assert_close_up_to_rounding(final[name], expected[name], terms=terms, magnitude=expected[name].abs().max() + 3e-3)
-    base = weights(tiny_qwen2_dir)
+    base = weights(tiny_qwen2_arch_dir)
     assert any(not torch.equal(expected[name], base[name]) for name in expected)
 
 
-def test_first_rank_tokenizes_and_the_other_reads_its_cache(tiny_qwen2_dir, data_file, tmp_path):
+def test_first_rank_tokenizes_and_the_other_reads_its_cache(tiny_qwen2_arch_dir, data_file, tmp_path):
     cache = tmp_path / "cache"
-    result = torchrun(2, "finetune.py", *common_flags(tiny_qwen2_dir, data_file, tmp_path / "out", "--max_steps", "1",
+    result = torchrun(2, "finetune.py", *common_flags(tiny_qwen2_arch_dir, data_file, tmp_path / "out", "--max_steps", "1",
                                                       "--per_device_train_batch_size", "1",
                                                       "--preprocessing_cache_dir", str(cache)))
     assert len(list(cache.iterdir())) == 1
@@ -170,21 +170,21 @@ def test_first_rank_tokenizes_and_the_other_reads_its_cache(tiny_qwen2_dir, data
     assert log.count("reusing 16 tokenized samples") == 1, log[-3000:]  # rank 1 only
 
 
-def test_learning_rate_follows_the_scheduler_flag(tiny_qwen2_dir, data_file, tmp_path):
+def test_learning_rate_follows_the_scheduler_flag(tiny_qwen2_arch_dir, data_file, tmp_path):
     """The DeepSpeed configs carry no scheduler block, so --lr_scheduler_type is what runs (Qwen's WarmupLR
     block silently replaced it): cosine decay from the first step, no warmup ramp."""
     output = tmp_path / "cosine"
-    torchrun(2, "finetune.py", *common_flags(tiny_qwen2_dir, data_file, output, "--per_device_train_batch_size", "1",
+    torchrun(2, "finetune.py", *common_flags(tiny_qwen2_arch_dir, data_file, output, "--per_device_train_batch_size", "1",
                                              "--max_steps", "4", "--lr_scheduler_type", "cosine", *ENGINES["zero2"]))
     rates = [lr for _, lr in losses(output)]
     expected = [1e-3 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * k / 4))).item() for k in range(1, 5)]
     assert rates == pytest.approx(expected, abs=1e-9), rates
 
 
-def test_zero3_save_reload_round_trip(tiny_qwen2_dir, data_file, tmp_path):
+def test_zero3_save_reload_round_trip(tiny_qwen2_arch_dir, data_file, tmp_path):
     gathered = tmp_path / "gathered.safetensors"
     torchrun(2, "tests/helpers/zero3_roundtrip.py", str(gathered),
-             *common_flags(tiny_qwen2_dir, data_file, tmp_path / "out", "--per_device_train_batch_size", "2", *ENGINES["zero3"]))
+             *common_flags(tiny_qwen2_arch_dir, data_file, tmp_path / "out", "--per_device_train_batch_size", "2", *ENGINES["zero3"]))
     at_end = safetensors.torch.load_file(gathered)
     reloaded = dict(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").named_parameters())
     assert at_end.keys() == reloaded.keys()
@@ -193,9 +193,9 @@ def test_zero3_save_reload_round_trip(tiny_qwen2_dir, data_file, tmp_path):
         torch.testing.assert_close(reloaded[name].detach(), tensor)
 
 
-def test_zero3_refuses_trainable_embeddings_under_lora(tiny_qwen2_dir, data_file, tmp_path):
+def test_zero3_refuses_trainable_embeddings_under_lora(tiny_qwen2_arch_dir, data_file, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
-               "finetune.py", *common_flags(tiny_qwen2_dir, data_file, tmp_path / "out", "--use_lora", "--train_embeddings",
+               "finetune.py", *common_flags(tiny_qwen2_arch_dir, data_file, tmp_path / "out", "--use_lora", "--train_embeddings",
                                             "true", *ENGINES["zero3"])]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "use --deepspeed ds_config_zero2.json" in result.stderr
@@ -211,8 +211,8 @@ SHORT_RUN = ["--", "--max_steps", "2", "--per_device_train_batch_size", "2", "--
              "--save_strategy", "no", "--model_max_length", "64"]
 
 
-def test_lora_zero2_launcher(tiny_qwen2_dir, data_file, tmp_path):
-    result = launcher("finetune_lora_ds.sh", "-m", str(tiny_qwen2_dir), "-d", data_file, "-o", str(tmp_path / "out"),
+def test_lora_zero2_launcher(tiny_qwen2_arch_dir, data_file, tmp_path):
+    result = launcher("finetune_lora_ds.sh", "-m", str(tiny_qwen2_arch_dir), "-d", data_file, "-o", str(tmp_path / "out"),
                       *SHORT_RUN, "--lora_r", "4")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "ds_config_zero2.json" in result.stderr and "--nproc_per_node 2" in result.stderr
@@ -221,23 +221,23 @@ def test_lora_zero2_launcher(tiny_qwen2_dir, data_file, tmp_path):
     assert state and any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # trained, not the zero init
 
 
-def test_full_zero3_launcher(tiny_qwen2_dir, data_file, tmp_path):
-    result = launcher("finetune_ds.sh", "-m", str(tiny_qwen2_dir), "-d", data_file, "-o", str(tmp_path / "out"), *SHORT_RUN)
+def test_full_zero3_launcher(tiny_qwen2_arch_dir, data_file, tmp_path):
+    result = launcher("finetune_ds.sh", "-m", str(tiny_qwen2_arch_dir), "-d", data_file, "-o", str(tmp_path / "out"), *SHORT_RUN)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "ds_config_zero3.json" in result.stderr
     # no library line: DeepSpeed's op build, torchrun's notices, ZeRO-3's deprecation warnings (issue 13)
     assert library_noise(result.stdout) == [] and library_noise(result.stderr) == []
-    trained, base = weights(tmp_path / "out"), weights(tiny_qwen2_dir)
+    trained, base = weights(tmp_path / "out"), weights(tiny_qwen2_arch_dir)
     assert trained.keys() == base.keys()
     assert any(not torch.equal(trained[n].float(), base[n].float()) for n in base)
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
-def test_two_nodes_on_one_machine(tiny_qwen2_dir, data_file, tmp_path):
+def test_two_nodes_on_one_machine(tiny_qwen2_arch_dir, data_file, tmp_path):
     """Two torchrun agents, --nnodes 2, one process each, rendezvous on 127.0.0.1: one run, one output."""
     port = str(free_port())
     env = {**os.environ, "NNODES": "2", "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-    args = ["bash", "finetune/finetune_lora_ds.sh", "-m", str(tiny_qwen2_dir), "-d", data_file, "-o", str(tmp_path / "out"),
+    args = ["bash", "finetune/finetune_lora_ds.sh", "-m", str(tiny_qwen2_arch_dir), "-d", data_file, "-o", str(tmp_path / "out"),
             *SHORT_RUN, "--lora_r", "4"]
     nodes = [subprocess.Popen(args, cwd=ROOT, env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
@@ -264,8 +264,8 @@ def test_bad_launcher_input(name, args, env, message):
 
 
 @pytest.mark.parametrize("engine", ["zero3", "fsdp"])
-def test_lora_adapter_is_gathered_not_saved_as_empty_shards(engine, tiny_qwen2_dir, data_file, tmp_path):
-    torchrun(2, "finetune.py", *common_flags(tiny_qwen2_dir, data_file, tmp_path / "out", "--per_device_train_batch_size", "2",
+def test_lora_adapter_is_gathered_not_saved_as_empty_shards(engine, tiny_qwen2_arch_dir, data_file, tmp_path):
+    torchrun(2, "finetune.py", *common_flags(tiny_qwen2_arch_dir, data_file, tmp_path / "out", "--per_device_train_batch_size", "2",
                                              "--use_lora", "--lora_r", "4", *ENGINES[engine]))
     saved = safetensors.torch.load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert saved and all(tensor.numel() > 0 for tensor in saved.values())
@@ -274,9 +274,9 @@ def test_lora_adapter_is_gathered_not_saved_as_empty_shards(engine, tiny_qwen2_d
     peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
-def test_nf4_qlora_zero2_launcher(tiny_qwen2_64_dir, tmp_path, data_file):
+def test_nf4_qlora_zero2_launcher(tiny_qwen2_arch_64_dir, tmp_path, data_file):
     """2 processes, each with its own 4-bit copy of the base (device map per rank), ZeRO-2 over the adapters."""
-    result = launcher("finetune_qlora_ds.sh", "-m", str(tiny_qwen2_64_dir), "-d", data_file, "-o", str(tmp_path / "out"),
+    result = launcher("finetune_qlora_ds.sh", "-m", str(tiny_qwen2_arch_64_dir), "-d", data_file, "-o", str(tmp_path / "out"),
                       *SHORT_RUN, "--lora_r", "4")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "--q_lora" in result.stderr and "ds_config_zero2.json" in result.stderr
@@ -286,7 +286,7 @@ def test_nf4_qlora_zero2_launcher(tiny_qwen2_64_dir, tmp_path, data_file):
     assert any(t.abs().sum() > 0 for name, t in saved.items() if "lora_B" in name)
 
 
-def test_sigterm_to_one_process_stops_all_at_one_checkpoint_and_resumes(tiny_qwen2_dir, data_file, tmp_path):
+def test_sigterm_to_one_process_stops_all_at_one_checkpoint_and_resumes(tiny_qwen2_arch_dir, data_file, tmp_path):
     """A pre-emption signal reaching one rank only: the stop flag is combined across ranks each step, so every
     rank stops after the same step and the checkpoint is whole; a 2-process resume from it then finishes."""
     import signal
@@ -295,7 +295,7 @@ def test_sigterm_to_one_process_stops_all_at_one_checkpoint_and_resumes(tiny_qwe
     import psutil
 
     output = tmp_path / "out"
-    flags = common_flags(tiny_qwen2_dir, data_file, output, "--per_device_train_batch_size", "1", "--use_lora", "True",
+    flags = common_flags(tiny_qwen2_arch_dir, data_file, output, "--per_device_train_batch_size", "1", "--use_lora", "True",
                          "--lora_r", "4")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), "finetune.py", *flags, "--max_steps", "100000"]

@@ -13,20 +13,20 @@ import torch
 import transformers
 
 import finetune
-from chatft.report import plot_losses
+from chatft.train.report import plot_losses
 from chatft.args import ArgumentError, parse_args
-from chatft.chat_format import IM_END, IM_START
-from chatft.data import ChatCollator, PaddingFreeCollator, load_samples
+from chatft.data.chat_format import IM_END, IM_START
+from chatft.data.datasets import ChatCollator, PaddingFreeCollator, load_samples
 from chatft.errors import DataError
 from support import ROOT, make_non_chatml_model, probe_logits, run, shared_data_path, unloadable_copy, write_json
 from support import assert_close_up_to_rounding, decoder_terms, rounding_atol
 
 
 @pytest.fixture(scope="module")
-def a_model(tiny_qwen2_dir, tmp_path_factory) -> str:
+def a_model(tiny_qwen2_arch_dir, tmp_path_factory) -> str:
     """A model directory for tests where neither the model nor its tokenizer is loaded (they fail or stop earlier):
     it passes the checks made before loading, but loading its weights or tokenizer would fail."""
-    return str(unloadable_copy(tiny_qwen2_dir, tmp_path_factory.mktemp("a-model")))
+    return str(unloadable_copy(tiny_qwen2_arch_dir, tmp_path_factory.mktemp("a-model")))
 
 def assert_common_outputs(output_dir):
     files = set(os.listdir(output_dir))
@@ -38,9 +38,9 @@ def assert_common_outputs(output_dir):
     return tokenizer
 
 
-def test_full_parameter(tiny_qwen_dir, data_file, tmp_path):
-    before = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)
-    trainer = run(tiny_qwen_dir, data_file, tmp_path / "out")
+def test_full_parameter(tiny_qwen_arch_dir, data_file, tmp_path):
+    before = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_arch_dir)
+    trainer = run(tiny_qwen_arch_dir, data_file, tmp_path / "out")
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     tokenizer = assert_common_outputs(tmp_path / "out")
@@ -51,31 +51,31 @@ def test_full_parameter(tiny_qwen_dir, data_file, tmp_path):
     assert (probe_logits(reloaded, tokenizer) - old).abs().max() > rounding_atol(old, terms=decoder_terms(before.config))
     assert reloaded.config.use_cache is True
     arguments = json.load(open(tmp_path / "out" / "finetune_args.json"))
-    assert arguments["training"]["max_steps"] == 3 and arguments["model"]["model_name_or_path"] == str(tiny_qwen_dir)
+    assert arguments["training"]["max_steps"] == 3 and arguments["model"]["model_name_or_path"] == str(tiny_qwen_arch_dir)
 
 
-def test_lora(tiny_qwen_dir, data_file, tmp_path):
-    trainer = run(tiny_qwen_dir, data_file, tmp_path / "out", "--use_lora", "--lora_r", "8", "--activation_checkpointing")
+def test_lora(tiny_qwen_arch_dir, data_file, tmp_path):
+    trainer = run(tiny_qwen_arch_dir, data_file, tmp_path / "out", "--use_lora", "--lora_r", "8", "--activation_checkpointing")
     tokenizer = assert_common_outputs(tmp_path / "out")
     files = set(os.listdir(tmp_path / "out"))
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
     config = json.load(open(tmp_path / "out" / "adapter_config.json"))
-    assert config["base_model_name_or_path"] == str(tiny_qwen_dir)
+    assert config["base_model_name_or_path"] == str(tiny_qwen_arch_dir)
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert not config["modules_to_save"]
     reloaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(probe_logits(reloaded, tokenizer), probe_logits(trainer.model, tokenizer))
-    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_arch_dir)
     old = probe_logits(base, tokenizer)
     assert (probe_logits(reloaded, tokenizer) - old).abs().max() > rounding_atol(old, terms=decoder_terms(base.config))
 
 
-def test_lora_target_modules_and_continuation(tiny_qwen_dir, data_file, tmp_path):
-    run(tiny_qwen_dir, data_file, tmp_path / "first", "--use_lora", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj")
+def test_lora_target_modules_and_continuation(tiny_qwen_arch_dir, data_file, tmp_path):
+    run(tiny_qwen_arch_dir, data_file, tmp_path / "first", "--use_lora", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj")
     first = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "first")
     assert set(first.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
     # learning rate 0: the continued run must save exactly the adapter it started from
-    run(tiny_qwen_dir, data_file, tmp_path / "second", "--use_lora", "--lora_weight_path", str(tmp_path / "first"),
+    run(tiny_qwen_arch_dir, data_file, tmp_path / "second", "--use_lora", "--lora_weight_path", str(tmp_path / "first"),
         "--learning_rate", "0", "--max_steps", "1")
     second = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "second")
     first_state, second_state = peft.get_peft_model_state_dict(first), peft.get_peft_model_state_dict(second)
@@ -118,8 +118,8 @@ def test_added_tokens_full_parameter(tmp_path, data_file):
     torch.testing.assert_close(probe_logits(reloaded, tokenizer), probe_logits(trainer.model, tokenizer))
 
 
-def test_train_embeddings_true_without_added_tokens(tiny_qwen_dir, data_file, tmp_path):
-    run(tiny_qwen_dir, data_file, tmp_path / "out", "--use_lora", "--lora_r", "4", "--train_embeddings", "true")
+def test_train_embeddings_true_without_added_tokens(tiny_qwen_arch_dir, data_file, tmp_path):
+    run(tiny_qwen_arch_dir, data_file, tmp_path / "out", "--use_lora", "--lora_r", "4", "--train_embeddings", "true")
     assert set(json.load(open(tmp_path / "out" / "adapter_config.json"))["modules_to_save"]) == {"embed_tokens", "lm_head"}
 
 
@@ -181,44 +181,44 @@ def final_weights_and_losses_agree(trainer, reference, base_dir):
     assert_close_up_to_rounding(losses[0], losses[1], terms=terms)
 
 
-def test_padding_free_batches_train_as_the_padded_run(tiny_qwen_dir, data_file, tmp_path):
+def test_padding_free_batches_train_as_the_padded_run(tiny_qwen_arch_dir, data_file, tmp_path):
     """The default (one row per batch, no padding) takes the padded run's steps, over its samples, to its weights:
     2 epochs of 8 samples at batch 2 x accumulation 2 = 4 Adam steps, with dropout off and the same seed."""
     common = ["--max_steps", "-1", "--num_train_epochs", "2", "--per_device_train_batch_size", "2",
               "--gradient_accumulation_steps", "2", "--seed", "5"]
-    padded = run(tiny_qwen_dir, data_file, tmp_path / "padded", *common, "--padding_free", "False")
-    padding_free = run(tiny_qwen_dir, data_file, tmp_path / "padding-free", *common)  # the default
+    padded = run(tiny_qwen_arch_dir, data_file, tmp_path / "padded", *common, "--padding_free", "False")
+    padding_free = run(tiny_qwen_arch_dir, data_file, tmp_path / "padding-free", *common)  # the default
     assert isinstance(padded.data_collator, ChatCollator) and isinstance(padding_free.data_collator, PaddingFreeCollator)
     assert len(padding_free.train_dataset) == 8 and padding_free.state.global_step == padded.state.global_step == 4
-    final_weights_and_losses_agree(padding_free, padded, tiny_qwen_dir)
+    final_weights_and_losses_agree(padding_free, padded, tiny_qwen_arch_dir)
 
 
-def test_steps_per_epoch_follow_the_flags(tiny_qwen_dir, data_file, tmp_path, caplog):
+def test_steps_per_epoch_follow_the_flags(tiny_qwen_arch_dir, data_file, tmp_path, caplog):
     """ceil(samples / (batch x accumulation)) optimizer steps per epoch by default; --packing says what it changes."""
     common = ["--max_steps", "-1", "--num_train_epochs", "1", "--per_device_train_batch_size", "1",
               "--gradient_accumulation_steps", "3", "--model_max_length", "256"]
     caplog.set_level(logging.INFO, logger="finetune")
-    assert run(tiny_qwen_dir, data_file, tmp_path / "default", *common).state.global_step == 3  # 8 samples
+    assert run(tiny_qwen_arch_dir, data_file, tmp_path / "default", *common).state.global_step == 3  # 8 samples
     assert "packing:" not in caplog.text
-    packed = run(tiny_qwen_dir, data_file, tmp_path / "packed", *common, "--packing", "True")
+    packed = run(tiny_qwen_arch_dir, data_file, tmp_path / "packed", *common, "--packing", "True")
     assert len(packed.train_dataset) == 1 and packed.state.global_step == 1  # 8 short samples fill one row
     assert ("packing: 8 samples in 1 row of 256 tokens" in caplog.text
             and "an optimizer step sees ~8 samples (1 row x 3 accumulation), not 3" in caplog.text)
 
 
-def test_packing_takes_the_same_step_as_padding(tiny_qwen_dir, data_file, tmp_path):
+def test_packing_takes_the_same_step_as_padding(tiny_qwen_arch_dir, data_file, tmp_path):
     """One optimizer step over all 8 samples: packed rows and padded batches give the same weights."""
     common = ["--per_device_train_batch_size", "8", "--max_steps", "1", "--optim", "sgd", "--learning_rate", "1.0",
               "--lr_scheduler_type", "constant"]
-    padded = run(tiny_qwen_dir, data_file, tmp_path / "padded", *common, "--padding_free", "False")
-    packed = run(tiny_qwen_dir, data_file, tmp_path / "packed", *common, "--packing", "True")
+    padded = run(tiny_qwen_arch_dir, data_file, tmp_path / "padded", *common, "--padding_free", "False")
+    packed = run(tiny_qwen_arch_dir, data_file, tmp_path / "packed", *common, "--packing", "True")
     assert len(packed.train_dataset) < len(padded.train_dataset) == 8  # fewer, fuller rows
     assert packed.train_dataset.num_samples == 8
-    final_weights_and_losses_agree(packed, padded, tiny_qwen_dir)
+    final_weights_and_losses_agree(packed, padded, tiny_qwen_arch_dir)
 
 
-def test_packing_with_lazy_preprocess_is_refused(tiny_qwen_dir, data_file, tmp_path, capsys):
-    code = finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path", data_file, "--output_dir",
+def test_packing_with_lazy_preprocess_is_refused(tiny_qwen_arch_dir, data_file, tmp_path, capsys):
+    code = finetune.main(["--model_name_or_path", str(tiny_qwen_arch_dir), "--data_path", data_file, "--output_dir",
                           str(tmp_path / "o"), "--packing", "True", "--lazy_preprocess", "True", "--use_cpu", "True"])
     assert code == 2 and "--packing needs every sample's length up front" in capsys.readouterr().err
 
@@ -231,8 +231,8 @@ def test_the_defaults_keep_the_meaning_of_the_batch_flags(a_model):
                     "--padding_free", "False"])
 
 
-def test_eval_fraction_held_out_of_the_training_data(tiny_qwen_dir, data_file, tmp_path):
-    trainer = run(tiny_qwen_dir, data_file, tmp_path / "out", "--eval_data_path", "0.25", "--eval_strategy", "steps",
+def test_eval_fraction_held_out_of_the_training_data(tiny_qwen_arch_dir, data_file, tmp_path):
+    trainer = run(tiny_qwen_arch_dir, data_file, tmp_path / "out", "--eval_data_path", "0.25", "--eval_strategy", "steps",
                   "--eval_steps", "1")
     assert len(trainer.train_dataset) == 6 and len(trainer.eval_dataset) == 2  # 8 samples
     assert any("eval_loss" in entry for entry in trainer.state.log_history)
@@ -244,9 +244,9 @@ def test_bad_eval_fraction_is_refused(value):
         parse_args(["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o", "--eval_data_path", value])
 
 
-def test_loss_curve_and_summary(tiny_qwen_dir, data_file, tmp_path, capsys):
+def test_loss_curve_and_summary(tiny_qwen_arch_dir, data_file, tmp_path, capsys):
     output = tmp_path / "out"
-    trainer = run(tiny_qwen_dir, data_file, output, "--eval_data_path", "0.25", "--eval_strategy", "steps",
+    trainer = run(tiny_qwen_arch_dir, data_file, output, "--eval_data_path", "0.25", "--eval_strategy", "steps",
                   "--eval_steps", "2", "--max_steps", "4")
     png = (output / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -256,8 +256,8 @@ def test_loss_curve_and_summary(tiny_qwen_dir, data_file, tmp_path, capsys):
     assert "train loss" in summary and "eval loss" in summary and str(output / "loss.png") in summary
 
 
-def test_dry_run_reports_and_loads_no_model(tiny_qwen_dir, tmp_path, capsys):
-    model = unloadable_copy(tiny_qwen_dir, tmp_path, keep_tokenizer=True)  # loading its weights would fail
+def test_dry_run_reports_and_loads_no_model(tiny_qwen_arch_dir, tmp_path, capsys):
+    model = unloadable_copy(tiny_qwen_arch_dir, tmp_path, keep_tokenizer=True)  # loading its weights would fail
     output = tmp_path / "out"
     code = finetune.main(["--model_name_or_path", str(model), "--data_path",
                           str(shared_data_path("alpaca_en_demo.json")), "--output_dir", str(output), "--dry_run", "True",
@@ -272,8 +272,8 @@ def test_dry_run_reports_and_loads_no_model(tiny_qwen_dir, tmp_path, capsys):
     assert "<|im_start|>assistant\n[[" in report and "<|im_end|>]]" in report
 
 
-def test_dry_run_on_tool_calls(tiny_qwen_dir, tmp_path, capsys):
-    code = finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path",
+def test_dry_run_on_tool_calls(tiny_qwen_arch_dir, tmp_path, capsys):
+    code = finetune.main(["--model_name_or_path", str(tiny_qwen_arch_dir), "--data_path",
                           str(shared_data_path("glaive_toolcall_en_demo.json")), "--output_dir", str(tmp_path / "o"),
                           "--dry_run", "True", "--model_max_length", "2048", "--use_cpu", "True"])
     report = capsys.readouterr().out
@@ -283,20 +283,20 @@ def test_dry_run_on_tool_calls(tiny_qwen_dir, tmp_path, capsys):
     assert "<|im_start|>user\n<tool_response>\n{" in report and "[[<tool_response>" not in report
 
 
-def test_dry_run_lists_every_problem(tiny_qwen_dir, tmp_path, capsys):
+def test_dry_run_lists_every_problem(tiny_qwen_arch_dir, tmp_path, capsys):
     bad = write_json(tmp_path / "bad.json", [{"id": "a", "messages": [{"role": "user", "content": 1}]},
                                                {"id": "b", "messages": [{"role": "bot", "content": "x"}]}])
-    code = finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path", str(bad), "--output_dir",
+    code = finetune.main(["--model_name_or_path", str(tiny_qwen_arch_dir), "--data_path", str(bad), "--output_dir",
                           str(tmp_path / "o"), "--dry_run", "True", "--use_cpu", "True"])
     error = capsys.readouterr().err
     assert code == 2 and "2 problem(s)" in error and "(id='a'): messages[0]" in error and "(id='b'): messages[0]" in error
 
 
-def test_report_to_tensorboard_writes_the_loss_curve(tiny_qwen_dir, data_file, tmp_path):
+def test_report_to_tensorboard_writes_the_loss_curve(tiny_qwen_arch_dir, data_file, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     output = tmp_path / "out"
-    trainer = run(tiny_qwen_dir, data_file, output, "--report_to", "tensorboard", "--max_steps", "4")
+    trainer = run(tiny_qwen_arch_dir, data_file, output, "--report_to", "tensorboard", "--max_steps", "4")
     [run_dir] = (output / "runs").iterdir()
     events = EventAccumulator(str(run_dir))
     events.Reload()
@@ -319,7 +319,7 @@ def test_report_to_a_missing_package_is_refused_before_loading():
 def test_summary_speed_counts_only_what_this_run_trained():
     from types import SimpleNamespace
 
-    from chatft.report import run_summary
+    from chatft.train.report import run_summary
 
     state = SimpleNamespace(log_history=[{"loss": 2.0, "step": 30}, {"train_runtime": 10.0}], epoch=3.0, global_step=30)
     trainer = SimpleNamespace(state=state, args=SimpleNamespace(output_dir="out"),
@@ -338,36 +338,36 @@ REASONING_DATA = [
 ]
 
 
-def test_a_thinking_model_trains_reasoning_in_its_own_format(tiny_qwen_dir, tmp_path, capsys):
+def test_a_thinking_model_trains_reasoning_in_its_own_format(tiny_qwen_arch_dir, tmp_path, capsys):
     """The tiny models carry the real Qwen3 tokenizer, whose template thinks: chat_format auto picks qwen3, the
     trace is trained (dry run and labels), the 2-query conversation is split in two, and the saved template is the
     model's own, so the fine-tuned model is served as trained."""
     data = str(write_json(tmp_path / "r.json", REASONING_DATA))
-    common = ["--model_name_or_path", str(tiny_qwen_dir), "--data_path", data, "--use_cpu", "True"]
+    common = ["--model_name_or_path", str(tiny_qwen_arch_dir), "--data_path", data, "--use_cpu", "True"]
     assert finetune.main([*common, "--output_dir", str(tmp_path / "dry"), "--dry_run", "True"]) == 0
     report = capsys.readouterr().out
     assert "format: qwen3" in report and "2 sample(s) with reasoning traces" in report
     assert "split 1 conversation(s) with reasoning in earlier turns into one sample per user query: 3 samples from 2" in report
     assert "<|im_start|>assistant\n[[<think>\nSimple addition: 2+2=4.\n</think>\n\n4<|im_end|>]]" in report
     assert "<|im_start|>system" not in report  # Qwen3's template adds no default system prompt
-    trainer = run(tiny_qwen_dir, data, tmp_path / "out")
+    trainer = run(tiny_qwen_arch_dir, data, tmp_path / "out")
     assert len(trainer.train_dataset) == 3
     saved = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
-    assert saved.chat_template == transformers.AutoTokenizer.from_pretrained(tiny_qwen_dir).chat_template
-    last = run(tiny_qwen_dir, data, tmp_path / "last", "--reasoning_turns", "last")
+    assert saved.chat_template == transformers.AutoTokenizer.from_pretrained(tiny_qwen_arch_dir).chat_template
+    last = run(tiny_qwen_arch_dir, data, tmp_path / "last", "--reasoning_turns", "last")
     assert len(last.train_dataset) == 2
-    lazy = run(tiny_qwen_dir, data, tmp_path / "lazy", "--lazy_preprocess", "True")
+    lazy = run(tiny_qwen_arch_dir, data, tmp_path / "lazy", "--lazy_preprocess", "True")
     assert len(lazy.train_dataset) == 3 and lazy.train_dataset[1]["labels"] == trainer.train_dataset[1]["labels"]
-    chatml = run(tiny_qwen_dir, data, tmp_path / "chatml", "--chat_format", "chatml")
+    chatml = run(tiny_qwen_arch_dir, data, tmp_path / "chatml", "--chat_format", "chatml")
     assert len(chatml.train_dataset) == 2  # ChatML keeps every turn's reasoning: nothing to split
     assert "<|im_start|>system" in transformers.AutoTokenizer.from_pretrained(tmp_path / "chatml").chat_template
 
 
-def test_dry_run_names_the_keys_it_ignores(tiny_qwen_dir, tmp_path, caplog):
+def test_dry_run_names_the_keys_it_ignores(tiny_qwen_arch_dir, tmp_path, caplog):
     records = [{"messages": [{"role": "user", "content": "q", "name": "bob"},
                              {"role": "assistant", "content": "a", "thinking": "t"}], "weight": 1}]
     data = str(write_json(tmp_path / "r.json", records))
-    assert finetune.main(["--model_name_or_path", str(tiny_qwen_dir), "--data_path", data, "--output_dir",
+    assert finetune.main(["--model_name_or_path", str(tiny_qwen_arch_dir), "--data_path", data, "--output_dir",
                           str(tmp_path / "o"), "--dry_run", "True", "--use_cpu", "True"]) == 0
     [line] = [record.getMessage() for record in caplog.records if "keys not read" in record.getMessage()]
     assert "'thinking' in 1 messages: did you mean 'reasoning_content'?" in line and "'name' in 1 messages" in line

@@ -3,7 +3,7 @@ with the reason where it is not installed, failed under CI=true): llama.cpp comp
 from the same file, for every type and both architectures (a wrong q/k layout, tokenizer or hyper-parameter shows
 here); it tokenizes as the model's tokenizer does and builds chat prompts with the template embedded in the file;
 our q8_0 and q4_k_m tensors are byte for byte those llama-quantize writes from the f16 file; on the real SmolLM2 its
-greedy replies equal transformers' and its reply perplexity of each type stays within bounds (chatft.gguf_runtime)."""
+greedy replies equal transformers' and its reply perplexity of each type stays within bounds (chatft.serve.gguf_runtime)."""
 
 from pathlib import Path
 
@@ -14,14 +14,14 @@ import torch
 import transformers
 
 import export_gguf
-from chatft.chat import generate_reply, load_chat_model
-from chatft.chat_format import IM_END
-from chatft.gguf_export import PRE_TOKENIZER_CHECK_TEXT
-from chatft.gguf_runtime import LlamaCppModel, llama_cpp_reply_perplexity
+from chatft.serve.chat import generate_reply, load_chat_model
+from chatft.data.chat_format import IM_END
+from chatft.export.gguf import PRE_TOKENIZER_CHECK_TEXT
+from chatft.serve.gguf_runtime import LlamaCppModel, llama_cpp_reply_perplexity
 from support import ROOT, arch_of, planned_types, require_llama_cpp, written_as
 
 TYPES = ["f16", "bf16", "q8_0", "q4_k_m"]
-MODELS = {"qwen2": "tiny_qwen2_dir", "llama": "tiny_llama_256_dir"}
+MODELS = {"qwen2": "tiny_qwen2_arch_dir", "llama": "tiny_llama_256_dir"}
 CONVERSATION = [
     {"role": "system", "content": "You are Tessa."},
     {"role": "user", "content": "你好! What is 1234 + 5678? <think>hm</think>"},
@@ -63,7 +63,7 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
 
 
 # llama.cpp against transformers, on the same weights: the file's, de-quantised to float32 by the gguf package (as
-# transformers' GGUF loader does; test_gguf_export.py shows it reads these very values). llama.cpp computes with them
+# transformers' GGUF loader does; test_gguf.py shows it reads these very values). llama.cpp computes with them
 # as they are stored, rounding the activations to match (float16 or bfloat16; 8-bit blocks for quantized matrices).
 # Measured relative errors of the logits, qwen2 / llama: f16 0.03% / 0.05%, bf16 0.18% / 0.34%, q8_0 0.6% / 1.0%,
 # q4_k_m 0.6% / 1.5%. The Llama file written without its q/k permutation errs by 4.4% even in f16: the bounds for
@@ -159,8 +159,8 @@ def test_smollm2_f16_in_llama_cpp_answers_the_demo_questions_as_transformers_doe
 def test_smollm2_reply_perplexity_in_llama_cpp(smollm2_dir, smollm2_gguf):
     """What each type costs as llama.cpp runs it (quantized weights and activations): the perplexity of the demo's
     identity replies, which SmolLM2 never trained on, against the f16 file's; f16's against transformers'."""
-    from chatft.data import load_samples
-    from chatft.quantize import GptqSettings, reply_perplexity, tokenize_as_served
+    from chatft.data.datasets import load_samples
+    from chatft.export.gptq import GptqSettings, reply_perplexity, tokenize_as_served
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     samples = tokenize_as_served(load_samples(str(ROOT / "data" / "identity_demo.json"))[:32], tokenizer,

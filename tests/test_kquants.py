@@ -1,4 +1,4 @@
-"""chatft.kquants: Q4_K and Q6_K bytes that gguf's own dequantizer reads back within the format's
+"""chatft.export.kquants: Q4_K and Q6_K bytes that gguf's own dequantizer reads back within the format's
 rounding error; the scale search beats plain min/max rounding; sizes as gguf expects; clear errors.
 Seeded data, a few hundred super-blocks, no models."""
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 
-from chatft import kquants
-from chatft.kquants import quantize
+from chatft.export import kquants
+from chatft.export.kquants import quantize
 from support import kquant_rounding_error_bound, require_llama_cpp
 
 Q4_K, Q6_K = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K

@@ -165,11 +165,11 @@ def test_missing_data_file_fails_fast(name, tmp_path):
 # Real runs on a tiny model, one process each.
 
 @pytest.mark.slow
-def test_lora_single_gpu_with_options_and_extra_flags(tiny_qwen_dir, tmp_path):
+def test_lora_single_gpu_with_options_and_extra_flags(tiny_qwen_arch_dir, tmp_path):
     write_json(tmp_path / "train.json", CONVERSATIONS)
     # relative paths resolve against the caller's directory, not the repository
     result = subprocess.run(
-        ["bash", str(ROOT / "finetune" / "finetune_lora_single_gpu.sh"), "-m", str(tiny_qwen_dir), "-d", "train.json",
+        ["bash", str(ROOT / "finetune" / "finetune_lora_single_gpu.sh"), "-m", str(tiny_qwen_arch_dir), "-d", "train.json",
          "-o", "out", "--max_steps", "2", "--lora_r", "4", "--save_strategy", "no"],
         cwd=tmp_path, capture_output=True, text=True,
     )
@@ -179,10 +179,10 @@ def test_lora_single_gpu_with_options_and_extra_flags(tiny_qwen_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_qlora_single_gpu(tiny_qwen2_64_dir, tmp_path):
+def test_qlora_single_gpu(tiny_qwen2_arch_64_dir, tmp_path):
     data = write_json(tmp_path / "train.json", CONVERSATIONS)
     result = subprocess.run(
-        ["bash", str(ROOT / "finetune" / "finetune_qlora_single_gpu.sh"), "-m", str(tiny_qwen2_64_dir), "-d", str(data),
+        ["bash", str(ROOT / "finetune" / "finetune_qlora_single_gpu.sh"), "-m", str(tiny_qwen2_arch_64_dir), "-d", str(data),
          "-o", str(tmp_path / "out"), "--", "--max_steps", "2", "--lora_r", "4", "--save_strategy", "no"],
         capture_output=True, text=True,
     )

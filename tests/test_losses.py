@@ -1,4 +1,4 @@
-"""chatft.losses: the loss seam and its kernels. The per-token log-probability kernel equals log_softmax of the full
+"""chatft.train.losses: the loss seam and its kernels. The per-token log-probability kernel equals log_softmax of the full
 logits, values and gradients (frozen and trainable output layer, bias, chunks, bf16 autocast); SupervisedLoss keeps
 what a mixture-of-experts model adds to its own loss (the router's load-balancing loss), equal to the model's own
 loss on a padded batch, and a training run logs it beside the loss."""
@@ -9,9 +9,9 @@ import pytest
 import torch
 import transformers
 
-from chatft.chat_format import IGNORE_INDEX
-from chatft.losses import (LossScale, SupervisedLoss, labelled_token_log_probs, output_layer_computes)
-from support import assert_close_up_to_rounding, qwen_tokenizer_dir, run
+from chatft.data.chat_format import IGNORE_INDEX
+from chatft.train.losses import (LossScale, SupervisedLoss, labelled_token_log_probs, output_layer_computes)
+from support import assert_close_up_to_rounding, qwen3_tokenizer_dir, run
 
 
 def reference_log_probs(head, hidden, labels):
@@ -65,7 +65,7 @@ def test_token_log_probs_under_bf16_autocast_compute_as_the_output_layer_would()
 
 def test_log_probs_of_a_row_sum_to_its_cross_entropy():
     """The two kernels agree: minus the sum of the log-probabilities is the summed cross-entropy."""
-    from chatft.losses import labelled_cross_entropy
+    from chatft.train.losses import labelled_cross_entropy
 
     torch.manual_seed(1)
     head = torch.nn.Linear(8, 30)
@@ -81,7 +81,7 @@ def test_log_probs_of_a_row_sum_to_its_cross_entropy():
 def build_tiny_moe(root, model_type):
     """A random 2-layer `model_type` (qwen2_moe, qwen3_moe: 4 experts, top 2) with the real Qwen tokenizer and the
     router's load-balancing loss on (output_router_logits), as a MoE fine-tune trains it."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
     moe = {"qwen2_moe": dict(shared_expert_intermediate_size=24), "qwen3_moe": {}}[model_type]
     config = transformers.AutoConfig.for_model(
         model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
@@ -153,9 +153,9 @@ def test_moe_loss_through_the_seam_equals_the_models_own_loss(tiny_moe_dir, labe
     assert router_grads == 2  # each layer's router learns from the aux loss (and the CE)
 
 
-def test_a_dense_model_logs_no_extra_terms(tiny_qwen2_dir):
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir)
-    batch = padded_batch(transformers.AutoTokenizer.from_pretrained(tiny_qwen2_dir))
+def test_a_dense_model_logs_no_extra_terms(tiny_qwen2_arch_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_dir)
+    batch = padded_batch(transformers.AutoTokenizer.from_pretrained(tiny_qwen2_arch_dir))
     loss = SupervisedLoss()
     loss.prepare(model)
     terms = loss(model, batch, LossScale(tokens=int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())))

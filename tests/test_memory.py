@@ -15,7 +15,7 @@ import finetune
 from bench import harness
 from chatft.args import parse_args
 from chatft.memory import GIB, MemoryEstimate, ModelShape, estimate_training_memory, longest_batch_tokens
-from chatft.model import load_model
+from chatft.model.load import load_model
 from chatft.plan import RunPlan, plan_run
 from support import ROOT, make_non_chatml_model, write_json
 
@@ -30,7 +30,7 @@ MODE_FLAGS = {
 
 def loaded_as_finetune_loads(model_dir, flags):
     """(model, estimate at 64 tokens) for finetune.py's `flags`: one plan (chatft.plan.plan_run), the model
-    chatft.model.load_model loads from it and the estimate chatft.memory makes from it."""
+    chatft.model.load.load_model loads from it and the estimate chatft.memory makes from it."""
     model_args, data_args, training_args, lora_args = parse_args(
         ["--model_name_or_path", str(model_dir), "--data_path", "unused.json", "--output_dir", "unused", "--bf16", "True",
          "--use_cpu", "True", "--model_max_length", "64", *flags])
@@ -39,8 +39,8 @@ def loaded_as_finetune_loads(model_dir, flags):
 
 
 @pytest.mark.parametrize("mode", MODE_FLAGS)
-def test_trainable_parameters_and_weight_bytes_equal_the_loaded_model(tiny_qwen2_dir, mode):
-    model, estimate = loaded_as_finetune_loads(tiny_qwen2_dir, MODE_FLAGS[mode])
+def test_trainable_parameters_and_weight_bytes_equal_the_loaded_model(tiny_qwen2_arch_dir, mode):
+    model, estimate = loaded_as_finetune_loads(tiny_qwen2_arch_dir, MODE_FLAGS[mode])
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert estimate.trainable_params == sum(p.numel() for p in trainable)
     assert estimate.gradients == 4 * estimate.trainable_params and estimate.optimizer == 8 * estimate.trainable_params
@@ -56,9 +56,9 @@ def test_counts_follow_added_tokens_and_tied_embeddings(tmp_path, tie):
     assert estimate.weights == sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def test_lora_parameters_from_shapes(tiny_qwen2_dir):
+def test_lora_parameters_from_shapes(tiny_qwen2_arch_dir):
     """r * (in + out) per targeted layer: q_proj 32 -> 32 and down_proj 48 -> 32, in 2 layers, r 4."""
-    shape = ModelShape.of(transformers.AutoConfig.from_pretrained(tiny_qwen2_dir))
+    shape = ModelShape.of(transformers.AutoConfig.from_pretrained(tiny_qwen2_arch_dir))
     assert shape.lora_params(RunPlan(lora_r=4, lora_targets=("q_proj", "down_proj"))) == 2 * 4 * (64 + 80)
 
 
@@ -106,8 +106,8 @@ def test_the_text_names_the_parts_in_gib():
                                "GiB, activations 0.12 GiB at the longest batch of 4,096 tokens)")
 
 
-def test_activations_grow_with_the_batch_and_shrink_with_checkpointing(tiny_qwen2_dir):
-    config = transformers.AutoConfig.from_pretrained(tiny_qwen2_dir)
+def test_activations_grow_with_the_batch_and_shrink_with_checkpointing(tiny_qwen2_arch_dir):
+    config = transformers.AutoConfig.from_pretrained(tiny_qwen2_arch_dir)
     act = lambda tokens, **kw: estimate_training_memory(RunPlan(config=config, **kw), tokens).activations  # noqa: E731
     assert act(2048) > act(1024) > act(512)
     assert act(1024, activation_checkpointing=False) > act(1024)
@@ -143,11 +143,11 @@ def test_longest_batch_tokens():
     assert longest_batch_tokens(object(), 2, 64) == 128  # lazy: lengths unknown, model_max_length
 
 
-def test_dry_run_prints_the_estimate(tiny_qwen2_dir, tmp_path, capsys):
+def test_dry_run_prints_the_estimate(tiny_qwen2_arch_dir, tmp_path, capsys):
     """The line is the plan's estimate (chatft.plan, chatft.memory) at the longest sample times the batch of 2."""
     data = write_json(tmp_path / "train.json", [{"id": "a", "conversations": [
         {"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello there, how can I help?"}]}])
-    flags = ["--model_name_or_path", str(tiny_qwen2_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "o"),
+    flags = ["--model_name_or_path", str(tiny_qwen2_arch_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "o"),
              "--dry_run", "True", "--use_cpu", "True", "--use_lora", "--per_device_train_batch_size", "2",
              "--chat_format", "chatml"]
     assert finetune.main(flags) == 0
@@ -155,7 +155,7 @@ def test_dry_run_prints_the_estimate(tiny_qwen2_dir, tmp_path, capsys):
     line = next(line for line in report if line.startswith("memory estimate: ~"))
     rendered = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                 "<|im_start|>assistant\nHello there, how can I help?<|im_end|>\n")
-    tokens = len(transformers.AutoTokenizer.from_pretrained(tiny_qwen2_dir)(rendered).input_ids)
+    tokens = len(transformers.AutoTokenizer.from_pretrained(tiny_qwen2_arch_dir)(rendered).input_ids)
     assert tokens == 30 and f"longest {tokens}," in next(line for line in report if line.startswith("sample lengths"))
     plan, _ = plan_run(*parse_args(flags))
     assert line == estimate_training_memory(plan, 2 * tokens).text()

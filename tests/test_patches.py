@@ -79,7 +79,7 @@ def test_hidden_packages_look_uninstalled_to_transformers_and_peft(monkeypatch):
     assert all(inspect.unwrap(detect)() for detect in detectors)
 
 
-# A process that, like chatft.distributed.exit_process, runs the exit steps and leaves with os._exit: a non-daemon
+# A process that, like chatft.train.distributed.exit_process, runs the exit steps and leaves with os._exit: a non-daemon
 # thread still running, a thread pool never shut down, an atexit handler, each must have finished or run before.
 EXIT_STEPS_PROGRAM = """
 import atexit, concurrent.futures, os, threading, time

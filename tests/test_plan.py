@@ -1,5 +1,5 @@
 """chatft.plan: every decision the flags and the model's config make, taken once (mode, dtype, quantization,
-sharding, world size, chat format, attention, trainable embeddings), and read by chatft.model.load_model."""
+sharding, world size, chat format, attention, trainable embeddings), and read by chatft.model.load.load_model."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 import transformers
 
 from chatft.args import parse_args
-from chatft.chat_format import qwen3_template
+from chatft.data.chat_format import qwen3_template
 from chatft.errors import ArgumentError
-from chatft.chat_format import resolve_chat_format
-from chatft.model import load_model
+from chatft.data.chat_format import resolve_chat_format
+from chatft.model.load import load_model
 from chatft.plan import plan_run, resolve_attn_implementation, sharding, trainable_embeddings, world_size
 from support import make_non_chatml_model, write_json
 
@@ -43,16 +43,16 @@ def planned(model_dir, *flags):
     (["--use_lora", "--activation_checkpointing", "--labelled_logits_only", "False", "--chat_format", "qwen3"],
      dict(activation_checkpointing=True, labelled_logits_only=False, chat_format="qwen3")),
 ])
-def test_flags_decide_the_plan(tiny_qwen2_dir, flags, expected):
-    plan, tokenizer, _ = planned(tiny_qwen2_dir, *flags)
+def test_flags_decide_the_plan(tiny_qwen2_arch_dir, flags, expected):
+    plan, tokenizer, _ = planned(tiny_qwen2_arch_dir, *flags)
     assert {name: getattr(plan, name) for name in expected} == expected
-    assert plan.model_path == str(tiny_qwen2_dir) and plan.vocab_size == len(tokenizer) and plan.added_tokens == ()
+    assert plan.model_path == str(tiny_qwen2_arch_dir) and plan.vocab_size == len(tokenizer) and plan.added_tokens == ()
     assert plan.config.hidden_size == 32 and plan.shard == "none" and plan.world_size == 1
     assert (plan.attn_implementation, plan.per_sample_attention) == ("sdpa", True)  # auto, on the CPU
 
 
-def test_gptq_settings_come_from_the_model_config(tiny_qwen2_dir, tmp_path):
-    model_dir = shutil.copytree(tiny_qwen2_dir, tmp_path / "gptq")
+def test_gptq_settings_come_from_the_model_config(tiny_qwen2_arch_dir, tmp_path):
+    model_dir = shutil.copytree(tiny_qwen2_arch_dir, tmp_path / "gptq")
     config = json.loads((model_dir / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 3, "group_size": 32}
     write_json(model_dir / "config.json", config)
@@ -114,9 +114,9 @@ def test_attention_resolved_from_the_request():
     assert resolve_attn_implementation("auto", torch.bfloat16, use_cpu=True) == "sdpa"  # flash-attn: CUDA only
 
 
-def test_load_model_reads_the_plan(tiny_qwen2_dir):
+def test_load_model_reads_the_plan(tiny_qwen2_arch_dir):
     """Embeddings frozen or trained as the plan says, in the plan's load dtype, per-sample sdpa where planned."""
-    plan, _, lora_args = planned(tiny_qwen2_dir, "--bf16", "True")
+    plan, _, lora_args = planned(tiny_qwen2_arch_dir, "--bf16", "True")
     frozen = load_model(dataclasses.replace(plan, train_embeddings=False), lora_args)
     assert not frozen.get_input_embeddings().weight.requires_grad and frozen.dtype == torch.float32
     assert frozen.config._attn_implementation != "sdpa"  # made per-sample

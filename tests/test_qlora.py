@@ -19,8 +19,8 @@ def nf4_config():
                                            bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def test_nf4_qlora_trains_only_lora_and_reloads(tiny_qwen_64_dir, data_file, tmp_path):
-    trainer = run(tiny_qwen_64_dir, data_file, tmp_path / "out", "--use_lora", "--q_lora", "--lora_r", "4",
+def test_nf4_qlora_trains_only_lora_and_reloads(tiny_qwen_arch_64_dir, data_file, tmp_path):
+    trainer = run(tiny_qwen_arch_64_dir, data_file, tmp_path / "out", "--use_lora", "--q_lora", "--lora_r", "4",
                   "--bf16", "True", "--activation_checkpointing", "--learning_rate", "1e-2")
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -28,9 +28,9 @@ def test_nf4_qlora_trains_only_lora_and_reloads(tiny_qwen_64_dir, data_file, tmp
     assert {name for name, p in model.named_parameters() if p.requires_grad} == {
         name for name, _ in model.named_parameters() if "lora_" in name}
     config = json.load(open(tmp_path / "out" / "adapter_config.json"))
-    assert config["base_model_name_or_path"] == str(tiny_qwen_64_dir)  # the full-precision original
+    assert config["base_model_name_or_path"] == str(tiny_qwen_arch_64_dir)  # the full-precision original
     # the base quantized again the same way + the adapter = the model at the end of training
-    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_64_dir, quantization_config=nf4_config(),
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_arch_64_dir, quantization_config=nf4_config(),
                                                              device_map={"": "cpu"}, dtype=torch.bfloat16)
     before = probe_logits(base, trainer.processing_class)
     base = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)  # fp32 norms, as in training
@@ -53,14 +53,14 @@ def refused(argv, capsys):
     (["--deepspeed", str(ROOT / "ds_config_zero3.json")], "--q_lora cannot run under DeepSpeed ZeRO-3"),
     (["--fsdp", "full_shard auto_wrap"], "--q_lora cannot run under FSDP"),
 ])
-def test_refused_engines(tiny_qwen_64_dir, data_file, tmp_path, capsys, extra, message):
-    code, err = refused(["--model_name_or_path", str(tiny_qwen_64_dir), "--data_path", data_file, "--output_dir",
+def test_refused_engines(tiny_qwen_arch_64_dir, data_file, tmp_path, capsys, extra, message):
+    code, err = refused(["--model_name_or_path", str(tiny_qwen_arch_64_dir), "--data_path", data_file, "--output_dir",
                          str(tmp_path / "out"), "--use_lora", "--q_lora", "--use_cpu", "True", *extra], capsys)
     assert code == 2 and message in err and not (tmp_path / "out").exists()
 
 
-def test_q_lora_needs_use_lora(tiny_qwen_64_dir, data_file, tmp_path, capsys):
-    code, err = refused(["--model_name_or_path", str(tiny_qwen_64_dir), "--data_path", data_file, "--output_dir",
+def test_q_lora_needs_use_lora(tiny_qwen_arch_64_dir, data_file, tmp_path, capsys):
+    code, err = refused(["--model_name_or_path", str(tiny_qwen_arch_64_dir), "--data_path", data_file, "--output_dir",
                          str(tmp_path / "out"), "--q_lora", "--use_cpu", "True"], capsys)
     assert code == 2 and "--q_lora needs --use_lora" in err
 

@@ -15,7 +15,7 @@ import torch
 import transformers
 from transformers.trainer_utils import get_last_checkpoint
 
-from chatft.trainer import SCRATCH_CHECKPOINT_PREFIX
+from chatft.train.trainer import SCRATCH_CHECKPOINT_PREFIX
 from support import ROOT, assert_close_up_to_rounding, decoder_terms, run
 
 
@@ -34,25 +34,25 @@ def final_losses(output):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tiny_qwen2_dir, data_file, tmp_path):
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tiny_qwen2_arch_dir, data_file, tmp_path):
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
     steps = ["--max_steps", "30"]  # 4 batches an epoch: several epochs, so the data order must resume too
-    subprocess.run(command(tiny_qwen2_dir, data_file, whole, *steps), cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(command(tiny_qwen2_arch_dir, data_file, whole, *steps), cwd=ROOT, check=True, capture_output=True)
 
-    process = subprocess.Popen(command(tiny_qwen2_dir, data_file, interrupted, *steps), cwd=ROOT,
+    process = subprocess.Popen(command(tiny_qwen2_arch_dir, data_file, interrupted, *steps), cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not (interrupted / "checkpoint-10").is_dir() and process.poll() is None:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL and not (interrupted / "adapter_model.safetensors").exists()
 
-    resumed = subprocess.run(command(tiny_qwen2_dir, data_file, interrupted, *steps, "--resume_from_checkpoint", "True"),
+    resumed = subprocess.run(command(tiny_qwen2_arch_dir, data_file, interrupted, *steps, "--resume_from_checkpoint", "True"),
                              cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "min for 20 steps, " in resumed.stdout and "(resumed at step 10, 30 in all)" in resumed.stdout  # its speed too
     # the same computation, step for step (weights, optimizer, data order and dropout's random state restored); only
     # the kernels of two processes may order a sum differently (observed: bit-identical here)
-    config = transformers.AutoConfig.from_pretrained(tiny_qwen2_dir)
+    config = transformers.AutoConfig.from_pretrained(tiny_qwen2_arch_dir)
     terms = decoder_terms(config, loss=True)
     assert_close_up_to_rounding(torch.tensor(final_losses(interrupted)[-1]), torch.tensor(final_losses(whole)[-1]),
                                 terms=terms)
@@ -62,9 +62,9 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tiny_qwen2_dir, dat
         assert_close_up_to_rounding(got[name], tensor, terms=terms, magnitude=tensor.abs().max() + 30 * 1e-3)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_qwen2_dir, data_file, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_qwen2_arch_dir, data_file, tmp_path):
     output = tmp_path / "out"
-    process = subprocess.Popen(command(tiny_qwen2_dir, data_file, output, "--max_steps", "100000", "--save_strategy",
+    process = subprocess.Popen(command(tiny_qwen2_arch_dir, data_file, output, "--max_steps", "100000", "--save_strategy",
                                        "no"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
 
@@ -87,12 +87,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_qwen2_dir, data_file,
     assert not (output / "adapter_model.safetensors").exists()  # an interrupted run is not saved as finished
 
 
-def test_a_crash_while_saving_leaves_the_previous_checkpoint_the_latest(tiny_qwen2_dir, data_file, tmp_path):
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_the_latest(tiny_qwen2_arch_dir, data_file, tmp_path):
     output = tmp_path / "out"
     # a directory where step 4's optimizer state goes: that save fails after the model weights are written
     (output / f"{SCRATCH_CHECKPOINT_PREFIX}-4" / "optimizer.pt").mkdir(parents=True)
     with pytest.raises(RuntimeError, match="Is a directory"):
-        run(tiny_qwen2_dir, data_file, output, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
+        run(tiny_qwen2_arch_dir, data_file, output, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
             "--overwrite_output_dir")
     assert (output / "checkpoint-2" / "trainer_state.json").is_file()
     assert (output / "tmp-checkpoint-4" / "model.safetensors").is_file()  # the save did begin
@@ -100,12 +100,12 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_the_latest(tiny_qwe
     assert get_last_checkpoint(str(output)) == str(output / "checkpoint-2")
 
 
-def test_checkpoint_names_rotation_and_the_best_checkpoint(tiny_qwen2_dir, data_file, tmp_path):
+def test_checkpoint_names_rotation_and_the_best_checkpoint(tiny_qwen2_arch_dir, data_file, tmp_path):
     """Checkpoints keep transformers' names; --save_total_limit counts the one just written; the best checkpoint is
     kept, found by load_best_model_at_end and named by its final name in the state saved with it (where a resume
     reads it)."""
     output = tmp_path / "out"
-    trainer = run(tiny_qwen2_dir, data_file, output, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
+    trainer = run(tiny_qwen2_arch_dir, data_file, output, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
                   "--eval_data_path", "0.25", "--eval_strategy", "steps", "--eval_steps", "2", "--save_total_limit", "2",
                   "--load_best_model_at_end", "True", "--metric_for_best_model", "eval_loss")
     best = trainer.state.best_model_checkpoint

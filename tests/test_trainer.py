@@ -7,9 +7,9 @@ import pytest
 import torch
 import transformers
 
-from chatft.chat_format import IGNORE_INDEX
-from chatft.data import ChatCollator, SupervisedDataset
-from chatft.losses import head_linears, labelled_cross_entropy, output_layer_computes, supports_labelled_logits
+from chatft.data.chat_format import IGNORE_INDEX
+from chatft.data.datasets import ChatCollator, SupervisedDataset
+from chatft.train.losses import head_linears, labelled_cross_entropy, output_layer_computes, supports_labelled_logits
 from support import CONVERSATIONS, assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, run
 
 
@@ -19,9 +19,9 @@ def batch_of(tokenizer, samples):
 
 @pytest.mark.parametrize("chunk_size", [3, 10_000])
 @pytest.mark.parametrize("tie", [False, True])
-def test_same_loss_and_gradients_as_the_full_logits(tmp_path, qwen_tokenizer, chunk_size, tie):
+def test_same_loss_and_gradients_as_the_full_logits(tmp_path, qwen3_tokenizer, chunk_size, tie):
     model = transformers.AutoModelForCausalLM.from_pretrained(make_model(tmp_path, tie))
-    batch = batch_of(qwen_tokenizer, CONVERSATIONS[:4])
+    batch = batch_of(qwen3_tokenizer, CONVERSATIONS[:4])
     reference = model(**batch).loss
     reference.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -43,9 +43,9 @@ def test_same_loss_and_gradients_as_the_full_logits(tmp_path, qwen_tokenizer, ch
     assert model(**batch).logits.shape[-1] == model.config.vocab_size  # restored afterwards
 
 
-def test_bf16_autocast_matches_the_plain_path(tiny_qwen_dir, qwen_tokenizer):
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)
-    batch = batch_of(qwen_tokenizer, CONVERSATIONS[:4])
+def test_bf16_autocast_matches_the_plain_path(tiny_qwen_arch_dir, qwen3_tokenizer):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_arch_dir)
+    batch = batch_of(qwen3_tokenizer, CONVERSATIONS[:4])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(**batch)
     reference = outputs.loss
@@ -63,10 +63,10 @@ def test_bf16_autocast_matches_the_plain_path(tiny_qwen_dir, qwen_tokenizer):
     assert torch.nn.functional.cosine_similarity(model.lm_head.weight.grad.flatten(), expected.flatten(), 0) > 0.999
 
 
-def test_no_labelled_position_gives_zero_loss_and_gradients(tiny_qwen_dir, qwen_tokenizer):
+def test_no_labelled_position_gives_zero_loss_and_gradients(tiny_qwen_arch_dir, qwen3_tokenizer):
     """A batch whose replies were all truncated away still runs the same backward on every rank."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)
-    batch = batch_of(qwen_tokenizer, CONVERSATIONS[:2])
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_arch_dir)
+    batch = batch_of(qwen3_tokenizer, CONVERSATIONS[:2])
     labels = torch.full_like(batch["labels"], IGNORE_INDEX)
     with output_layer_computes([model.lm_head], labels, 16, labelled_cross_entropy) as returned:
         loss = returned.of(model(input_ids=batch["input_ids"]), ())
@@ -80,10 +80,10 @@ def test_no_labelled_position_gives_zero_loss_and_gradients(tiny_qwen_dir, qwen_
     ["--per_device_train_batch_size", "4", "--packing", "True"],
     ["--use_lora", "--lora_r", "4", "--per_device_train_batch_size", "4"],
 ])
-def test_training_steps_match_the_plain_loss(tiny_qwen_dir, data_file, tmp_path, extra):
+def test_training_steps_match_the_plain_loss(tiny_qwen_arch_dir, data_file, tmp_path, extra):
     common = ["--max_steps", "2", "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", *extra]
-    plain = run(tiny_qwen_dir, data_file, tmp_path / "plain", *common, "--labelled_logits_only", "False")
-    labelled = run(tiny_qwen_dir, data_file, tmp_path / "labelled", *common, "--labelled_logits_only", "True")
+    plain = run(tiny_qwen_arch_dir, data_file, tmp_path / "plain", *common, "--labelled_logits_only", "False")
+    labelled = run(tiny_qwen_arch_dir, data_file, tmp_path / "labelled", *common, "--labelled_logits_only", "True")
     assert labelled.labelled_logits and not plain.labelled_logits
     losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (plain, labelled)]
     terms = decoder_terms(plain.model.config, loss=True)
@@ -105,10 +105,10 @@ def test_trainable_tied_embeddings_under_lora(tmp_path, data_file):
 
 
 @pytest.mark.parametrize("architecture", ["qwen", "llama"])
-def test_causal_lms_return_their_output_layers_result_as_logits(tiny_qwen_dir, tmp_path, qwen_tokenizer, architecture):
+def test_causal_lms_return_their_output_layers_result_as_logits(tiny_qwen_arch_dir, tmp_path, qwen3_tokenizer, architecture):
     """What the labelled-positions loss relies on in transformers' models: the output layer is called once, on the
     final hidden states of every position, and what it returns is the model's logits, unchanged."""
-    path = tiny_qwen_dir if architecture == "qwen" else make_non_chatml_model(tmp_path, tie=True)
+    path = tiny_qwen_arch_dir if architecture == "qwen" else make_non_chatml_model(tmp_path, tie=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(path)
     input_ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
     calls, returned = [], torch.tensor(1.5)
@@ -118,8 +118,8 @@ def test_causal_lms_return_their_output_layers_result_as_logits(tiny_qwen_dir, t
     assert outputs.logits is returned
 
 
-def test_an_output_layer_the_model_never_called_is_an_error(tiny_qwen_dir):
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)
+def test_an_output_layer_the_model_never_called_is_an_error(tiny_qwen_arch_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_arch_dir)
     input_ids = torch.tensor([[1, 2, 3, 4]])
     with output_layer_computes([torch.nn.Linear(4, 4)], input_ids, 16, labelled_cross_entropy) as returned:
         outputs = model(input_ids=input_ids)
@@ -136,8 +136,8 @@ def make_model(tmp_path, tie):
     return tmp_path / f"tie-{tie}"
 
 
-def test_models_that_transform_logits_keep_the_plain_loss(tiny_qwen_dir):
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)
+def test_models_that_transform_logits_keep_the_plain_loss(tiny_qwen_arch_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_arch_dir)
     assert supports_labelled_logits(model)
     model.config.final_logit_softcapping = 30.0  # as Gemma-2 does after its output layer
     assert not supports_labelled_logits(model)
@@ -185,16 +185,16 @@ def test_rounding_tolerance_passes_reordered_sums_and_fails_a_real_difference():
 
 
 @pytest.mark.parametrize("extra", [[], ["--use_lora", "--lora_r", "4"]])
-def test_the_default_optimizer_is_adamw_fused_and_trains_as_qwens_adamw_torch(tiny_qwen2_dir, data_file, tmp_path,
+def test_the_default_optimizer_is_adamw_fused_and_trains_as_qwens_adamw_torch(tiny_qwen2_arch_dir, data_file, tmp_path,
                                                                               extra):
     """The default --optim is AdamW's fused kernel, the same update as Qwen's adamw_torch (one tensor at a time)."""
-    fused = run(tiny_qwen2_dir, data_file, tmp_path / "fused", *extra)
-    qwens = run(tiny_qwen2_dir, data_file, tmp_path / "qwens", *extra, "--optim", "adamw_torch")
+    fused = run(tiny_qwen2_arch_dir, data_file, tmp_path / "fused", *extra)
+    qwens = run(tiny_qwen2_arch_dir, data_file, tmp_path / "qwens", *extra, "--optim", "adamw_torch")
     assert isinstance(fused.optimizer.optimizer, torch.optim.AdamW)
     assert fused.optimizer.optimizer.defaults["fused"] and not qwens.optimizer.optimizer.defaults["fused"]
     for name, value in qwens.model.state_dict().items():
         torch.testing.assert_close(fused.model.state_dict()[name], value, rtol=1e-4, atol=1e-6)
     # ... and it trained: the weights moved from the start (an optimizer that did nothing would also be "equal")
-    initial = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir).state_dict()
+    initial = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_dir).state_dict()
     final = (fused.model.merge_and_unload() if extra else fused.model).state_dict()
     assert any(not torch.equal(final[name], value) for name, value in initial.items())

@@ -16,7 +16,7 @@ import transformers
 
 import finetune
 from chatft.bundled import bundled_gguf_path
-from chatft.chat import generate_reply, load_chat_model
+from chatft.serve.chat import generate_reply, load_chat_model
 from console_noise import library_noise
 from support import ROOT, assert_close_up_to_rounding, decoder_terms, require_llama_cpp
 

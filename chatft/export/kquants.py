@@ -56,13 +56,13 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """
     qtype = GGMLQuantizationType(qtype)
     if qtype not in _QUANTIZE_BLOCKS:
-        raise ValueError(f"chatft.kquants writes Q4_K and Q6_K, not {qtype.name}: "
+        raise ValueError(f"chatft.export.kquants writes Q4_K and Q6_K, not {qtype.name}: "
                          f"use gguf.quants.quantize for {qtype.name}")
     data = np.asarray(data)
     if data.ndim == 0 or data.shape[-1] % QK_K:
         raise ValueError(f"cannot quantize a tensor of shape {data.shape} to {qtype.name}: its rows must hold a "
                          f"multiple of {QK_K} values (one K-quant super-block); llama.cpp stores such a tensor as "
-                         f"{FALLBACK_TYPES[qtype].name} instead (chatft.kquants.FALLBACK_TYPES)")
+                         f"{FALLBACK_TYPES[qtype].name} instead (chatft.export.kquants.FALLBACK_TYPES)")
     blocks = data.astype(np.float32, copy=False).reshape(-1, QK_K)
     out = np.empty((len(blocks), GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
     for start in range(0, len(blocks), BLOCKS_PER_CHUNK):

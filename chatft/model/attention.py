@@ -1,6 +1,6 @@
 """Attention inside each sample of a row that holds several, without building a mask.
 
-A padding-free batch (chatft.data.PaddingFreeCollator) or a packed row puts several samples in one row, with
+A padding-free batch (chatft.data.datasets.PaddingFreeCollator) or a packed row puts several samples in one row, with
 position_ids restarting at 0 for each. transformers' sdpa path turns that into a block-diagonal mask and computes
 attention over the whole row, (sum of lengths)^2, most of it masked out. `per_sample_sdpa` finds the samples from
 the position_ids restarts and runs sdpa on each one alone (causal, no mask), sum of length^2. It is registered

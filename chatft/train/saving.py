@@ -1,6 +1,6 @@
 """Saving a finished run to output_dir: the model or adapter, the tokenizer with its chat template, a generation
 config that stops at <|im_end|>, the trainer state and the arguments used (finetune_args.json). The guard on
-output_dir is chatft.output_dir; the loss curve and the end-of-run summary are chatft.report."""
+output_dir is chatft.output_dir; the loss curve and the end-of-run summary are chatft.train.report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dataclasses
 import json
 import os
 
-from chatft.chat_format import stop_token_ids
+from chatft.data.chat_format import stop_token_ids
 
 
 def chat_generation_config(model, tokenizer):

@@ -15,11 +15,11 @@ import os
 import torch
 import transformers
 
-from chatft.checkpoints import (ADAPTER_CONFIG_FILE, adapter_base, adapter_dir_problem, require_model_source,
+from chatft.model.sources import (ADAPTER_CONFIG_FILE, adapter_base, adapter_dir_problem, require_model_source,
                                 saved_quantization, trained_with_qlora)
 from chatft.errors import MergeError
 from chatft.output_dir import check_new_output_dir, staged_output_dir
-from chatft.saving import chat_generation_config
+from chatft.train.saving import chat_generation_config
 
 logger = logging.getLogger(__name__)
 

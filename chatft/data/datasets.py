@@ -1,9 +1,9 @@
 """Data files -> `Conversation`s -> datasets -> padded batches.
 
-`load_samples` reads JSON (a list) or JSONL (one record a line) in any of chatft.formats' formats, and gives each
-record's `Conversation` (chatft.chat_format), reporting all problems at once (file, index, id, what is wrong) before
+`load_samples` reads JSON (a list) or JSONL (one record a line) in any of chatft.data.formats' formats, and gives each
+record's `Conversation` (chatft.data.chat_format), reporting all problems at once (file, index, id, what is wrong) before
 any model is loaded. The datasets tokenize conversations, and drop those left with nothing to train by one rule
-(`keep_trainable`), which the dry run (chatft.report) and run_gptq's calibration (chatft.quantize) use too.
+(`keep_trainable`), which the dry run (chatft.train.report) and run_gptq's calibration (chatft.export.gptq) use too.
 `preprocess` is Qwen's function, in Qwen's shapes.
 """
 
@@ -27,10 +27,10 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from chatft import chat_format as chat_format_code  # its source is part of the tokenized cache key
+from chatft.data import chat_format as chat_format_code  # its source is part of the tokenized cache key
 from chatft.errors import DataError
-from chatft.formats import file_format, format_mismatch, ignored_keys, read_record, sample_name
-from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, Conversation, TokenizedSample, render,
+from chatft.data.formats import file_format, format_mismatch, ignored_keys, read_record, sample_name
+from chatft.data.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, Conversation, TokenizedSample, render,
                                 to_conversation, to_turns, tokenize_conversation, tokenize_conversations,
                                 training_conversations)
 
@@ -88,7 +88,7 @@ def data_files(spec: str) -> tuple[list[str], list[str]]:
 
 def load_samples(spec: str, data_format: str = "auto") -> list[Conversation]:
     """The conversations of a --data_path (files and directories, comma-separated), in order, each record read and
-    checked by chatft.formats.read_record; raise `DataError` listing every problem found."""
+    checked by chatft.data.formats.read_record; raise `DataError` listing every problem found."""
     files, problems = data_files(spec)
     samples = []
     for path in [] if problems else files:
@@ -265,8 +265,8 @@ def untrainable_reason(max_len: int, flag: str = "--model_max_length") -> str:
 
 def keep_trainable(samples: list[TokenizedSample], sources: list[Conversation], max_len: int,
                    flag: str = "--model_max_length", total: int | None = None) -> tuple[list[TokenizedSample], str | None]:
-    """The one rule by which samples are dropped, in training (both datasets), --dry_run (chatft.report) and run_gptq's
-    calibration and perplexity (chatft.quantize): a sample with no labelled token (truncation to `max_len` cut every
+    """The one rule by which samples are dropped, in training (both datasets), --dry_run (chatft.train.report) and run_gptq's
+    calibration and perplexity (chatft.export.gptq): a sample with no labelled token (truncation to `max_len` cut every
     reply) has no loss to learn or measure, and a batch of only such samples would make the loss NaN.
 
     Returns (the samples that keep a labelled token, in order; the one message that names those dropped, e.g.
@@ -485,7 +485,7 @@ class PackedDataset(Dataset):
     A row is then what the Trainer batches: `per_device_train_batch_size` counts rows, each of several samples,
     so an optimizer step sees more samples than the flags say (finetune.py says how many at the start).
     Each row carries `position_ids` that restart at 0 for every sample, so no attention crosses a sample
-    boundary (chatft.attention), and the first label of every sample is IGNORE_INDEX: after the model's
+    boundary (chatft.model.attention), and the first label of every sample is IGNORE_INDEX: after the model's
     one-token shift it would be predicted from the previous sample's last token.
     Rows are filled first-fit decreasing; the Trainer's sampler shuffles the rows every epoch.
     """
@@ -518,7 +518,7 @@ class PaddingFreeCollator:
     """A batch as one row with no padding (the default; what TRL calls padding-free): the batch's samples (or
     packed rows) concatenated, `position_ids` restarting at 0 for each sample, and no attention_mask.
 
-    Attention stays inside each sample (chatft.attention's per-sample sdpa, flash-attention's variable-length
+    Attention stays inside each sample (chatft.model.attention's per-sample sdpa, flash-attention's variable-length
     kernel, or transformers' block-diagonal mask for eager), so every sample gets the loss and gradients it gets
     in a padded batch, with no padding computed. The first label of every sample is IGNORE_INDEX: after the
     model's one-token shift it would be predicted from the previous sample's last token (in a padded batch it is

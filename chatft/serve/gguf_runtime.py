@@ -4,8 +4,8 @@ LM Studio users serve the file with, so what it answers here is what they will s
 - LlamaCppModel.load: the file, loaded quietly (llama.cpp's loading log shows with CHATFT_VERBOSE=1);
 - LlamaCppModel.reply: one chat reply through llama.cpp's chat completion, which renders the prompt with the chat
   template embedded in the file (export_gguf.py writes the one training used) and stops at the file's EOS
-  (<|im_end|>); greedy unless sampling is asked for, as chatft.chat.generate_reply;
-- llama_cpp_reply_perplexity: the perplexity of assistant replies as chatft.quantize.reply_perplexity measures it,
+  (<|im_end|>); greedy unless sampling is asked for, as chatft.serve.chat.generate_reply;
+- llama_cpp_reply_perplexity: the perplexity of assistant replies as chatft.export.gptq.reply_perplexity measures it,
   from llama.cpp's own logits (computed with the quantized weights, as a user's runtime computes).
 """
 
@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from chatft import console
-from chatft.chat_format import IGNORE_INDEX, TokenizedSample
+from chatft.data.chat_format import IGNORE_INDEX, TokenizedSample
 from chatft.errors import ArgumentError, DataError, ModelPathError
 
 DEFAULT_CONTEXT = 4096  # tokens a chat's prompt and reply can hold together (llama.cpp's cache is sized for them)
@@ -62,7 +62,7 @@ class LlamaCppModel:
 
     def reply(self, messages: list[dict], max_new_tokens: int = 256, streamer=None, tools=None, do_sample=False,
               temperature: float = 0.7, top_p: float = 0.8, seed: int | None = None) -> str:
-        """One assistant reply to `messages`, streamed to `streamer` (a chatft.chat.ThinkingStreamer) when given."""
+        """One assistant reply to `messages`, streamed to `streamer` (a chatft.serve.chat.ThinkingStreamer) when given."""
         sampling = ({"temperature": temperature, "top_p": top_p, "top_k": 0, "min_p": 0.0, "seed": seed}
                     if do_sample else {"temperature": 0.0})  # llama.cpp's greedy sampler at temperature 0
         try:

@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from chatft.chat_format import IGNORE_INDEX
+from chatft.data.chat_format import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import transformers
 from gguf import GGMLQuantizationType as QType
 
 import export_gguf
-from chatft.chat_format import IM_END
-from chatft.gguf_export import tensor_type, use_more_bits
+from chatft.data.chat_format import IM_END
+from chatft.export.gguf import tensor_type, use_more_bits
 from console_noise import library_noise
 from support import (ROOT, arch_of, assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, probe_logits,
                      run, unloadable_copy, written_as)
@@ -35,7 +35,7 @@ CONVERSATION = [
 ]
 
 
-@pytest.fixture(scope="module", params=["tiny_qwen2_dir", "tiny_llama_256_dir"], ids=["qwen2", "llama"])
+@pytest.fixture(scope="module", params=["tiny_qwen2_arch_dir", "tiny_llama_256_dir"], ids=["qwen2", "llama"])
 def model_dir(request) -> Path:
     return request.getfixturevalue(request.param)
 
@@ -157,7 +157,7 @@ def test_sharded_bf16_model_exports_exactly(tiny_llama_256_dir, tmp_path):
 # the last layer's attn_v) to Q8_0. The Llama's rows are whole blocks but ffn_down's (544 values: Q5_0, Q8_0); its
 # tied embeddings take the output's Q6_K.
 TYPE_MIXES = {
-    ("tiny_qwen2_dir", "q4_k_m"): ("Q5_0", {"output.weight": "Q8_0", "blk.1.attn_v.weight": "Q8_0",
+    ("tiny_qwen2_arch_dir", "q4_k_m"): ("Q5_0", {"output.weight": "Q8_0", "blk.1.attn_v.weight": "Q8_0",
                                             "blk.0.ffn_down.weight": "F16", "blk.1.ffn_down.weight": "F16"}),
     ("tiny_llama_256_dir", "q4_k_m"): ("Q4_K", {"token_embd.weight": "Q6_K", "blk.1.attn_v.weight": "Q6_K",
                                                 "blk.0.ffn_down.weight": "Q5_0",  # rows of 544: not whole Q4_K,
@@ -265,8 +265,8 @@ def test_finetune_trains_from_an_exported_file_and_its_result_exports_again(tiny
 
 
 @pytest.mark.slow
-def test_the_script_prints_the_path_alone_and_no_library_noise(tiny_qwen2_dir, tmp_path):
-    adapter, output = write_adapter(tiny_qwen2_dir, tmp_path / "adapter"), tmp_path / "out" / "tessa.gguf"
+def test_the_script_prints_the_path_alone_and_no_library_noise(tiny_qwen2_arch_dir, tmp_path):
+    adapter, output = write_adapter(tiny_qwen2_arch_dir, tmp_path / "adapter"), tmp_path / "out" / "tessa.gguf"
     result = subprocess.run([sys.executable, "export_gguf.py", "--model_path", str(adapter), "--output", str(output),
                              "--type", "q4_k_m"], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "CHATFT_VERBOSE": ""})
@@ -307,8 +307,8 @@ def test_smollm2_metadata_and_tensors_match_llama_cpp_s_own_file(smollm2_dir, sm
 def test_smollm2_reply_perplexity_of_each_type_against_f16(smollm2_dir, smollm2_gguf):
     """What quantizing costs, measured as run_gptq.py measures GPTQ: the perplexity of assistant replies the model
     never trained on (the demo's identity data: SmolLM2 has not seen it), each file de-quantised by transformers."""
-    from chatft.data import load_samples
-    from chatft.quantize import GptqSettings, reply_perplexity, tokenize_as_served
+    from chatft.data.datasets import load_samples
+    from chatft.export.gptq import GptqSettings, reply_perplexity, tokenize_as_served
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     samples = tokenize_as_served(load_samples(str(ROOT / "data" / "identity_demo.json"))[:32], tokenizer,
@@ -327,8 +327,8 @@ def test_smollm2_reply_perplexity_of_each_type_against_f16(smollm2_dir, smollm2_
 # what is refused, and what is left on disk
 
 
-def test_unsupported_architecture_is_one_error_line_before_loading(tiny_qwen3_dir, tmp_path, capsys):
-    model = unloadable_copy(tiny_qwen3_dir, tmp_path)
+def test_unsupported_architecture_is_one_error_line_before_loading(tiny_qwen3_arch_dir, tmp_path, capsys):
+    model = unloadable_copy(tiny_qwen3_arch_dir, tmp_path)
     assert export(model, tmp_path / "out.gguf") == 2
     error = capsys.readouterr().err
     assert error.count("error:") == 1 and "a Qwen3ForCausalLM model" in error
@@ -336,24 +336,24 @@ def test_unsupported_architecture_is_one_error_line_before_loading(tiny_qwen3_di
     assert sorted(os.listdir(tmp_path)) == [model.name]
 
 
-def test_existing_output_is_refused_and_left_untouched(tiny_qwen2_dir, tmp_path, capsys):
+def test_existing_output_is_refused_and_left_untouched(tiny_qwen2_arch_dir, tmp_path, capsys):
     output = tmp_path / "out.gguf"
     output.write_bytes(b"an earlier export")
-    assert export(unloadable_copy(tiny_qwen2_dir, tmp_path), output) == 2
+    assert export(unloadable_copy(tiny_qwen2_arch_dir, tmp_path), output) == 2
     assert "--overwrite" in capsys.readouterr().err and output.read_bytes() == b"an earlier export"
-    assert export(tiny_qwen2_dir, output, "--overwrite") == 0
+    assert export(tiny_qwen2_arch_dir, output, "--overwrite") == 0
     assert capsys.readouterr().out == f"{output}\n"  # the path alone on stdout
     assert output.read_bytes()[:4] == b"GGUF"
-    assert sorted(os.listdir(tmp_path)) == sorted(["out.gguf", f"{Path(tiny_qwen2_dir).name}-unloadable"])
+    assert sorted(os.listdir(tmp_path)) == sorted(["out.gguf", f"{Path(tiny_qwen2_arch_dir).name}-unloadable"])
 
 
-def test_a_failed_export_leaves_nothing_and_keeps_the_previous_file(tiny_qwen2_dir, tmp_path, capsys):
+def test_a_failed_export_leaves_nothing_and_keeps_the_previous_file(tiny_qwen2_arch_dir, tmp_path, capsys):
     """A weight float16 cannot hold, in the last layer: the file is half written when the export fails."""
-    model = load_source(tiny_qwen2_dir)
+    model = load_source(tiny_qwen2_arch_dir)
     with torch.no_grad():
         model.model.layers[-1].mlp.down_proj.weight[0, 0] = 1e5
     model.save_pretrained(tmp_path / "large")
-    transformers.AutoTokenizer.from_pretrained(tiny_qwen2_dir).save_pretrained(tmp_path / "large")
+    transformers.AutoTokenizer.from_pretrained(tiny_qwen2_arch_dir).save_pretrained(tmp_path / "large")
     output = tmp_path / "out.gguf"
     output.write_bytes(b"an earlier export")
     assert export(tmp_path / "large", output, "--overwrite") == 2
@@ -369,8 +369,8 @@ def test_a_failed_export_leaves_nothing_and_keeps_the_previous_file(tiny_qwen2_d
     (["--model_path", "{model}", "--output", "{tmp}/dir.gguf"], "is a directory"),
     (["--model_path", "{model}", "--output", "{tmp}/x.gguf", "--base_model_path", "{model}"], "is for an adapter"),
 ])
-def test_user_mistakes_are_one_error_line(tiny_qwen2_dir, tmp_path, capsys, argv, message):
-    model = unloadable_copy(tiny_qwen2_dir, tmp_path)
+def test_user_mistakes_are_one_error_line(tiny_qwen2_arch_dir, tmp_path, capsys, argv, message):
+    model = unloadable_copy(tiny_qwen2_arch_dir, tmp_path)
     (tmp_path / "dir.gguf").mkdir()
     argv = [arg.format(model=model, tmp=tmp_path) for arg in argv]
     assert export_gguf.main(argv) == 2
@@ -384,9 +384,9 @@ def test_a_tokenizer_without_chatml_is_refused_before_the_weights_load(tmp_path,
     assert f"its tokenizer has no {IM_END}" in capsys.readouterr().err
 
 
-def test_unknown_type_is_refused_by_the_parser(tiny_qwen2_dir, tmp_path, capsys):
+def test_unknown_type_is_refused_by_the_parser(tiny_qwen2_arch_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        export(tiny_qwen2_dir, tmp_path / "x.gguf", "--type", "q4_0")
+        export(tiny_qwen2_arch_dir, tmp_path / "x.gguf", "--type", "q4_0")
     assert exit_info.value.code == 2 and "invalid choice: 'q4_0'" in capsys.readouterr().err
 
 

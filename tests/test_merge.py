@@ -11,8 +11,8 @@ import torch
 import transformers
 
 import merge_lora
-from chatft import export
-from chatft.chat_format import IM_END
+from chatft.export import merge as merging
+from chatft.data.chat_format import IM_END
 from support import assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, probe_logits, rounding_atol, run
 
 
@@ -35,17 +35,17 @@ def assert_standalone(merged_dir):
     return model, tokenizer
 
 
-def test_merged_model_equals_base_plus_adapter(tiny_qwen_dir, data_file, tmp_path):
-    run(tiny_qwen_dir, data_file, tmp_path / "lora", "--use_lora", "--lora_r", "4", "--learning_rate", "1e-2")
+def test_merged_model_equals_base_plus_adapter(tiny_qwen_arch_dir, data_file, tmp_path):
+    run(tiny_qwen_arch_dir, data_file, tmp_path / "lora", "--use_lora", "--lora_r", "4", "--learning_rate", "1e-2")
     assert merge(tmp_path / "lora", tmp_path / "merged") == 0
     merged, tokenizer = assert_standalone(tmp_path / "merged")
     adapter = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "lora")
     assert_close_up_to_rounding(probe_logits(merged, tokenizer), probe_logits(adapter, tokenizer),
                                 terms=decoder_terms(merged.config))
-    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen_arch_dir)
     assert (probe_logits(base, tokenizer) - probe_logits(merged, tokenizer)).abs().max() > 1e-3  # the adapter counted
     info = json.load(open(tmp_path / "merged" / "merge_info.json"))
-    assert info["base_model_path"] == str(tiny_qwen_dir) and info["dtype"] == "float32"
+    assert info["base_model_path"] == str(tiny_qwen_arch_dir) and info["dtype"] == "float32"
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -70,8 +70,8 @@ def test_added_tokens_and_trainable_embeddings_merge(tmp_path, data_file, tie):
     assert (merged.get_input_embeddings().weight[:base_vocab] - old_rows).abs().max() > rounding_atol(old_rows, terms=1)
 
 
-def test_dtype_and_shards(tiny_qwen_dir, data_file, tmp_path):
-    run(tiny_qwen_dir, data_file, tmp_path / "lora", "--use_lora", "--lora_r", "4")
+def test_dtype_and_shards(tiny_qwen_arch_dir, data_file, tmp_path):
+    run(tiny_qwen_arch_dir, data_file, tmp_path / "lora", "--use_lora", "--lora_r", "4")
     assert merge(tmp_path / "lora", tmp_path / "merged", "--dtype", "bfloat16", "--max_shard_size", "5MB") == 0
     shards = [name for name in os.listdir(tmp_path / "merged") if name.endswith(".safetensors")]
     assert len(shards) > 1 and (tmp_path / "merged" / "model.safetensors.index.json").is_file()
@@ -79,8 +79,8 @@ def test_dtype_and_shards(tiny_qwen_dir, data_file, tmp_path):
     assert merged.dtype == torch.bfloat16
 
 
-def test_non_empty_output_dir_refused_then_replaced_with_overwrite(tiny_qwen_dir, data_file, tmp_path, capsys):
-    run(tiny_qwen_dir, data_file, tmp_path / "lora", "--use_lora", "--lora_r", "4")
+def test_non_empty_output_dir_refused_then_replaced_with_overwrite(tiny_qwen_arch_dir, data_file, tmp_path, capsys):
+    run(tiny_qwen_arch_dir, data_file, tmp_path / "lora", "--use_lora", "--lora_r", "4")
     output = tmp_path / "merged"
     output.mkdir()
     (output / "keep.txt").write_text("earlier results")
@@ -92,8 +92,8 @@ def test_non_empty_output_dir_refused_then_replaced_with_overwrite(tiny_qwen_dir
     assert "also an input" in capsys.readouterr().err
 
 
-def test_failed_save_leaves_previous_output_intact(tiny_qwen_dir, data_file, tmp_path, monkeypatch, capsys):
-    run(tiny_qwen_dir, data_file, tmp_path / "lora", "--use_lora", "--lora_r", "4")
+def test_failed_save_leaves_previous_output_intact(tiny_qwen_arch_dir, data_file, tmp_path, monkeypatch, capsys):
+    run(tiny_qwen_arch_dir, data_file, tmp_path / "lora", "--use_lora", "--lora_r", "4")
     output = tmp_path / "merged"
     output.mkdir()
     (output / "keep.txt").write_text("earlier results")
@@ -102,20 +102,20 @@ def test_failed_save_leaves_previous_output_intact(tiny_qwen_dir, data_file, tmp
         (open(os.path.join(directory, "model.safetensors"), "w")).write("half a model")
         raise OSError("disk full")
 
-    monkeypatch.setattr(export, "save_standalone", save_then_crash)
+    monkeypatch.setattr(merging, "save_standalone", save_then_crash)
     assert merge(tmp_path / "lora", output, "--overwrite") == 2
     assert "disk full" in capsys.readouterr().err
     assert os.listdir(output) == ["keep.txt"]
     assert sorted(os.listdir(tmp_path)) == ["lora", "merged", "train.json"]  # no scratch directory left behind
 
 
-def test_gptq_base_needs_the_full_precision_model(tiny_gptq_dir, tiny_qwen2_64_dir, data_file, tmp_path, capsys):
+def test_gptq_base_needs_the_full_precision_model(tiny_gptq_dir, tiny_qwen2_arch_64_dir, data_file, tmp_path, capsys):
     """Q-LoRA on a GPTQ model: refused into the int4 weights, merged into the full-precision original."""
     run(tiny_gptq_dir, data_file, tmp_path / "qlora", "--use_lora", "--q_lora", "--lora_r", "4", "--learning_rate", "1e-2",
         "--lora_dropout", "0")
     assert merge(tmp_path / "qlora", tmp_path / "merged") == 2
     assert "--base_model_path" in capsys.readouterr().err and not (tmp_path / "merged").exists()
-    original = tiny_qwen2_64_dir  # what tiny_gptq_dir was quantized from
+    original = tiny_qwen2_arch_64_dir  # what tiny_gptq_dir was quantized from
     assert merge(tmp_path / "qlora", tmp_path / "merged", "--base_model_path", str(original)) == 0
     merged, tokenizer = assert_standalone(tmp_path / "merged")
     adapter = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(original), tmp_path / "qlora")
@@ -123,18 +123,18 @@ def test_gptq_base_needs_the_full_precision_model(tiny_gptq_dir, tiny_qwen2_64_d
                                 terms=decoder_terms(merged.config))
 
 
-def test_nf4_qlora_adapter_merges_into_its_full_precision_base(tiny_qwen2_64_dir, tmp_path, data_file, caplog):
-    run(tiny_qwen2_64_dir, data_file, tmp_path / "qlora", "--use_lora", "--q_lora", "--lora_r", "4",
+def test_nf4_qlora_adapter_merges_into_its_full_precision_base(tiny_qwen2_arch_64_dir, tmp_path, data_file, caplog):
+    run(tiny_qwen2_arch_64_dir, data_file, tmp_path / "qlora", "--use_lora", "--q_lora", "--lora_r", "4",
         "--learning_rate", "1e-2", "--bf16", "True")
     assert merge(tmp_path / "qlora", tmp_path / "merged") == 0
     assert "Q-LoRA adapter" in caplog.text and "NF4" in caplog.text
     merged, tokenizer = assert_standalone(tmp_path / "merged")
-    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_64_dir)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_64_dir)
     adapter = peft.PeftModel.from_pretrained(base, tmp_path / "qlora")
     assert_close_up_to_rounding(probe_logits(merged, tokenizer), probe_logits(adapter, tokenizer),
                                 terms=decoder_terms(merged.config))
 
 
-def test_not_an_adapter_dir(tiny_qwen_dir, tmp_path, capsys):
-    assert merge(tiny_qwen_dir, tmp_path / "merged") == 2
+def test_not_an_adapter_dir(tiny_qwen_arch_dir, tmp_path, capsys):
+    assert merge(tiny_qwen_arch_dir, tmp_path / "merged") == 2
     assert "no adapter_config.json" in capsys.readouterr().err

@@ -20,9 +20,9 @@ import torch
 import transformers
 
 from chatft import cache_root, console
-from chatft.attention import PER_SAMPLE_SDPA, supports_per_sample_sdpa
-from chatft.checkpoints import saved_quantization
-from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IM_END, IM_START, chatml_template, is_thinking_template,
+from chatft.model.attention import PER_SAMPLE_SDPA, supports_per_sample_sdpa
+from chatft.model.sources import saved_quantization
+from chatft.data.chat_format import (DEFAULT_SYSTEM_MESSAGE, IM_END, IM_START, chatml_template, is_thinking_template,
                                 qwen3_template, resolve_chat_format)
 
 logger = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ import transformers
 import finetune
 from chatft.errors import DataError
 import run_gptq
-from chatft.chat_format import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, to_conversation
-from chatft.data import SupervisedDataset, load_samples
-from chatft.quantize import (GptqSettings, QuantizeError, choose_group_size, reply_perplexity, split_samples,
+from chatft.data.chat_format import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, to_conversation
+from chatft.data.datasets import SupervisedDataset, load_samples
+from chatft.export.gptq import (GptqSettings, QuantizeError, choose_group_size, reply_perplexity, split_samples,
                              tokenize_as_served, trainable_as_served)
 from support import assert_close_up_to_rounding, probe_logits, unloadable_copy, write_json
 
@@ -38,8 +38,8 @@ def quantize(model, data, out, *extra):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_output_loads_with_plain_transformers(tiny_qwen2_64_dir, data, tmp_path, bits, capsys):
-    assert quantize(tiny_qwen2_64_dir, data, tmp_path / "q", "--bits", str(bits), "--group-size", "32") == 0
+def test_quantized_output_loads_with_plain_transformers(tiny_qwen2_arch_64_dir, data, tmp_path, bits, capsys):
+    assert quantize(tiny_qwen2_arch_64_dir, data, tmp_path / "q", "--bits", str(bits), "--group-size", "32") == 0
     printed = re.search(r"Perplexity on (\d+) held-out conversations \(assistant replies\): (\S+) before, (\S+) after "
                         r"(\d)-bit GPTQ \(x(\S+)\)", capsys.readouterr().out)
     assert printed, "run_gptq.py prints the perplexities before and after"
@@ -61,7 +61,7 @@ def test_quantized_output_loads_with_plain_transformers(tiny_qwen2_64_dir, data,
     assert all(math.isfinite(value) and value >= 1 for value in (before, after))
     assert report["perplexity_ratio"] == after / before
     # the model before quantization, measured independently: exp of the HF loss over the held-out reply tokens
-    full = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_64_dir, dtype=torch.float32)
+    full = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_64_dir, dtype=torch.float32)
     _, held_out = split_samples(load_samples(str(data)), GptqSettings())
     nll, count = 0.0, 0
     for sample in tokenize_as_served(held_out, tokenizer, GptqSettings(max_len=64)):
@@ -79,9 +79,9 @@ def test_quantized_output_loads_with_plain_transformers(tiny_qwen2_64_dir, data,
         assert abs(report["perplexity_ratio"] - 1) < 0.2, report
 
 
-def test_perplexity_is_exp_of_the_training_loss(tiny_qwen2_64_dir):
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_64_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_64_dir, dtype=torch.float32)
+def test_perplexity_is_exp_of_the_training_loss(tiny_qwen2_arch_64_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_arch_64_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_64_dir, dtype=torch.float32)
     samples = tokenize_as_served(SAMPLES[:3], tokenizer, GptqSettings(max_len=64))
     for sample in samples:
         with torch.no_grad():
@@ -90,12 +90,12 @@ def test_perplexity_is_exp_of_the_training_loss(tiny_qwen2_64_dir):
         assert_close_up_to_rounding(math.log(reply_perplexity(model, [sample])), loss, terms=len(sample.input_ids))
 
 
-def test_calibration_is_the_training_tokenization(tiny_qwen2_64_dir):
+def test_calibration_is_the_training_tokenization(tiny_qwen2_arch_64_dir):
     """In the format the model was trained in, read from its saved template: qwen3 for Qwen3's (the tiny model's
     tokenizer), ChatML for the template a ChatML run saves."""
-    from chatft.chat_format import chatml_template
+    from chatft.data.chat_format import chatml_template
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_64_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_arch_64_dir)
     for chat_format in ("qwen3", "chatml"):
         if chat_format == "chatml":
             tokenizer.chat_template = chatml_template(DEFAULT_SYSTEM_MESSAGE)
@@ -105,12 +105,12 @@ def test_calibration_is_the_training_tokenization(tiny_qwen2_64_dir):
         assert (tokenizer.decode(tokenized[0].input_ids).startswith("<|im_start|>system")) == (chat_format == "chatml")
 
 
-def test_calibration_drops_what_training_drops(tiny_qwen2_64_dir, caplog):
-    """The one rule and message (chatft.data.keep_trainable): a sample that --max_len leaves no reply token is neither
+def test_calibration_drops_what_training_drops(tiny_qwen2_arch_64_dir, caplog):
+    """The one rule and message (chatft.data.datasets.keep_trainable): a sample that --max_len leaves no reply token is neither
     calibrated on nor measured, as training does not train on it."""
-    from chatft.chat_format import chatml_template
+    from chatft.data.chat_format import chatml_template
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_64_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_arch_64_dir)
     tokenizer.chat_template = chatml_template(DEFAULT_SYSTEM_MESSAGE)
     long = {"id": "long", "conversations": [{"from": "user", "value": "word " * 100}, {"from": "assistant", "value": "ok"}]}
     samples = [to_conversation(sample) for sample in SAMPLES[:3] + [long]]
@@ -142,9 +142,9 @@ def test_group_size_must_divide_the_layer_widths():
         choose_group_size(None, {100, 200})
 
 
-def test_malformed_calibration_file_fails_like_training(tiny_qwen2_64_dir, tmp_path, capsys):
+def test_malformed_calibration_file_fails_like_training(tiny_qwen2_arch_64_dir, tmp_path, capsys):
     bad = write_json(tmp_path / "bad.json", [{"id": "x7", "conversations": [{"from": "user", "value": 5}]}])
-    model = unloadable_copy(tiny_qwen2_64_dir, tmp_path)  # loading its weights or tokenizer would fail
+    model = unloadable_copy(tiny_qwen2_arch_64_dir, tmp_path)  # loading its weights or tokenizer would fail
     with pytest.raises(DataError) as training_error:
         load_samples(str(bad))
     assert finetune.main(["--model_name_or_path", str(model), "--data_path", str(bad), "--output_dir",
@@ -160,15 +160,15 @@ def test_malformed_calibration_file_fails_like_training(tiny_qwen2_64_dir, tmp_p
     assert os.listdir(out) == ["keep.txt"]
 
 
-def test_refusals(tiny_qwen2_64_dir, tiny_gptq_dir, data, tmp_path, capsys):
+def test_refusals(tiny_qwen2_arch_64_dir, tiny_gptq_dir, data, tmp_path, capsys):
     out = tmp_path / "q"
     out.mkdir()
     (out / "model.safetensors").write_text("previous")
-    assert quantize(tiny_qwen2_64_dir, data, out) == 2
+    assert quantize(tiny_qwen2_arch_64_dir, data, out) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "model.safetensors").read_text() == "previous"
     assert quantize(tiny_gptq_dir, data, tmp_path / "q2") == 2
     assert "already quantized" in capsys.readouterr().err
-    assert quantize(tiny_qwen2_64_dir, data, tmp_path / "q3", "--group-size", "48") == 2
+    assert quantize(tiny_qwen2_arch_64_dir, data, tmp_path / "q3", "--group-size", "48") == 2
     assert "does not divide" in capsys.readouterr().err
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -176,7 +176,7 @@ def test_refusals(tiny_qwen2_64_dir, tiny_gptq_dir, data, tmp_path, capsys):
     assert quantize(adapter, data, tmp_path / "q5") == 2
     assert "merge it first" in capsys.readouterr().err
     one = write_json(tmp_path / "one.json", SAMPLES[:1])
-    assert quantize(tiny_qwen2_64_dir, one, tmp_path / "q4") == 2
+    assert quantize(tiny_qwen2_arch_64_dir, one, tmp_path / "q4") == 2
     assert "at least 2 samples" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("q2", "q3", "q4"))
 

@@ -1,6 +1,6 @@
 """Conversation -> ChatML text -> (input_ids, labels).
 
-A sample has one shape from the data file to the tokens: a `Conversation` of `Turn`s, which chatft.formats' readers
+A sample has one shape from the data file to the tokens: a `Conversation` of `Turn`s, which chatft.data.formats' readers
 build from each record (checking it as they go). Then two separate steps:
 
 1. `render_chatml` builds the exact text the model sees, and the character spans of
@@ -12,7 +12,7 @@ build from each record (checking it as they go). Then two separate steps:
    offsets, and labels every token that carries a character of a trainable span.
 
 Qwen's own sample shape (`{"conversations": [{"from", "value"}]}`, unchecked) is still read where Qwen's scripts pass
-it (`to_turns`, `to_conversation`, chatft.data.preprocess), by the same turn rules (`make_turn`, `join_turns`).
+it (`to_turns`, `to_conversation`, chatft.data.datasets.preprocess), by the same turn rules (`make_turn`, `join_turns`).
 
 Because the whole text is tokenized in one call, `input_ids` are exactly what
 `tokenizer(text)` and `tokenizer.apply_chat_template` (with `chatml_template`) give
@@ -161,7 +161,7 @@ def make_turn(role: str, value, reasoning: str | None = None) -> Turn:
     """One turn in the roles of Qwen's samples (`ROLES`) -> a `Turn`. A `function_call` turn (its value JSON text,
     or calls already parsed) becomes an assistant turn with tool calls, an `observation` a `tool` turn. An assistant's
     `reasoning` (its `reasoning_content`; None: absent) is its trace; without one, a `<think>` block leading its text
-    is. Raises ValueError for a tool call that does not parse (chatft.formats checks every turn first)."""
+    is. Raises ValueError for a tool call that does not parse (chatft.data.formats checks every turn first)."""
     if role == "function_call":
         calls = value if isinstance(value, tuple) else parse_tool_calls(value)
         return Turn("assistant", "", calls, reasoning or "")
@@ -193,7 +193,7 @@ def join_turns(turns: list[Turn]) -> list[Turn]:
 
 def to_turns(conversation: list[dict]) -> list[Turn]:
     """Qwen's turns (`{"from", "value"}`, and on assistant turns an optional `reasoning_content`) -> `Turn`s, read
-    by `make_turn` and `join_turns`, unchecked (chatft.formats reads data files, checking every turn)."""
+    by `make_turn` and `join_turns`, unchecked (chatft.data.formats reads data files, checking every turn)."""
     return join_turns([make_turn(turn["from"], turn["value"], turn.get("reasoning_content")) for turn in conversation])
 
 
@@ -475,7 +475,7 @@ def chatml_template(system_message: str = DEFAULT_SYSTEM_MESSAGE) -> str:
 
 def stop_token_ids(tokenizer) -> list[int]:
     """The ids generation stops at: `<|im_end|>`, which closes every reply, then the tokenizer's eos if it differs.
-    Used at generation (chatft.chat) and saved in every generation config (chatft.saving)."""
+    Used at generation (chatft.serve.chat) and saved in every generation config (chatft.train.saving)."""
     ids = [tokenizer.convert_tokens_to_ids(IM_END)]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)

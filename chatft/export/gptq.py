@@ -1,9 +1,9 @@
 """GPTQ quantization with gptqmodel, calibrated on conversations in the training data format.
 
-Calibration samples are read and validated by `chatft.data.load_samples` and rendered and
-tokenized by `chatft.chat_format.tokenize_conversation`: the same code as training, so the
+Calibration samples are read and validated by `chatft.data.datasets.load_samples` and rendered and
+tokenized by `chatft.data.chat_format.tokenize_conversation`: the same code as training, so the
 quantizer sees exactly the text the model was fine-tuned on; a sample that --max_len leaves no reply token is
-dropped by training's rule and message (`chatft.data.keep_trainable`). A held-out part of the data
+dropped by training's rule and message (`chatft.data.datasets.keep_trainable`). A held-out part of the data
 (not used for calibration) measures the perplexity of the model on its assistant replies
 before and after quantization.
 """
@@ -24,10 +24,10 @@ import torch
 import transformers
 
 from chatft import console
-from chatft.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, Conversation, TokenizedSample,
+from chatft.data.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, Conversation, TokenizedSample,
                                 resolve_chat_format, tokenize_conversation)
-from chatft.data import as_conversations, keep_trainable, load_samples
-from chatft.checkpoints import is_adapter_dir, require_model_source, saved_quantization
+from chatft.data.datasets import as_conversations, keep_trainable, load_samples
+from chatft.model.sources import is_adapter_dir, require_model_source, saved_quantization
 from chatft.device import inference_device_and_dtype
 from chatft.errors import DataError, QuantizeError
 from chatft.output_dir import check_new_output_dir, staged_output_dir
@@ -78,7 +78,7 @@ def tokenize_as_served(samples: list[Conversation], tokenizer, settings: GptqSet
 def trainable_as_served(samples: list[Conversation], tokenizer, settings: GptqSettings, what: str
                         ) -> list[TokenizedSample]:
     """`tokenize_as_served`, less the samples with no reply token within --max_len, dropped as training drops them
-    (chatft.data.keep_trainable, with its message prefixed by `what`): with nothing to measure they only add
+    (chatft.data.datasets.keep_trainable, with its message prefixed by `what`): with nothing to measure they only add
     prompts to calibration."""
     kept, dropped = keep_trainable(tokenize_as_served(samples, tokenizer, settings), as_conversations(samples),
                                    settings.max_len, flag="--max_len")

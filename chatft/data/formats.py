@@ -13,7 +13,7 @@ assistant's call, JSON `{"name", "arguments"}` or a list of them) and `observati
 with the tool definitions in the sample's `tools` (a list, or that list as JSON text). OpenAI messages carry
 the same as `tool_calls` on assistant messages, `tool` messages and `tools`.
 
-`read_record` gives one record's `Conversation` (chatft.chat_format), so a conversation gives identical tokens and
+`read_record` gives one record's `Conversation` (chatft.data.chat_format), so a conversation gives identical tokens and
 labels whatever format it came in. Each format's reader names each turn in the seed's roles (`ROLES`), and every
 format's turns are then checked and built by the same rules (`_read_turns`). Problems are returned as messages
 naming the file, sample index, id and the record's own field (`messages[2]`, `history[0][1]`, `'output'`).
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from chatft.chat_format import (ROLES, Conversation, Turn, join_turns, make_turn, parse_tool_calls,
+from chatft.data.chat_format import (ROLES, Conversation, Turn, join_turns, make_turn, parse_tool_calls,
                                 parse_tools)
 
 FORMATS = ("auto", "conversations", "sharegpt", "messages", "alpaca")

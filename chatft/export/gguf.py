@@ -37,12 +37,12 @@ import transformers
 from gguf import GGML_QUANT_SIZES, QK_K
 from gguf import GGMLQuantizationType as QType
 
-from chatft import kquants
-from chatft.chat_format import IM_END
-from chatft.checkpoints import is_adapter_dir, require_model_source, saved_quantization, trained_with_qlora
+from chatft.export import kquants
+from chatft.data.chat_format import IM_END
+from chatft.model.sources import is_adapter_dir, require_model_source, saved_quantization, trained_with_qlora
 from chatft.errors import ArgumentError, ModelPathError, OutputDirError
-from chatft.export import load_merged, merge_base_path
-from chatft.model import model_config, resolve_model_path
+from chatft.export.merge import load_merged, merge_base_path
+from chatft.model.load import model_config, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def check_tokenizer(tokenizer, model_path: str) -> str:
         raise ModelPathError(
             f"--model_name_or_path {model_path}: llama.cpp would not know how to split text for its tokenizer (pre-tokenizer "
             f"hash {digest}); export_gguf.py knows {', '.join(sorted(set(PRE_TOKENIZERS.values())))}. If llama.cpp's "
-            "convert_hf_to_gguf.py names this hash, add it to chatft.gguf_export.PRE_TOKENIZERS.")
+            "convert_hf_to_gguf.py names this hash, add it to chatft.export.gguf.PRE_TOKENIZERS.")
     return PRE_TOKENIZERS[digest]
 
 

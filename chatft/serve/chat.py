@@ -1,7 +1,7 @@
 """Loading a fine-tuned result for chat, and generating one reply (used by cli_demo.py and tests).
 
-A GGUF file (export_gguf.py's) is served by llama.cpp when llama-cpp-python is installed (chatft.gguf_runtime), as
-its users will run it; otherwise by transformers, from the file's de-quantised copy (chatft.model.gguf_to_hf_dir)."""
+A GGUF file (export_gguf.py's) is served by llama.cpp when llama-cpp-python is installed (chatft.serve.gguf_runtime), as
+its users will run it; otherwise by transformers, from the file's de-quantised copy (chatft.model.load.gguf_to_hf_dir)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 import transformers
 
 from chatft import console
-from chatft.chat_format import THINK_CLOSE, THINK_OPEN, stop_token_ids
-from chatft.checkpoints import (ADAPTER_CONFIG_FILE, adapter_base, checkpoint_kind, require_model_source,
+from chatft.data.chat_format import THINK_CLOSE, THINK_OPEN, stop_token_ids
+from chatft.model.sources import (ADAPTER_CONFIG_FILE, adapter_base, checkpoint_kind, require_model_source,
                                 saved_quantization)
 from chatft.device import inference_device_and_dtype
 from chatft.errors import ArgumentError
-from chatft.gguf_runtime import LlamaCppModel, llama_cpp_installed
+from chatft.serve.gguf_runtime import LlamaCppModel, llama_cpp_installed
 
 
 def load_chat_model(path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False, device=None):
@@ -30,7 +30,7 @@ def load_chat_model(path: str, dtype: torch.dtype | None = None, trust_remote_co
     if kind == "gguf" and llama_cpp_installed():
         return LlamaCppModel.load(path), None, kind
     if kind == "gguf":
-        from chatft.model import resolve_model_path
+        from chatft.model.load import resolve_model_path
 
         path = resolve_model_path(path)
     if kind in ("lora", "qlora"):
@@ -42,7 +42,7 @@ def load_chat_model(path: str, dtype: torch.dtype | None = None, trust_remote_co
     loading = {"dtype": dtype, "device_map": {"": device}, "trust_remote_code": trust_remote_code,
                "use_safetensors": True}
     if kind == "qlora":
-        from chatft.model import nf4_config
+        from chatft.model.load import nf4_config
 
         if saved_quantization(base) is None:  # an adapter trained on a GPTQ base loads that base as saved
             loading["quantization_config"] = nf4_config(dtype)
@@ -61,8 +61,8 @@ def load_chat_model(path: str, dtype: torch.dtype | None = None, trust_remote_co
 
 def load_tools(path: str) -> list[dict]:
     """Tool definitions from a JSON file: a list of definitions (bare or OpenAI-wrapped), as in training data's
-    `tools`; wrapped as in training (chatft.chat_format.parse_tools)."""
-    from chatft.chat_format import parse_tools
+    `tools`; wrapped as in training (chatft.data.chat_format.parse_tools)."""
+    from chatft.data.chat_format import parse_tools
 
     try:
         with open(path, encoding="utf-8") as f:

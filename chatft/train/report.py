@@ -17,8 +17,8 @@ import resource
 
 import torch
 
-from chatft.chat_format import IGNORE_INDEX, Conversation, TokenizedSample, describe_sample
-from chatft.data import PackedDataset, as_conversations, keep_trainable, split_summary, tokenize_training_samples
+from chatft.data.chat_format import IGNORE_INDEX, Conversation, TokenizedSample, describe_sample
+from chatft.data.datasets import PackedDataset, as_conversations, keep_trainable, split_summary, tokenize_training_samples
 
 HISTOGRAM_BINS = 8
 BAR_WIDTH = 40
@@ -77,7 +77,7 @@ def dry_run_report(name: str, samples: list[Conversation], tokenizer, max_len: i
                    chat_format: str = "chatml", reasoning_turns: str = "all", estimate_memory=None) -> str:
     """The report's lines (module docstring); `estimate_memory`: tokens -> chatft.memory.MemoryEstimate, to add the
     peak memory estimated at the longest batch (chatft.memory.run_estimator). Samples are dropped as training
-    drops them (chatft.data.keep_trainable), from the untruncated tokens cut to max_len: the lengths before truncation
+    drops them (chatft.data.datasets.keep_trainable), from the untruncated tokens cut to max_len: the lengths before truncation
     are part of the report."""
     conversations = as_conversations(samples)
     full = tokenize_training_samples(conversations, tokenizer, 10**9, system_message, desc=f"Tokenizing {name}",
@@ -167,7 +167,7 @@ def run_summary(trainer, what_was_saved: str) -> str:
     epoch_tokens = getattr(trainer.train_dataset, "num_tokens", None)  # not known up front with --lazy_preprocess
     losses = [e["loss"] for e in history if "loss" in e]
     eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
-    start = getattr(trainer, "run_start", None)  # chatft.trainer.RunStart: a resumed run began at its checkpoint
+    start = getattr(trainer, "run_start", None)  # chatft.train.trainer.RunStart: a resumed run began at its checkpoint
     start_epoch, start_step = (start.epoch, start.step) if start is not None else (0.0, 0)
     epochs, steps = (state.epoch or 0) - start_epoch, state.global_step - start_step
     lines = ["", "=" * 60, "Training finished"]

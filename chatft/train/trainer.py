@@ -1,6 +1,6 @@
 """The HF Trainer, asking a loss object for the loss of each batch, with checkpoints that appear only when whole.
 
-The loss: `ChatTrainer(loss=...)` takes any object of chatft.losses' seam (`loss(model, inputs, scale) ->
+The loss: `ChatTrainer(loss=...)` takes any object of chatft.train.losses' seam (`loss(model, inputs, scale) ->
 LossTerms`); SFT's `SupervisedLoss` by default. The trainer hands it the batch and how transformers normalizes a
 model's own loss (`LossScale`), back-propagates what it returns, and logs its extra values (e.g. lm_loss and
 aux_loss of a mixture-of-experts model) beside `loss`, averaged over the logging interval. Evaluation, label
@@ -24,7 +24,7 @@ import transformers
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from chatft.losses import LossScale, SupervisedLoss
+from chatft.train.losses import LossScale, SupervisedLoss
 from chatft.patches import checkpoints_written_as
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class LoggedMeans:
 
 
 class ChatTrainer(transformers.Trainer):
-    """transformers.Trainer whose training loss comes from `loss` (chatft.losses; default: SupervisedLoss, the
+    """transformers.Trainer whose training loss comes from `loss` (chatft.train.losses; default: SupervisedLoss, the
     output layer at labelled positions only)."""
 
     def __init__(self, *args, loss=None, **kwargs):
