@@ -13,7 +13,7 @@ TOOLKIT_LINE = re.compile("|".join([
     r"trainable params: [\d,]+ \|\| all params",  # the LoRA summary finetune.py asks peft for
     r"\{'(loss|eval_loss|train_runtime)': ",  # the Trainer's log lines (--logging_steps)
     r"\s*\d+%\|[^|]*\| *\d+/\d+ \[",  # the training progress bar (tqdm, no description)
-    r"(Converting and de-quantizing GGUF tensors\.\.\.|Unloading and merging model): +\d+%",  # chosen progress bars
+    r"Unloading and merging model: +\d+%",  # merge_lora.py's chosen progress bar
     r"=+$", r"Training finished$", r"  (time|peak memory|train loss|eval loss|saved|loss curve) ",  # run summary
     r"Stopped by SIGTERM at step ",
     r"Perplexity on \d+ held-out conversations",  # run_gptq.py's result

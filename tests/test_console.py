@@ -57,6 +57,23 @@ def test_device_flags_are_the_only_output():
 
 
 @pytest.mark.slow
+def test_a_gguf_chat_without_llama_cpp_prints_no_library_noise(tmp_path):
+    """README's first command installs requirements.txt only: without llama-cpp-python a .gguf file is chatted with
+    through transformers' de-quantised copy, converted here from an empty cache. transformers' tensor progress bar
+    must not show (the toolkit's one "Converting ... (once)" line says what happens)."""
+    from chatft.bundled import bundled_gguf_path
+
+    without_llama_cpp = ("import runpy, sys; sys.modules['llama_cpp'] = None; sys.argv[0] = 'cli_demo.py'; "
+                         "runpy.run_path('cli_demo.py', run_name='__main__')")
+    chat = run([sys.executable, "-c", without_llama_cpp, "-c", str(bundled_gguf_path()), "--query", "Who are you?",
+                "--max-new-tokens", "4"], fresh_machine_env(tmp_path))
+    assert "Converting" in chat.stderr  # it converted, here: the de-quantising ran
+    assert chat.stdout.startswith("User: Who are you?\nAssistant: ")
+    assert "de-quantizing" not in chat.stderr
+    assert library_noise(chat.stdout + chat.stderr) == []
+
+
+@pytest.mark.slow
 def test_launcher_without_a_model_from_an_empty_cache(tmp_path):
     """finetune_lora_single_gpu.sh with no -m captures the bundled model's directory: one existing directory."""
     env = fresh_machine_env(tmp_path)

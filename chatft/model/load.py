@@ -45,10 +45,12 @@ def gguf_to_hf_dir(gguf_path: str | os.PathLike) -> Path:
         return target
     logger.info("Converting %s into %s (once)", gguf_path, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
+    # transformers' tqdm bar over the tensors ignores its own progress-bar switch: the line above says what happens
+    with console.library_output_hidden():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
     # The tensors are already de-quantised to float; drop the GGUF marker so the model saves as plain weights.
     model.hf_quantizer.remove_quantization_config(model)
     model.config.name_or_path = str(target)
