@@ -6,6 +6,10 @@ model's own loss (`LossScale`), back-propagates what it returns, and logs its ex
 aux_loss of a mixture-of-experts model) beside `loss`, averaged over the logging interval. Evaluation, label
 smoothing and a `compute_loss_func` given to the Trainer keep transformers' own loss.
 
+The optimizer and the embeddings: `--loraplus_lr_ratio` gives LoRA's B matrices their own parameter groups
+(chatft.train.optim); `--neftune_noise_alpha` adds noise scaled per sample (chatft.train.neftune) instead of
+transformers' hook.
+
 Checkpoints: while `ChatTrainer` trains, transformers writes each checkpoint as `tmp-checkpoint-N`
 (chatft.patches, the one module of library patches), and `AtomicCheckpoints.on_save` renames it to
 `checkpoint-N` once every process has finished writing, so a crash mid-save never leaves a partial
