@@ -119,6 +119,7 @@ def train(argv=None, callbacks=(), wrap_collator=None):
         processing_class=tokenizer,
         callbacks=list(callbacks),
         loss=SupervisedLoss(labelled_logits=plan.labelled_logits_only),
+        loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
     )
     sigterm = StopOnSigterm()
     trainer.add_callback(sigterm)

@@ -20,6 +20,7 @@ from chatft.model.sources import adapter_dir_problem, model_source_problems
 from chatft.errors import ArgumentError
 from chatft.data.formats import FORMATS
 from chatft.model.load import training_setup_problems
+from chatft.model.lora_variants import lora_init_problem, rewrites_base_weights
 
 
 @dataclass
@@ -187,6 +188,27 @@ class LoraArguments:
     )
     lora_bias: str = field(default="none", metadata={"help": "none|all|lora_only: which biases to train."})
     q_lora: bool = field(default=False, metadata={"help": "LoRA on a 4-bit quantized base model."})
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA (peft's use_dora): each adapted weight split into a magnitude and a direction, LoRA "
+                  "training the direction. Slower steps; merges like plain LoRA."},
+    )
+    use_rslora: bool = field(
+        default=False,
+        metadata={"help": "Rank-stabilized LoRA (peft's use_rslora): scale alpha/sqrt(r) instead of alpha/r, so "
+                  "higher ranks keep learning."},
+    )
+    lora_init: str = field(
+        default="default",
+        metadata={"help": "How adapters start (peft's init_lora_weights): default (B = 0), gaussian, pissa, "
+                  "pissa_niter_N (fast SVD, N iterations), olora. PiSSA and OLoRA start from the base weights' "
+                  "principal directions; the saved adapter is converted to a plain LoRA of rank 2r."},
+    )
+    loraplus_lr_ratio: float | None = field(
+        default=None,
+        metadata={"help": "LoRA+: the B matrices train at learning_rate times this (the paper suggests 16); A and "
+                  "everything else at learning_rate. Off by default."},
+    )
 
 
 # --report_to integrations -> the package each needs, checked before any model is loaded
@@ -276,6 +298,7 @@ def validate_args(model_args, data_args, training_args, lora_args) -> None:
                         "use --deepspeed ds_config_zero2.json (finetune/finetune_qlora_ds.sh's default).")
     if lora_args.q_lora and training_args.fsdp:
         problems.append("--q_lora cannot run under FSDP here: use DeepSpeed ZeRO-2 (finetune/finetune_qlora_ds.sh).")
+    problems += lora_variant_problems(training_args, lora_args)
     not_an_adapter = lora_args.lora_weight_path and adapter_dir_problem(lora_args.lora_weight_path, "--lora_weight_path")
     if not_an_adapter:
         problems.append(not_an_adapter)
@@ -291,3 +314,48 @@ def validate_args(model_args, data_args, training_args, lora_args) -> None:
     problems += model_problems
     if problems:
         raise ArgumentError("\n".join(problems))
+
+
+def deepspeed_sets_optimizer(training_args) -> bool:
+    """Whether --deepspeed's config names its own optimizer (DeepSpeed then builds it from every trainable
+    parameter in one group, not transformers' optimizer)."""
+    config = training_args.deepspeed
+    if isinstance(config, str):
+        with open(config, encoding="utf-8") as f:
+            config = json.load(f)
+    return bool(config) and "optimizer" in config
+
+
+def lora_variant_problems(training_args, lora_args) -> list[str]:
+    """--use_dora, --use_rslora, --lora_init and --loraplus_lr_ratio against each other and the other flags."""
+    chosen = [flag for flag, value in (("--use_dora", lora_args.use_dora), ("--use_rslora", lora_args.use_rslora),
+                                       ("--lora_init", lora_args.lora_init.lower() != "default"),
+                                       ("--loraplus_lr_ratio", lora_args.loraplus_lr_ratio is not None)) if value]
+    if chosen and not lora_args.use_lora:
+        return [f"{flag} needs --use_lora." for flag in chosen]
+    problems = []
+    init_problem = lora_init_problem(lora_args.lora_init)
+    if init_problem:
+        problems.append(init_problem)
+    if lora_args.lora_weight_path:  # the adapter's own config says how it was built
+        problems += [f"{flag}: the adapter in --lora_weight_path keeps its own LoRA settings; drop {flag}."
+                     for flag in chosen if flag != "--loraplus_lr_ratio"]
+    if not init_problem and rewrites_base_weights(lora_args.lora_init):
+        start = f"--lora_init {lora_args.lora_init}"
+        if lora_args.q_lora:
+            problems.append(f"{start} rewrites the base weights, which a 4-bit base cannot hold exactly: drop --q_lora "
+                            "or the --lora_init.")
+        if lora_args.use_dora:
+            problems.append(f"{start} cannot be combined with --use_dora (its adapter cannot be converted to a plain "
+                            "one at save time).")
+        if deepspeed_zero_stage(training_args) == 3 or training_args.fsdp:
+            problems.append(f"{start} decomposes whole base weights, which ZeRO-3 and FSDP partition across "
+                            "processes: use ZeRO-2 (ds_config_zero2.json) or the default start.")
+    if lora_args.loraplus_lr_ratio is not None:
+        if not lora_args.loraplus_lr_ratio > 0:
+            problems.append(f"--loraplus_lr_ratio must be positive, not {lora_args.loraplus_lr_ratio}.")
+        elif training_args.deepspeed and deepspeed_sets_optimizer(training_args):
+            problems.append(f"--loraplus_lr_ratio: --deepspeed {training_args.deepspeed} names its own optimizer, "
+                            "which puts every parameter in one group; remove its \"optimizer\" section (transformers' "
+                            "optimizer then gives the B matrices their own learning rate).")
+    return problems

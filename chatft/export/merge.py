@@ -15,9 +15,10 @@ import os
 import torch
 import transformers
 
-from chatft.model.sources import (ADAPTER_CONFIG_FILE, adapter_base, adapter_dir_problem, require_model_source,
-                                saved_quantization, trained_with_qlora)
+from chatft.model.sources import (ADAPTER_CONFIG_FILE, adapter_base, adapter_dir_problem, read_json,
+                                require_model_source, saved_quantization, trained_with_qlora)
 from chatft.errors import MergeError
+from chatft.model.lora_variants import rewrites_base_weights
 from chatft.output_dir import check_new_output_dir, staged_output_dir
 from chatft.train.saving import chat_generation_config
 
@@ -38,6 +39,11 @@ def merge_base_path(adapter_path: str, base_model_path: str | None = None) -> st
         raise MergeError(not_an_adapter)
     require_model_source(adapter_path, "--adapter_path", allow_adapter=True)
     config_file = os.path.join(adapter_path, ADAPTER_CONFIG_FILE)
+    start = read_json(config_file).get("init_lora_weights") if os.path.isfile(config_file) else None
+    if rewrites_base_weights(start):
+        raise MergeError(f"{adapter_path} is a {start} adapter of base weights its training rewrote (a checkpoint, "
+                         "kept for --resume_from_checkpoint): merge the run's output_dir, whose adapter finetune.py "
+                         "saved as a plain LoRA of the original base.")
     base = base_model_path or adapter_base(adapter_path)
     if not base:
         raise MergeError(f"{config_file} records no base model; pass --base_model_path.")

@@ -22,6 +22,8 @@ import transformers
 from chatft import cache_root, console
 from chatft.model.attention import PER_SAMPLE_SDPA, supports_per_sample_sdpa
 from chatft.model.sources import saved_quantization
+from chatft.model.lora_variants import (STARTING_ADAPTER_ATTRIBUTE, peft_init_lora_weights, rewrites_base_weights,
+                                       starting_adapter)
 from chatft.data.chat_format import (DEFAULT_SYSTEM_MESSAGE, IM_END, IM_START, chatml_template, is_thinking_template,
                                 qwen3_template, resolve_chat_format)
 
@@ -157,6 +159,9 @@ def training_setup_problems(model_args, training_args, lora_args) -> list[str]:
         if missing:
             problems.append(f"--q_lora on {'a GPTQ' if method else 'a full-precision'} model needs "
                             f"{' and '.join(missing)}: pip install {' '.join(missing)}")
+    if lora_args.q_lora and method == "gptq" and getattr(lora_args, "use_dora", False):
+        problems.append(f"--use_dora: peft has no DoRA for GPTQ layers ({path} is a GPTQ model); drop --use_dora, or "
+                        "train on the full-precision model with --q_lora (NF4).")
     if lora_args.use_lora and lora_args.lora_target_modules and not lora_args.lora_weight_path:
         problems += lora_target_problems(config, lora_args.lora_target_modules, model_args.trust_remote_code)
     return problems
@@ -286,9 +291,15 @@ def wrap_lora(model, lora_args, plan):
             task_type="CAUSAL_LM",
             modules_to_save=modules_to_save,
             ensure_weight_tying=bool(modules_to_save) and bool(getattr(model.config, "tie_word_embeddings", False)),
+            use_dora=lora_args.use_dora,
+            use_rslora=lora_args.use_rslora,
+            init_lora_weights=peft_init_lora_weights(lora_args.lora_init),
         )
         model = peft.get_peft_model(model, config)
         logger.info("LoRA on %s", ", ".join(sorted(model.peft_config["default"].target_modules)))
+        if rewrites_base_weights(config.init_lora_weights):
+            # the start the base weights were rewritten with: saving converts the adapter to a plain LoRA with it
+            setattr(model, STARTING_ADAPTER_ATTRIBUTE, starting_adapter(model))
     # Trainable weights in fp32 whatever the base dtype: bf16/fp16 optimizer updates lose small steps.
     # (DeepSpeed keeps its own fp32 master copy, and ZeRO-3's parameters are placeholders: leave them.)
     if plan.shard != "zero3":

@@ -1,5 +1,6 @@
 """Saving a finished run to output_dir: the model or adapter, the tokenizer with its chat template, a generation
-config that stops at <|im_end|>, the trainer state and the arguments used (finetune_args.json). The guard on
+config that stops at <|im_end|>, the trainer state and the arguments used (finetune_args.json). A PiSSA/OLoRA
+adapter is saved converted to a plain LoRA of the original base (chatft.model.lora_variants). The guard on
 output_dir is chatft.output_dir; the loss curve and the end-of-run summary are chatft.train.report."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 import os
 
 from chatft.data.chat_format import stop_token_ids
+from chatft.model.lora_variants import STARTING_ADAPTER_ATTRIBUTE, as_plain_lora
 
 
 def chat_generation_config(model, tokenizer):
@@ -35,6 +37,9 @@ def save_run(trainer, tokenizer, argument_groups: dict, base_model_path: str) ->
     trainer.save_model(output_dir)  # rank 0 writes; handles full models and adapters alike
     trainer.save_state()
     if trainer.is_world_process_zero():
+        start = getattr(model, STARTING_ADAPTER_ATTRIBUTE, None)
+        if start is not None:  # PiSSA/OLoRA: an adapter of the original base, not of the rewritten one
+            as_plain_lora(output_dir, start)
         # The Trainer also pickles its arguments; finetune_args.json says the same without a pickle to load.
         pickled_args = os.path.join(output_dir, "training_args.bin")
         if os.path.exists(pickled_args):

@@ -6,6 +6,10 @@ model's own loss (`LossScale`), back-propagates what it returns, and logs its ex
 aux_loss of a mixture-of-experts model) beside `loss`, averaged over the logging interval. Evaluation, label
 smoothing and a `compute_loss_func` given to the Trainer keep transformers' own loss.
 
+The optimizer and the embeddings: `--loraplus_lr_ratio` gives LoRA's B matrices their own parameter groups
+(chatft.train.optim); `--neftune_noise_alpha` adds noise scaled per sample (chatft.train.neftune) instead of
+transformers' hook.
+
 Checkpoints: while `ChatTrainer` trains, transformers writes each checkpoint as `tmp-checkpoint-N`
 (chatft.patches, the one module of library patches), and `AtomicCheckpoints.on_save` renames it to
 `checkpoint-N` once every process has finished writing, so a crash mid-save never leaves a partial
@@ -25,6 +29,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from chatft.train.losses import LossScale, SupervisedLoss
+from chatft.train.neftune import SampleScaledNoise
+from chatft.train.optim import raise_lora_b_learning_rate
 from chatft.patches import checkpoints_written_as
 
 logger = logging.getLogger(__name__)
@@ -123,8 +129,13 @@ class ChatTrainer(transformers.Trainer):
     """transformers.Trainer whose training loss comes from `loss` (chatft.train.losses; default: SupervisedLoss, the
     output layer at labelled positions only)."""
 
-    def __init__(self, *args, loss=None, **kwargs):
+    def __init__(self, *args, loss=None, loraplus_lr_ratio: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        # --neftune_noise_alpha: noise scaled per sample (chatft.train.neftune) in place of transformers' hook, which
+        # scales by the row's length; transformers attaches its own only while this attribute is set
+        self.neftune = SampleScaledNoise(self.neftune_noise_alpha) if self.neftune_noise_alpha is not None else None
+        self.neftune_noise_alpha = None
         self.loss = loss if loss is not None else SupervisedLoss()
         self.loss.prepare(self.accelerator.unwrap_model(self.model))
         self.logged_means = LoggedMeans()
@@ -138,9 +149,30 @@ class ChatTrainer(transformers.Trainer):
         return bool(getattr(self.loss, "labelled_logits", False))
 
     def train(self, *args, **kwargs):
-        """transformers.Trainer.train, each checkpoint written as tmp-checkpoint-N until it is whole (AtomicCheckpoints)."""
-        with checkpoints_written_as(SCRATCH_CHECKPOINT_PREFIX):
-            return super().train(*args, **kwargs)
+        """transformers.Trainer.train, each checkpoint written as tmp-checkpoint-N until it is whole (AtomicCheckpoints);
+        with NEFTune's per-sample noise on the input embeddings while it trains."""
+        noise = self.neftune.attach(self.model.get_input_embeddings()) if self.neftune is not None else None
+        try:
+            with checkpoints_written_as(SCRATCH_CHECKPOINT_PREFIX):
+                return super().train(*args, **kwargs)
+        finally:
+            if noise is not None:
+                noise.remove()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.neftune is not None:  # where each sample of the batch lies, for its noise scale
+            self.neftune.set_batch(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def create_optimizer(self, model=None):
+        """transformers' optimizer; with --loraplus_lr_ratio, LoRA's B matrices in groups of their own at
+        learning_rate × ratio (chatft.train.optim)."""
+        optimizer = super().create_optimizer(model)
+        if self.loraplus_lr_ratio is not None:
+            moved = raise_lora_b_learning_rate(self.optimizer, self.model if model is None else model,
+                                               self.loraplus_lr_ratio)
+            logger.info("LoRA+: %d B matrices at learning rate x %g", moved, self.loraplus_lr_ratio)
+        return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         library_loss = self.label_smoother is not None or self.compute_loss_func is not None
