@@ -275,6 +275,9 @@ def parse_args(argv: list[str] | None = None):
     try:
         if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
             keys = read_arguments_file(argv[0])
+            missing = [name for name in REQUIRED_FLAG_NAMES if name not in keys]
+            if missing:  # the dataclass would raise a TypeError naming its __init__
+                raise ArgumentError(f"{argv[0]}: {', '.join(missing)} is required (a key of the arguments file).")
             parsed = parser.parse_dict(keys, allow_extra_keys=True)
             problems += [unknown_name_problem(key, FLAG_NAMES, what=f"key in {argv[0]}:") for key in keys
                          if key not in FLAG_NAMES]
@@ -292,6 +295,8 @@ def parse_args(argv: list[str] | None = None):
 
 # Every key the four argument classes take; a flag is one of them after "--"
 FLAG_NAMES = [f.name for group in ARGUMENT_CLASSES for f in dataclasses.fields(group) if f.init]
+REQUIRED_FLAG_NAMES = [f.name for group in ARGUMENT_CLASSES for f in dataclasses.fields(group)
+                       if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
 
 
 def read_arguments_file(path: str) -> dict:

@@ -174,6 +174,9 @@ def test_an_arguments_file_with_an_unknown_key_or_broken_json_is_named(model, tm
                                     "lora_rank": 8}))
     with pytest.raises(ArgumentError, match=f"^unknown key in {path}: lora_rank: did you mean lora_r\\?$"):
         parse_args([str(path)])
+    path.write_text(yaml.safe_dump({"data_path": "d.json"}))
+    with pytest.raises(ArgumentError, match=f"^{path}: model_name_or_path is required"):
+        parse_args([str(path)])
     broken = broken_json(tmp_path)
     with pytest.raises(ArgumentError, match=f"^arguments file {broken}: not valid JSON \\(line 1, column 37: "):
         parse_args([str(broken)])
