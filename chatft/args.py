@@ -403,6 +403,9 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
         if package and importlib.util.find_spec(package) is None:
             problems.append(f"--report_to {integration} needs the {package} package: pip install {package}")
     problems += number_problems(data_args, training_args, lora_args)
+    problems.append(attention_problem(model_args.attn_implementation))
+    if os.path.isfile(training_args.output_dir) and not data_args.dry_run:
+        problems.append(f"--output_dir {training_args.output_dir}: is a file; the run writes a directory there.")
     problems += resume_problems(training_args)
     model_problems = model_source_problems(model_args.model_name_or_path, "--model_name_or_path",
                                            trust_remote_code=model_args.trust_remote_code,
@@ -411,6 +414,18 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
         model_problems = training_setup_problems(model_args, training_args, lora_args)
     problems += model_problems
     raise_problems(problems)
+
+
+def attention_problem(name: str) -> str | None:
+    """--attn_implementation: auto, or an attention transformers has registered (chatft registers its own too), a
+    paged| variant of one, or a hub kernel (org/name); transformers would refuse anything else once the model loads."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["auto", "eager", *(key for key in ALL_ATTENTION_FUNCTIONS.valid_keys() if "|" not in key)]
+    if name.removeprefix("paged|") in known or "/" in name:
+        return None
+    return (f"--attn_implementation {name}: not an attention transformers knows; use one of {', '.join(known)} (or a "
+            "hub kernel, org/name).")
 
 
 def number_problems(data_args, training_args, lora_args) -> list[str]:

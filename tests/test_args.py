@@ -132,6 +132,20 @@ def test_a_number_out_of_range_is_one_line(unloadable_model, tmp_path, capsys, f
     assert finetune_errors(unloadable_model, tmp_path, capsys, *flags) == [expected]
 
 
+def test_an_unknown_attention_or_an_output_dir_that_is_a_file_is_one_line(unloadable_model, tmp_path, capsys):
+    errors = finetune_errors(unloadable_model, tmp_path, capsys, "--attn_implementation", "fast")
+    assert len(errors) == 1 and errors[0].startswith("--attn_implementation fast: not an attention transformers "
+                                                     "knows; use one of auto, eager, ")
+    import finetune
+
+    output_file = tmp_path / "out.txt"
+    output_file.write_text("a file")
+    assert finetune.main(["--model_name_or_path", unloadable_model, "--data_path", "d.json", "--output_dir",
+                          str(output_file)]) == 2
+    assert capsys.readouterr().err == f"error: --output_dir {output_file}: is a file; the run writes a directory there.\n"
+    assert output_file.read_text() == "a file"
+
+
 def test_max_steps_makes_the_number_of_epochs_irrelevant(BASE):
     parse_args(BASE + ["--num_train_epochs", "0", "--max_steps", "3"])
 
