@@ -16,7 +16,8 @@ import argparse
 import sys
 
 from chatft import console
-from chatft.model.sources import checkpoint_kind
+from chatft.checks import SEED_RANGE, out_of_range, raise_problems
+from chatft.model.sources import checkpoint_kind, model_source_problems
 
 
 KIND_NAMES = {"full": "full model", "gptq": "GPTQ-quantized model", "lora": "LoRA adapter",
@@ -46,6 +47,21 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def flag_problems(args) -> list[str]:
+    """Every problem with the flags that needs no ML library (the model's files, the numbers); --tools is checked
+    as it is read (chatft.serve.chat.load_tools)."""
+    problems = model_source_problems(args.model_name_or_path, "--model_name_or_path", allow_adapter=True,
+                                     trust_remote_code=args.trust_remote_code)
+    problems += [
+        out_of_range("--max-new-tokens", args.max_new_tokens, low=1),
+        out_of_range("--top-p", args.top_p, low=0, high=1, low_inclusive=False),
+        out_of_range("--seed", args.seed, *SEED_RANGE),
+    ]
+    if args.do_sample:  # greedy decoding reads neither
+        problems.append(out_of_range("--temperature", args.temperature, low=0, low_inclusive=False))
+    return [problem for problem in problems if problem]
+
+
 # What loading each kind of checkpoint imports (chatft.console.OPTIONAL_PACKAGES)
 PACKAGES_FOR_KIND = {"full": (), "lora": (), "qlora": ("bitsandbytes", "gptqmodel"), "gptq": ("gptqmodel",), "gguf": ()}
 
@@ -63,10 +79,17 @@ def chat(argv=None) -> int:
 
     from chatft.serve.chat import ThinkingStreamer, generate_reply, load_chat_model, load_tools
     from chatft.data.chat_format import split_reasoning
+    from chatft.errors import ArgumentError
     from chatft.serve.gguf_runtime import LlamaCppModel
 
+    problems, tools = flag_problems(args), None
+    if args.tools:
+        try:
+            tools = load_tools(args.tools)
+        except ArgumentError as error:
+            problems.append(str(error))
+    raise_problems(problems)
     transformers.set_seed(args.seed)
-    tools = load_tools(args.tools) if args.tools else None
     model, tokenizer, kind = load_chat_model(args.model_name_or_path, trust_remote_code=args.trust_remote_code,
                                              device="cpu" if args.cpu_only else None,
                                              dtype=torch.float32 if args.cpu_only else None)

@@ -10,9 +10,13 @@ with `cli_demo.py -c`, and quantizes with `run_gptq.py`. A non-empty --output_di
 """
 
 import argparse
+import os
+import re
 import sys
 
 from chatft import console
+from chatft.checks import raise_problems
+from chatft.model.sources import adapter_dir_problem, model_source_problems
 
 if __name__ == "__main__":  # before the libraries are imported: they look at what is installed when imported
     console.start()  # a Q-LoRA adapter merges into its full-precision base: neither bitsandbytes nor gptqmodel
@@ -34,8 +38,26 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def flag_problems(args) -> list[str]:
+    """Every problem with the flags found from files alone, all at once (the merge checks them again as it goes)."""
+    problems = []
+    if os.path.isdir(args.adapter_path) and adapter_dir_problem(args.adapter_path, "--adapter_path"):
+        problems.append(adapter_dir_problem(args.adapter_path, "--adapter_path"))
+    else:
+        problems += model_source_problems(args.adapter_path, "--adapter_path", allow_adapter=True)
+    if args.base_model_path:
+        problems += model_source_problems(args.base_model_path, "--base_model_path")
+    # the sizes huggingface_hub's shard splitter reads (it fails only after the merge otherwise)
+    size = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]B)\s*", args.max_shard_size, re.IGNORECASE)
+    if not size or float(size.group(1)) <= 0:
+        problems.append(f"--max_shard_size {args.max_shard_size}: must be a positive size with its unit, e.g. 2048MB "
+                        "or 5GB (units: KB, MB, GB, TB).")
+    return problems
+
+
 def merge(argv=None) -> None:
     args = parse_args(argv)
+    raise_problems(flag_problems(args))
     merge_adapter(args.adapter_path, args.output_dir, args.base_model_path, args.dtype, args.max_shard_size,
                   args.overwrite)
 

@@ -15,11 +15,14 @@ import argparse
 import sys
 
 from chatft import console
+from chatft.checks import out_of_range, raise_problems
+from chatft.model.sources import is_adapter_dir, model_source_problems
 
 if __name__ == "__main__":  # before the libraries are imported: they look at what is installed when imported
     console.start(uses=("gptqmodel",))
 
-from chatft.export.gptq import GptqSettings, REPORT_FILE, run_gptq  # noqa: E402
+from chatft.errors import QuantizeError  # noqa: E402
+from chatft.export.gptq import GptqSettings, REPORT_FILE, choose_group_size, run_gptq  # noqa: E402
 
 DEFAULTS = GptqSettings()
 
@@ -48,8 +51,27 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def flag_problems(args) -> list[str]:
+    """Every problem with the flags found without loading anything, all at once (run_gptq checks the model's files
+    and the data again, with what it reads)."""
+    problems = [] if is_adapter_dir(args.model_name_or_path) else model_source_problems(args.model_name_or_path,
+                                                                                         "--model_name_or_path")
+    problems += [
+        out_of_range("--max_len", args.max_len, low=1),
+        out_of_range("--num_samples", args.num_samples, low=1),
+        out_of_range("--num_eval_samples", args.num_eval_samples, low=1) if args.num_eval_samples is not None else None,
+        out_of_range("--damp_percent", args.damp_percent, low=0, high=1, low_inclusive=False, high_inclusive=False),
+    ]
+    try:  # the group size's own rule (-1 or positive); the layer widths it must divide are read with the model
+        choose_group_size(args.group_size, widths=set())
+    except QuantizeError as error:
+        problems.append(str(error))
+    return [problem for problem in problems if problem]
+
+
 def quantize(argv=None) -> None:
     args = parse_args(argv)
+    raise_problems(flag_problems(args))
     settings = GptqSettings(
         bits=args.bits, group_size=args.group_size, damp_percent=args.damp_percent, desc_act=args.desc_act,
         max_len=args.max_len, num_samples=args.num_samples, num_eval_samples=args.num_eval_samples,

@@ -1,11 +1,14 @@
 """Command-line arguments: Qwen's four dataclasses, plus every `transformers.TrainingArguments` flag.
 
 `parse_args` accepts either flags or a single `.json`/`.yaml` file holding the same keys,
-then runs `validate_args`, which collects every cross-field problem and raises once.
+then runs `validate_args`, which collects every problem (unknown flags, values out of range, files that are
+missing or do not parse, flags that exclude each other) and raises once, before any model loads.
 """
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import importlib.util
 import json
 import os
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 import transformers
 
 from chatft import cache_root
+from chatft.checks import SEED_RANGE, out_of_range, raise_problems, read_json_file, unknown_name_problem
 from chatft.data.chat_format import CHAT_FORMATS, DEFAULT_SYSTEM_MESSAGE
 from chatft.model.sources import adapter_dir_problem, model_source_problems
 from chatft.errors import ArgumentError
@@ -169,7 +173,65 @@ class TrainingArguments(transformers.TrainingArguments):
             self.resume_from_checkpoint = str(self.resume_from_checkpoint).lower() == "true" or None
         if self.warmup_ratio is not None:  # transformers 5 folded warmup_ratio into a fractional warmup_steps
             self.warmup_steps = self.warmup_ratio
+        _defer_or_raise(setup_problems(self), self)
         super().__post_init__()
+
+
+# transformers' own setup (TrainingArguments.__post_init__) stops at the first of these, naming no flag or file.
+# parse_args collects them here, with the setting reset so the setup goes on and validate_args lists every problem;
+# TrainingArguments made elsewhere raise them at once.
+_DEFERRED_SETUP_PROBLEMS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("setup_problems",
+                                                                                           default=None)
+
+
+def setup_problems(training_args) -> list[tuple[str, dict]]:
+    """(problem, the settings that let transformers' setup go on) for --deepspeed and the precision flags."""
+    problems = []
+    deepspeed = training_args.deepspeed
+    if isinstance(deepspeed, str) and deepspeed:
+        if deepspeed.lstrip().startswith("{"):  # a config given inline, as transformers accepts
+            try:
+                config, problem = json.loads(deepspeed), None
+            except json.JSONDecodeError as error:
+                config, problem = None, (f"--deepspeed: the inline config is not valid JSON (line {error.lineno}, "
+                                         f"column {error.colno}: {error.msg}).")
+        else:
+            config, problem = read_json_file("--deepspeed", deepspeed)
+        if problem is None and not isinstance(config, dict):
+            problem = (f"--deepspeed {deepspeed}: holds a JSON {type(config).__name__}; a DeepSpeed config is an "
+                       "object, e.g. ds_config_zero2.json.")
+        if problem:
+            problems.append((problem, {"deepspeed": None}))
+    for full_eval in ("", "_full_eval"):
+        if getattr(training_args, f"bf16{full_eval}") and getattr(training_args, f"fp16{full_eval}"):
+            problems.append((f"--bf16{full_eval} and --fp16{full_eval} both ask for 16-bit mixed precision: choose "
+                             "one (bf16 where the hardware has it; it needs no loss scaling).",
+                             {f"bf16{full_eval}": False, f"fp16{full_eval}": False}))
+    if (training_args.bf16 or training_args.bf16_full_eval) and not training_args.use_cpu and not _bf16_device():
+        flag = "--bf16" if training_args.bf16 else "--bf16_full_eval"
+        problems.append((f"{flag} True needs a GPU with bfloat16 (NVIDIA Ampere or newer) and there is none here: "
+                         "add --use_cpu True to train on the CPU in bfloat16, or use --fp16 True on an older GPU.",
+                         {"bf16": False, "bf16_full_eval": False}))
+    return problems
+
+
+def _bf16_device() -> bool:
+    """transformers' own test for --bf16 without --use_cpu."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return is_torch_bf16_gpu_available() or is_torch_xla_available()
+
+
+def _defer_or_raise(problems: list[tuple[str, dict]], training_args) -> None:
+    if not problems:
+        return
+    collected = _DEFERRED_SETUP_PROBLEMS.get()
+    if collected is None:
+        raise_problems(problem for problem, _ in problems)
+    for problem, reset in problems:
+        collected.append(problem)
+        for name, value in reset.items():
+            setattr(training_args, name, value)
 
 
 @dataclass
@@ -230,18 +292,74 @@ def parse_args(argv: list[str] | None = None):
     """Parse flags (or one .json/.yaml file) into (model, data, training, lora) arguments and validate them."""
     argv = sys.argv[1:] if argv is None else argv
     parser = FlagParser(ARGUMENT_CLASSES)
+    problems = []
+    token = _DEFERRED_SETUP_PROBLEMS.set(problems)
     try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            parsed = parser.parse_json_file(os.path.abspath(argv[0]))
-        elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-            parsed = parser.parse_yaml_file(os.path.abspath(argv[0]))
+        if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+            keys = read_arguments_file(argv[0])
+            missing = [name for name in REQUIRED_FLAG_NAMES if name not in keys]
+            if missing:  # the dataclass would raise a TypeError naming its __init__
+                raise ArgumentError(f"{argv[0]}: {', '.join(missing)} is required (a key of the arguments file).")
+            parsed = parser.parse_dict(keys, allow_extra_keys=True)
+            problems += [unknown_name_problem(key, FLAG_NAMES, what=f"key in {argv[0]}:") for key in keys
+                         if key not in FLAG_NAMES]
         else:
-            parsed = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as error:  # TrainingArguments' own checks, e.g. bf16 requested on a device without it
+            *parsed, unused = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+            problems += unknown_flag_problems(unused)
+    except ValueError as error:  # TrainingArguments' own checks, e.g. --lr_scheduler_type needing an eval strategy
         raise ArgumentError(f"Invalid arguments: {error}") from error
+    finally:
+        _DEFERRED_SETUP_PROBLEMS.reset(token)
     model_args, data_args, training_args, lora_args = parsed
-    validate_args(model_args, data_args, training_args, lora_args)
+    validate_args(model_args, data_args, training_args, lora_args, problems)
     return model_args, data_args, training_args, lora_args
+
+
+# Every key the four argument classes take; a flag is one of them after "--"
+FLAG_NAMES = [f.name for group in ARGUMENT_CLASSES for f in dataclasses.fields(group) if f.init]
+REQUIRED_FLAG_NAMES = [f.name for group in ARGUMENT_CLASSES for f in dataclasses.fields(group)
+                       if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
+def read_arguments_file(path: str) -> dict:
+    """The keys of a .json/.yaml arguments file; a missing file or one that does not parse is an ArgumentError."""
+    if not path.endswith(".json"):
+        import yaml
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                keys = yaml.safe_load(f)
+        except OSError as error:
+            raise ArgumentError(f"{path}: the arguments file cannot be read ({error.strerror}).") from None
+        except yaml.YAMLError as error:
+            where = getattr(error, "problem_mark", None)
+            shown = f"line {where.line + 1}, column {where.column + 1}: " if where else ""
+            raise ArgumentError(f"{path}: not valid YAML ({shown}{getattr(error, 'problem', None) or error}).") from None
+    else:
+        keys, problem = read_json_file("arguments file", path)
+        if problem:
+            raise ArgumentError(problem)
+    if not isinstance(keys, dict):
+        raise ArgumentError(f"{path}: an arguments file holds flag names and their values (a mapping), not a "
+                            f"{type(keys).__name__}.")
+    return keys
+
+
+def unknown_flag_problems(unused: list[str]) -> list[str]:
+    """One problem per word of the command line no flag took: an unknown flag (with the closest known one), or a
+    value that follows no flag."""
+    problems, after_unknown_flag = [], False
+    known = ["--" + name for name in FLAG_NAMES]
+    for word in unused:
+        if word.startswith("-"):
+            problems.append(unknown_name_problem(word.split("=", 1)[0], known)
+                            + " (python finetune.py --help lists every flag)")
+            after_unknown_flag = "=" not in word
+        elif after_unknown_flag:  # the unknown flag's value, said with it
+            after_unknown_flag = False
+        else:
+            problems.append(f"{word!r} follows no flag: every value is given as --flag VALUE.")
+    return problems
 
 
 def deepspeed_zero_stage(training_args) -> int | None:
@@ -258,9 +376,10 @@ def deepspeed_zero_stage(training_args) -> int | None:
     return config.get("zero_optimization", {}).get("stage", 0)
 
 
-def validate_args(model_args, data_args, training_args, lora_args) -> None:
-    """Collect every contradiction between flags; raise `ArgumentError` listing them all."""
-    problems = []
+def validate_args(model_args, data_args, training_args, lora_args, problems: list[str] | None = None) -> None:
+    """Collect every problem with the flags (after `problems`, those parsing found); raise `ArgumentError` listing
+    them all."""
+    problems = list(problems or [])
     if not data_args.data_path:
         problems.append("--data_path is required: JSON or JSONL files of conversations.")
     if model_args.train_embeddings not in ("auto", "true", "false"):
@@ -306,14 +425,84 @@ def validate_args(model_args, data_args, training_args, lora_args) -> None:
         package = REPORTING_PACKAGES.get(integration)
         if package and importlib.util.find_spec(package) is None:
             problems.append(f"--report_to {integration} needs the {package} package: pip install {package}")
+    problems += number_problems(data_args, training_args, lora_args)
+    problems.append(attention_problem(model_args.attn_implementation))
+    if os.path.isfile(training_args.output_dir) and not data_args.dry_run:
+        problems.append(f"--output_dir {training_args.output_dir}: is a file; the run writes a directory there.")
+    problems += resume_problems(training_args)
     model_problems = model_source_problems(model_args.model_name_or_path, "--model_name_or_path",
                                            trust_remote_code=model_args.trust_remote_code,
                                            cache_dir=training_args.cache_dir)
     if not model_problems:  # the model's config is readable: check the flags against it
         model_problems = training_setup_problems(model_args, training_args, lora_args)
     problems += model_problems
-    if problems:
-        raise ArgumentError("\n".join(problems))
+    raise_problems(problems)
+
+
+def attention_problem(name: str) -> str | None:
+    """--attn_implementation: auto, or an attention transformers has registered (chatft registers its own too), a
+    paged| variant of one, or a hub kernel (org/name); transformers would refuse anything else once the model loads."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["auto", "eager", *(key for key in ALL_ATTENTION_FUNCTIONS.valid_keys() if "|" not in key)]
+    if name.removeprefix("paged|") in known or "/" in name:
+        return None
+    return (f"--attn_implementation {name}: not an attention transformers knows; use one of {', '.join(known)} (or a "
+            "hub kernel, org/name).")
+
+
+def number_problems(data_args, training_args, lora_args) -> list[str]:
+    """Numbers outside the range where they mean something; each would otherwise fail later, with a library's
+    traceback (peft for --lora_r, torch's optimizer for the betas, numpy for --seed) or silently (--warmup_ratio 2:
+    one warmup step)."""
+    t, lora = training_args, lora_args
+    checks = [
+        out_of_range("--lora_r", lora.lora_r, low=1, what="the rank of the LoRA matrices"),
+        out_of_range("--lora_alpha", lora.lora_alpha, low=0, low_inclusive=False,
+                     what="the LoRA update is scaled by lora_alpha / lora_r"),
+        out_of_range("--lora_dropout", lora.lora_dropout, low=0, high=1, high_inclusive=False),
+        out_of_range("--per_device_train_batch_size", t.per_device_train_batch_size, low=1),
+        out_of_range("--per_device_eval_batch_size", t.per_device_eval_batch_size, low=1),
+        out_of_range("--gradient_accumulation_steps", t.gradient_accumulation_steps, low=1),
+        out_of_range("--learning_rate", t.learning_rate, low=0),
+        out_of_range("--adam_beta1", t.adam_beta1, low=0, high=1, high_inclusive=False),
+        out_of_range("--adam_beta2", t.adam_beta2, low=0, high=1, high_inclusive=False),
+        out_of_range("--adam_epsilon", t.adam_epsilon, low=0),
+        out_of_range("--dataloader_num_workers", t.dataloader_num_workers, low=0),
+        out_of_range("--seed", t.seed, *SEED_RANGE),
+        out_of_range("--data_seed", t.data_seed, *SEED_RANGE) if t.data_seed is not None else None,
+        out_of_range("--warmup_ratio", t.warmup_ratio, low=0, high=1, high_inclusive=False,
+                     what="a fraction of the training steps") if t.warmup_ratio is not None else None,
+    ]
+    if t.max_steps <= 0:  # the number of epochs decides the length of the run
+        checks.append(out_of_range("--num_train_epochs", t.num_train_epochs, low=0, low_inclusive=False,
+                                   what="or set --max_steps"))
+    return [problem for problem in checks if problem]
+
+
+def resume_problems(training_args) -> list[str]:
+    """--resume_from_checkpoint: a checkpoint directory the Trainer wrote (it holds trainer_state.json), or True for
+    the latest one in --output_dir."""
+    resume = training_args.resume_from_checkpoint
+    if resume is None:
+        return []
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output_dir = training_args.output_dir
+    if resume is True:
+        if os.path.isdir(output_dir) and get_last_checkpoint(output_dir):
+            return []
+        return [f"--resume_from_checkpoint True: --output_dir {output_dir} holds no checkpoint-N directory to resume "
+                "from; start without --resume_from_checkpoint, or pass the checkpoint's directory."]
+    if not os.path.isdir(resume):
+        return [f"--resume_from_checkpoint {resume}: "
+                f"{'is a file; pass a checkpoint directory' if os.path.exists(resume) else 'no such directory'}."]
+    if os.path.isfile(os.path.join(resume, "trainer_state.json")):
+        return []
+    latest = get_last_checkpoint(resume)
+    hint = f" It holds checkpoints: pass one of them, e.g. {latest}." if latest else ""
+    return [f"--resume_from_checkpoint {resume}: not a checkpoint (no trainer_state.json, which the Trainer writes in "
+            f"every checkpoint-N directory).{hint}"]
 
 
 def deepspeed_sets_optimizer(training_args) -> bool:

@@ -213,3 +213,46 @@ def test_the_model_flag_and_its_old_spellings_are_one_flag(model_flag):
     hyphenated = cli_demo.parse_args([model_flag, "out", "--max-new-tokens", "7", "--top-p", "0.5", "--do-sample",
                                       "--hide-thinking", "--cpu-only", "--trust-remote-code"])
     assert hyphenated == args
+
+
+# Bad inputs: one `error:` line each, all at once, exit 2, before any model loads (unloadable_copy's weights cannot)
+
+
+def test_a_truncated_gguf_file_is_one_line_with_or_without_llama_cpp(tmp_path, monkeypatch, capsys):
+    import struct
+
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + struct.pack("<I", 3))  # the magic and the version, nothing more
+    expected = (f"error: --model_name_or_path {truncated}: the file ends inside its header (truncated, or not "
+                "completely written): export or download it again\n")
+    capsys.readouterr()
+    assert cli_demo.main(["-c", str(truncated), "--query", "hi"]) == 2
+    assert capsys.readouterr().err == expected
+    monkeypatch.setattr(chat, "llama_cpp_installed", lambda: False)  # transformers' GGUF loader would take it
+    assert cli_demo.main(["-c", str(truncated), "--query", "hi"]) == 2
+    assert capsys.readouterr().err == expected
+    no_architecture = tmp_path / "no-architecture.gguf"
+    no_architecture.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))  # a whole header, no metadata
+    assert cli_demo.main(["-c", str(no_architecture)]) == 2
+    assert capsys.readouterr().err == (f"error: --model_name_or_path {no_architecture}: no general.architecture in its "
+                                       "metadata, so no model can be read from it: export or download it again\n")
+
+
+def test_every_bad_flag_is_listed_at_once_before_loading(tiny_qwen2_arch_dir, tmp_path, capsys):
+    from support import unloadable_copy
+
+    model = unloadable_copy(tiny_qwen2_arch_dir, tmp_path)
+    tools = tmp_path / "tools.json"
+    tools.write_text('[\n  {"name": "get_weather",}\n]')
+    capsys.readouterr()
+    assert cli_demo.main(["-c", str(model), "--max-new-tokens", "0", "--top-p", "1.5", "--seed", "-1", "--do-sample",
+                          "--temperature", "0", "--tools", str(tools)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --max-new-tokens 0: must be at least 1.",
+        "error: --top-p 1.5: must be above 0 and at most 1.",
+        "error: --seed -1: must be at least 0 and at most 4294967295.",
+        "error: --temperature 0.0: must be above 0.",
+        f"error: --tools {tools}: not valid JSON (line 2, column 26: Expecting property name enclosed in double quotes).",
+    ]
+    assert cli_demo.main(["-c", str(model), "--temperature", "0", "--tools", str(tmp_path / "none.json")]) == 2
+    assert capsys.readouterr().err == f"error: --tools {tmp_path / 'none.json'}: no such file.\n"  # greedy: no temperature

@@ -395,3 +395,15 @@ def test_unknown_type_is_refused_by_the_parser(tiny_qwen2_arch_dir, tmp_path, ca
 def test_the_flags_and_their_old_spellings_are_one_flag(model_flag, output_flag):
     args = export_gguf.parse_args([model_flag, "model", output_flag, "model.gguf"])
     assert (args.model_name_or_path, args.output_file) == ("model", "model.gguf")
+
+
+def test_a_truncated_gguf_file_is_one_line_before_loading(tmp_path, capsys):
+    import struct
+
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + struct.pack("<I", 3))  # the magic and the version, nothing more
+    capsys.readouterr()
+    assert export(truncated, tmp_path / "out.gguf") == 2
+    assert capsys.readouterr().err == (f"error: --model_name_or_path {truncated}: the file ends inside its header "
+                                       "(truncated, or not completely written): export or download it again\n")
+    assert sorted(os.listdir(tmp_path)) == ["truncated.gguf"]

@@ -185,3 +185,25 @@ def test_refusals(tiny_qwen2_arch_64_dir, tiny_gptq_dir, data, tmp_path, capsys)
 def test_the_output_flag_and_its_old_spelling_are_one_flag(output_flag):
     args = run_gptq.parse_args(["--model_name_or_path", "m", "--data_path", "d.json", output_flag, "out"])
     assert (args.model_name_or_path, args.data_path, args.output_dir) == ("m", "d.json", "out")
+
+
+def test_bad_flags_are_listed_at_once_before_loading(tiny_qwen2_arch_64_dir, data, tmp_path, capsys):
+    import struct
+
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + struct.pack("<I", 3))
+    capsys.readouterr()
+    assert quantize(truncated, data, tmp_path / "q", "--group-size", "0", "--num_samples", "0", "--damp_percent",
+                    "1", "--num_eval_samples", "0") == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --model_name_or_path {truncated}: the file ends inside its header (truncated, or not completely "
+        "written): export or download it again",
+        "error: --num_samples 0: must be at least 1.",
+        "error: --num_eval_samples 0: must be at least 1.",
+        "error: --damp_percent 1.0: must be above 0 and below 1.",
+        "error: --group-size 0: use a positive number of columns, or -1.",
+    ]
+    assert not (tmp_path / "q").exists()
+    model = unloadable_copy(tiny_qwen2_arch_64_dir, tmp_path)
+    assert quantize(model, data, tmp_path / "q", "--max_len", "0") == 2
+    assert capsys.readouterr().err == "error: --max_len 0: must be at least 1.\n"

@@ -138,3 +138,20 @@ def test_nf4_qlora_adapter_merges_into_its_full_precision_base(tiny_qwen2_arch_6
 def test_not_an_adapter_dir(tiny_qwen_arch_dir, tmp_path, capsys):
     assert merge(tiny_qwen_arch_dir, tmp_path / "merged") == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_bad_flags_are_listed_at_once_before_loading(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "x"}')  # no weights beside it
+    capsys.readouterr()
+    assert merge(adapter, tmp_path / "merged", "--base_model_path", str(tmp_path / "base"), "--max_shard_size",
+                 "2048") == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --adapter_path {adapter}: no adapter weights (adapter_model.safetensors) in it",
+        f"error: --adapter_path {adapter}: no tokenizer files (tokenizer.json or tokenizer_config.json) in it",
+        f"error: --base_model_path {tmp_path / 'base'}: no such file or directory",
+        "error: --max_shard_size 2048: must be a positive size with its unit, e.g. 2048MB or 5GB (units: KB, MB, GB, "
+        "TB).",
+    ]
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]

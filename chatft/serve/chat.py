@@ -62,13 +62,18 @@ def load_chat_model(path: str, dtype: torch.dtype | None = None, trust_remote_co
 def load_tools(path: str) -> list[dict]:
     """Tool definitions from a JSON file: a list of definitions (bare or OpenAI-wrapped), as in training data's
     `tools`; wrapped as in training (chatft.data.chat_format.parse_tools)."""
+    from chatft.checks import read_json_file
     from chatft.data.chat_format import parse_tools
 
+    definitions, problem = read_json_file("--tools", path)  # the file, and where its JSON breaks (line, column)
+    if problem:
+        raise ArgumentError(problem)
+    if not isinstance(definitions, list):  # parse_tools reads null and "" as "no tools"; a file naming none is a slip
+        raise ArgumentError(f"--tools {path}: expected a list of tool definitions, found a "
+                            f"{type(definitions).__name__}")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        return [json.loads(tool) for tool in parse_tools(text)]
-    except (OSError, ValueError) as error:
+        return [json.loads(tool) for tool in parse_tools(definitions)]
+    except ValueError as error:
         raise ArgumentError(f"--tools {path}: {error}") from None
 
 
