@@ -595,13 +595,13 @@ def test_a_reasoning_trace_of_the_wrong_kind_is_refused(tmp_path):
 def test_keys_the_reader_does_not_use_are_reported_once_per_file_with_counts(tmp_path, caplog):
     records = [{"id": "a", "source": "web", "messages": [
         {"role": "user", "content": "q", "name": "bob"},
-        {"role": "assistant", "content": "a", "reasoning": "typo", "weight": 0.0}]},
+        {"role": "assistant", "content": "a", "reasoning": "typo", "weight": 0.5}]},
         {"messages": [{"role": "user", "content": "q", "name": "eve"}, {"role": "assistant", "content": "a"}]}]
     load_samples(str(write_json(tmp_path / "r.json", records)))
     [line] = [r.getMessage() for r in caplog.records if "keys not read" in r.getMessage()]
     assert "'name' in 2 messages" in line and "'source' in 1 records" in line
     assert "'reasoning' in 1 messages: did you mean 'reasoning_content'?" in line
-    assert "'weight' in 1 messages: per-turn loss weights, not supported yet" in line
+    assert "'weight'" not in line  # read since issue 26: a turn's loss weight (test_loss_weights_are_read_...)
     caplog.clear()
     load_samples(str(write_json(tmp_path / "clean.json", [SAME_TRACE["messages"]])))
     assert "keys not read" not in caplog.text
