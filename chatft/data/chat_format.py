@@ -29,6 +29,7 @@ import numpy as np
 
 
 IGNORE_INDEX = -100
+LOSS_WEIGHTS = "loss_weights"  # a batch's per-token loss weights, aligned with labels (chatft.data.datasets' collators)
 CHAT_FORMATS = ("auto", "chatml", "qwen3")  # --chat_format; auto: qwen3 for a model whose template thinks, else chatml
 QWEN3_TEMPLATE_PATH = Path(__file__).parent / "templates" / "qwen3.jinja"  # Qwen3's own chat template, verbatim
 IM_START = "<|im_start|>"
