@@ -286,8 +286,9 @@ def _turn(item: _Item, value_name: str) -> tuple[Turn | None, list[str]]:
             parse_tool_calls(value)
         except ValueError as error:
             problems.append(f"{at}: {error}")
-    weight = 1.0 if weight is None else float(weight)
-    return (None, problems) if problems else (make_turn(role, value, reasoning, weight), [])
+    if problems:
+        return None, problems
+    return make_turn(role, value, reasoning, 1.0 if weight is None else float(weight)), []
 
 
 def _weight_problems(weight, role: str, at: str) -> list[str]:
