@@ -722,3 +722,21 @@ def test_a_lazy_dataset_gives_the_same_weighted_samples(qwen3_tokenizer, tmp_pat
     samples = load_samples(str(write_json(tmp_path / "w.json", [WEIGHTED, GOOD])))
     eager, lazy = SupervisedDataset(samples, qwen3_tokenizer, 512), LazySupervisedDataset(samples, qwen3_tokenizer, 512)
     assert lazy.has_loss_weights and [lazy[i] for i in range(2)] == [eager[i] for i in range(2)]
+
+
+def test_the_dry_run_shows_loss_weights_and_the_untrained_empty_think(tiny_qwen_arch_dir, tmp_path, capsys):
+    """finetune.py --dry_run (the tokenizer only) on weighted data, with --ignore_empty_think in the qwen3 format."""
+    import finetune
+    from support import unloadable_copy
+
+    model = unloadable_copy(tiny_qwen_arch_dir, tmp_path, keep_tokenizer=True)  # loading its weights would fail
+    data = write_json(tmp_path / "w.json", [{"conversations": [{"from": "user", "value": "Name?"},
+                                                               {"from": "assistant", "value": "Tessa.", "weight": 2}]}])
+    common = ["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
+              "--dry_run", "True", "--use_cpu", "True", "--chat_format", "qwen3"]
+    assert finetune.main(common) == 0
+    report = capsys.readouterr().out
+    assert "loss weights: 1 assistant turn(s) weighted other than 1 (0 at 0: context only)" in report
+    assert "[[<think>\n\n</think>\n\nTessa.<|im_end|>]](weight 2)" in report
+    assert finetune.main(common + ["--ignore_empty_think", "True"]) == 0
+    assert "assistant\n<think>\n\n</think>\n\n[[Tessa.<|im_end|>]](weight 2)" in capsys.readouterr().out
