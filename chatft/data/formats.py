@@ -338,9 +338,9 @@ RECORD_KEYS = {"conversations": {"id", "conversations", "tools"}, "sharegpt": {"
 TURN_KEYS = {"conversations": {"from", "value", "reasoning_content", "weight", "loss"},
              "sharegpt": {"from", "value", "reasoning_content", "weight", "loss"},
              "messages": {"role", "content", "tool_calls", "function_call", "reasoning_content", "weight", "loss"}}
+TURN_WEIGHT_KEYS = ("weight", "loss")  # a turn's loss weight (`loss_weight`)
 # keys that carry training signal this toolkit does not train on yet, and what it is
-UNSUPPORTED_SIGNAL = {"weight": "per-turn loss weights (read on turns)", "loss": "per-turn loss switches (read on turns)",
-                      "train": "per-turn loss switches",
+UNSUPPORTED_SIGNAL = {"weight": "per-turn loss weights", "loss": "per-turn loss switches", "train": "per-turn loss switches",
                       "images": "images", "videos": "videos", "audios": "audio", "chosen": "preference pairs",
                       "rejected": "preference pairs", "kto_tag": "KTO labels"}
 LIKELY_MEANT = {"reasoning": "reasoning_content", "thinking": "reasoning_content", "thoughts": "reasoning_content",
@@ -367,6 +367,8 @@ def ignored_keys(records: list, data_format: str) -> list[str]:
     for (key, where_), count in sorted(counts.items()):
         note = (f": {UNSUPPORTED_SIGNAL[key]}, not supported yet" if key in UNSUPPORTED_SIGNAL
                 else f": did you mean {LIKELY_MEANT[key]!r}?" if key in LIKELY_MEANT else "")
+        if key in TURN_WEIGHT_KEYS and data_format in TURN_KEYS:  # a record's: weights are read on its turns
+            note += f" on a record (each turn's {key!r} is read)"
         lines.append(f"{key!r} in {count} {where_}{note}")
     return lines
 
