@@ -91,7 +91,8 @@ def train(argv=None, callbacks=(), wrap_collator=None):
                                      data_args.packing, data_args.padding_free,
                                      training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
                                      plan.world_size, training_args.seed, plan.chat_format,
-                                     data_args.reasoning_turns, estimate_memory if name == "training data" else None))
+                                     data_args.reasoning_turns, estimate_memory if name == "training data" else None,
+                                     ignore_empty_think=data_args.ignore_empty_think))
         return None
     # The first process of each machine tokenizes (and caches); the others wait, then read its cache.
     with training_args.main_process_first(local=True, desc="tokenizing the data"):
@@ -99,7 +100,7 @@ def train(argv=None, callbacks=(), wrap_collator=None):
             train_samples, eval_samples, tokenizer, training_args.model_max_length,
             data_args.lazy_preprocess, data_args.system_message, data_args.packing,
             data_args.preprocessing_num_workers, data_args.resolved_preprocessing_cache_dir, plan.chat_format,
-            data_args.reasoning_turns,
+            data_args.reasoning_turns, data_args.ignore_empty_think,
         )
     if data_args.packing and training_args.should_log:  # the batch no longer means what the flags say: say so
         logger.info(packing_summary(train_dataset, training_args.per_device_train_batch_size,

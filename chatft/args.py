@@ -119,6 +119,11 @@ class DataArguments:
         default=DEFAULT_SYSTEM_MESSAGE,
         metadata={"help": "System prompt for samples without a leading system turn; saved in the chat template."},
     )
+    ignore_empty_think: bool = field(
+        default=False,
+        metadata={"help": "qwen3 format: render the empty <think></think> block Qwen3's template puts before an "
+                  "answer without reasoning, but do not train it (ms-swift's ignore_empty_think)."},
+    )
 
     @property
     def eval_fraction(self) -> float | None:

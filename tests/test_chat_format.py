@@ -432,3 +432,45 @@ def test_rendering_does_not_import_the_data_module():
     code = ("import sys, chatft.data.chat_format, chatft.data.formats; "
             "assert 'chatft.data.datasets' not in sys.modules, sorted(m for m in sys.modules if m.startswith('chatft'))")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# --- --ignore_empty_think and loss weights ---------------------------------------------------------------------------
+
+def test_ignore_empty_think_leaves_exactly_the_empty_think_block_untrained(qwen3_tokenizer):
+    """qwen3 format: the empty block Qwen3's template adds before an answer without reasoning is rendered (the
+    tokens are the template's) but not labelled; every other label, and a block with reasoning, stay as they were."""
+    from chatft.data.chat_format import training_conversations
+
+    for turns in ([{"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4"}],
+                  [{"from": "system", "value": "Be brief."}, {"from": "user", "value": "a"},
+                   {"from": "assistant", "value": "b", "reasoning_content": "think b"}, {"from": "user", "value": "c"},
+                   {"from": "assistant", "value": "d, 好的 🚀"}]):
+        conversation = to_conversation({"conversations": turns})
+        parts = training_conversations(conversation, "qwen3")
+        ignoring = training_conversations(conversation, "qwen3", ignore_empty_think=True)
+        assert len(parts) == len(ignoring)
+        for trained, ignored in zip(parts, ignoring):
+            before = tokenize_conversation(trained, qwen3_tokenizer, 1000, chat_format="qwen3")
+            after = tokenize_conversation(ignored, qwen3_tokenizer, 1000, chat_format="qwen3")
+            assert after.input_ids == before.input_ids
+            changed = [k for k, (was, now) in enumerate(zip(before.labels, after.labels)) if was != now]
+            assert all(after.labels[k] == IGNORE_INDEX for k in changed)
+            last = trained.turns[-1]
+            assert qwen3_tokenizer.decode([before.input_ids[k] for k in changed]) == (
+                "" if last.reasoning else QWEN3_EMPTY_THINK)
+            expected = (f"<think>\n{last.reasoning}\n</think>\n\n" if last.reasoning else "") + last.content + IM_END
+            assert labelled_runs(qwen3_tokenizer, after)[-1] == expected
+    conversation = to_conversation({"conversations": turns})
+    assert training_conversations(conversation, "chatml", ignore_empty_think=True) == [conversation]  # no blocks there
+
+
+def test_describe_sample_shows_loss_weights(qwen3_tokenizer):
+    from dataclasses import replace
+
+    turns = to_turns([{"from": "user", "value": "a"}, {"from": "assistant", "value": "b"},
+                      {"from": "user", "value": "c"}, {"from": "assistant", "value": "d"},
+                      {"from": "user", "value": "e"}, {"from": "assistant", "value": "f"}])
+    turns = [replace(turn, weight=w) for turn, w in zip(turns, [1, 2, 1, 0, 1, 1])]
+    shown = describe_sample(tokenize_conversation(turns, qwen3_tokenizer, 1000, SYSTEM), qwen3_tokenizer)
+    assert "[[b<|im_end|>]](weight 2)" in shown and "[[f<|im_end|>]]\n" in shown
+    assert "[[d" not in shown and "assistant\nd<|im_end|>" in shown  # weight 0: shown, not trained

@@ -1,5 +1,6 @@
 """Data loading and validation (every problem reported with file, index, id), datasets and the collator."""
 
+import dataclasses
 import json
 import logging
 import random
@@ -595,13 +596,147 @@ def test_a_reasoning_trace_of_the_wrong_kind_is_refused(tmp_path):
 def test_keys_the_reader_does_not_use_are_reported_once_per_file_with_counts(tmp_path, caplog):
     records = [{"id": "a", "source": "web", "messages": [
         {"role": "user", "content": "q", "name": "bob"},
-        {"role": "assistant", "content": "a", "reasoning": "typo", "weight": 0.0}]},
+        {"role": "assistant", "content": "a", "reasoning": "typo", "weight": 0.5}]},
         {"messages": [{"role": "user", "content": "q", "name": "eve"}, {"role": "assistant", "content": "a"}]}]
     load_samples(str(write_json(tmp_path / "r.json", records)))
     [line] = [r.getMessage() for r in caplog.records if "keys not read" in r.getMessage()]
     assert "'name' in 2 messages" in line and "'source' in 1 records" in line
     assert "'reasoning' in 1 messages: did you mean 'reasoning_content'?" in line
-    assert "'weight' in 1 messages: per-turn loss weights, not supported yet" in line
+    assert "'weight'" not in line  # read since issue 26: a turn's loss weight (test_loss_weights_are_read_...)
     caplog.clear()
     load_samples(str(write_json(tmp_path / "clean.json", [SAME_TRACE["messages"]])))
     assert "keys not read" not in caplog.text
+
+
+# --- per-turn loss weights (issue 26, C2) ------------------------------------------------------------------------
+
+WEIGHTED = {"id": "w", "conversations": [{"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4", "weight": 2},
+                                         {"from": "user", "value": "and 3+3?"},
+                                         {"from": "assistant", "value": "6, obviously.", "weight": 0}]}
+
+
+@pytest.mark.parametrize("record, weights", [
+    (WEIGHTED, [2.0, 0.0]),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "loss": False},
+                        {"from": "human", "value": "q2"}, {"from": "gpt", "value": "b", "weight": 0.5}]}, [0.0, 0.5]),
+    ({"messages": [{"role": "user", "content": "q", "weight": 0}, {"role": "assistant", "content": "a", "loss": True},
+                   {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b", "loss": 3}]}, [1.0, 3.0]),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "let me look", "weight": 2,
+                    "tool_calls": [{"name": "f", "arguments": {}}]},
+                   {"role": "tool", "content": "ok"}, {"role": "assistant", "content": "done"}]}, [2.0, 1.0]),
+], ids=["conversations", "sharegpt", "messages", "messages-with-calls"])
+def test_loss_weights_are_read_from_weight_or_loss_on_the_turns_of_every_format(tmp_path, caplog, record, weights):
+    [sample] = load_samples(str(write_json(tmp_path / "w.json", [record])))
+    assert [turn.weight for turn in sample.turns if turn.role == "assistant"] == weights
+    assert all(turn.weight == 1 for turn in sample.turns if turn.role != "assistant")
+    assert "keys not read" not in caplog.text  # read, so no longer reported as ignored
+
+
+@pytest.mark.parametrize("turn, problem", [
+    ({"from": "assistant", "value": "a", "weight": -1}, "conversations[1]: a loss weight ('weight' or 'loss') must be a "
+                                                        "number >= 0 or true/false, found -1"),
+    ({"from": "assistant", "value": "a", "weight": "high"}, "found 'high'"),
+    ({"from": "assistant", "value": "a", "loss": float("inf")}, "found inf"),
+    ({"from": "assistant", "value": "a", "weight": 0}, "every assistant turn has loss weight 0: nothing to learn"),
+])
+def test_bad_loss_weights_are_refused_naming_the_record_and_turn(tmp_path, turn, problem):
+    record = {"id": "bad", "conversations": [{"from": "user", "value": "q"}, turn]}
+    with pytest.raises(DataError, match="1 problem") as error:
+        load_samples(str(write_json(tmp_path / "w.json", [GOOD, record])))
+    assert f"w.json: sample 1 (id='bad'): " in str(error.value) and problem in str(error.value)
+
+
+def test_a_weight_on_a_turn_that_is_never_trained_is_refused_unless_0(tmp_path):
+    record = {"id": "u", "conversations": [{"from": "user", "value": "q", "weight": 2}, {"from": "assistant", "value": "a"}]}
+    with pytest.raises(DataError, match=r"sample 0 \(id='u'\): conversations\[0\]: loss weight 2 on a user turn: only "
+                                        "assistant turns are trained"):
+        load_samples(str(write_json(tmp_path / "w.json", [record])))
+    record["conversations"][0]["weight"] = 0  # what it is anyway: accepted
+    assert load_samples(str(write_json(tmp_path / "w.json", [record])))[0].turns[0].weight == 1
+
+
+def test_weight_0_leaves_the_turn_untrained_and_weight_2_weighs_its_tokens(qwen3_tokenizer, tmp_path):
+    [conversation] = load_samples(str(write_json(tmp_path / "w.json", [WEIGHTED])))
+    sample = tokenize_conversation(conversation, qwen3_tokenizer, 512)
+    # weight 0: exactly the labels of the conversation with that turn left untrained
+    unweighted = tuple(dataclasses.replace(turn, weight=1.0) for turn in conversation.turns)
+    untrained = tokenize_conversation(dataclasses.replace(conversation, turns=unweighted, trained=(1,)),
+                                      qwen3_tokenizer, 512)
+    assert untrained.weights is None
+    assert sample.labels == untrained.labels and sample.input_ids == untrained.input_ids
+    # weight 2 on the first reply's labelled tokens, 0 wherever nothing is labelled
+    labelled = [label != IGNORE_INDEX for label in sample.labels]
+    assert [w for w, on in zip(sample.weights, labelled) if on] == [2.0] * sum(labelled)
+    assert all(w == 0 for w, on in zip(sample.weights, labelled) if not on)
+    assert qwen3_tokenizer.decode([i for i, on in zip(sample.input_ids, labelled) if on]) == "4<|im_end|>"
+
+
+def test_unweighted_data_keeps_its_batches_and_weights_all_1_are_unweighted(qwen3_tokenizer, tmp_path):
+    ones = json.loads(json.dumps(WEIGHTED).replace('"weight": 2', '"weight": 1').replace('"weight": 0', '"loss": true'))
+    dataset = SupervisedDataset(load_samples(str(write_json(tmp_path / "w.json", [ones, GOOD]))), qwen3_tokenizer, 512)
+    assert not dataset.has_loss_weights and all(set(dataset[i]) == {"input_ids", "labels"} for i in range(2))
+    for collator in (ChatCollator(qwen3_tokenizer.pad_token_id), PaddingFreeCollator()):
+        assert "loss_weights" not in collator([dataset[0], dataset[1]])
+
+
+def test_collators_carry_loss_weights_aligned_with_labels(qwen3_tokenizer, tmp_path):
+    samples = load_samples(str(write_json(tmp_path / "w.json", [WEIGHTED, GOOD])))
+    dataset = SupervisedDataset(samples, qwen3_tokenizer, 512)
+    assert dataset.has_loss_weights and "loss_weights" in dataset[0] and "loss_weights" not in dataset[1]
+    features = [dataset[0], dataset[1]]
+    padded, flat = ChatCollator(qwen3_tokenizer.pad_token_id)(features), PaddingFreeCollator()(features)
+    for batch in (padded, flat):
+        assert batch["loss_weights"].dtype == torch.float32 and batch["loss_weights"].shape == batch["labels"].shape
+        labelled = batch["labels"][:, 1:] != IGNORE_INDEX
+        weights = batch["loss_weights"][:, 1:]
+        assert weights[~labelled].eq(0).all()  # padding and unlabelled tokens weigh nothing
+        # the weighted sample's reply at 2, the unweighted sample's at 1: the same weighted token count either way
+        assert sorted(set(weights[labelled].tolist())) == [1.0, 2.0]
+    real = padded["attention_mask"].bool()
+    assert torch.equal(flat["loss_weights"][0, 1:], padded["loss_weights"][real][1:])
+    assert float(flat["loss_weights"][:, 1:][flat["labels"][:, 1:] != IGNORE_INDEX].sum()) == float(
+        padded["loss_weights"][:, 1:][padded["labels"][:, 1:] != IGNORE_INDEX].sum())
+    packed = PackedDataset(dataset, 512)
+    assert packed.has_loss_weights and len(packed[0]["loss_weights"]) == len(packed[0]["labels"])
+    assert "loss_weights" in PaddingFreeCollator()([packed[0]])
+
+
+def test_loss_weights_survive_the_cache_and_change_its_key(qwen3_tokenizer, tmp_path):
+    samples = load_samples(str(write_json(tmp_path / "w.json", [WEIGHTED, GOOD])))
+    first = tokenize_training_samples(samples, qwen3_tokenizer, 512, cache_dir=tmp_path / "cache")
+    again = tokenize_training_samples(samples, qwen3_tokenizer, 512, cache_dir=tmp_path / "cache")
+    assert again == first and first[0].weights is not None and again[1].weights is None
+    reweighted = load_samples(str(write_json(tmp_path / "w2.json", [
+        json.loads(json.dumps(WEIGHTED).replace('"weight": 2', '"weight": 3')), GOOD])))
+    third = tokenize_training_samples(reweighted, qwen3_tokenizer, 512, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 2 and 3.0 in third[0].weights
+    unweighted = load_samples(str(write_json(tmp_path / "g.json", [GOOD])))
+    tokenize_training_samples(unweighted, qwen3_tokenizer, 512, cache_dir=tmp_path / "cache2")
+    import safetensors.numpy
+    [cached] = (tmp_path / "cache2").iterdir()
+    assert set(safetensors.numpy.load_file(str(cached))) == {"input_ids", "labelled", "lengths", "origins"}
+
+
+def test_a_lazy_dataset_gives_the_same_weighted_samples(qwen3_tokenizer, tmp_path):
+    samples = load_samples(str(write_json(tmp_path / "w.json", [WEIGHTED, GOOD])))
+    eager, lazy = SupervisedDataset(samples, qwen3_tokenizer, 512), LazySupervisedDataset(samples, qwen3_tokenizer, 512)
+    assert lazy.has_loss_weights and [lazy[i] for i in range(2)] == [eager[i] for i in range(2)]
+
+
+def test_the_dry_run_shows_loss_weights_and_the_untrained_empty_think(tiny_qwen_arch_dir, tmp_path, capsys):
+    """finetune.py --dry_run (the tokenizer only) on weighted data, with --ignore_empty_think in the qwen3 format."""
+    import finetune
+    from support import unloadable_copy
+
+    model = unloadable_copy(tiny_qwen_arch_dir, tmp_path, keep_tokenizer=True)  # loading its weights would fail
+    data = write_json(tmp_path / "w.json", [{"conversations": [{"from": "user", "value": "Name?"},
+                                                               {"from": "assistant", "value": "Tessa.", "weight": 2}]}])
+    common = ["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
+              "--dry_run", "True", "--use_cpu", "True", "--chat_format", "qwen3"]
+    assert finetune.main(common) == 0
+    report = capsys.readouterr().out
+    assert "loss weights: 1 assistant turn(s) weighted other than 1 (0 at 0: context only)" in report
+    assert "[[<think>\n\n</think>\n\nTessa.<|im_end|>]](weight 2)" in report
+    assert finetune.main(common + ["--ignore_empty_think", "True"]) == 0
+    assert "assistant\n<think>\n\n</think>\n\n[[Tessa.<|im_end|>]](weight 2)" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import transformers
 
 from chatft.data.chat_format import IGNORE_INDEX
 from chatft.train.losses import (LossScale, SupervisedLoss, labelled_token_log_probs, output_layer_computes)
-from support import assert_close_up_to_rounding, qwen3_tokenizer_dir, run
+from support import assert_close_up_to_rounding, decoder_terms, qwen3_tokenizer_dir, run
 
 
 def reference_log_probs(head, hidden, labels):
@@ -188,3 +188,139 @@ def test_a_moe_training_run_logs_the_router_loss_beside_the_loss(tmp_path, data_
         assert entry["aux_loss"] > 0 and math.isfinite(entry["lm_loss"])
         # one micro-batch per step: the logged loss is its CE plus the weighted router loss
         assert entry["loss"] == pytest.approx(entry["lm_loss"] + coefficient * entry["aux_loss"], abs=2e-3)
+
+
+# --- per-turn loss weights: the weighted token mean sum(w * ce) / sum(w) --------------------------------------------
+
+def weighted_batch(tokenizer):
+    """padded_batch with loss weights: the first row's reply at 2, the second's at 0.5, the third's at 1."""
+    batch = padded_batch(tokenizer)
+    row_weights = torch.tensor([2.0, 0.5, 1.0])[:, None]
+    return {**batch, "loss_weights": (batch["labels"] != IGNORE_INDEX).float() * row_weights}
+
+
+def reference_weighted_loss(model, batch):
+    """sum(w * ce) / sum(w) from the full logits, by torch's cross_entropy with reduction='none'."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}
+    logits = model(**inputs).logits.float()
+    labels, weights = batch["labels"][:, 1:], batch["loss_weights"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="none",
+                                           ignore_index=IGNORE_INDEX).view(labels.shape)
+    return (weights * ce).sum() / weights[labels != IGNORE_INDEX].sum()
+
+
+def loss_and_grads(model, compute):
+    model.zero_grad()
+    value = compute()
+    value.backward()
+    return value.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("labelled_logits", [True, False])
+@pytest.mark.parametrize("counted", [True, False])
+def test_weighted_loss_equals_an_independent_weighted_cross_entropy(tiny_qwen2_arch_dir, labelled_logits, counted):
+    """Values and gradients; `counted`: sum(w) counted by the trainer (LossScale.tokens), else by the loss itself."""
+    from chatft.train.losses import loss_weight_total
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_dir)
+    batch = weighted_batch(transformers.AutoTokenizer.from_pretrained(tiny_qwen2_arch_dir))
+    expected, expected_grads = loss_and_grads(model, lambda: reference_weighted_loss(model, batch))
+    loss = SupervisedLoss(labelled_logits)
+    loss.prepare(model)
+    scale = LossScale(tokens=loss_weight_total(batch) if counted else None)
+    got, grads = loss_and_grads(model, lambda: loss(model, batch, scale).loss)
+    bound = dict(terms=2 * (2 * (4 * 32 + 48) + 32) + model.config.vocab_size)
+    assert_close_up_to_rounding(got, expected, **bound)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        assert_close_up_to_rounding(grad, expected_grads[name], **bound)
+
+
+def test_weight_2_counts_the_turns_tokens_twice(tiny_qwen2_arch_dir):
+    """The weighted loss of a batch whose first reply weighs 2 (the others 1) is the plain loss of the batch with
+    that row twice: the same value and gradients."""
+    from chatft.train.losses import loss_weight_total
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_dir)
+    batch = padded_batch(transformers.AutoTokenizer.from_pretrained(tiny_qwen2_arch_dir))
+    weighted = {**batch, "loss_weights": (batch["labels"] != IGNORE_INDEX).float()}
+    weighted["loss_weights"][0] *= 2
+    doubled = {name: torch.cat([value[:1], value]) for name, value in batch.items()}
+    loss = SupervisedLoss()
+    loss.prepare(model)
+    plain = LossScale(tokens=int((doubled["labels"][:, 1:] != IGNORE_INDEX).sum()))
+    expected, expected_grads = loss_and_grads(model, lambda: loss(model, doubled, plain).loss)
+    assert loss_weight_total(weighted) == plain.tokens
+    got, grads = loss_and_grads(model, lambda: loss(model, weighted, LossScale(tokens=loss_weight_total(weighted))).loss)
+    bound = dict(terms=2 * (2 * (4 * 32 + 48) + 32) + model.config.vocab_size)
+    assert_close_up_to_rounding(got, expected, **bound)
+    for name, grad in grads.items():
+        assert_close_up_to_rounding(grad, expected_grads[name], **bound)
+
+
+def test_weights_all_1_equal_the_unweighted_loss(tiny_qwen2_arch_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_dir)
+    batch = padded_batch(transformers.AutoTokenizer.from_pretrained(tiny_qwen2_arch_dir))
+    loss = SupervisedLoss()
+    loss.prepare(model)
+    scale = LossScale(tokens=int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
+    ones = {**batch, "loss_weights": torch.ones(batch["labels"].shape)}
+    assert_close_up_to_rounding(loss(model, ones, scale).loss, loss(model, batch, scale).loss,
+                                terms=2 * (2 * (4 * 32 + 48) + 32) + model.config.vocab_size)
+
+
+def test_a_padding_free_weighted_batch_gets_the_padded_batchs_loss_and_gradients(tiny_qwen2_arch_dir, qwen3_tokenizer,
+                                                                                 tmp_path):
+    from chatft.data.datasets import ChatCollator, PaddingFreeCollator, SupervisedDataset, load_samples
+    from support import write_json
+
+    records = [{"conversations": [{"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4", "weight": 2},
+                                  {"from": "user", "value": "3+3?"}, {"from": "assistant", "value": "6", "weight": 0.5}]},
+               {"conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello there."}]}]
+    dataset = SupervisedDataset(load_samples(str(write_json(tmp_path / "w.json", records))), qwen3_tokenizer, 512)
+    features = [dataset[0], dataset[1]]
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_dir, attn_implementation="eager")
+    loss = SupervisedLoss()
+    loss.prepare(model)
+
+    def weighted_mean(batch):
+        return loss(model, {**batch, "use_cache": False}, LossScale()).loss  # sum(w) of the batch itself
+
+    padded, padded_grads = loss_and_grads(model, lambda: weighted_mean(ChatCollator(qwen3_tokenizer.pad_token_id)(features)))
+    flat, flat_grads = loss_and_grads(model, lambda: weighted_mean(PaddingFreeCollator()(features)))
+    terms = decoder_terms(model.config, loss=True)
+    assert_close_up_to_rounding(flat, padded, terms=terms)
+    for name, grad in padded_grads.items():
+        assert_close_up_to_rounding(flat_grads[name], grad, terms=terms)
+
+
+def test_a_training_run_on_weighted_data_hands_the_loss_its_weights_and_counts_them(tmp_path, tiny_qwen2_arch_dir,
+                                                                                    monkeypatch):
+    import finetune
+    from chatft.train.losses import loss_weight_total
+    from support import write_json
+
+    records = [{"conversations": [{"from": "user", "value": f"Question {k}?"},
+                                  {"from": "assistant", "value": f"Answer number {k}.", "weight": [0, 2, 0.5][k % 3]},
+                                  {"from": "user", "value": "Thanks."}, {"from": "assistant", "value": "You're welcome."}]}
+               for k in range(6)]
+    seen = []
+
+    class Recording(SupervisedLoss):
+        def __call__(self, model, inputs, scale):
+            seen.append((loss_weight_total(inputs), inputs.get("loss_weights"), scale.tokens))
+            return super().__call__(model, inputs, scale)
+
+    monkeypatch.setattr(finetune, "SupervisedLoss", Recording)
+    data = str(write_json(tmp_path / "weighted.json", records))
+    trainer = run(tiny_qwen2_arch_dir, data, tmp_path / "out", "--eval_data_path", data, "--eval_strategy", "steps",
+                  "--eval_steps", "3")
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3 and all(math.isfinite(entry["loss"]) for entry in logged)
+    # evaluation keeps transformers' own (unweighted) loss: the weights never reach the model's forward
+    assert any(math.isfinite(entry.get("eval_loss", math.nan)) for entry in trainer.state.log_history)
+    assert trainer.weighted_data and len(seen) == 3
+    for weight_total, weights, tokens in seen:  # one micro-batch a step: sum(w) counted where the tokens were
+        assert float(tokens) == float(weight_total)
+    # a sample whose only weight is 0 trains its other turn at 1, unweighted; the others' batches carry weights
+    assert any(weights is not None and {0.5, 2.0} & set(weights.unique().tolist()) for _, weights, _ in seen)

@@ -29,6 +29,7 @@ import numpy as np
 
 
 IGNORE_INDEX = -100
+LOSS_WEIGHTS = "loss_weights"  # a batch's per-token loss weights, aligned with labels (chatft.data.datasets' collators)
 CHAT_FORMATS = ("auto", "chatml", "qwen3")  # --chat_format; auto: qwen3 for a model whose template thinks, else chatml
 QWEN3_TEMPLATE_PATH = Path(__file__).parent / "templates" / "qwen3.jinja"  # Qwen3's own chat template, verbatim
 IM_START = "<|im_start|>"
@@ -58,6 +59,7 @@ class Turn:
     content: str
     tool_calls: tuple[ToolCall, ...] = ()  # an assistant's calls, rendered after its text
     reasoning: str = ""  # an assistant's reasoning trace (`reasoning_content`, or a `<think>` block in its text)
+    weight: float = 1.0  # an assistant turn's loss weight (its record's `weight` or `loss`); 0: context only, untrained
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Conversation:
     tools: tuple[str, ...] = ()  # tool definitions, each as its JSON text
     trained: tuple[int, ...] | None = None  # indices of the assistant turns that carry loss; None: every one
     id: object = None  # the record's `id`, named in messages about the sample; None: it has none
+    empty_think_trained: bool = True  # False: an empty think block (qwen3 format) is rendered, not trained
 
 
 @dataclass
@@ -73,6 +76,7 @@ class TokenizedSample:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is taken; aligned with input_ids (the model shifts)
     origin: int = field(default=0, compare=False)  # the data sample it was made from (a split one makes several)
+    weights: list[float] | None = None  # per-token loss weights aligned with labels (0 where unlabelled); None: all 1
 
     @property
     def num_trainable(self) -> int:
@@ -157,24 +161,26 @@ def split_reasoning(text: str) -> tuple[str, str]:
     return before.rstrip("\n").split(THINK_OPEN)[-1].lstrip("\n"), answer.lstrip("\n")
 
 
-def make_turn(role: str, value, reasoning: str | None = None) -> Turn:
+def make_turn(role: str, value, reasoning: str | None = None, weight: float = 1.0) -> Turn:
     """One turn in the roles of Qwen's samples (`ROLES`) -> a `Turn`. A `function_call` turn (its value JSON text,
     or calls already parsed) becomes an assistant turn with tool calls, an `observation` a `tool` turn. An assistant's
     `reasoning` (its `reasoning_content`; None: absent) is its trace; without one, a `<think>` block leading its text
-    is. Raises ValueError for a tool call that does not parse (chatft.data.formats checks every turn first)."""
+    is. `weight` is its loss weight (assistant and tool-call turns; the others are never trained). Raises ValueError
+    for a tool call that does not parse (chatft.data.formats checks every turn first)."""
     if role == "function_call":
         calls = value if isinstance(value, tuple) else parse_tool_calls(value)
-        return Turn("assistant", "", calls, reasoning or "")
+        return Turn("assistant", "", calls, reasoning or "", weight)
     if role == "assistant":
         if reasoning is None:
             reasoning, value = split_reasoning(value)
-        return Turn("assistant", value, (), reasoning)
+        return Turn("assistant", value, (), reasoning, weight)
     return Turn("tool" if role == "observation" else role, value)
 
 
 def join_turns(turns: list[Turn]) -> list[Turn]:
     """A sample's turns as they are trained. A call-only assistant turn (a `function_call`) joins the assistant turn
-    just before it if that one has text only: its text, then its calls, in one message, as Qwen renders them. A
+    just before it if that one has text only: its text, then its calls, in one message, as Qwen renders them, with the
+    text turn's loss weight (an OpenAI message with text and calls is read as two turns of its one weight). A
     conversation that opens with an assistant turn (after an optional system turn) loses that turn: there is no user
     message for it to answer."""
     joined: list[Turn] = []
@@ -182,7 +188,8 @@ def join_turns(turns: list[Turn]) -> list[Turn]:
         previous = joined[-1] if joined else None
         if (turn.role == "assistant" and turn.tool_calls and not turn.content and previous is not None
                 and previous.role == "assistant" and not previous.tool_calls):
-            joined[-1] = Turn("assistant", previous.content, turn.tool_calls, previous.reasoning or turn.reasoning)
+            joined[-1] = Turn("assistant", previous.content, turn.tool_calls, previous.reasoning or turn.reasoning,
+                              previous.weight)
         else:
             joined.append(turn)
     first = 1 if joined and joined[0].role == "system" else 0
@@ -267,7 +274,17 @@ def render_chatml(conversation: Conversation | list[Turn], system_message: str =
 
 
 def _is_trained(conversation: Conversation, index: int) -> bool:
-    return conversation.trained is None or index in conversation.trained
+    """Whether turns[index] (an assistant turn) carries loss: one `trained` names (all, when None) of weight > 0."""
+    return ((conversation.trained is None or index in conversation.trained)
+            and conversation.turns[index].weight != 0)
+
+
+def span_weights(conversation: Conversation | list[Turn]) -> list[float]:
+    """The loss weight of each trainable span `render` gives (the trained assistant turns', in order)."""
+    if not isinstance(conversation, Conversation):
+        conversation = Conversation(tuple(conversation))
+    return [turn.weight for j, turn in enumerate(conversation.turns)
+            if turn.role == "assistant" and _is_trained(conversation, j)]
 
 
 def is_thinking_template(template: str | None) -> bool:
@@ -300,7 +317,8 @@ def render_qwen3(conversation: Conversation | list[Turn]) -> tuple[str, list[tup
 
     Its rules: no default system prompt; tool definitions in a system message; the assistant turns after the last
     user query carry their reasoning in a `<think>` block, and the final one always has a block (empty without
-    reasoning); earlier assistant turns are rendered without their reasoning.
+    reasoning); earlier assistant turns are rendered without their reasoning. With `empty_think_trained` False
+    (--ignore_empty_think) an empty block is rendered but left out of its turn's span.
     """
     if not isinstance(conversation, Conversation):
         conversation = Conversation(tuple(conversation))
@@ -324,7 +342,11 @@ def render_qwen3(conversation: Conversation | list[Turn]) -> tuple[str, list[tup
             text += f"{IM_START}assistant\n"
             start = len(text)
             think = j > last_query and (j == len(turns) - 1 or bool(turn.reasoning))
-            text += (_think_block(turn.reasoning) + turn.content.lstrip("\n")) if think else turn.content
+            if think:
+                text += _think_block(turn.reasoning)
+                if not turn.reasoning.strip() and not conversation.empty_think_trained:  # --ignore_empty_think
+                    start = len(text)
+            text += turn.content.lstrip("\n") if think else turn.content
             # Qwen3's template puts a newline before the calls only after a (non-empty) answer, not after a think block
             text += _tool_call_blocks(turn.tool_calls, after_text=bool(turn.content)) + IM_END
             if _is_trained(conversation, j):
@@ -340,16 +362,18 @@ def render(conversation: Conversation | list[Turn], system_message: str = DEFAUL
     return render_qwen3(conversation) if chat_format == "qwen3" else render_chatml(conversation, system_message)
 
 
-def training_conversations(conversation: Conversation, chat_format: str, reasoning_turns: str = "all"
-                           ) -> list[Conversation]:
+def training_conversations(conversation: Conversation, chat_format: str, reasoning_turns: str = "all",
+                           ignore_empty_think: bool = False) -> list[Conversation]:
     """The training samples of one conversation. In the qwen3 format a trace is shown only in the turns after the
     last user query, so a conversation with reasoning in earlier turns cannot train them in one sample: with
     `reasoning_turns="all"` it becomes one sample per user query (the conversation up to the end of that query's
     assistant turns, training those turns), each exactly the prompt the model gets at inference plus its reply;
     with "last" one sample trains only the turns after the last query. Otherwise: the conversation, every
-    assistant turn trained."""
+    assistant turn trained. `ignore_empty_think` (qwen3): the empty think blocks are rendered, not trained."""
     if chat_format != "qwen3":
         return [conversation]
+    if ignore_empty_think:
+        conversation = replace(conversation, empty_think_trained=False)
     turns = conversation.turns
     queries = [j for j, turn in enumerate(turns) if _is_query(turn)]
     if not queries:
@@ -383,6 +407,16 @@ def trainable_tokens(offsets: np.ndarray, span_starts: np.ndarray, span_ends: np
     return in_range & (span_starts[candidate] < np.maximum(ends, starts + 1))
 
 
+def token_weights(offsets: np.ndarray, span_ends: np.ndarray, weights: np.ndarray, trainable: np.ndarray
+                  ) -> np.ndarray:
+    """Each token's loss weight: that of the span it carries a character of (`trainable_tokens`' spans, found the
+    same way), 0 for the tokens that are not `trainable`."""
+    if len(span_ends) == 0:
+        return np.zeros(len(offsets), dtype=np.float32)
+    span = np.minimum(np.searchsorted(span_ends, offsets[:, 0], side="right"), len(span_ends) - 1)
+    return np.where(trainable, weights[span], 0).astype(np.float32)
+
+
 def tokenize_conversations(conversations: list[Conversation | list[Turn]], tokenizer, max_len: int,
                            system_message: str = DEFAULT_SYSTEM_MESSAGE, chat_format: str = "chatml"
                            ) -> list[TokenizedSample]:
@@ -390,6 +424,8 @@ def tokenize_conversations(conversations: list[Conversation | list[Turn]], token
 
     Invariants: `input_ids == tokenizer(render_chatml(...)[0], add_special_tokens=False).input_ids[:max_len]`;
     decoding the labelled tokens gives each assistant reply (text and tool calls) followed by `<|im_end|>`.
+    A conversation with a turn of loss weight other than 1 also gets `weights` (its turns' weights on their
+    labelled tokens); a turn of weight 0 is not labelled at all, as a turn left untrained.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
@@ -409,11 +445,19 @@ def tokenize_conversations(conversations: list[Conversation | list[Turn]], token
     spans = np.array([(a + base, b + base) for (_, sample_spans), base in zip(rendered, bases)
                       for a, b in sample_spans], dtype=np.int64).reshape(-1, 2)
     trainable = trainable_tokens(offsets, spans[:, 0], spans[:, 1])
+    weights_of = [span_weights(conversation) for conversation in conversations]
+    weighted = [any(w != 1 for w in sample_weights) for sample_weights in weights_of]
+    if any(weighted):  # only then: unweighted data keeps its one path
+        weights = token_weights(offsets, spans[:, 1], np.array([w for ws in weights_of for w in ws], np.float32),
+                                trainable)
     samples, start = [], 0
-    for ids, length in zip(encoding["input_ids"], lengths):
+    for ids, length, has_weights in zip(encoding["input_ids"], lengths, weighted):
         ids = ids[:max_len]
         mask = trainable[start : start + len(ids)]
-        samples.append(TokenizedSample(input_ids=ids, labels=np.where(mask, ids, IGNORE_INDEX).tolist()))
+        sample = TokenizedSample(input_ids=ids, labels=np.where(mask, ids, IGNORE_INDEX).tolist())
+        if has_weights:
+            sample.weights = weights[start : start + len(ids)].tolist()
+        samples.append(sample)
         start += length
     return samples
 
@@ -483,13 +527,16 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def describe_sample(sample: TokenizedSample, tokenizer) -> str:
-    """The sample's text with the trained spans shown in [[...]], for eyeballing a mask."""
-    runs: list[tuple[bool, list[int]]] = []  # (trained, token ids), decoded per run so UTF-8 stays whole
-    for token_id, label in zip(sample.input_ids, sample.labels):
-        trained = label != IGNORE_INDEX
-        if not runs or runs[-1][0] != trained:
-            runs.append((trained, []))
+    """The sample's text with the trained spans shown in [[...]], for eyeballing a mask; a span of loss weight other
+    than 1 is followed by it, e.g. `[[Hello!<|im_end|>]](weight 2)`."""
+    runs: list[tuple[float, list[int]]] = []  # (weight, 0: untrained; token ids), decoded per run: UTF-8 stays whole
+    weights = sample.weights or [1.0] * len(sample.labels)
+    for token_id, label, weight in zip(sample.input_ids, sample.labels, weights):
+        weight = weight if label != IGNORE_INDEX else 0.0
+        if not runs or runs[-1][0] != weight:
+            runs.append((weight, []))
         runs[-1][1].append(token_id)
     return "".join(
-        f"[[{tokenizer.decode(ids)}]]" if trained else tokenizer.decode(ids) for trained, ids in runs
+        (f"[[{tokenizer.decode(ids)}]]" + (f"(weight {weight:g})" if weight != 1 else "")) if weight
+        else tokenizer.decode(ids) for weight, ids in runs
     )

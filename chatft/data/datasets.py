@@ -5,6 +5,11 @@ record's `Conversation` (chatft.data.chat_format), reporting all problems at onc
 any model is loaded. The datasets tokenize conversations, and drop those left with nothing to train by one rule
 (`keep_trainable`), which the dry run (chatft.train.report) and run_gptq's calibration (chatft.export.gptq) use too.
 `preprocess` is Qwen's function, in Qwen's shapes.
+
+Per-turn loss weights (chatft.data.formats) reach the batch as `loss_weights` (LOSS_WEIGHTS), float weights aligned
+with `labels`, only when some sample has a turn of weight other than 1: unweighted data keeps its batches, cache
+files and loss path as they were. The collators pad them with 0 and give an unweighted sample in a weighted batch
+weight 1 on its labelled tokens.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from tqdm.auto import tqdm
 from chatft.data import chat_format as chat_format_code  # its source is part of the tokenized cache key
 from chatft.errors import DataError
 from chatft.data.formats import file_format, format_mismatch, ignored_keys, read_record, sample_name
-from chatft.data.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, Conversation, TokenizedSample, render,
-                                to_conversation, to_turns, tokenize_conversation, tokenize_conversations,
+from chatft.data.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_END, IM_START, LOSS_WEIGHTS, Conversation, TokenizedSample, render,
+                                span_weights, to_conversation, to_turns, tokenize_conversation, tokenize_conversations,
                                 training_conversations)
 
 logger = logging.getLogger(__name__)
@@ -128,24 +133,26 @@ def split_off_eval(samples: list, fraction: float, seed: int) -> tuple[list, lis
             [s for i, s in enumerate(samples) if i in held_out])
 
 
-TOKENIZED_FORMAT = "chatft-tokenized-2"  # the cache file's layout
+TOKENIZED_FORMAT = "chatft-tokenized-2"  # the cache file's layout (plus a "weights" array when any sample has them)
 TOKENIZE_BATCH = 512  # conversations per batched tokenizer call (and per progress step, per worker task)
 
 
 def _conversations_text(conversations: list[Conversation]) -> str:
     """Everything of the conversations that their tokens depend on, as JSON text (ids are not)."""
-    return json.dumps([[[[t.role, t.content, [[c.name, c.arguments] for c in t.tool_calls], t.reasoning] for t in c.turns],
+    return json.dumps([[[[t.role, t.content, [[c.name, c.arguments] for c in t.tool_calls], t.reasoning]
+                         + ([t.weight] if t.weight != 1 else []) for t in c.turns],
                         c.tools, c.trained] for c in conversations], ensure_ascii=False)
 
 
 def tokenized_cache_key(conversations: list[Conversation], tokenizer, max_len: int, system_message: str,
-                        chat_format: str = "chatml", reasoning_turns: str = "all") -> str:
+                        chat_format: str = "chatml", reasoning_turns: str = "all", ignore_empty_think: bool = False) -> str:
     """A digest of everything the tokenized samples depend on: the conversations, tokenizer, template, length, and
     the code that renders and labels (chat_format.py's source), so an upgrade never reads a stale cache."""
     digest = hashlib.sha256()
     code = Path(chat_format_code.__file__).read_text(encoding="utf-8")
     for part in (TOKENIZED_FORMAT, code, type(tokenizer).__name__, tokenizer.backend_tokenizer.to_str(), system_message,
-                 chat_format, reasoning_turns, str(max_len), _conversations_text(conversations)):
+                 chat_format, reasoning_turns, str(max_len), _conversations_text(conversations),
+                 *(["ignore_empty_think"] if ignore_empty_think else [])):
         digest.update(part.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
     return digest.hexdigest()[:40]
@@ -160,8 +167,12 @@ def _save_tokenized(samples: list[TokenizedSample], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     origins = np.array([s.origin for s in samples], dtype=np.int64)
-    safetensors.numpy.save_file({"input_ids": input_ids, "labelled": labelled, "lengths": lengths, "origins": origins},
-                                str(scratch))
+    arrays = {"input_ids": input_ids, "labelled": labelled, "lengths": lengths, "origins": origins}
+    if any(s.weights is not None for s in samples):
+        arrays["weights"] = np.concatenate([np.asarray(s.weights if s.weights is not None else
+                                                       np.asarray(s.labels) != IGNORE_INDEX, dtype=np.float32)
+                                            for s in samples])
+    safetensors.numpy.save_file(arrays, str(scratch))
     os.replace(scratch, path)
 
 
@@ -169,12 +180,21 @@ def _load_tokenized(path: Path) -> list[TokenizedSample]:
     arrays = safetensors.numpy.load_file(str(path))
     bounds = np.cumsum(arrays["lengths"])[:-1]
     input_ids = np.split(arrays["input_ids"], bounds)
+    labelled = np.split(arrays["labelled"].astype(bool), bounds)
     labels = np.split(np.where(arrays["labelled"].astype(bool), arrays["input_ids"], IGNORE_INDEX), bounds)
-    return [TokenizedSample(ids.tolist(), lab.tolist(), int(origin))
-            for ids, lab, origin in zip(input_ids, labels, arrays["origins"])]
+    weights = np.split(arrays["weights"], bounds) if "weights" in arrays else [None] * len(input_ids)
+    return [TokenizedSample(ids.tolist(), lab.tolist(), int(origin),
+                            w.tolist() if w is not None and (w[mask] != 1).any() else None)
+            for ids, lab, origin, w, mask in zip(input_ids, labels, arrays["origins"], weights, labelled)]
 
 
 _worker_job: dict = {}  # set once in each preprocessing worker process (inherited by fork, not pickled)
+
+
+def as_features(sample: TokenizedSample) -> dict:
+    """What a dataset gives the collator for a sample: input_ids, labels, and its loss weights when it has any."""
+    features = {"input_ids": sample.input_ids, "labels": sample.labels}
+    return features if sample.weights is None else {**features, LOSS_WEIGHTS: sample.weights}
 
 
 def _init_worker(tokenizer, max_len, system_message, chat_format):
@@ -185,13 +205,14 @@ def _tokenize_in_worker(conversations):
     return tokenize_conversations(conversations, **_worker_job)
 
 
-def training_conversations_of(samples: list[Conversation], chat_format: str = "chatml", reasoning_turns: str = "all"
-                              ) -> tuple[list[Conversation], list[int]]:
+def training_conversations_of(samples: list[Conversation], chat_format: str = "chatml", reasoning_turns: str = "all",
+                              ignore_empty_think: bool = False) -> tuple[list[Conversation], list[int]]:
     """The conversations to train on, in order, and the index in `samples` each comes from: one per sample, or
-    several for a conversation split so that each reasoning turn is trained in its own context (qwen3 format)."""
+    several for a conversation split so that each reasoning turn is trained in its own context (qwen3 format).
+    `ignore_empty_think` (qwen3 format): empty think blocks are rendered, not trained."""
     conversations, origins = [], []
     for index, sample in enumerate(samples):
-        parts = training_conversations(sample, chat_format, reasoning_turns)
+        parts = training_conversations(sample, chat_format, reasoning_turns, ignore_empty_think)
         conversations += parts
         origins += [index] * len(parts)
     return conversations, origins
@@ -206,7 +227,8 @@ def as_conversations(samples: list) -> list[Conversation]:
 def tokenize_training_samples(samples: list[Conversation], tokenizer, max_len: int,
                               system_message: str = DEFAULT_SYSTEM_MESSAGE, num_workers: int = 1,
                               cache_dir: str | os.PathLike | None = None, desc: str = "Tokenizing",
-                              chat_format: str = "chatml", reasoning_turns: str = "all") -> list[TokenizedSample]:
+                              chat_format: str = "chatml", reasoning_turns: str = "all",
+                              ignore_empty_think: bool = False) -> list[TokenizedSample]:
     """Every training sample tokenized, in order, in batched calls (in `num_workers` processes when > 1); a sample split into
     several (training_conversations_of) gives several, each with its `origin`.
 
@@ -217,12 +239,13 @@ def tokenize_training_samples(samples: list[Conversation], tokenizer, max_len: i
     samples = as_conversations(samples)
     cache_path = None
     if cache_dir:
-        key = tokenized_cache_key(samples, tokenizer, max_len, system_message, chat_format, reasoning_turns)
+        key = tokenized_cache_key(samples, tokenizer, max_len, system_message, chat_format, reasoning_turns,
+                                  ignore_empty_think)
         cache_path = Path(cache_dir) / f"{key}.safetensors"
         if cache_path.is_file():
             logger.info("%s: reusing %d tokenized samples from %s", desc, len(samples), cache_path)
             return _load_tokenized(cache_path)
-    conversations, origins = training_conversations_of(samples, chat_format, reasoning_turns)
+    conversations, origins = training_conversations_of(samples, chat_format, reasoning_turns, ignore_empty_think)
     batches = [conversations[i : i + TOKENIZE_BATCH] for i in range(0, len(conversations), TOKENIZE_BATCH)]
     progress = tqdm(total=len(conversations), desc=desc, unit=" samples", disable=len(batches) < 4)
     tokenized = []
@@ -296,10 +319,11 @@ class SupervisedDataset(Dataset):
 
     def __init__(self, samples: list[Conversation], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE,
                  num_workers: int = 1, cache_dir: str | os.PathLike | None = None, chat_format: str = "chatml",
-                 reasoning_turns: str = "all"):
+                 reasoning_turns: str = "all", ignore_empty_think: bool = False):
         conversations = as_conversations(samples)
         tokenized = tokenize_training_samples(conversations, tokenizer, max_len, system_message, num_workers, cache_dir,
-                                              chat_format=chat_format, reasoning_turns=reasoning_turns)
+                                              chat_format=chat_format, reasoning_turns=reasoning_turns,
+                                              ignore_empty_think=ignore_empty_think)
         if len(tokenized) > len(conversations):
             logger.info(split_summary(tokenized, len(conversations)))
         self.samples, dropped = keep_trainable(tokenized, conversations, max_len)
@@ -315,8 +339,13 @@ class SupervisedDataset(Dataset):
     def num_tokens(self) -> int:
         return sum(len(sample.input_ids) for sample in self.samples)
 
+    @property
+    def has_loss_weights(self) -> bool:
+        """Whether its batches may carry `loss_weights` (some turn of weight other than 1)."""
+        return any(sample.weights is not None for sample in self.samples)
+
     def __getitem__(self, i) -> dict:
-        return {"input_ids": self.samples[i].input_ids, "labels": self.samples[i].labels}
+        return as_features(self.samples[i])
 
 
 def tokens_before_first_reply_bound(conversation: Conversation, system_message: str, chat_format: str) -> int | None:
@@ -343,9 +372,10 @@ class LazySupervisedDataset(Dataset):
     """
 
     def __init__(self, samples: list[Conversation], tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE,
-                 chat_format: str = "chatml", reasoning_turns: str = "all"):
+                 chat_format: str = "chatml", reasoning_turns: str = "all", ignore_empty_think: bool = False):
         self.sources = as_conversations(samples)
-        self.conversations, self.origins = training_conversations_of(self.sources, chat_format, reasoning_turns)
+        self.conversations, self.origins = training_conversations_of(self.sources, chat_format, reasoning_turns,
+                                                                     ignore_empty_think)
         self.tokenizer, self.max_len, self.system_message, self.chat_format = tokenizer, max_len, system_message, chat_format
         doubtful = [i for i, conversation in enumerate(self.conversations)
                     if (tokens_before_first_reply_bound(conversation, system_message, chat_format) or max_len) >= max_len]
@@ -364,6 +394,11 @@ class LazySupervisedDataset(Dataset):
     def __len__(self):
         return len(self.kept)
 
+    @property
+    def has_loss_weights(self) -> bool:
+        """Whether its batches may carry `loss_weights` (some trained turn of weight other than 1)."""
+        return any(w != 1 for conversation in self.conversations for w in span_weights(conversation))
+
     def __getitem__(self, k) -> dict:
         i = self.kept[k]
         if i not in self.cache:
@@ -375,7 +410,7 @@ class LazySupervisedDataset(Dataset):
             raise DataError(f"{sample_name(origin, self.sources[origin])} has {untrainable_reason(self.max_len)}, which "
                             f"--lazy_preprocess did not foresee for {type(self.tokenizer).__name__} (its text before "
                             "the first reply has more tokens than bytes); train without --lazy_preprocess.")
-        return {"input_ids": sample.input_ids, "labels": sample.labels}
+        return as_features(sample)
 
 
 @dataclass
@@ -399,18 +434,31 @@ class ChatCollator:
 def pad_rows(features: list[dict], length: int, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Samples as rows of `length` tokens, padded on the right: input_ids with `pad_token_id`, labels with
     IGNORE_INDEX, attention_mask 1 on each sample's own tokens and 0 on padding (int64 tensors).
+    When a sample has loss weights, `loss_weights` too (float32, 0 on padding; `feature_weights`).
     The one padding loop: ChatCollator pads each batch with it, `preprocess` pads to max_len."""
     batch = {
         "input_ids": torch.full((len(features), length), pad_token_id, dtype=torch.long),
         "labels": torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long),
         "attention_mask": torch.zeros((len(features), length), dtype=torch.long),
     }
+    weighted = any(LOSS_WEIGHTS in f for f in features)
+    if weighted:
+        batch[LOSS_WEIGHTS] = torch.zeros((len(features), length), dtype=torch.float32)
     for row, f in enumerate(features):
         n = len(f["input_ids"])
         batch["input_ids"][row, :n] = torch.tensor(f["input_ids"])
         batch["labels"][row, :n] = torch.tensor(f["labels"])
         batch["attention_mask"][row, :n] = 1
+        if weighted:
+            batch[LOSS_WEIGHTS][row, :n] = torch.tensor(feature_weights(f), dtype=torch.float32)
     return batch
+
+
+def feature_weights(feature: dict) -> list[float]:
+    """A sample's loss weights: its own, else 1 on each labelled token (0 elsewhere)."""
+    if LOSS_WEIGHTS in feature:
+        return list(feature[LOSS_WEIGHTS])
+    return [float(label != IGNORE_INDEX) for label in feature["labels"]]
 
 
 def preprocess(sources, tokenizer, max_len: int, system_message: str = DEFAULT_SYSTEM_MESSAGE) -> dict:
@@ -465,18 +513,23 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 def concatenate_samples(features: list[dict]) -> dict[str, list[int]]:
     """Samples (or packed rows) end to end in one row: input_ids, labels and position_ids, which restart at 0 for
     each sample (a packed row keeps its own). Each sample's (or row's) first label becomes IGNORE_INDEX: after the
-    model's one-token shift it would be predicted from the previous sample's last token.
+    model's one-token shift it would be predicted from the previous sample's last token. When any sample has loss
+    weights the row has `loss_weights` too (`feature_weights`; 0 at each first label).
     The one filling loop: PackedDataset builds its rows with it, PaddingFreeCollator its batches.
 
     >>> concatenate_samples([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [7, 8, 9], "labels": [-100, 8, 9]}])
     {'input_ids': [5, 6, 7, 8, 9], 'labels': [-100, 6, -100, 8, 9], 'position_ids': [0, 1, 0, 1, 2]}
     """
-    input_ids, labels, position_ids = [], [], []
+    input_ids, labels, position_ids, weights = [], [], [], []
+    weighted = any(LOSS_WEIGHTS in f for f in features)
     for f in features:
         input_ids += f["input_ids"]
         labels += [IGNORE_INDEX] + list(f["labels"][1:])
         position_ids += f.get("position_ids") or list(range(len(f["input_ids"])))
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if weighted:
+            weights += [0.0] + feature_weights(f)[1:]
+    row = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    return row if not weighted else {**row, LOSS_WEIGHTS: weights}
 
 
 class PackedDataset(Dataset):
@@ -484,7 +537,7 @@ class PackedDataset(Dataset):
 
     A row is then what the Trainer batches: `per_device_train_batch_size` counts rows, each of several samples,
     so an optimizer step sees more samples than the flags say (finetune.py says how many at the start).
-    Each row carries `position_ids` that restart at 0 for every sample, so no attention crosses a sample
+    Each row carries `position_ids` that restart at 0 for every sample (and `loss_weights` when a sample has them), so no attention crosses a sample
     boundary (chatft.model.attention), and the first label of every sample is IGNORE_INDEX: after the model's
     one-token shift it would be predicted from the previous sample's last token.
     Rows are filled first-fit decreasing; the Trainer's sampler shuffles the rows every epoch.
@@ -509,6 +562,10 @@ class PackedDataset(Dataset):
     def num_tokens(self) -> int:
         return sum(len(row["input_ids"]) for row in self.rows)
 
+    @property
+    def has_loss_weights(self) -> bool:
+        return any(LOSS_WEIGHTS in row for row in self.rows)
+
     def __getitem__(self, i) -> dict:
         return self.rows[i]
 
@@ -532,10 +589,10 @@ class PaddingFreeCollator:
 
 def make_datasets(train_samples, eval_samples, tokenizer, max_len: int, lazy: bool, system_message: str,
                   packing: bool = False, num_workers: int = 1, cache_dir: str | os.PathLike | None = None,
-                  chat_format: str = "chatml", reasoning_turns: str = "all"):
+                  chat_format: str = "chatml", reasoning_turns: str = "all", ignore_empty_think: bool = False):
     """Build (train_dataset, eval_dataset or None) from conversations (load_samples'); packed rows with `packing`;
     tokenized in `num_workers` processes and cached in `cache_dir` (unless `lazy`)."""
-    rendering = {"chat_format": chat_format, "reasoning_turns": reasoning_turns}
+    rendering = {"chat_format": chat_format, "reasoning_turns": reasoning_turns, "ignore_empty_think": ignore_empty_think}
     if lazy:
         train = LazySupervisedDataset(train_samples, tokenizer, max_len, system_message, **rendering)
         evaluation = (LazySupervisedDataset(eval_samples, tokenizer, max_len, system_message, **rendering)

@@ -13,6 +13,10 @@ assistant's call, JSON `{"name", "arguments"}` or a list of them) and `observati
 with the tool definitions in the sample's `tools` (a list, or that list as JSON text). OpenAI messages carry
 the same as `tool_calls` on assistant messages, `tool` messages and `tools`.
 
+Per-turn loss weights, as LLaMA-Factory, ms-swift and axolotl read them: a turn's `weight` (a number >= 0) or `loss`
+(true/false, or a number) scales its tokens in the loss (0: context only, not trained); on the turns of every format
+but alpaca's. Only assistant and tool-call turns are trained, so another turn may only carry weight 0.
+
 `read_record` gives one record's `Conversation` (chatft.data.chat_format), so a conversation gives identical tokens and
 labels whatever format it came in. Each format's reader names each turn in the seed's roles (`ROLES`), and every
 format's turns are then checked and built by the same rules (`_read_turns`). Problems are returned as messages
@@ -21,6 +25,7 @@ naming the file, sample index, id and the record's own field (`messages[2]`, `hi
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from chatft.data.chat_format import (ROLES, Conversation, Turn, join_turns, make_turn, parse_tool_calls,
@@ -91,6 +96,13 @@ def where(path: str, index: int, record) -> str:
     return f"{path}: {sample_name(index, record)}"
 
 
+def loss_weight(turn: dict):
+    """A turn's loss weight as its record gives it: `weight`, else `loss` (LLaMA-Factory's and ms-swift's switch, or
+    a number), else None (none given); a bool is 1.0 or 0.0. Unchecked (`_turn` checks it)."""
+    value = turn.get("weight", turn.get("loss"))
+    return float(value) if isinstance(value, bool) else value
+
+
 def _reasoning(turn: dict):
     """A turn's reasoning trace (`reasoning_content`, as Qwen3 and OpenAI-compatible servers return it); None when
     it has none."""
@@ -103,6 +115,7 @@ class _Item(NamedTuple):
     value: object  # its text; for a function_call, JSON text or the calls already parsed (OpenAI tool_calls)
     reasoning: object  # its `reasoning_content`; None: none
     at: str  # where it is: `data.json: sample 3 (id='x'): messages[2]`
+    weight: object = None  # its loss weight as found (`loss_weight` of the turn; None: none given); checked by `_turn`
 
 
 Read = tuple[Conversation | None, list[str]]  # (the conversation, or None; the problems found)
@@ -127,7 +140,7 @@ def from_conversations(record, at: str) -> Read:
         if missing:
             problems.append(f"{here}: missing {' and '.join(repr(k) for k in missing)}")
             continue
-        items.append(_Item(turn["from"], turn["value"], _reasoning(turn), here))
+        items.append(_Item(turn["from"], turn["value"], _reasoning(turn), here, loss_weight(turn)))
     return _read_turns(record, at, items, "value", problems)
 
 
@@ -149,7 +162,8 @@ def from_sharegpt(record: dict, at: str) -> Read:
             problems.append(f"{at}: conversations[{j}]: unknown role {turn['from']!r} in 'from' "
                             f"(expected one of {', '.join(SHAREGPT_ROLES)})")
         else:
-            items.append(_Item(SHAREGPT_ROLES[turn["from"]], turn["value"], _reasoning(turn), f"{at}: conversations[{j}]"))
+            items.append(_Item(SHAREGPT_ROLES[turn["from"]], turn["value"], _reasoning(turn), f"{at}: conversations[{j}]",
+                               loss_weight(turn)))
     return (None, problems) if problems else _read_turns(record, at, items, "value")
 
 
@@ -164,10 +178,10 @@ def from_messages(record: dict, at: str) -> Read:
         if not isinstance(message, dict) or "role" not in message:
             problems.append(f"{here}: expected an object with 'role' and 'content'")
             continue
-        role, content = message["role"], message.get("content")
+        role, content, weight = message["role"], message.get("content"), loss_weight(message)
         calls = message.get("tool_calls") or message.get("function_call") if role == "assistant" else None
         if role in MESSAGE_ROLE_ALIASES and isinstance(content, str):
-            items.append(_Item(MESSAGE_ROLE_ALIASES[role], content, None, here))
+            items.append(_Item(MESSAGE_ROLE_ALIASES[role], content, None, here, weight))
         elif role not in MESSAGE_ROLES:
             problems.append(f"{here}: unknown role {role!r} (expected {', '.join(MESSAGE_ROLES)})")
         elif content is None and not calls:
@@ -182,10 +196,10 @@ def from_messages(record: dict, at: str) -> Read:
                 continue
             with_text = bool(content and content.strip())
             if with_text:  # text before the calls: one message, joined back by chat_format.join_turns
-                items.append(_Item("assistant", content, _reasoning(message), here))
-            items.append(_Item("function_call", parsed, None if with_text else _reasoning(message), here))
+                items.append(_Item("assistant", content, _reasoning(message), here, weight))
+            items.append(_Item("function_call", parsed, None if with_text else _reasoning(message), here, weight))
         else:  # a trace on a non-assistant message is kept here to be refused by the checks
-            items.append(_Item("observation" if role == "tool" else role, content, _reasoning(message), here))
+            items.append(_Item("observation" if role == "tool" else role, content, _reasoning(message), here, weight))
     return (None, problems) if problems else _read_turns(record, at, items, "content")
 
 
@@ -251,9 +265,10 @@ def _tools_problems(record: dict, at: str) -> list[str]:
 
 
 def _turn(item: _Item, value_name: str) -> tuple[Turn | None, list[str]]:
-    """One turn's role, text, reasoning and (for a tool call) calls, checked; its `Turn` when they are right."""
-    role, value, reasoning, at = item
-    problems = []
+    """One turn's role, text, reasoning, (for a tool call) calls and loss weight, checked; its `Turn` when they are
+    right."""
+    role, value, reasoning, at, weight = item
+    problems = _weight_problems(weight, role, at)
     if reasoning is not None and not isinstance(reasoning, str):
         problems.append(f"{at}: 'reasoning_content' must be a string, found a {type(reasoning).__name__}")
     elif reasoning and role not in ("assistant", "function_call"):
@@ -271,7 +286,21 @@ def _turn(item: _Item, value_name: str) -> tuple[Turn | None, list[str]]:
             parse_tool_calls(value)
         except ValueError as error:
             problems.append(f"{at}: {error}")
-    return (None, problems) if problems else (make_turn(role, value, reasoning), [])
+    if problems:
+        return None, problems
+    return make_turn(role, value, reasoning, 1.0 if weight is None else float(weight)), []
+
+
+def _weight_problems(weight, role: str, at: str) -> list[str]:
+    """A loss weight is a finite number >= 0 (or true/false); a turn that is never trained may only have weight 0."""
+    if weight is None:
+        return []
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        return [f"{at}: a loss weight ('weight' or 'loss') must be a number >= 0 or true/false, found {weight!r}"]
+    if weight != 0 and role not in ("assistant", "function_call"):
+        return [f"{at}: loss weight {weight:g} on a {role} turn: only assistant turns are trained (give it no weight, "
+                "or 0)"]
+    return []
 
 
 def _tool_order_problems(roles: list[str], turn_at: list[str]) -> list[str]:
@@ -297,6 +326,8 @@ def _trained_conversation_problems(turns: list[Turn], at: str) -> list[str]:
     if not any(t.role == "assistant" for t in turns):
         return [f"{at}: no assistant turn to learn from (a leading assistant turn is dropped, since no user message "
                 "precedes it)"]
+    if not any(t.role == "assistant" and t.weight for t in turns):
+        return [f"{at}: every assistant turn has loss weight 0: nothing to learn (drop the sample, or weigh a turn)"]
     return []
 
 
@@ -304,8 +335,10 @@ def _trained_conversation_problems(turns: list[Turn], at: str) -> list[str]:
 RECORD_KEYS = {"conversations": {"id", "conversations", "tools"}, "sharegpt": {"id", "conversations", "system", "tools"},
                "messages": {"id", "messages", "conversations", "tools"},
                "alpaca": {"id", "instruction", "input", "output", "system", "history", "tools"}}
-TURN_KEYS = {"conversations": {"from", "value", "reasoning_content"}, "sharegpt": {"from", "value", "reasoning_content"},
-             "messages": {"role", "content", "tool_calls", "function_call", "reasoning_content"}}
+TURN_KEYS = {"conversations": {"from", "value", "reasoning_content", "weight", "loss"},
+             "sharegpt": {"from", "value", "reasoning_content", "weight", "loss"},
+             "messages": {"role", "content", "tool_calls", "function_call", "reasoning_content", "weight", "loss"}}
+TURN_WEIGHT_KEYS = ("weight", "loss")  # a turn's loss weight (`loss_weight`)
 # keys that carry training signal this toolkit does not train on yet, and what it is
 UNSUPPORTED_SIGNAL = {"weight": "per-turn loss weights", "loss": "per-turn loss switches", "train": "per-turn loss switches",
                       "images": "images", "videos": "videos", "audios": "audio", "chosen": "preference pairs",
@@ -334,6 +367,8 @@ def ignored_keys(records: list, data_format: str) -> list[str]:
     for (key, where_), count in sorted(counts.items()):
         note = (f": {UNSUPPORTED_SIGNAL[key]}, not supported yet" if key in UNSUPPORTED_SIGNAL
                 else f": did you mean {LIKELY_MEANT[key]!r}?" if key in LIKELY_MEANT else "")
+        if key in TURN_WEIGHT_KEYS and data_format in TURN_KEYS:  # a record's: weights are read on its turns
+            note += f" on a record (each turn's {key!r} is read)"
         lines.append(f"{key!r} in {count} {where_}{note}")
     return lines
 

@@ -24,6 +24,12 @@ returns its output layer's result as the `logits` field of its output, so that i
   weights and per-sequence losses (log-probability differences) compose with it. A frozen output layer (LoRA) costs
   no more than the sum kernel: the gradient with respect to the hidden states is prepared in the forward pass.
 
+Per-turn loss weights (a batch's `loss_weights`, aligned with its labels: chatft.data.datasets) make the loss a
+weighted token mean, sum(w * ce) / sum(w) over the optimizer step's labelled tokens: a token of weight 2 counts as
+that token twice, weight 1 everywhere is the plain token mean. `SupervisedLoss` computes it from the per-token
+log-probabilities, and the trainer counts sum(w) where it counts the tokens (`loss_weight_total`). Batches without
+weights (all data without a weight other than 1) keep the sum kernel, exactly as before.
+
 Both equal the full-logits computation up to rounding (tests/test_losses.py, tests/test_trainer.py,
 tests/test_distributed.py).
 """
@@ -37,7 +43,7 @@ from typing import Callable
 
 import torch
 
-from chatft.data.chat_format import IGNORE_INDEX
+from chatft.data.chat_format import IGNORE_INDEX, LOSS_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +75,14 @@ class LossScale:
         if self.tokens is None:
             return token_sum / max(int((labels[:, 1:] != IGNORE_INDEX).sum()), 1)
         return token_sum / self.tokens * self.processes
+
+    def weighted_token_mean(self, weighted_sum: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor
+                            ) -> torch.Tensor:
+        """sum(w * ce) as the weighted token mean, sum(w * ce) / sum(w): `tokens` is then the accumulated batch's
+        sum(w) (what the trainer counts for weighted data: `loss_weight_total`), else this micro-batch's is used."""
+        if self.tokens is None:
+            return weighted_sum / loss_weight_total({"labels": labels, LOSS_WEIGHTS: weights}).clamp_min(1e-8)
+        return weighted_sum / self.tokens * self.processes
 
     def batch_mean(self, value: torch.Tensor) -> torch.Tensor:
         """A term that is already a mean over this micro-batch (a router's load-balancing loss), weighted so that
@@ -128,6 +142,9 @@ class SupervisedLoss:
     def __call__(self, model, inputs: dict, scale: LossScale) -> LossTerms:
         inputs = dict(inputs)
         labels = inputs.pop("labels")
+        weights = inputs.pop(LOSS_WEIGHTS, None)
+        if weights is not None:
+            return self.weighted(model, inputs, labels, weights, scale)
         if self.labelled_logits:
             with output_layer_computes(self.head_linears, labels, self.chunk_size, labelled_cross_entropy) as head:
                 outputs = model(**inputs)
@@ -136,6 +153,30 @@ class SupervisedLoss:
             outputs = model(**inputs)
             lm_loss = scale.token_mean(token_cross_entropy_sum(outputs.logits, labels), labels)
         return with_model_terms(model, outputs, lm_loss, scale)
+
+    def weighted(self, model, inputs: dict, labels: torch.Tensor, weights: torch.Tensor, scale: LossScale
+                 ) -> LossTerms:
+        """The weighted token mean (module docstring) from the per-token log-probabilities: computed at labelled
+        positions only (labelled_token_log_probs), or from the model's full logits."""
+        targets = labels[:, 1:]
+        if self.labelled_logits:
+            with output_layer_computes(self.head_linears, labels, self.chunk_size, labelled_token_log_probs) as head:
+                outputs = model(**inputs)
+            log_probs = head.of(outputs, (int((targets != IGNORE_INDEX).sum()),))
+            weighted_sum = -(weights[:, 1:][targets != IGNORE_INDEX].float() * log_probs).sum()
+        else:
+            outputs = model(**inputs)
+            weighted_sum = (weights[:, 1:].float() * token_cross_entropies(outputs.logits, labels)).sum()
+        return with_model_terms(model, outputs, scale.weighted_token_mean(weighted_sum, weights, labels), scale)
+
+
+def loss_weight_total(batch: dict) -> torch.Tensor:
+    """sum(w) over a batch's labelled tokens (position t predicts labels[t + 1]): its `loss_weights` there, or 1 each
+    when it has none (the token count). What a weighted loss is normalized by (`LossScale.weighted_token_mean`)."""
+    labelled = batch["labels"][:, 1:] != IGNORE_INDEX
+    if LOSS_WEIGHTS not in batch:
+        return labelled.sum().float()
+    return (batch[LOSS_WEIGHTS][:, 1:].float() * labelled).sum()
 
 
 def with_model_terms(model, outputs, lm_loss: torch.Tensor, scale: LossScale) -> LossTerms:
@@ -151,6 +192,12 @@ def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch
     before its division by num_items_in_batch."""
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def token_cross_entropies(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """cross_entropy(logits[t], labels[t + 1]) for every position t ([batch, length - 1], fp32; 0 where unlabelled)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="none").view(labels[:, 1:].shape)
 
 
 # --- the output layer at labelled positions ------------------------------------------------------------------------

@@ -74,16 +74,19 @@ def packing_summary(rows: PackedDataset, batch_size: int, accumulation: int, pro
 
 def dry_run_report(name: str, samples: list[Conversation], tokenizer, max_len: int, system_message: str, packing: bool,
                    padding_free: bool, batch_size: int, accumulation: int, processes: int, seed: int,
-                   chat_format: str = "chatml", reasoning_turns: str = "all", estimate_memory=None) -> str:
+                   chat_format: str = "chatml", reasoning_turns: str = "all", estimate_memory=None,
+                   ignore_empty_think: bool = False) -> str:
     """The report's lines (module docstring); `estimate_memory`: tokens -> chatft.memory.MemoryEstimate, to add the
     peak memory estimated at the longest batch (chatft.memory.run_estimator). Samples are dropped as training
     drops them (chatft.data.datasets.keep_trainable), from the untruncated tokens cut to max_len: the lengths before truncation
     are part of the report."""
     conversations = as_conversations(samples)
     full = tokenize_training_samples(conversations, tokenizer, 10**9, system_message, desc=f"Tokenizing {name}",
-                                     chat_format=chat_format, reasoning_turns=reasoning_turns)
-    kept, dropped = keep_trainable([TokenizedSample(s.input_ids[:max_len], s.labels[:max_len], s.origin) for s in full],
-                                   conversations, max_len)
+                                     chat_format=chat_format, reasoning_turns=reasoning_turns,
+                                     ignore_empty_think=ignore_empty_think)
+    kept, dropped = keep_trainable([TokenizedSample(s.input_ids[:max_len], s.labels[:max_len], s.origin,
+                                                    s.weights[:max_len] if s.weights is not None else None)
+                                    for s in full], conversations, max_len)
     lengths = [len(s.input_ids) for s in full]
     truncated = [n - max_len for n in lengths if n > max_len]
     trainable = sum(s.num_trainable for s in kept)
@@ -103,6 +106,10 @@ def dry_run_report(name: str, samples: list[Conversation], tokenizer, max_len: i
              f"({trainable:,} trainable, {100 * trainable / max(1, sum(min(n, max_len) for n in lengths)):.1f}%); "
              f"{sum(truncated):,} cut from {len(truncated)} sample(s) longer than {max_len} "
              f"({cut_trainable:,} of them trainable)"]
+    weights = [turn.weight for c in conversations for turn in c.turns if turn.role == "assistant" and turn.weight != 1]
+    if weights:
+        lines.append(f"loss weights: {len(weights)} assistant turn(s) weighted other than 1 ({weights.count(0)} at 0: "
+                     "context only); the loss is the weighted token mean, sum(w * ce) / sum(w)")
     lines.append(dropped or "dropped: none")
     lines.append(f"sample lengths (tokens, before truncation; longest {max(lengths)}, mean {sum(lengths) / len(lengths):.0f}):")
     lines += length_histogram(lengths, max_len)
@@ -127,7 +134,8 @@ def dry_run_report(name: str, samples: list[Conversation], tokenizer, max_len: i
         longest = max(kept_lengths) if not packing else max(len(row["input_ids"]) for row in rows.rows)
         lines.append(estimate_memory(longest * batch_size).text())
     if kept:
-        lines.append("first sample as trained (trained tokens in [[...]]):")
+        lines.append("first sample as trained (trained tokens in [[...]]" + (", a weight other than 1 after them"
+                                                                        if weights else "") + "):")
         lines.append(describe_sample(kept[0], tokenizer))
     return "\n".join(lines)
 

@@ -4,7 +4,12 @@ The loss: `ChatTrainer(loss=...)` takes any object of chatft.train.losses' seam 
 LossTerms`); SFT's `SupervisedLoss` by default. The trainer hands it the batch and how transformers normalizes a
 model's own loss (`LossScale`), back-propagates what it returns, and logs its extra values (e.g. lm_loss and
 aux_loss of a mixture-of-experts model) beside `loss`, averaged over the logging interval. Evaluation, label
-smoothing and a `compute_loss_func` given to the Trainer keep transformers' own loss.
+smoothing and a `compute_loss_func` given to the Trainer keep transformers' own loss (unweighted).
+
+Per-turn loss weights: batches of weighted data carry `loss_weights`, which the trainer keeps from the model's
+forward (transformers drops the columns the forward does not name) and hands the loss; for such data the
+accumulated batch's item count becomes sum(w) over its labelled tokens (`get_batch_samples`, transformers' public
+hook where it counts them), the denominator of the weighted token mean.
 
 The optimizer and the embeddings: `--loraplus_lr_ratio` gives LoRA's B matrices their own parameter groups
 (chatft.train.optim); `--neftune_noise_alpha` adds noise scaled per sample (chatft.train.neftune) instead of
@@ -28,7 +33,8 @@ import transformers
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from chatft.train.losses import LossScale, SupervisedLoss
+from chatft.data.chat_format import LOSS_WEIGHTS
+from chatft.train.losses import LossScale, SupervisedLoss, loss_weight_total
 from chatft.train.neftune import SampleScaledNoise
 from chatft.train.optim import raise_lora_b_learning_rate
 from chatft.patches import checkpoints_written_as
@@ -142,6 +148,25 @@ class ChatTrainer(transformers.Trainer):
         self.run_start = RunStart()
         self.add_callback(self.run_start)
         self.add_callback(AtomicCheckpoints(self.accelerator.wait_for_everyone))
+        self.weighted_data = bool(getattr(self.train_dataset, "has_loss_weights", False))
+
+    def _set_signature_columns_if_needed(self):
+        """transformers' columns to keep (those the model's forward names), and the loss's `loss_weights`. (No public
+        door: tests/test_losses.py fails if transformers stops calling this.)"""
+        super()._set_signature_columns_if_needed()
+        if LOSS_WEIGHTS not in self._signature_columns:
+            self._signature_columns.append(LOSS_WEIGHTS)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """transformers' batches of one optimizer step and their item count; for weighted data the count is sum(w)
+        over the labelled tokens (gathered across processes as transformers gathers the count)."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if num_items is None or not self.weighted_data:
+            return batch_samples, num_items
+        total = sum(loss_weight_total(batch) for batch in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total).sum()
+        return batch_samples, total / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
 
     @property
     def labelled_logits(self) -> bool:
@@ -177,6 +202,7 @@ class ChatTrainer(transformers.Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         library_loss = self.label_smoother is not None or self.compute_loss_func is not None
         if return_outputs or library_loss or "labels" not in inputs:  # evaluation's predictions, the library's options
+            inputs = {name: value for name, value in inputs.items() if name != LOSS_WEIGHTS}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         processes = self.accelerator.num_processes // self.get_tp_size() if self.args.average_tokens_across_devices else 1
         scale = LossScale(tokens=num_items_in_batch, processes=processes,
