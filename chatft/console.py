@@ -48,6 +48,8 @@ HARMLESS_LOG_RECORDS = [
     ("accelerate.accelerator", "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1",
      "with DeepSpeed the Trainer leaves accumulation to DeepSpeed, whose config takes --gradient_accumulation_steps "
      "(\"auto\"): the value used is the flag's"),
+    ("logbar", "AVX512-BF16 kernel requires Linux on x86-64 with",
+     "gptqmodel probing its AVX512-BF16 CPU kernel on a CPU without those instructions; it uses another kernel"),
     ("transformers.modeling_utils", "`loss_type=None` was set in the config but it is unrecognized",
      "gptqmodel reads the model's loss function while loading it; the default causal-LM loss is the right one"),
 ]
