@@ -121,23 +121,44 @@ def torchrun_2_with_a_slow_final_write(tmp_path, *args, delay=2.0):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_two_processes_equal_one_process_with_the_whole_batch(engine, tiny_qwen2_arch_dir, data_file, tmp_path):
     """2 processes x batch 2 and 1 process x batch 4: same loss curve and final weights."""
+    assert_two_processes_equal_one(tiny_qwen2_arch_dir, data_file, tmp_path, ENGINES[engine])
+
+
+def test_weighted_turns_two_processes_equal_one_process(tiny_qwen2_arch_dir, tmp_path):
+    """Per-turn loss weights under DDP: the weighted token mean's denominator, sum(w), is gathered over the processes
+    as the token count is, so 2 processes x batch 2 take the steps of 1 process x batch 4. The weights differ per
+    sample (0.25 to 3), so a per-process sum(w) would give each process's half another scale."""
+    samples = []
+    for i, sample in enumerate(CONVERSATIONS * 2):
+        user, assistant = sample["conversations"]
+        samples.append({"id": f"w{i}", "conversations": [
+            user, {**assistant, "weight": [0.25, 1.0, 3.0, 0.5][i % 4]},
+            {"from": "user", "value": "Again?"}, {"from": "assistant", "value": assistant["value"], "weight": 1 + i % 3}]})
+    data = str(write_json(tmp_path / "weighted.json", samples))
+    # plain SGD: its step is proportional to the gradient, so a wrong scale shows in the weights too (Adam's would not)
+    assert_two_processes_equal_one(tiny_qwen2_arch_dir, data, tmp_path, ["--optim", "sgd", "--learning_rate", "0.5"],
+                                   step=0.5)
+
+
+def assert_two_processes_equal_one(model, data, tmp_path, engine_flags, step=1e-3):
+    """`step`: the most an optimizer step moves a weight (Adam: about the learning rate)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    torchrun(1, "finetune.py", *common_flags(tiny_qwen2_arch_dir, data_file, one, "--per_device_train_batch_size", "4", *ENGINES[engine]))
-    torchrun_2_with_a_slow_final_write(tmp_path, *common_flags(tiny_qwen2_arch_dir, data_file, two, "--per_device_train_batch_size",
-                                                                "2", *ENGINES[engine]))
+    torchrun(1, "finetune.py", *common_flags(model, data, one, "--per_device_train_batch_size", "4", *engine_flags))
+    torchrun_2_with_a_slow_final_write(tmp_path, *common_flags(model, data, two, "--per_device_train_batch_size", "2",
+                                                                *engine_flags))
     curve_one, curve_two = losses(one), losses(two)
     assert len(curve_one) == 3
-    terms = decoder_terms(transformers.AutoConfig.from_pretrained(tiny_qwen2_arch_dir), loss=True)  # the same sums, split
+    terms = decoder_terms(transformers.AutoConfig.from_pretrained(model), loss=True)  # the same sums, split
     for (loss_one, lr_one), (loss_two, lr_two) in zip(curve_one, curve_two):
         assert_close_up_to_rounding(loss_two, loss_one, terms=terms)
         assert lr_one == pytest.approx(lr_two)
-    base = weights(tiny_qwen2_arch_dir)
+    base = weights(model)
     final_one, final_two = weights(one), weights(two)
     assert final_one.keys() == final_two.keys()
     for name in final_one:
-        # Adam steps each element by about lr whatever its gradient's size: rounding relative to the weight + 3 steps
+        # rounding relative to the weight + 3 steps
         assert_close_up_to_rounding(final_two[name], final_one[name], terms=terms,
-                                    magnitude=final_one[name].abs().max() + 3 * 1e-3)
+                                    magnitude=final_one[name].abs().max() + 3 * step)
     assert any(not torch.equal(final_one[name], base[name]) for name in final_one)
 
 
