@@ -347,7 +347,8 @@ def test_a_thinking_model_trains_reasoning_in_its_own_format(tiny_qwen_arch_dir,
     assert finetune.main([*common, "--output_dir", str(tmp_path / "dry"), "--dry_run", "True"]) == 0
     report = capsys.readouterr().out
     assert "format: qwen3" in report and "2 sample(s) with reasoning traces" in report
-    assert "split 1 conversation(s) with reasoning in earlier turns into one sample per user query: 3 samples from 2" in report
+    assert "qwen3 turns: 1 conversation(s) split into 2 samples, one per user query" in report
+    assert ": 3 samples from 2, +" in report and " tokens of repeated context" in report
     assert "<|im_start|>assistant\n[[<think>\nSimple addition: 2+2=4.\n</think>\n\n4<|im_end|>]]" in report
     assert "<|im_start|>system" not in report  # Qwen3's template adds no default system prompt
     trainer = run(tiny_qwen_arch_dir, data, tmp_path / "out")
