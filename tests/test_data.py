@@ -763,3 +763,18 @@ def test_the_dry_run_counts_the_qwen3_turn_split(qwen3_tokenizer):
             "repeated context") in report
     assert "assistant\n[[<think>\n\n</think>\n\nTessa.<|im_end|>]]" in report  # the first sample: query 1's reply
     assert "qwen3 turns" not in dry_run_report("training data", samples, **common, reasoning_turns="last")
+
+
+def test_the_cache_key_follows_the_rendering_rules(qwen3_tokenizer, tmp_path, monkeypatch):
+    """The tokenized cache is keyed by the rendering code (chat_format.py's text) and by --reasoning_turns: a run
+    after a change of how conversations are split or rendered never reads samples made by the old rules."""
+    from chatft.data.datasets import chat_format_code, tokenized_cache_key
+
+    samples = [to_conversation(GOOD)]
+    key = lambda **rendering: tokenized_cache_key(samples, qwen3_tokenizer, 64, "s", "qwen3", **rendering)  # noqa: E731
+    assert key() == key() != key(reasoning_turns="last")
+    edited = tmp_path / "chat_format.py"
+    edited.write_text(open(chat_format_code.__file__, encoding="utf-8").read() + "\n# a rule changed\n", encoding="utf-8")
+    before = key()
+    monkeypatch.setattr(chat_format_code, "__file__", str(edited))
+    assert key() != before
