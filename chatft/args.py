@@ -76,9 +76,10 @@ class DataArguments:
     )
     reasoning_turns: str = field(
         default="all",
-        metadata={"help": "all|last (qwen3 format): all: a conversation with reasoning in earlier turns is split into one "
-                  "sample per user query, so every reasoning turn is trained in the context it is generated in; "
-                  "last: one sample per conversation, training only the turns after its last user query."},
+        metadata={"help": "all|last (qwen3 format): all: a multi-turn conversation is split into one sample per user "
+                  "query (and per tool step without reasoning), so every reply is trained exactly as Qwen3 generates "
+                  "it, think block included (empty without reasoning), in its own prompt; last: one sample per "
+                  "conversation, training only the turns after its last user query."},
     )
     padding_free: bool = field(
         default=True,

@@ -370,40 +370,57 @@ def template_messages(conversation):
     return messages, [json.loads(tool) for tool in conversation.tools] or None
 
 
+def check_trained_as_generated(tokenizer, conversation, samples, messages_of=None):
+    """Each of a conversation's training samples (qwen3 format) against the real template: its text and tokens are
+    apply_chat_template on its messages, whole; for each reply it trains, the text before the reply is the template's
+    prompt for it (add_generation_prompt=True) and the reply's labelled text is exactly what the template renders
+    after that prompt when the reply is the last message (the reply as generated: think block, empty without
+    reasoning, answer, calls, <|im_end|>); every trained reply of the conversation is trained in exactly one sample.
+    `messages_of`: the template's messages for a sample (default: template_messages)."""
+    from chatft.data.chat_format import _is_trained, render_qwen3
+
+    messages_of = messages_of or (lambda part: template_messages(part)[0])
+    tools = template_messages(conversation)[1]
+    trained_turns = []
+    for part in samples:
+        messages = messages_of(part)
+        text, spans = render_qwen3(part)
+        assert text == tokenizer.apply_chat_template(messages, tools=tools, tokenize=False), conversation.id
+        ids = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True)["input_ids"]
+        tokenized = tokenize_conversation(part, tokenizer, 100_000, chat_format="qwen3")
+        assert tokenized.input_ids == ids
+        trained = [j for j, turn in enumerate(part.turns) if turn.role == "assistant" and _is_trained(part, j)]
+        assert len(spans) == len(trained)
+        for j, (start, end) in zip(trained, spans):
+            prompt = tokenizer.apply_chat_template(messages[:j], tools=tools, tokenize=False, add_generation_prompt=True)
+            assert text[:start] == prompt, (conversation.id, j)
+            generated = tokenizer.apply_chat_template(messages[: j + 1], tools=tools, tokenize=False)
+            assert generated.startswith(prompt) and generated.endswith(IM_END + "\n")
+            assert text[start:end] == generated[len(prompt) : -1], (conversation.id, j)  # less the "\n" after it
+            assert text[start:end].startswith("<think>\n")  # Qwen3 in thinking mode always opens one
+            trained_turns.append(j)
+        assert labelled_runs(tokenizer, tokenized) == [text[a:b] for a, b in spans]
+    expected = [j for j, turn in enumerate(conversation.turns) if turn.role == "assistant" and _is_trained(conversation, j)]
+    assert sorted(trained_turns) == expected, conversation.id  # each reply trained once, none left out
+
+
 def test_the_qwen3_format_is_qwen3s_own_template(qwen3_tokenizer):
-    """On the real Qwen3 tokenizer, 300 generated conversations: each training sample's text (and tokens) equal
-    apply_chat_template on the same messages, whole; the text before each trained reply equals the template's
-    prompt for it (add_generation_prompt=True); the labels are exactly that reply's reasoning, answer and calls and
-    its <|im_end|>. Conversations with reasoning in earlier turns are split, one sample per user query."""
-    from chatft.data.chat_format import is_thinking_template, qwen3_template, render_qwen3, training_conversations
+    """On the real Qwen3 tokenizer, 300 generated conversations (check_trained_as_generated): every reply, in every
+    query, with or without reasoning, tool calls and results, is trained exactly as the template renders it when the
+    model generates it, in exactly the template's prompt for it. Multi-turn conversations are split, one sample per
+    user query (and per tool step without reasoning)."""
+    from chatft.data.chat_format import is_thinking_template, qwen3_template, training_conversations
 
     assert is_thinking_template(qwen3_tokenizer.chat_template) and not is_thinking_template(chatml_template())
     assert qwen3_template() == qwen3_tokenizer.chat_template  # what a run forced to qwen3 saves: Qwen3's, verbatim
-    split = 0
+    split = unsplit_multi_turn = 0
     for sample in generated_conversations(300):
         conversation = to_conversation(sample)
         samples = training_conversations(conversation, "qwen3")
         split += len(samples) > 1
-        for part in samples:
-            messages, tools = template_messages(part)
-            text, spans = render_qwen3(part)
-            assert text == qwen3_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False), sample["id"]
-            ids = qwen3_tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True)["input_ids"]
-            tokenized = tokenize_conversation(part, qwen3_tokenizer, 100_000, chat_format="qwen3")
-            assert tokenized.input_ids == ids
-            trained = [j for j, turn in enumerate(part.turns) if turn.role == "assistant" and
-                       (part.trained is None or j in part.trained)]
-            assert len(spans) == len(trained)
-            for j, (start, end) in zip(trained, spans):
-                prompt = qwen3_tokenizer.apply_chat_template(messages[:j], tools=tools, tokenize=False,
-                                                            add_generation_prompt=True)
-                assert text[:start] == prompt, (sample["id"], j)
-                turn = part.turns[j]
-                if turn.reasoning:
-                    assert text[start:end].startswith(f"<think>\n{turn.reasoning.strip(chr(10))}\n</think>\n\n")
-                assert text[start:end].endswith(IM_END)
-            assert labelled_runs(qwen3_tokenizer, tokenized) == [text[a:b] for a, b in spans]
-    assert split > 20  # the generator makes plenty of multi-turn conversations with earlier reasoning
+        unsplit_multi_turn += len(samples) == 1 and sum(t.role == "user" for t in conversation.turns) > 1
+        check_trained_as_generated(qwen3_tokenizer, conversation, samples)
+    assert split > 100 and unsplit_multi_turn == 0
 
 
 def test_qwen3_training_samples_of_a_multi_turn_reasoning_conversation():
@@ -418,12 +435,94 @@ def test_qwen3_training_samples_of_a_multi_turn_reasoning_conversation():
     assert "add\n" not in render_qwen3(second)[0].split("3+3?")[0].split("assistant\n", 1)[1]  # old thought dropped
     [last_only] = training_conversations(conversation, "qwen3", "last")
     assert len(render_qwen3(last_only)[1]) == 1 and last_only.turns == conversation.turns
-    no_reasoning = to_conversation({"conversations": [
-        {"from": "user", "value": "a"}, {"from": "assistant", "value": "b"},
-        {"from": "user", "value": "c"}, {"from": "assistant", "value": "d"}]})
-    assert training_conversations(no_reasoning, "qwen3") == [no_reasoning]  # nothing to lose: one sample
-    assert render_qwen3(no_reasoning)[0].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nd<|im_end|>\n")
     assert training_conversations(conversation, "chatml") == [conversation]
+
+
+def test_qwen3_multi_turn_replies_without_reasoning_are_trained_with_their_empty_think_block(qwen3_tokenizer):
+    """No reasoning anywhere: each query's reply still gets its own sample, trained as Qwen3 generates it
+    (`<think>\n\n</think>\n\nb<|im_end|>`, not `b<|im_end|>`, which is how the template shows it in a later prompt);
+    --reasoning_turns last keeps the one sample, training only the last reply."""
+    from chatft.data.chat_format import render_qwen3, training_conversations
+
+    conversation = to_conversation({"conversations": [
+        {"from": "system", "value": "Be brief."}, {"from": "user", "value": "a"}, {"from": "assistant", "value": "b"},
+        {"from": "user", "value": "c"}, {"from": "assistant", "value": "d"},
+        {"from": "user", "value": "e"}, {"from": "assistant", "value": "f", "reasoning_content": "think f"}]})
+    samples = training_conversations(conversation, "qwen3")
+    assert [render_qwen3(c)[0][slice(*render_qwen3(c)[1][0])] for c in samples] == [
+        "<think>\n\n</think>\n\nb<|im_end|>", "<think>\n\n</think>\n\nd<|im_end|>",
+        "<think>\nthink f\n</think>\n\nf<|im_end|>"]
+    assert [len(c.turns) for c in samples] == [3, 5, 7] and [len(render_qwen3(c)[1]) for c in samples] == [1, 1, 1]
+    check_trained_as_generated(qwen3_tokenizer, conversation, samples)
+    [last] = training_conversations(conversation, "qwen3", "last")
+    assert last.turns == conversation.turns and last.trained == (6,)
+    single = to_conversation({"conversations": [{"from": "user", "value": "a"}, {"from": "assistant", "value": "b"}]})
+    assert training_conversations(single, "qwen3") == [single]  # one query: the conversation as it is
+
+
+def test_qwen3_tool_steps_are_trained_as_generated(qwen3_tokenizer):
+    """Within one query: a call without reasoning is generated with an empty think block, but the template shows it
+    without one in the prompt of the reply after its result, so it ends its own sample; a call with reasoning
+    renders the same either way and shares the sample of the reply after it."""
+    from chatft.data.chat_format import render_qwen3, training_conversations
+
+    tools = [{"name": "lookup", "description": "Look up", "parameters": {"type": "object", "properties": {}}}]
+    call = {"from": "function_call", "value": '{"name": "lookup", "arguments": {"q": "x"}}'}
+    for call_reasoning, expected in (({}, 3), ({"reasoning_content": "need x"}, 2)):
+        conversation = to_conversation({"tools": tools, "conversations": [
+            {"from": "user", "value": "q1"}, {"from": "assistant", "value": "a1"},
+            {"from": "user", "value": "q2"}, call | call_reasoning, {"from": "observation", "value": "x is 1"},
+            {"from": "assistant", "value": "x is 1", "reasoning_content": "read it"}]})
+        samples = training_conversations(conversation, "qwen3")
+        assert len(samples) == expected
+        check_trained_as_generated(qwen3_tokenizer, conversation, samples)
+        text, spans = render_qwen3(samples[1])
+        think = f"<think>\n{call_reasoning.get('reasoning_content', '')}\n</think>\n\n"
+        assert text[slice(*spans[0])] == think + '<tool_call>\n{"name": "lookup", "arguments": {"q": "x"}}\n</tool_call><|im_end|>'
+        [last] = training_conversations(conversation, "qwen3", "last")
+        assert last.turns == conversation.turns and last.trained == (3, 5)
+
+
+def test_qwen3_loss_weights_and_ignore_empty_think_survive_the_split(qwen3_tokenizer):
+    """Each sample trains its replies with their own weights; a weight-0 reply is context in the later samples and
+    gets none of its own; --ignore_empty_think leaves each split reply's empty block rendered, untrained."""
+    from dataclasses import replace
+
+    from chatft.data.chat_format import span_weights, training_conversations
+
+    conversation = to_conversation({"conversations": [
+        {"from": "user", "value": "a"}, {"from": "assistant", "value": "b"}, {"from": "user", "value": "c"},
+        {"from": "assistant", "value": "d"}, {"from": "user", "value": "e"}, {"from": "assistant", "value": "f"}]})
+    conversation = replace(conversation, turns=tuple(replace(t, weight=w) for t, w in zip(conversation.turns,
+                                                                                        [1, 2, 1, 0, 1, 0.5])))
+    samples = training_conversations(conversation, "qwen3")
+    assert [len(c.turns) for c in samples] == [2, 6] and [span_weights(c) for c in samples] == [[2], [0.5]]
+    check_trained_as_generated(qwen3_tokenizer, conversation, samples)
+    ignoring = training_conversations(conversation, "qwen3", ignore_empty_think=True)
+    for part in ignoring:
+        tokenized = tokenize_conversation(part, qwen3_tokenizer, 1000, chat_format="qwen3")
+        assert labelled_runs(qwen3_tokenizer, tokenized) == [part.turns[-1].content + IM_END]
+        assert tokenized.input_ids == tokenize_conversation(replace(part, empty_think_trained=True), qwen3_tokenizer,
+                                                            1000, chat_format="qwen3").input_ids
+
+
+def test_a_trace_with_two_closing_tags_is_split_as_qwen3s_template_splits_it(qwen3_tokenizer):
+    """`<think>a</think>b</think>c`: the reasoning is what precedes the first `</think>`, the answer what follows
+    the last (the template's split('</think>')[0] and [-1]); rendered, split and trained as the template renders the
+    raw text, in an earlier turn and in the last one."""
+    from chatft.data.chat_format import split_reasoning, training_conversations
+
+    raw = "<think>\nfirst thought\n</think>\nstray</think>\n\nthe answer"
+    assert split_reasoning(raw) == ("first thought", "the answer")
+    assert split_reasoning("<think>\nonly\n</think>\n\nanswer") == ("only", "answer")
+    assert split_reasoning("no trace") == ("", "no trace")
+    records = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": raw},
+               {"role": "user", "content": "q2"}, {"role": "assistant", "content": raw}]
+    conversation = to_conversation({"conversations": [{"from": r["role"], "value": r["content"]} for r in records]})
+    samples = training_conversations(conversation, "qwen3")
+    assert len(samples) == 2
+    check_trained_as_generated(qwen3_tokenizer, conversation, samples,
+                               messages_of=lambda part: records[: len(part.turns)])  # the raw text, the template splits
 
 
 def test_rendering_does_not_import_the_data_module():

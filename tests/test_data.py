@@ -740,3 +740,41 @@ def test_the_dry_run_shows_loss_weights_and_the_untrained_empty_think(tiny_qwen_
     assert "[[<think>\n\n</think>\n\nTessa.<|im_end|>]](weight 2)" in report
     assert finetune.main(common + ["--ignore_empty_think", "True"]) == 0
     assert "assistant\n<think>\n\n</think>\n\n[[Tessa.<|im_end|>]](weight 2)" in capsys.readouterr().out
+
+
+def test_the_dry_run_counts_the_qwen3_turn_split(qwen3_tokenizer):
+    """qwen3 format: a multi-turn conversation without reasoning is split, one sample per user query, and the dry
+    run says so on its format line, with the tokens of context the extra samples repeat; --reasoning_turns last
+    keeps one sample per conversation and says nothing."""
+    from chatft.data.chat_format import training_conversations
+    from chatft.train.report import dry_run_report
+
+    multi = to_conversation({"id": "m", "conversations": [
+        {"from": "user", "value": "Name?"}, {"from": "assistant", "value": "Tessa."},
+        {"from": "user", "value": "Age?"}, {"from": "assistant", "value": "Two."}]})
+    samples = [multi, to_conversation(GOOD)]
+    first, second = training_conversations(multi, "qwen3")
+    repeated = len(tokenize_conversation(first, qwen3_tokenizer, 1000, chat_format="qwen3").input_ids)
+    common = dict(tokenizer=qwen3_tokenizer, max_len=256, system_message="s", packing=False, padding_free=True,
+                  batch_size=2, accumulation=1, processes=1, seed=0, chat_format="qwen3")
+    report = dry_run_report("training data", samples, **common)
+    assert (f"qwen3 turns: 1 conversation(s) split into 2 samples, one per user query (and per tool step without "
+            f"reasoning), so each reply is trained as Qwen3 generates it: 3 samples from 2, +{repeated:,} tokens of "
+            "repeated context") in report
+    assert "assistant\n[[<think>\n\n</think>\n\nTessa.<|im_end|>]]" in report  # the first sample: query 1's reply
+    assert "qwen3 turns" not in dry_run_report("training data", samples, **common, reasoning_turns="last")
+
+
+def test_the_cache_key_follows_the_rendering_rules(qwen3_tokenizer, tmp_path, monkeypatch):
+    """The tokenized cache is keyed by the rendering code (chat_format.py's text) and by --reasoning_turns: a run
+    after a change of how conversations are split or rendered never reads samples made by the old rules."""
+    from chatft.data.datasets import chat_format_code, tokenized_cache_key
+
+    samples = [to_conversation(GOOD)]
+    key = lambda **rendering: tokenized_cache_key(samples, qwen3_tokenizer, 64, "s", "qwen3", **rendering)  # noqa: E731
+    assert key() == key() != key(reasoning_turns="last")
+    edited = tmp_path / "chat_format.py"
+    edited.write_text(open(chat_format_code.__file__, encoding="utf-8").read() + "\n# a rule changed\n", encoding="utf-8")
+    before = key()
+    monkeypatch.setattr(chat_format_code, "__file__", str(edited))
+    assert key() != before

@@ -279,7 +279,16 @@ def test_dry_run_on_tool_calls(tiny_qwen_arch_dir, tmp_path, capsys):
     report = capsys.readouterr().out
     assert code == 0 and "300 samples" in report and "191 sample(s) define tools, 211 tool call(s)" in report
     assert '<tools>\n{"type": "function", "function": {"name": "search_recipes"' in report
-    assert '<|im_start|>assistant\n[[<tool_call>\n{"name": "search_recipes"' in report
+    # qwen3 format (the tiny models' template): one sample per user query and per tool step without reasoning
+    assert "qwen3 turns: 261 conversation(s) split into 918 samples" in report and "957 samples from 300" in report
+    assert "<|im_start|>assistant\n[[<think>\n\n</think>\n\nOf course!" in report  # the first query's reply, as generated
+    code = finetune.main(["--model_name_or_path", str(tiny_qwen_arch_dir), "--data_path",
+                          str(shared_data_path("glaive_toolcall_en_demo.json")), "--output_dir", str(tmp_path / "o"),
+                          "--dry_run", "True", "--model_max_length", "2048", "--use_cpu", "True",
+                          "--reasoning_turns", "last"])
+    report = capsys.readouterr().out
+    assert code == 0 and "qwen3 turns" not in report  # one sample per conversation: its last query's turns trained
+    assert '<|im_start|>assistant\n<tool_call>\n{"name": "search_recipes"' in report  # an earlier query's call: context
     assert "<|im_start|>user\n<tool_response>\n{" in report and "[[<tool_response>" not in report
 
 
@@ -347,7 +356,8 @@ def test_a_thinking_model_trains_reasoning_in_its_own_format(tiny_qwen_arch_dir,
     assert finetune.main([*common, "--output_dir", str(tmp_path / "dry"), "--dry_run", "True"]) == 0
     report = capsys.readouterr().out
     assert "format: qwen3" in report and "2 sample(s) with reasoning traces" in report
-    assert "split 1 conversation(s) with reasoning in earlier turns into one sample per user query: 3 samples from 2" in report
+    assert "qwen3 turns: 1 conversation(s) split into 2 samples, one per user query" in report
+    assert ": 3 samples from 2, +" in report and " tokens of repeated context" in report
     assert "<|im_start|>assistant\n[[<think>\nSimple addition: 2+2=4.\n</think>\n\n4<|im_end|>]]" in report
     assert "<|im_start|>system" not in report  # Qwen3's template adds no default system prompt
     trainer = run(tiny_qwen_arch_dir, data, tmp_path / "out")

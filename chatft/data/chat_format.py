@@ -153,12 +153,13 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 def split_reasoning(text: str) -> tuple[str, str]:
     """(reasoning, answer) of an assistant's text that carries its trace inline, `<think>...</think>answer`; ("",
-    text) when it has none. Split as Qwen3's chat template splits it: the reasoning is what precedes the last
-    `</think>` (after any `<think>`), without the newlines around it; the answer follows, without leading newlines."""
+    text) when it has none. Split exactly as Qwen3's chat template splits it: the reasoning is what precedes the first
+    `</think>` (after its last `<think>`), without the newlines around it; the answer is what follows the last
+    `</think>`, without leading newlines (text between two `</think>` is dropped, as the template drops it)."""
     if THINK_CLOSE not in text:
         return "", text
-    before, answer = text.rsplit(THINK_CLOSE, 1)
-    return before.rstrip("\n").split(THINK_OPEN)[-1].lstrip("\n"), answer.lstrip("\n")
+    parts = text.split(THINK_CLOSE)
+    return parts[0].rstrip("\n").split(THINK_OPEN)[-1].lstrip("\n"), parts[-1].lstrip("\n")
 
 
 def make_turn(role: str, value, reasoning: str | None = None, weight: float = 1.0) -> Turn:
@@ -364,12 +365,20 @@ def render(conversation: Conversation | list[Turn], system_message: str = DEFAUL
 
 def training_conversations(conversation: Conversation, chat_format: str, reasoning_turns: str = "all",
                            ignore_empty_think: bool = False) -> list[Conversation]:
-    """The training samples of one conversation. In the qwen3 format a trace is shown only in the turns after the
-    last user query, so a conversation with reasoning in earlier turns cannot train them in one sample: with
-    `reasoning_turns="all"` it becomes one sample per user query (the conversation up to the end of that query's
-    assistant turns, training those turns), each exactly the prompt the model gets at inference plus its reply;
-    with "last" one sample trains only the turns after the last query. Otherwise: the conversation, every
-    assistant turn trained. `ignore_empty_think` (qwen3): the empty think blocks are rendered, not trained."""
+    """The training samples of one conversation. Otherwise than in the qwen3 format: the conversation, every
+    assistant turn trained.
+
+    In the qwen3 format (`reasoning_turns="all"`) every assistant turn is trained exactly as Qwen3 generates it: its
+    sample is the template's prompt for it (the turns before it, `add_generation_prompt=True`) followed by its
+    reply as the template renders it when it is the last message, think block included (`<think>\n\n</think>\n\n`
+    without reasoning). The template keeps think blocks only after the last user query, so an earlier query's replies
+    cannot be trained in a later query's sample: one sample per user query (the conversation up to the end of that
+    query's replies, training those replies). Within a query (tool calls and results), a reply without reasoning
+    that a later reply follows is rendered by the template without a think block in that later reply's prompt, yet
+    generated with one: it ends its own sample. A turn of weight 0 (`_is_trained`) is context only and gets no
+    sample. With "last": one sample, the whole conversation, training only the turns after the last query (the
+    earlier replies are context). `ignore_empty_think` (qwen3): the empty think blocks
+    are rendered, not trained."""
     if chat_format != "qwen3":
         return [conversation]
     if ignore_empty_think:
@@ -382,11 +391,21 @@ def training_conversations(conversation: Conversation, chat_format: str, reasoni
     assistant = lambda start, end: tuple(j for j in range(start, end) if turns[j].role == "assistant")  # noqa: E731
     if reasoning_turns == "last":
         return [replace(conversation, trained=assistant(*segments[-1]))]
-    earlier_reasoning = any(turns[j].reasoning for start, end in segments[:-1] for j in assistant(start, end))
-    if not earlier_reasoning:
+    samples, group = [], []
+    for start, end in segments:
+        replies = assistant(start, end)
+        for j in replies:
+            if _is_trained(conversation, j):
+                group.append(j)
+            # A reply with reasoning renders the same whether a later reply of its query follows or not
+            if (j == replies[-1] or not turns[j].reasoning) and group:
+                samples.append(replace(conversation, turns=turns[: group[-1] + 1], trained=tuple(group)))
+                group = []
+    if not samples:  # nothing trained: the sample as it is (dropped as untrainable, and said so)
         return [conversation]
-    return [replace(conversation, turns=turns[:end], trained=assistant(start, end))
-            for start, end in segments if assistant(start, end)]
+    if len(samples) == 1 and len(samples[0].turns) == len(turns):
+        return [conversation]  # one sample: the conversation, each reply trained as generated
+    return samples
 
 
 def trainable_tokens(offsets: np.ndarray, span_starts: np.ndarray, span_ends: np.ndarray) -> np.ndarray:

@@ -21,7 +21,6 @@ import math
 import multiprocessing
 import os
 import random
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,7 +207,7 @@ def _tokenize_in_worker(conversations):
 def training_conversations_of(samples: list[Conversation], chat_format: str = "chatml", reasoning_turns: str = "all",
                               ignore_empty_think: bool = False) -> tuple[list[Conversation], list[int]]:
     """The conversations to train on, in order, and the index in `samples` each comes from: one per sample, or
-    several for a conversation split so that each reasoning turn is trained in its own context (qwen3 format).
+    several for a conversation split so that each reply is trained as Qwen3 generates it (qwen3 format).
     `ignore_empty_think` (qwen3 format): empty think blocks are rendered, not trained."""
     conversations, origins = [], []
     for index, sample in enumerate(samples):
@@ -273,11 +272,17 @@ def tokenize_training_samples(samples: list[Conversation], tokenizer, max_len: i
 
 
 def split_summary(samples: list[TokenizedSample], num_raw: int) -> str:
-    """How many conversations were split into how many samples (qwen3 format, reasoning in earlier turns)."""
-    parts = Counter(sample.origin for sample in samples)
-    split = sum(count > 1 for count in parts.values())
-    return (f"split {split} conversation(s) with reasoning in earlier turns into one sample per user query: "
-            f"{len(samples)} samples from {num_raw} (each reasoning turn trained in the context it is generated in)")
+    """How many conversations were split into how many samples (qwen3 format: each reply trained as Qwen3 generates
+    it, training_conversations), and the tokens that costs: every sample of a split conversation but its longest
+    repeats context that one holds."""
+    lengths: dict[int, list[int]] = {}
+    for sample in samples:
+        lengths.setdefault(sample.origin, []).append(len(sample.input_ids))
+    split = [parts for parts in lengths.values() if len(parts) > 1]
+    extra = sum(sum(parts) - max(parts) for parts in split)
+    return (f"qwen3 turns: {len(split)} conversation(s) split into {sum(map(len, split))} samples, one per user query "
+            f"(and per tool step without reasoning), so each reply is trained as Qwen3 generates it: {len(samples)} "
+            f"samples from {num_raw}, +{extra:,} tokens of repeated context")
 
 
 def untrainable_reason(max_len: int, flag: str = "--model_max_length") -> str:
