@@ -1,0 +1,137 @@
+"""Mixture-of-experts LoRA on tiny random qwen2_moe and qwen3_moe models (4 experts, top 2, the real Qwen tokenizer):
+the default targets adapt attention (and qwen2_moe's shared expert) plus the routed experts' fused 3-D weights through
+peft's target_parameters, the router stays frozen unless --lora_target_parameters names it, the merged model computes
+what base + adapter computed (expert deltas included), and bad targets are one line, exit 2."""
+
+import peft
+import pytest
+import torch
+import transformers
+
+import finetune
+import merge_lora
+from support import CONVERSATIONS, assert_close_up_to_rounding, build_tiny_moe, decoder_terms, probe_logits, run, \
+    write_json
+
+MOE_TYPES = ["qwen2_moe", "qwen3_moe"]
+# per decoder layer, what the default LoRA adapts (peft nests the two expert adapters: experts, experts.base_layer)
+DEFAULT_ADAPTED = {
+    "qwen3_moe": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.experts",
+                  "mlp.experts.base_layer"},
+}
+DEFAULT_ADAPTED["qwen2_moe"] = DEFAULT_ADAPTED["qwen3_moe"] | {
+    "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj", "mlp.shared_expert_gate"}
+
+
+@pytest.fixture(scope="module", params=MOE_TYPES)
+def moe_dir(request, tmp_path_factory):
+    return build_tiny_moe(tmp_path_factory.mktemp("moe"), request.param)
+
+
+@pytest.fixture(scope="module")
+def moe_data(tmp_path_factory):
+    return str(write_json(tmp_path_factory.mktemp("data") / "train.json", CONVERSATIONS))
+
+
+@pytest.fixture(scope="module")
+def default_run(moe_dir, moe_data, tmp_path_factory):
+    """(trainer, output_dir) of a 3-step default LoRA run on `moe_dir`."""
+    output_dir = tmp_path_factory.mktemp("run") / "lora"
+    return run(moe_dir, moe_data, output_dir, "--use_lora", "--lora_r", "4", "--learning_rate", "1e-2"), output_dir
+
+
+def adapted_modules(model) -> set[str]:
+    """What layer 0 adapts: the module paths (below the layer) that own a trainable lora_A/lora_B."""
+    return {name.split(".layers.0.")[1].split(".lora_")[0] for name, parameter in model.named_parameters()
+            if parameter.requires_grad and ".layers.0." in name}
+
+
+def routers(model) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().float().clone() for name, parameter in model.named_parameters()
+            if name.endswith("mlp.gate.weight") or name.endswith("mlp.gate.base_layer.weight")}
+
+
+def test_default_lora_adapts_attention_and_experts_and_freezes_the_router(default_run, moe_dir):
+    trainer, _ = default_run
+    model = trainer.model
+    model_type = model.config.model_type
+    assert adapted_modules(model) == DEFAULT_ADAPTED[model_type]
+    assert not any("mlp.gate." in name for name, p in model.named_parameters() if p.requires_grad)
+    assert sorted(model.peft_config["default"].target_parameters) == ["mlp.experts.down_proj",
+                                                                      "mlp.experts.gate_up_proj"]
+    # every expert adapter (both layers, both projections) moved from its zero start: it got a gradient
+    expert_b = [p for name, p in model.named_parameters() if "mlp.experts" in name and "lora_B" in name]
+    assert len(expert_b) == 4 and all(p.abs().max() > 0 for p in expert_b)
+    # the router is frozen: its weights are the base model's, bit for bit
+    base = transformers.AutoModelForCausalLM.from_pretrained(moe_dir, dtype=next(iter(routers(model).values())).dtype)
+    trained = {name.removeprefix("base_model.model."): w for name, w in routers(model).items()}
+    assert trained.keys() == routers(base).keys() and len(trained) == 2
+    assert all(torch.equal(trained[name], w) for name, w in routers(base).items())
+    # dropout stays on the linear adapters; peft's expert adapters have none
+    layer = model.base_model.model.model.layers[0]
+    assert layer.self_attn.q_proj.lora_dropout["default"].p == 0.05
+    assert isinstance(layer.mlp.experts.lora_dropout["default"], torch.nn.Identity)
+
+
+def test_merge_equals_adapter_with_expert_deltas(default_run, moe_dir, tmp_path):
+    _, output_dir = default_run
+    assert merge_lora.main(["--adapter_path", str(output_dir), "--output_dir", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    adapter = peft.AutoPeftModelForCausalLM.from_pretrained(output_dir)
+    assert_close_up_to_rounding(probe_logits(merged, tokenizer), probe_logits(adapter, tokenizer),
+                                terms=decoder_terms(merged.config))
+    base = transformers.AutoModelForCausalLM.from_pretrained(moe_dir)
+    for name in ("gate_up_proj", "down_proj"):
+        merged_experts = getattr(merged.model.layers[0].mlp.experts, name)
+        base_experts = getattr(base.model.layers[0].mlp.experts, name)
+        assert (merged_experts - base_experts).abs().amax(dim=(1, 2)).min() > 0  # every expert got its delta
+    assert torch.equal(merged.model.layers[0].mlp.gate.weight, base.model.layers[0].mlp.gate.weight)
+
+
+def test_router_trains_when_targeted(moe_dir, moe_data, tmp_path):
+    trainer = run(moe_dir, moe_data, tmp_path / "lora", "--use_lora", "--lora_r", "4", "--learning_rate", "1e-2",
+                  "--lora_target_modules", "q_proj", "--lora_target_parameters", "mlp.gate.weight",
+                  "experts.down_proj")
+    model = trainer.model
+    assert adapted_modules(model) == {"self_attn.q_proj", "mlp.gate", "mlp.experts"}
+    router_b = [p for name, p in model.named_parameters() if "mlp.gate.lora_B" in name]
+    assert len(router_b) == 2 and all(p.abs().max() > 0 for p in router_b)
+    assert merge_lora.main(["--adapter_path", str(tmp_path / "lora"), "--output_dir", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    base = transformers.AutoModelForCausalLM.from_pretrained(moe_dir)
+    assert not torch.equal(merged.model.layers[0].mlp.gate.weight, base.model.layers[0].mlp.gate.weight)
+    assert torch.equal(merged.model.layers[0].mlp.experts.gate_up_proj, base.model.layers[0].mlp.experts.gate_up_proj)
+
+
+def test_no_expert_adapters_when_asked(moe_dir, moe_data, tmp_path):
+    trainer = run(moe_dir, moe_data, tmp_path / "lora", "--use_lora", "--lora_r", "4", "--max_steps", "1",
+                  "--lora_target_parameters", "none")
+    assert not any("experts" in module for module in adapted_modules(trainer.model))
+    assert trainer.model.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["default"].p == 0.05
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_target_parameters", "experts.w1"],
+     "error: --lora_target_parameters: experts.w1 is not a parameter of this {cls}; its expert and router parameters "
+     "are mlp.experts.down_proj, mlp.experts.gate_up_proj, mlp.gate.weight"),
+    (["--lora_target_modules", "q_proj", "gate"],
+     "error: --lora_target_modules: gate is not a linear layer; adapt experts and routers with "
+     "--lora_target_parameters mlp.experts.down_proj mlp.experts.gate_up_proj mlp.gate.weight"),
+    (["--lora_target_parameters", "mlp.gate.weight", "--use_dora"],
+     "error: --lora_target_parameters: peft adapts bare parameters (experts, routers) with plain LoRA only, not with "
+     "--use_dora; drop one of them."),
+])
+def test_bad_targets_are_one_line(flags, message, moe_dir, moe_data, tmp_path, capsys):
+    argv = ["--model_name_or_path", str(moe_dir), "--data_path", moe_data, "--output_dir", str(tmp_path / "out"),
+            "--use_cpu", "True", "--use_lora", *flags]
+    capsys.readouterr()
+    assert finetune.main(argv) == 2
+    cls = transformers.AutoConfig.from_pretrained(moe_dir).architectures[0]
+    assert capsys.readouterr().err.splitlines() == [message.format(cls=cls)]
+
+
+def test_dora_leaves_the_experts_frozen(moe_dir, moe_data, tmp_path):
+    trainer = run(moe_dir, moe_data, tmp_path / "lora", "--use_lora", "--lora_r", "4", "--max_steps", "1",
+                  "--use_dora")
+    assert not any("experts" in module for module in adapted_modules(trainer.model))
