@@ -135,3 +135,24 @@ def test_dora_leaves_the_experts_frozen(moe_dir, moe_data, tmp_path):
     trainer = run(moe_dir, moe_data, tmp_path / "lora", "--use_lora", "--lora_r", "4", "--max_steps", "1",
                   "--use_dora")
     assert not any("experts" in module for module in adapted_modules(trainer.model))
+
+
+@pytest.mark.parametrize("flags", [[], ["--lora_target_parameters", "mlp.gate.weight", "experts.down_proj"]],
+                         ids=["default", "router"])
+def test_memory_estimate_counts_experts_their_adapters_and_the_router(moe_dir, flags):
+    """The estimator's trainable and total parameter counts, from the config alone, equal the loaded peft model's."""
+    from chatft.args import parse_args
+    from chatft.memory import estimate_training_memory
+    from chatft.model.load import load_model
+    from chatft.plan import plan_run
+
+    args = parse_args(["--model_name_or_path", str(moe_dir), "--data_path", "unused.json", "--output_dir", "unused",
+                       "--bf16", "True", "--use_cpu", "True", "--model_max_length", "64", "--use_lora", "--lora_r", "4",
+                       *flags])
+    plan, _ = plan_run(*args)
+    model, estimate = load_model(plan, args[3]), estimate_training_memory(plan, 64)
+    assert estimate.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert estimate.weights == sum(p.numel() * p.element_size() for p in model.parameters())
+    experts = [p for name, p in model.named_parameters() if "mlp.experts" in name and p.requires_grad]
+    # 2 layers, r 4, 4 experts: r·E·(in + out) for gate_up_proj (32 -> 2·16) and down_proj (16 -> 32)
+    assert sum(p.numel() for p in experts) == 2 * 4 * 4 * ((32 + 2 * 16) * (not flags) + (16 + 32))
