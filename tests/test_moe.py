@@ -10,6 +10,7 @@ import transformers
 
 import finetune
 import merge_lora
+from chatft.train.expert_load import ExpertLoad
 from support import CONVERSATIONS, assert_close_up_to_rounding, build_tiny_moe, decoder_terms, probe_logits, run, \
     write_json
 
@@ -104,11 +105,36 @@ def test_router_trains_when_targeted(moe_dir, moe_data, tmp_path):
     assert torch.equal(merged.model.layers[0].mlp.experts.gate_up_proj, base.model.layers[0].mlp.experts.gate_up_proj)
 
 
-def test_no_expert_adapters_when_asked(moe_dir, moe_data, tmp_path):
+def test_no_expert_adapters_when_asked(moe_dir, moe_data, tmp_path, capsys):
     trainer = run(moe_dir, moe_data, tmp_path / "lora", "--use_lora", "--lora_r", "4", "--max_steps", "1",
                   "--lora_target_parameters", "none")
     assert not any("experts" in module for module in adapted_modules(trainer.model))
     assert trainer.model.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["default"].p == 0.05
+    summary = [line for line in capsys.readouterr().out.splitlines() if "expert load" in line]
+    assert len(summary) == 1 and "uniform 0.250 (4 experts)" in summary[0]
+
+
+def test_expert_load_counts_the_routers_choices_over_real_tokens(moe_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(moe_dir).train()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(moe_dir)
+    batch = tokenizer(["Who are you? I am Tessa, a helpful assistant.", "Hi"], padding=True, return_tensors="pt")
+    load = ExpertLoad.attach(model)
+    with torch.no_grad():
+        out = model(**batch, output_router_logits=True)
+        model(**batch)  # a second forward adds to the counts
+        model.eval()(**batch)  # evaluation is not counted
+    real = batch["attention_mask"].reshape(-1).bool()
+    assert real.sum() < real.numel()  # padding to leave out
+    expected = [2 * torch.bincount(logits[real].topk(2).indices.reshape(-1), minlength=4) for logits in out.router_logits]
+    assert len(load.counts) == 2 and all(torch.equal(c, e) for c, e in zip(load.counts, expected))
+    shares = [c / c.sum() for c in load.counts]
+    busiest = [s.max().item() for s in shares]
+    assert load.text().startswith(f"busiest expert {sum(busiest) / 2:.3f} of routed tokens (mean of 2 layers; worst "
+                                  f"{max(busiest):.3f} in layer {busiest.index(max(busiest))}), least used "
+                                  f"{min(s.min().item() for s in shares):.3f}; uniform 0.250 (4 experts)")
+    assert ExpertLoad.attach(transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        "qwen3", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8))) is None
 
 
 @pytest.mark.parametrize("flags, message", [
