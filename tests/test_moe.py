@@ -125,9 +125,11 @@ def test_expert_load_counts_the_routers_choices_over_real_tokens(moe_dir):
         model.eval()(**batch)  # evaluation is not counted
     real = batch["attention_mask"].reshape(-1).bool()
     assert real.sum() < real.numel()  # padding to leave out
-    expected = [2 * torch.bincount(logits[real].topk(2).indices.reshape(-1), minlength=4) for logits in out.router_logits]
-    assert len(load.counts) == 2 and all(torch.equal(c, e) for c, e in zip(load.counts, expected))
-    shares = [c / c.sum() for c in load.counts]
+    expected = [2 * torch.bincount(logits[real].topk(2).indices.reshape(-1), minlength=4)
+                for logits in out.router_logits]
+    counts = load.tokens_per_expert()
+    assert len(counts) == 2 and all(torch.equal(c, e) for c, e in zip(counts, expected))
+    shares = [c / c.sum() for c in counts]
     busiest = [s.max().item() for s in shares]
     assert load.text().startswith(f"busiest expert {sum(busiest) / 2:.3f} of routed tokens (mean of 2 layers; worst "
                                   f"{max(busiest):.3f} in layer {busiest.index(max(busiest))}), least used "

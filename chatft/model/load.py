@@ -310,7 +310,7 @@ def expert_parameter_names(model) -> list[str]:
 
 def router_parameter_names(model) -> list[str]:
     """Dotted suffixes (e.g. mlp.gate.weight) of the routers' weights: the 2-D parameters of a module beside an
-    `experts` module that is not a linear layer (qwen2_moe's shared_expert_gate is one, and LoRA's defaults adapt it)."""
+    `experts` module that is not a linear layer (qwen2_moe's shared_expert_gate is one: LoRA's defaults adapt it)."""
     names = set()
     for parent_name, parent in model.named_modules():
         children = dict(parent.named_children())

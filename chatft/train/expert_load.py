@@ -30,7 +30,8 @@ class ExpertLoad(transformers.TrainerCallback):
         for index, (name, module) in enumerate(experts_modules(model)):
             self.layers.append(next((part for part in reversed(name.split(".")) if part.isdigit()), name))
             experts = next(p for p in module.parameters(recurse=False) if p.dim() == 3).shape[0]
-            self.counts.append(torch.zeros(experts, dtype=torch.long))
+            # one slot more: index `experts` is "no expert" in transformers' experts code (skipped there, dropped here)
+            self.counts.append(torch.zeros(experts + 1, dtype=torch.long))
             self.handles.append(module.register_forward_pre_hook(self.counter(index), with_kwargs=True))
 
     @classmethod
@@ -46,11 +47,13 @@ class ExpertLoad(transformers.TrainerCallback):
         def count(module, args, kwargs):
             if not module.training:
                 return
-            top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            choices = top_k_index.detach()
+            choices = (args[1] if len(args) > 1 else kwargs["top_k_index"]).detach()
+            real = torch.ones_like(choices)
             if self.mask is not None and self.mask.numel() == choices.shape[0]:
-                choices = choices[self.mask.to(choices.device)]
-            self.counts[index] += torch.bincount(choices.reshape(-1).cpu(), minlength=len(self.counts[index]))
+                real = self.mask.to(choices.device)[:, None].expand_as(choices).long()
+            # on the experts' device, with index_add_: no host synchronization per layer (bincount and masking have one)
+            counts = self.counts[index].to(choices.device)
+            self.counts[index] = counts.index_add_(0, choices.reshape(-1), real.reshape(-1))
         return count
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -58,16 +61,22 @@ class ExpertLoad(transformers.TrainerCallback):
             handle.remove()
         self.handles = []
 
+    def tokens_per_expert(self) -> list[torch.Tensor]:
+        """Per MoE layer, the tokens routed to each expert (a token counts once in each of its top-k experts)."""
+        return [c[:-1].cpu() for c in self.counts]
+
     def text(self) -> str | None:
         """One line for the run's summary: per layer the busiest expert's share of the routings (tokens x top-k), its
         mean over layers and its worst layer, the least used expert's share; None when no token was counted."""
-        counted = [(layer, c.double() / c.sum()) for layer, c in zip(self.layers, self.counts) if c.sum() > 0]
+        counted = [(layer, c.double() / c.sum()) for layer, c in zip(self.layers, self.tokens_per_expert())
+                   if c.sum() > 0]
         if not counted:
             return None
         shares = [s for _, s in counted]
         busiest = [s.max().item() for s in shares]
         worst = max(range(len(busiest)), key=busiest.__getitem__)
         experts = len(shares[0])
+        least = min(s.min().item() for s in shares)
         return (f"busiest expert {sum(busiest) / len(busiest):.3f} of routed tokens (mean of {len(shares)} layers; "
-                f"worst {busiest[worst]:.3f} in layer {counted[worst][0]}), least used {min(s.min().item() for s in shares):.3f}; "
+                f"worst {busiest[worst]:.3f} in layer {counted[worst][0]}), least used {least:.3f}; "
                 f"uniform {1 / experts:.3f} ({experts} experts)")
