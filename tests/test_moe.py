@@ -184,3 +184,17 @@ def test_memory_estimate_counts_experts_their_adapters_and_the_router(moe_dir, f
     experts = [p for name, p in model.named_parameters() if "mlp.experts" in name and p.requires_grad]
     # 2 layers, r 4, 4 experts: r·E·(in + out) for gate_up_proj (32 -> 2·16) and down_proj (16 -> 32)
     assert sum(p.numel() for p in experts) == 2 * 4 * 4 * ((32 + 2 * 16) * (not flags) + (16 + 32))
+
+
+def test_continued_adapter_keeps_linear_dropout_and_trains_its_experts(default_run, moe_dir):
+    from chatft.args import parse_args
+    from chatft.model.load import load_model
+    from chatft.plan import plan_run
+
+    _, output_dir = default_run
+    args = parse_args(["--model_name_or_path", str(moe_dir), "--data_path", "unused.json", "--output_dir", "unused",
+                       "--use_cpu", "True", "--use_lora", "--lora_weight_path", str(output_dir)])
+    model = load_model(plan_run(*args)[0], args[3])
+    assert adapted_modules(model) == DEFAULT_ADAPTED[model.config.model_type]
+    layer = model.base_model.model.model.layers[0]
+    assert layer.self_attn.q_proj.lora_dropout["default"].p == 0.05

@@ -342,6 +342,10 @@ def wrap_lora(model, lora_args, plan):
     if lora_args.lora_weight_path:
         logger.info("Continuing from the adapter in %s (its LoRA settings apply)", lora_args.lora_weight_path)
         model = peft.PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
+        if model.peft_config["default"].target_parameters and lora_args.lora_dropout:
+            # its config says dropout 0 only because peft's expert adapters allow none (below): the linear layers' is
+            # --lora_dropout, as when it was made
+            linear_lora_dropout(model, lora_args.lora_dropout)
     else:
         modules_to_save = ([name.split(".")[-1] for name in embedding_module_names(model)] if plan.train_embeddings
                            else None)

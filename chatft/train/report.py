@@ -189,7 +189,8 @@ def run_summary(trainer, what_was_saved: str) -> str:
         lines.append(f"  train loss  {losses[0]:.4f} at the first logged step -> {losses[-1]:.4f} at the last")
     if eval_losses:
         lines.append(f"  eval loss   {eval_losses[-1]:.4f} (last evaluation)")
-    expert_load = next((c.text() for c in trainer.callback_handler.callbacks if isinstance(c, ExpertLoad)), None)
+    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", [])
+    expert_load = next((c.text() for c in callbacks if isinstance(c, ExpertLoad)), None)
     if expert_load:
         lines.append(f"  expert load {expert_load}")
     lines += [f"  saved       {what_was_saved} in {output_dir}",
