@@ -36,6 +36,7 @@ from chatft.train.report import dry_run_report, packing_summary, plot_losses, ru
 from chatft.train.saving import save_run  # noqa: E402
 from chatft.train.losses import SupervisedLoss  # noqa: E402
 from chatft.train.trainer import ChatTrainer, StopOnSigterm  # noqa: E402
+from chatft.train.expert_load import ExpertLoad  # noqa: E402
 
 logger = logging.getLogger("finetune")
 __all__ = ["main", "preprocess", "train"]  # preprocess: Qwen's function, for scripts written against its finetune.py
@@ -122,6 +123,9 @@ def train(argv=None, callbacks=(), wrap_collator=None):
         loss=SupervisedLoss(labelled_logits=plan.labelled_logits_only),
         loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
     )
+    expert_load = ExpertLoad.attach(model)  # a mixture-of-experts model: tokens per expert, in the summary
+    if expert_load is not None:
+        trainer.add_callback(expert_load)
     sigterm = StopOnSigterm()
     trainer.add_callback(sigterm)
     sigterm.install()

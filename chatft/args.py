@@ -23,7 +23,7 @@ from chatft.data.chat_format import CHAT_FORMATS, DEFAULT_SYSTEM_MESSAGE
 from chatft.model.sources import adapter_dir_problem, model_source_problems
 from chatft.errors import ArgumentError
 from chatft.data.formats import FORMATS
-from chatft.model.load import training_setup_problems
+from chatft.model.load import explicit_target_parameters, training_setup_problems
 from chatft.model.lora_variants import lora_init_problem, rewrites_base_weights
 
 
@@ -250,6 +250,13 @@ class LoraArguments:
         default=None,
         metadata={"help": "Module names to adapt, e.g. q_proj v_proj. Default: every linear projection of the model "
                   "except the output layer."},
+    )
+    lora_target_parameters: list[str] | None = field(
+        default=None,
+        metadata={"help": "Parameters to adapt through peft's target_parameters, by name or dotted suffix, e.g. "
+                  "experts.gate_up_proj experts.down_proj mlp.gate.weight (a mixture-of-experts model's fused experts "
+                  "and router); none: no expert adapters. Default: the routed experts' fused weights (every 3-D "
+                  "parameter of an `experts` module), router frozen; none with --use_dora, PiSSA or OLoRA."},
     )
     lora_weight_path: str = field(
         default="", metadata={"help": "An adapter directory to continue training from (its LoRA settings win)."}
@@ -546,6 +553,10 @@ def lora_variant_problems(training_args, lora_args) -> list[str]:
         if deepspeed_zero_stage(training_args) == 3 or training_args.fsdp:
             problems.append(f"{start} decomposes whole base weights, which ZeRO-3 and FSDP partition across "
                             "processes: use ZeRO-2 (ds_config_zero2.json) or the default start.")
+    if explicit_target_parameters(lora_args) and (lora_args.use_dora or rewrites_base_weights(lora_args.lora_init)):
+        variant = "--use_dora" if lora_args.use_dora else f"--lora_init {lora_args.lora_init}"
+        problems.append(f"--lora_target_parameters: peft adapts bare parameters (experts, routers) with plain LoRA "
+                        f"only, not with {variant}; drop one of them.")
     if lora_args.loraplus_lr_ratio is not None:
         if not lora_args.loraplus_lr_ratio > 0:
             problems.append(f"--loraplus_lr_ratio must be positive, not {lora_args.loraplus_lr_ratio}.")

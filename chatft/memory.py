@@ -7,9 +7,9 @@ decided) alone.
     longest batch of 1,024 tokens)
 
 A pure estimator: it reads a chatft.plan.RunPlan's fields (mode, compute_dtype, quantization, gptq_bits,
-gptq_group_size, shard, world_size, train_embeddings, vocab_size, lora_r, lora_targets, lora_dropout,
-activation_checkpointing, labelled_logits_only; config and trust_remote_code to build the model's shape) and imports
-nothing from chatft, so that it cannot decide anything the plan decides.
+gptq_group_size, shard, world_size, train_embeddings, vocab_size, lora_r, lora_targets, lora_target_parameters,
+lora_dropout, activation_checkpointing, labelled_logits_only; config and trust_remote_code to build the model's
+shape) and imports nothing from chatft, so that it cannot decide anything the plan decides.
 
 The peak is taken as the sum of four parts, each in bytes, matching what chatft.model.load.load_model and
 chatft.train.trainer.ChatTrainer hold:
@@ -25,7 +25,8 @@ chatft.train.trainer.ChatTrainer hold:
   gradients, ZeRO-3 and FSDP's full_shard the weights too.
 - activations at the longest batch (`activation_bytes`): what autograd keeps per token and layer (derived from
   hidden, intermediate, heads, key/value heads and head_dim, below), the weights' compute-dtype copies that autocast
-  caches during the forward pass, and the loss's working set.
+  caches during the forward pass, the adapted copies of fused expert weights (`adapted_bare_bytes`), and the loss's
+  working set. (A mixture-of-experts layer's activations are taken as a dense MLP's of its config's intermediate size.)
 
 It is an upper bound in one respect: gradients are set to None between steps (the Trainer's zero_grad), so they and
 the forward pass's activations never fully coexist; the backward pass frees activations layer by layer as gradients
@@ -94,6 +95,9 @@ class ModelShape:
     embedding_params: int  # input embedding and output layer (once if tied)
     head_params: int  # the output layer's weight
     linears: tuple[tuple[str, int, int], ...]  # (short name, in, out) of every linear layer but the output layer
+    # (qualified name, shape) of every 2-D/3-D parameter outside linear and embedding layers: what peft's
+    # target_parameters can adapt (a mixture-of-experts model's fused experts [experts, out, in] and routers)
+    bare: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @classmethod
     def of(cls, config, vocab_size: int | None = None, trust_remote_code: bool = False) -> ModelShape:
@@ -121,12 +125,30 @@ class ModelShape:
             head_params=head.weight.numel() if head is not None else 0,
             linears=tuple((name.split(".")[-1], m.in_features, m.out_features) for name, m in model.named_modules()
                           if isinstance(m, torch.nn.Linear) and m is not head),
+            bare=tuple((f"{module_name}.{name}" if module_name else name, tuple(p.shape))
+                       for module_name, m in model.named_modules()
+                       if not isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
+                       for name, p in m.named_parameters(recurse=False) if p.dim() in (2, 3)),
         )
 
+    def adapted_bare(self, plan) -> list[tuple[int, ...]]:
+        """Shapes of the parameters LoRA adapts through peft's target_parameters: plan.lora_target_parameters
+        (matched as peft does, by name or dotted suffix), or when it is None the routed experts' fused weights
+        (3-D parameters of a module named `experts`, as chatft.model.load.expert_parameter_names finds them)."""
+        targets = plan.lora_target_parameters
+        if targets is None:
+            return [shape for name, shape in self.bare if len(shape) == 3 and name.split(".")[-2:-1] == ["experts"]]
+        return [shape for name, shape in self.bare if any(name == t or name.endswith("." + t) for t in targets)]
+
     def lora_params(self, plan) -> int:
-        """r * (in + out) for every targeted linear layer (peft matches a target by the module's short name)."""
+        """r * (in + out) for every targeted linear layer (peft matches a target by the module's short name), and
+        r * E * (in + out) for every adapted bare parameter of E experts (peft's ParamWrapper: lora_A in x r·E,
+        lora_B r·E x out; a 2-D parameter is one expert)."""
         targets = set(plan.lora_targets) or {name for name, _, _ in self.linears}
-        return sum(plan.lora_r * (i + o) for name, i, o in self.linears if name in targets)
+        linear = sum(plan.lora_r * (i + o) for name, i, o in self.linears if name in targets)
+        bare = sum(plan.lora_r * (shape[0] if len(shape) == 3 else 1) * sum(shape[-2:])
+                   for shape in self.adapted_bare(plan))
+        return linear + bare
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
@@ -229,7 +251,19 @@ def activation_bytes(shape: ModelShape, plan, tokens: int, trainable: int) -> in
     else:
         layers = shape.layers * per_layer
     outside = shape.hidden * (s + 8 + s)  # embedding output, final RMSNorm
-    return tokens * (layers + outside) + loss_bytes(shape, plan, tokens) + autocast_copy_bytes(shape, plan, trainable)
+    return (tokens * (layers + outside) + loss_bytes(shape, plan, tokens) + autocast_copy_bytes(shape, plan, trainable)
+            + adapted_bare_bytes(shape, plan))
+
+
+def adapted_bare_bytes(shape: ModelShape, plan) -> int:
+    """peft's ParamWrapper computes an adapted bare parameter (fused experts) as a whole new tensor W + ΔW in W's
+    dtype (the compute dtype; fp32 on Q-LoRA's upcast base), which the experts' matmuls keep for the backward pass:
+    every layer's without activation checkpointing, one layer's (its recomputation) with it."""
+    if plan.mode == "full":
+        return 0
+    total = sum(math.prod(s) for s in shape.adapted_bare(plan)) * (dtype_bytes(plan.compute_dtype)
+                                                                   if plan.mode == "lora" else 4)
+    return total // max(shape.layers, 1) if plan.activation_checkpointing else total
 
 
 def estimate_training_memory(plan, tokens: int, shape: ModelShape | None = None) -> MemoryEstimate:

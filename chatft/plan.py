@@ -23,7 +23,8 @@ from chatft.args import deepspeed_zero_stage
 from chatft.model.sources import saved_quantization
 from chatft.device import compute_dtype
 from chatft.errors import ArgumentError
-from chatft.model.load import load_tokenizer, model_config, resolve_model_path
+from chatft.model.load import explicit_target_parameters, load_tokenizer, model_config, resolve_model_path
+from chatft.model.lora_variants import rewrites_base_weights
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class RunPlan:
     vocab_size: int | None = None  # the tokenizer's size: the embeddings are resized to it when larger
     lora_r: int = 64
     lora_targets: tuple[str, ...] = ()  # empty: every linear layer but the output layer
+    # peft target_parameters: None for the model's routed experts (their 3-D weights), () for none
+    lora_target_parameters: tuple[str, ...] | None = None
     lora_dropout: float = 0.0
     activation_checkpointing: bool = True
     labelled_logits_only: bool = True
@@ -91,10 +94,20 @@ def plan_run(model_args, data_args, training_args, lora_args):
         shard=shard, world_size=world_size(), chat_format=chat_format, added_tokens=tuple(added_tokens),
         train_embeddings=trainable_embeddings(model_args.train_embeddings, mode, added_tokens, shard),
         vocab_size=len(tokenizer), lora_r=lora_args.lora_r, lora_targets=tuple(lora_args.lora_target_modules or ()),
+        lora_target_parameters=lora_target_parameters(lora_args),
         lora_dropout=lora_args.lora_dropout, activation_checkpointing=bool(training_args.activation_checkpointing),
         labelled_logits_only=bool(training_args.labelled_logits_only),
     )
     return plan, tokenizer
+
+
+def lora_target_parameters(lora_args) -> tuple[str, ...] | None:
+    """The bare parameters LoRA adapts: --lora_target_parameters, else (None) the model's routed experts; none with
+    DoRA, PiSSA or OLoRA, which peft's ParamWrapper refuses (args.lora_variant_problems refuses them named)."""
+    explicit = explicit_target_parameters(lora_args)
+    if explicit is not None:
+        return tuple(explicit)
+    return () if lora_args.use_dora or rewrites_base_weights(lora_args.lora_init) else None
 
 
 def world_size() -> int:

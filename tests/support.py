@@ -59,6 +59,25 @@ def build_tiny_model(root: Path, model_type: str, hidden_size: int = 32, interme
     return path
 
 
+def build_tiny_moe(root: Path, model_type: str) -> Path:
+    """A random 2-layer `model_type` (qwen2_moe, qwen3_moe: 4 experts, top 2) with the real Qwen tokenizer and the
+    router's load-balancing loss on (output_router_logits), as a MoE fine-tune trains it."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
+    moe = {"qwen2_moe": dict(shared_expert_intermediate_size=24), "qwen3_moe": {}}[model_type]
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, max_position_embeddings=512, tie_word_embeddings=False, output_router_logits=True,
+        router_aux_loss_coef=0.25,  # large, so that a dropped term could not hide in the rounding
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id, **moe)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    path = root / model_type
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def unloadable_copy(model_dir, root: Path, keep_tokenizer: bool = False) -> Path:
     """A copy of `model_dir` in `root` that passes every check made before loading (config.json intact,
     *.safetensors and tokenizer files where they belong) but whose weights cannot be loaded, nor, unless

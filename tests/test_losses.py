@@ -11,7 +11,7 @@ import transformers
 
 from chatft.data.chat_format import IGNORE_INDEX
 from chatft.train.losses import (LossScale, SupervisedLoss, labelled_token_log_probs, output_layer_computes)
-from support import assert_close_up_to_rounding, decoder_terms, qwen3_tokenizer_dir, run
+from support import assert_close_up_to_rounding, build_tiny_moe, decoder_terms, run
 
 
 def reference_log_probs(head, hidden, labels):
@@ -77,25 +77,6 @@ def test_log_probs_of_a_row_sum_to_its_cross_entropy():
 
 
 # --- mixture-of-experts: the model's own extra loss survives the fast path -----------------------------------------
-
-def build_tiny_moe(root, model_type):
-    """A random 2-layer `model_type` (qwen2_moe, qwen3_moe: 4 experts, top 2) with the real Qwen tokenizer and the
-    router's load-balancing loss on (output_router_logits), as a MoE fine-tune trains it."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
-    moe = {"qwen2_moe": dict(shared_expert_intermediate_size=24), "qwen3_moe": {}}[model_type]
-    config = transformers.AutoConfig.for_model(
-        model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-        num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, max_position_embeddings=512, tie_word_embeddings=False, output_router_logits=True,
-        router_aux_loss_coef=0.25,  # large, so that a dropped term could not hide in the rounding
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id, **moe)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    path = root / model_type
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
 
 def padded_batch(tokenizer):
     """Three rows of different lengths, right-padded (attention_mask 0, labels IGNORE_INDEX), the first few tokens

@@ -162,21 +162,50 @@ def training_setup_problems(model_args, training_args, lora_args) -> list[str]:
     if lora_args.q_lora and method == "gptq" and getattr(lora_args, "use_dora", False):
         problems.append(f"--use_dora: peft has no DoRA for GPTQ layers ({path} is a GPTQ model); drop --use_dora, or "
                         "train on the full-precision model with --q_lora (NF4).")
-    if lora_args.use_lora and lora_args.lora_target_modules and not lora_args.lora_weight_path:
-        problems += lora_target_problems(config, lora_args.lora_target_modules, model_args.trust_remote_code)
+    explicit = explicit_target_parameters(lora_args)
+    if lora_args.use_lora and not lora_args.lora_weight_path and (lora_args.lora_target_modules or explicit):
+        problems += lora_target_problems(config, lora_args.lora_target_modules or [],
+                                         model_args.trust_remote_code, explicit)
     return problems
 
 
-def lora_target_problems(config, targets: list[str], trust_remote_code: bool = False) -> list[str]:
-    """--lora_target_modules names that match no module of the model (peft matches a name or a dotted suffix)."""
+def explicit_target_parameters(lora_args) -> list[str] | None:
+    """--lora_target_parameters as given: None when not given (the model's routed experts), [] for `none`."""
+    targets = getattr(lora_args, "lora_target_parameters", None)
+    if targets is None:
+        return None
+    return [] if [t.lower() for t in targets] == ["none"] else list(targets)
+
+
+def lora_target_problems(config, targets: list[str], trust_remote_code: bool = False,
+                         target_parameters: list[str] | None = None) -> list[str]:
+    """--lora_target_modules names that match no module of the model or only its experts/routers (no linear layers),
+    and --lora_target_parameters names that match no parameter (peft matches a name or a dotted suffix)."""
     with torch.device("meta"):  # the module tree alone: no memory, no weights
         model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    names = [name for name, _ in model.named_modules()]
-    unknown = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
-    if not unknown:
-        return []
-    return [f"--lora_target_modules: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a module of "
-            f"this {type(model).__name__}; its linear layers are {', '.join(linear_projection_names(model))}"]
+    moe = expert_parameter_names(model) + router_parameter_names(model)
+    moe_hint = f" (its expert and router parameters, for --lora_target_parameters: {', '.join(moe)})" if moe else ""
+    moe_modules = {name.rsplit(".", 1)[0] for name, _ in model.named_parameters() if name.endswith(tuple(moe))}
+    module_names = [name for name, _ in model.named_modules()]
+    parameter_names = [name for name, _ in model.named_parameters()]
+    matching = lambda t, names: [name for name in names if name == t or name.endswith("." + t)]  # noqa: E731
+    problems = []
+    unknown = [t for t in targets if not matching(t, module_names)]
+    if unknown:
+        problems.append(f"--lora_target_modules: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a "
+                        f"module of this {type(model).__name__}; its linear layers are "
+                        f"{', '.join(linear_projection_names(model))}{moe_hint}")
+    # experts and routers are no linear layers: peft adapts them through their parameters only
+    bare = [t for t in targets if matching(t, module_names) and set(matching(t, module_names)) <= moe_modules]
+    if bare:
+        problems.append(f"--lora_target_modules: {', '.join(bare)} {'is' if len(bare) == 1 else 'are'} not a linear "
+                        f"layer; adapt experts and routers with --lora_target_parameters {' '.join(moe)}")
+    unknown = [t for t in target_parameters or [] if not matching(t, parameter_names)]
+    if unknown:
+        problems.append(f"--lora_target_parameters: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a "
+                        f"parameter of this {type(model).__name__}; its expert and router parameters are "
+                        f"{', '.join(moe) or 'none (it is not a mixture-of-experts model)'}")
+    return problems
 
 
 def quantized_loading(plan, device) -> dict:
@@ -271,6 +300,40 @@ def linear_projection_names(model) -> list[str]:
     })
 
 
+def expert_parameter_names(model) -> list[str]:
+    """Dotted suffixes (e.g. mlp.experts.gate_up_proj) of the routed experts' fused weights: every 3-D parameter
+    held by a module named `experts` (transformers 5 stores each MoE layer's experts as one [experts, out, in]
+    tensor per projection). Found from the model, not listed per architecture; [] for a dense model."""
+    return sorted({".".join(name.split(".")[-3:]) for name, parameter in model.named_parameters()
+                   if parameter.dim() == 3 and name.split(".")[-2:-1] == ["experts"]})
+
+
+def router_parameter_names(model) -> list[str]:
+    """Dotted suffixes (e.g. mlp.gate.weight) of the routers' weights: the 2-D parameters of a module beside an
+    `experts` module that is not a linear layer (qwen2_moe's shared_expert_gate is one: LoRA's defaults adapt it)."""
+    names = set()
+    for parent_name, parent in model.named_modules():
+        children = dict(parent.named_children())
+        if "experts" not in children:
+            continue
+        for child_name, child in children.items():
+            if child_name != "experts" and not is_linear(child):
+                names |= {f"{parent_name.split('.')[-1]}.{child_name}.{name}"
+                          for name, parameter in child.named_parameters(recurse=False) if parameter.dim() == 2}
+    return sorted(names)
+
+
+def linear_lora_dropout(model, p: float) -> None:
+    """Give the linear layers' adapters their dropout `p`, as peft's update_layer would have: the LoraConfig was
+    built with none because its bare-parameter adapters (experts, router) refuse any."""
+    import peft
+
+    for module in model.modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer) and not isinstance(module, peft.tuners.lora.ParamWrapper):
+            for adapter in module.lora_dropout:
+                module.lora_dropout[adapter] = torch.nn.Dropout(p=p)
+
+
 def wrap_lora(model, lora_args, plan):
     """Add LoRA adapters (new, or continued from --lora_weight_path); only adapters (and, as the plan says, the
     embeddings) train."""
@@ -279,14 +342,23 @@ def wrap_lora(model, lora_args, plan):
     if lora_args.lora_weight_path:
         logger.info("Continuing from the adapter in %s (its LoRA settings apply)", lora_args.lora_weight_path)
         model = peft.PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
+        if model.peft_config["default"].target_parameters and lora_args.lora_dropout:
+            # its config says dropout 0 only because peft's expert adapters allow none (below): the linear layers' is
+            # --lora_dropout, as when it was made
+            linear_lora_dropout(model, lora_args.lora_dropout)
     else:
         modules_to_save = ([name.split(".")[-1] for name in embedding_module_names(model)] if plan.train_embeddings
                            else None)
+        target_parameters = (expert_parameter_names(model) if plan.lora_target_parameters is None
+                             else list(plan.lora_target_parameters))
         config = peft.LoraConfig(
             r=lora_args.lora_r,
             lora_alpha=lora_args.lora_alpha,
-            lora_dropout=lora_args.lora_dropout,
+            # peft's ParamWrapper (the adapter of a bare parameter: fused experts, the router) refuses any dropout,
+            # since dropout(x) cannot be factored out of its per-expert product; the linear layers get theirs below
+            lora_dropout=0.0 if target_parameters else lora_args.lora_dropout,
             target_modules=lora_args.lora_target_modules or linear_projection_names(model),
+            target_parameters=target_parameters or None,
             bias=lora_args.lora_bias,
             task_type="CAUSAL_LM",
             modules_to_save=modules_to_save,
@@ -296,7 +368,12 @@ def wrap_lora(model, lora_args, plan):
             init_lora_weights=peft_init_lora_weights(lora_args.lora_init),
         )
         model = peft.get_peft_model(model, config)
-        logger.info("LoRA on %s", ", ".join(sorted(model.peft_config["default"].target_modules)))
+        if not target_parameters and expert_parameter_names(model):
+            logger.info("LoRA leaves the routed experts frozen (--lora_target_parameters none, or DoRA/PiSSA/OLoRA, "
+                        "which peft cannot apply to them)")
+        if target_parameters and lora_args.lora_dropout:
+            linear_lora_dropout(model, lora_args.lora_dropout)
+        logger.info("LoRA on %s", ", ".join(sorted(model.peft_config["default"].target_modules) + target_parameters))
         if rewrites_base_weights(config.init_lora_weights):
             # the start the base weights were rewritten with: saving converts the adapter to a plain LoRA with it
             setattr(model, STARTING_ADAPTER_ATTRIBUTE, starting_adapter(model))

@@ -6,7 +6,7 @@ lengths against model_max_length, optimizer steps per epoch and samples per step
 and one rendered sample with its trained spans in [[...]]. `packing_summary`: what --packing does to the batch.
 
 At the end of a run: `plot_losses` draws the loss curve (loss.png), `run_summary` prints one screen (time, tokens/s,
-peak memory, losses, where things were saved).
+peak memory, losses, a mixture-of-experts model's expert load, where things were saved).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from chatft.data.chat_format import IGNORE_INDEX, Conversation, TokenizedSample, describe_sample
 from chatft.data.datasets import PackedDataset, as_conversations, keep_trainable, split_summary, tokenize_training_samples
+from chatft.train.expert_load import ExpertLoad
 
 HISTOGRAM_BINS = 8
 BAR_WIDTH = 40
@@ -188,6 +189,10 @@ def run_summary(trainer, what_was_saved: str) -> str:
         lines.append(f"  train loss  {losses[0]:.4f} at the first logged step -> {losses[-1]:.4f} at the last")
     if eval_losses:
         lines.append(f"  eval loss   {eval_losses[-1]:.4f} (last evaluation)")
+    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", [])
+    expert_load = next((c.text() for c in callbacks if isinstance(c, ExpertLoad)), None)
+    if expert_load:
+        lines.append(f"  expert load {expert_load}")
     lines += [f"  saved       {what_was_saved} in {output_dir}",
               f"  loss curve  {os.path.join(output_dir, 'loss.png')}", "=" * 60]
     return "\n".join(lines)

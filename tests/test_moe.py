@@ -1,0 +1,200 @@
+"""Mixture-of-experts LoRA on tiny random qwen2_moe and qwen3_moe models (4 experts, top 2, the real Qwen tokenizer):
+the default targets adapt attention (and qwen2_moe's shared expert) plus the routed experts' fused 3-D weights through
+peft's target_parameters, the router stays frozen unless --lora_target_parameters names it, the merged model computes
+what base + adapter computed (expert deltas included), and bad targets are one line, exit 2."""
+
+import peft
+import pytest
+import torch
+import transformers
+
+import finetune
+import merge_lora
+from chatft.train.expert_load import ExpertLoad
+from support import CONVERSATIONS, assert_close_up_to_rounding, build_tiny_moe, decoder_terms, probe_logits, run, \
+    write_json
+
+MOE_TYPES = ["qwen2_moe", "qwen3_moe"]
+# per decoder layer, what the default LoRA adapts (peft nests the two expert adapters: experts, experts.base_layer)
+DEFAULT_ADAPTED = {
+    "qwen3_moe": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.experts",
+                  "mlp.experts.base_layer"},
+}
+DEFAULT_ADAPTED["qwen2_moe"] = DEFAULT_ADAPTED["qwen3_moe"] | {
+    "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj", "mlp.shared_expert_gate"}
+
+
+@pytest.fixture(scope="module", params=MOE_TYPES)
+def moe_dir(request, tmp_path_factory):
+    return build_tiny_moe(tmp_path_factory.mktemp("moe"), request.param)
+
+
+@pytest.fixture(scope="module")
+def moe_data(tmp_path_factory):
+    return str(write_json(tmp_path_factory.mktemp("data") / "train.json", CONVERSATIONS))
+
+
+@pytest.fixture(scope="module")
+def default_run(moe_dir, moe_data, tmp_path_factory):
+    """(trainer, output_dir) of a 3-step default LoRA run on `moe_dir`."""
+    output_dir = tmp_path_factory.mktemp("run") / "lora"
+    return run(moe_dir, moe_data, output_dir, "--use_lora", "--lora_r", "4", "--learning_rate", "1e-2"), output_dir
+
+
+def adapted_modules(model) -> set[str]:
+    """What layer 0 adapts: the module paths (below the layer) that own a trainable lora_A/lora_B."""
+    return {name.split(".layers.0.")[1].split(".lora_")[0] for name, parameter in model.named_parameters()
+            if parameter.requires_grad and ".layers.0." in name}
+
+
+def routers(model) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().float().clone() for name, parameter in model.named_parameters()
+            if name.endswith("mlp.gate.weight") or name.endswith("mlp.gate.base_layer.weight")}
+
+
+def test_default_lora_adapts_attention_and_experts_and_freezes_the_router(default_run, moe_dir):
+    trainer, _ = default_run
+    model = trainer.model
+    model_type = model.config.model_type
+    assert adapted_modules(model) == DEFAULT_ADAPTED[model_type]
+    assert not any("mlp.gate." in name for name, p in model.named_parameters() if p.requires_grad)
+    assert sorted(model.peft_config["default"].target_parameters) == ["mlp.experts.down_proj",
+                                                                      "mlp.experts.gate_up_proj"]
+    # every expert adapter (both layers, both projections) moved from its zero start: it got a gradient
+    expert_b = [p for name, p in model.named_parameters() if "mlp.experts" in name and "lora_B" in name]
+    assert len(expert_b) == 4 and all(p.abs().max() > 0 for p in expert_b)
+    # the router is frozen: its weights are the base model's, bit for bit
+    base = transformers.AutoModelForCausalLM.from_pretrained(moe_dir, dtype=next(iter(routers(model).values())).dtype)
+    trained = {name.removeprefix("base_model.model."): w for name, w in routers(model).items()}
+    assert trained.keys() == routers(base).keys() and len(trained) == 2
+    assert all(torch.equal(trained[name], w) for name, w in routers(base).items())
+    # dropout stays on the linear adapters; peft's expert adapters have none
+    layer = model.base_model.model.model.layers[0]
+    assert layer.self_attn.q_proj.lora_dropout["default"].p == 0.05
+    assert isinstance(layer.mlp.experts.lora_dropout["default"], torch.nn.Identity)
+
+
+def test_merge_equals_adapter_with_expert_deltas(default_run, moe_dir, tmp_path):
+    _, output_dir = default_run
+    assert merge_lora.main(["--adapter_path", str(output_dir), "--output_dir", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    adapter = peft.AutoPeftModelForCausalLM.from_pretrained(output_dir)
+    assert_close_up_to_rounding(probe_logits(merged, tokenizer), probe_logits(adapter, tokenizer),
+                                terms=decoder_terms(merged.config))
+    base = transformers.AutoModelForCausalLM.from_pretrained(moe_dir)
+    for name in ("gate_up_proj", "down_proj"):
+        merged_experts = getattr(merged.model.layers[0].mlp.experts, name)
+        base_experts = getattr(base.model.layers[0].mlp.experts, name)
+        assert (merged_experts - base_experts).abs().amax(dim=(1, 2)).min() > 0  # every expert got its delta
+    assert torch.equal(merged.model.layers[0].mlp.gate.weight, base.model.layers[0].mlp.gate.weight)
+
+
+def test_router_trains_when_targeted(moe_dir, moe_data, tmp_path):
+    trainer = run(moe_dir, moe_data, tmp_path / "lora", "--use_lora", "--lora_r", "4", "--learning_rate", "1e-2",
+                  "--lora_target_modules", "q_proj", "--lora_target_parameters", "mlp.gate.weight",
+                  "experts.down_proj")
+    model = trainer.model
+    assert adapted_modules(model) == {"self_attn.q_proj", "mlp.gate", "mlp.experts"}
+    router_b = [p for name, p in model.named_parameters() if "mlp.gate.lora_B" in name]
+    assert len(router_b) == 2 and all(p.abs().max() > 0 for p in router_b)
+    assert merge_lora.main(["--adapter_path", str(tmp_path / "lora"), "--output_dir", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    base = transformers.AutoModelForCausalLM.from_pretrained(moe_dir)
+    assert not torch.equal(merged.model.layers[0].mlp.gate.weight, base.model.layers[0].mlp.gate.weight)
+    assert torch.equal(merged.model.layers[0].mlp.experts.gate_up_proj, base.model.layers[0].mlp.experts.gate_up_proj)
+
+
+def test_no_expert_adapters_when_asked(moe_dir, moe_data, tmp_path, capsys):
+    trainer = run(moe_dir, moe_data, tmp_path / "lora", "--use_lora", "--lora_r", "4", "--max_steps", "1",
+                  "--lora_target_parameters", "none")
+    assert not any("experts" in module for module in adapted_modules(trainer.model))
+    assert trainer.model.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["default"].p == 0.05
+    summary = [line for line in capsys.readouterr().out.splitlines() if "expert load" in line]
+    assert len(summary) == 1 and "uniform 0.250 (4 experts)" in summary[0]
+
+
+def test_expert_load_counts_the_routers_choices_over_real_tokens(moe_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(moe_dir).train()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(moe_dir)
+    batch = tokenizer(["Who are you? I am Tessa, a helpful assistant.", "Hi"], padding=True, return_tensors="pt")
+    load = ExpertLoad.attach(model)
+    with torch.no_grad():
+        out = model(**batch, output_router_logits=True)
+        model(**batch)  # a second forward adds to the counts
+        model.eval()(**batch)  # evaluation is not counted
+    real = batch["attention_mask"].reshape(-1).bool()
+    assert real.sum() < real.numel()  # padding to leave out
+    expected = [2 * torch.bincount(logits[real].topk(2).indices.reshape(-1), minlength=4)
+                for logits in out.router_logits]
+    counts = load.tokens_per_expert()
+    assert len(counts) == 2 and all(torch.equal(c, e) for c, e in zip(counts, expected))
+    shares = [c / c.sum() for c in counts]
+    busiest = [s.max().item() for s in shares]
+    assert load.text().startswith(f"busiest expert {sum(busiest) / 2:.3f} of routed tokens (mean of 2 layers; worst "
+                                  f"{max(busiest):.3f} in layer {busiest.index(max(busiest))}), least used "
+                                  f"{min(s.min().item() for s in shares):.3f}; uniform 0.250 (4 experts)")
+    assert ExpertLoad.attach(transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        "qwen3", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8))) is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_target_parameters", "experts.w1"],
+     "error: --lora_target_parameters: experts.w1 is not a parameter of this {cls}; its expert and router parameters "
+     "are mlp.experts.down_proj, mlp.experts.gate_up_proj, mlp.gate.weight"),
+    (["--lora_target_modules", "q_proj", "gate"],
+     "error: --lora_target_modules: gate is not a linear layer; adapt experts and routers with "
+     "--lora_target_parameters mlp.experts.down_proj mlp.experts.gate_up_proj mlp.gate.weight"),
+    (["--lora_target_parameters", "mlp.gate.weight", "--use_dora"],
+     "error: --lora_target_parameters: peft adapts bare parameters (experts, routers) with plain LoRA only, not with "
+     "--use_dora; drop one of them."),
+])
+def test_bad_targets_are_one_line(flags, message, moe_dir, moe_data, tmp_path, capsys):
+    argv = ["--model_name_or_path", str(moe_dir), "--data_path", moe_data, "--output_dir", str(tmp_path / "out"),
+            "--use_cpu", "True", "--use_lora", *flags]
+    capsys.readouterr()
+    assert finetune.main(argv) == 2
+    cls = transformers.AutoConfig.from_pretrained(moe_dir).architectures[0]
+    assert capsys.readouterr().err.splitlines() == [message.format(cls=cls)]
+
+
+def test_dora_leaves_the_experts_frozen(moe_dir, moe_data, tmp_path):
+    trainer = run(moe_dir, moe_data, tmp_path / "lora", "--use_lora", "--lora_r", "4", "--max_steps", "1",
+                  "--use_dora")
+    assert not any("experts" in module for module in adapted_modules(trainer.model))
+
+
+@pytest.mark.parametrize("flags", [[], ["--lora_target_parameters", "mlp.gate.weight", "experts.down_proj"]],
+                         ids=["default", "router"])
+def test_memory_estimate_counts_experts_their_adapters_and_the_router(moe_dir, flags):
+    """The estimator's trainable and total parameter counts, from the config alone, equal the loaded peft model's."""
+    from chatft.args import parse_args
+    from chatft.memory import estimate_training_memory
+    from chatft.model.load import load_model
+    from chatft.plan import plan_run
+
+    args = parse_args(["--model_name_or_path", str(moe_dir), "--data_path", "unused.json", "--output_dir", "unused",
+                       "--bf16", "True", "--use_cpu", "True", "--model_max_length", "64", "--use_lora", "--lora_r", "4",
+                       *flags])
+    plan, _ = plan_run(*args)
+    model, estimate = load_model(plan, args[3]), estimate_training_memory(plan, 64)
+    assert estimate.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert estimate.weights == sum(p.numel() * p.element_size() for p in model.parameters())
+    experts = [p for name, p in model.named_parameters() if "mlp.experts" in name and p.requires_grad]
+    # 2 layers, r 4, 4 experts: r·E·(in + out) for gate_up_proj (32 -> 2·16) and down_proj (16 -> 32)
+    assert sum(p.numel() for p in experts) == 2 * 4 * 4 * ((32 + 2 * 16) * (not flags) + (16 + 32))
+
+
+def test_continued_adapter_keeps_linear_dropout_and_trains_its_experts(default_run, moe_dir):
+    from chatft.args import parse_args
+    from chatft.model.load import load_model
+    from chatft.plan import plan_run
+
+    _, output_dir = default_run
+    args = parse_args(["--model_name_or_path", str(moe_dir), "--data_path", "unused.json", "--output_dir", "unused",
+                       "--use_cpu", "True", "--use_lora", "--lora_weight_path", str(output_dir)])
+    model = load_model(plan_run(*args)[0], args[3])
+    assert adapted_modules(model) == DEFAULT_ADAPTED[model.config.model_type]
+    layer = model.base_model.model.model.layers[0]
+    assert layer.self_attn.q_proj.lora_dropout["default"].p == 0.05
