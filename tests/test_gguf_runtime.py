@@ -3,8 +3,16 @@ with the reason where it is not installed, failed under CI=true): llama.cpp comp
 from the same file, for every type and both architectures (a wrong q/k layout, tokenizer or hyper-parameter shows
 here); it tokenizes as the model's tokenizer does and builds chat prompts with the template embedded in the file;
 our q8_0 and q4_k_m tensors are byte for byte those llama-quantize writes from the f16 file; on the real SmolLM2 its
-greedy replies equal transformers' and its reply perplexity of each type stays within bounds (chatft.serve.gguf_runtime)."""
+greedy replies equal transformers' and its reply perplexity of each type stays within bounds (chatft.serve.gguf_runtime).
+The installed llama.cpp is requirements-dev.txt's build (no AMX kernels, which crash on quantized files) and runs a
+quantized file's chat; a crash of llama.cpp is one error line."""
 
+import functools
+import platform
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -17,7 +25,9 @@ import export_gguf
 from chatft.serve.chat import generate_reply, load_chat_model
 from chatft.data.chat_format import IM_END
 from chatft.export.gguf import PRE_TOKENIZER_CHECK_TEXT
-from chatft.serve.gguf_runtime import LlamaCppModel, llama_cpp_reply_perplexity
+from chatft.bundled import bundled_gguf_path
+from chatft.serve import gguf_runtime
+from chatft.serve.gguf_runtime import LlamaCppModel, llama_cpp_build_problem, llama_cpp_reply_perplexity
 from support import ROOT, arch_of, planned_types, require_llama_cpp, written_as
 
 TYPES = ["f16", "bf16", "q8_0", "q4_k_m"]
@@ -191,3 +201,45 @@ def test_a_conversation_longer_than_the_context_is_one_error_line(exported):
     served = LlamaCppModel.load(str(exported("llama", "f16")), context=256)
     with pytest.raises(ArgumentError, match="no longer fits llama.cpp's context"):
         served.reply([{"role": "user", "content": "word " * 1000}], max_new_tokens=2)
+
+
+# the build (requirements-dev.txt's flags) and llama.cpp's crashes
+
+
+def test_the_installed_llama_cpp_is_requirements_dev_s_build_without_amx_kernels(llama_cpp):
+    """A native build on a CPU with AMX holds its AMX kernels ("AMX_INT8 = 1"), which crash with SIGSEGV on every
+    quantized file (llama.cpp #20824); requirements-dev.txt builds x86-64 for AVX2 at most (.ci/run rebuilds)."""
+    info = llama_cpp.llama_print_system_info().decode()
+    assert "AMX_INT8 = 1" not in info and "AVX512 = 1" not in info, info
+    assert llama_cpp_build_problem() == ""
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert "AVX2 = 1" in info and "FMA = 1" in info, info  # the flags took effect, not x86-64's baseline
+
+
+def test_a_quantized_file_s_chat_completion_runs_in_llama_cpp():
+    """The demo's own file (Q4_1), in llama.cpp itself in a child process: a crash there is its exit by a signal."""
+    script = ("import sys, llama_cpp\n"
+              "llama = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, verbose=False)\n"
+              "reply = llama.create_chat_completion(messages=[{'role': 'user', 'content': sys.argv[2]}], "
+              "max_tokens=12, temperature=0.0)\n"
+              "print(reply['choices'][0]['message']['content'])\n")
+    child = subprocess.run([sys.executable, "-c", script, str(bundled_gguf_path()), QUESTIONS[0]],
+                           capture_output=True, text=True, timeout=300)
+    died = f"killed by {signal.Signals(-child.returncode).name}" if child.returncode < 0 else child.returncode
+    assert child.returncode == 0, f"llama.cpp's chat completion of the Q4_1 file: {died}\n{child.stderr[-2000:]}"
+    assert len(child.stdout.split()) >= 5, child.stdout  # measured: "I'm here to help with any kind of creative ..."
+
+
+def test_a_crash_of_llama_cpp_is_one_error_line(exported, tmp_path, monkeypatch, capsys):
+    """The child that runs the file before this process loads it dies by a signal (as llama.cpp's AMX matmul makes
+    it): the chat is one error line naming the signal and the fix, exit status 2."""
+    import cli_demo
+
+    path = tmp_path / "model.gguf"  # a file no test has run yet (each file runs in a child once per process)
+    shutil.copy(exported("llama", "q8_0"), path)
+    crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    monkeypatch.setattr(gguf_runtime, "run_in_child", functools.partial(gguf_runtime.run_in_child, code=crash))
+    assert cli_demo.main(["-c", str(path), "--query", "Hi"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("error:") == 1 and f"llama.cpp crashed (SIGSEGV) running {path}" in error, error
+    assert "requirements-dev.txt" in error and "pip uninstall llama-cpp-python" in error

@@ -1,7 +1,10 @@
 """A GGUF file run by llama.cpp itself (llama-cpp-python, when installed): the runtime that llama.cpp, Ollama and
 LM Studio users serve the file with, so what it answers here is what they will see.
 
-- LlamaCppModel.load: the file, loaded quietly (llama.cpp's loading log shows with CHATFT_VERBOSE=1);
+- LlamaCppModel.load: the file, loaded quietly (llama.cpp's loading log shows with CHATFT_VERBOSE=1), after a child
+  process has loaded it and decoded with it once: a llama.cpp that dies on it (a SIGSEGV in AMX kernels, llama.cpp
+  #20824; a SIGILL on a CPU older than the build) is one error line, not the end of the chat;
+- llama_cpp_build_problem: what in the installed llama.cpp's build differs from requirements-dev.txt's flags;
 - LlamaCppModel.reply: one chat reply through llama.cpp's chat completion, which renders the prompt with the chat
   template embedded in the file (export_gguf.py writes the one training used) and stops at the file's EOS
   (<|im_end|>); greedy unless sampling is asked for, as chatft.serve.chat.generate_reply;
@@ -13,18 +16,77 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 
 from chatft import console
 from chatft.data.chat_format import IGNORE_INDEX, TokenizedSample
-from chatft.errors import ArgumentError, DataError, ModelPathError
+from chatft.errors import ArgumentError, ChatftError, DataError, ModelPathError
 
 DEFAULT_CONTEXT = 4096  # tokens a chat's prompt and reply can hold together (llama.cpp's cache is sized for them)
+# requirements-dev.txt builds llama.cpp for x86-64 with AVX2 at most: kernels of these, compiled in by a native
+# build on a CPU that has them, are left out (its AMX matmul crashes on quantized files, llama.cpp #20824)
+LEFT_OUT_FEATURES = ("AMX_INT8", "AMX_BF16", "AVX512")
+REINSTALL = ("pip install --force-reinstall --no-deps --no-cache-dir -r <(grep ^llama-cpp-python "
+             "requirements-dev.txt)")
+# The child's work: load the file and decode a prompt with it, as a chat's first reply does (the prompt is a batch
+# of tokens, then one token at a time). Exits 0, or 1 with a Python error (left to the load in this process to
+# report); a signal's death is llama.cpp's crash.
+PROBE = """
+import sys
+import llama_cpp
+path, threads = sys.argv[1], int(sys.argv[2])
+llama = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=threads, verbose=False)
+prompt = llama.tokenize(b"The capital of France is Paris. The capital of Italy is Rome. The capital of", add_bos=True)
+llama.eval(prompt[:32])
+llama.eval(prompt[:1])
+"""
+_probed: set[tuple] = set()  # the files that ran in a child: (real path, size, modification time)
 
 
 def llama_cpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
+
+
+def llama_cpp_build_problem() -> str:
+    """"" when the installed llama.cpp was built as requirements-dev.txt asks; else which kernels it holds that that
+    build leaves out, e.g. "llama.cpp was built with AMX_INT8, AVX512 kernels" (from its system-info line, which
+    names each CPU feature compiled in: "AMX_INT8 = 1")."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    present = [feature for feature in LEFT_OUT_FEATURES if f"{feature} = 1" in info]
+    return f"llama.cpp was built with {', '.join(present)} kernels" if present else ""
+
+
+def run_in_child(path: str, threads: int, code: str | None = None) -> None:
+    """Run `code` (PROBE: load the GGUF file `path` in llama.cpp and decode with it) in a child Python; if llama.cpp
+    kills the child, raise one ChatftError naming the signal and what to do. Once per file in a process."""
+    if not os.path.isfile(path):
+        return  # the load in this process says what is wrong with the path
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key in _probed:
+        return
+    quiet = None if console.verbose() else subprocess.DEVNULL
+    status = subprocess.run([sys.executable, "-c", code or PROBE, path, str(threads)], stdout=quiet,
+                            stderr=quiet).returncode
+    if status < 0 or status >= 0xC0000000:  # POSIX: minus the signal; Windows: an exception code (0xC0000005)
+        try:
+            died = signal.Signals(-status).name if status < 0 else f"exception 0x{status:X}"
+        except ValueError:
+            died = f"signal {-status}"
+        build = llama_cpp_build_problem()
+        if "AMX" in build:
+            build += "; its AMX matmul crashes on quantized files, llama.cpp #20824"
+        cause = f" ({build})" if build else ""
+        raise ChatftError(f"llama.cpp crashed ({died}) running {path}{cause}. Rebuild it with the flags in "
+                          f"requirements-dev.txt (README.md, llama.cpp): {REINSTALL}; or pip uninstall "
+                          "llama-cpp-python to chat through transformers instead.")
+    _probed.add(key)
 
 
 class LlamaCppModel:
@@ -39,6 +101,7 @@ class LlamaCppModel:
         import llama_cpp
 
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        run_in_child(path, threads)  # a crash of llama.cpp there is one error line; here it would end the process
         try:
             with console.library_output_hidden():  # llama.cpp logs from C while loading, whatever `verbose` says
                 llama = llama_cpp.Llama(model_path=path, n_ctx=context, n_threads=threads, logits_all=all_logits,
