@@ -191,7 +191,7 @@ def run_summary(trainer, what_was_saved: str) -> str:
         lines.append(f"  train loss  {losses[0]:.4f} at the first logged step -> {losses[-1]:.4f} at the last")
     if eval_losses:
         lines.append(f"  eval loss   {eval_losses[-1]:.4f} (last evaluation)")
-    if getattr(trainer.args, "eval_generate", 0):  # (a file left by an earlier run in this output_dir is not this one's)
+    if getattr(trainer.args, "eval_generate", 0):  # else a file there is an earlier run's
         lines += last_replies(os.path.join(output_dir, GENERATIONS_FILE))
     lines += [f"  saved       {what_was_saved} in {output_dir}",
               f"  loss curve  {os.path.join(output_dir, 'loss.png')}", "=" * 60]
