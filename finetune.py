@@ -29,6 +29,7 @@ from chatft.data.datasets import preprocess  # noqa: E402  (re-exported: `from f
 from chatft.data.datasets import load_samples, make_collator, make_datasets, split_off_eval  # noqa: E402
 from chatft.model.load import join_process_group, load_model  # noqa: E402
 from chatft.train.distributed import end_run  # noqa: E402
+from chatft.train.eval_generate import EvalGenerations  # noqa: E402
 from chatft.memory import longest_batch_tokens, run_estimator  # noqa: E402
 from chatft.output_dir import check_output_dir  # noqa: E402
 from chatft.plan import plan_run  # noqa: E402
@@ -126,6 +127,9 @@ def train(argv=None, callbacks=(), wrap_collator=None):
     expert_load = ExpertLoad.attach(model)  # a mixture-of-experts model: tokens per expert, in the summary
     if expert_load is not None:
         trainer.add_callback(expert_load)
+    if training_args.eval_generate:  # what the model says at each evaluation (eval_generations.jsonl)
+        trainer.add_callback(EvalGenerations(eval_samples[: training_args.eval_generate],
+                                             training_args.eval_generate_max_new_tokens))
     sigterm = StopOnSigterm()
     trainer.add_callback(sigterm)
     sigterm.install()

@@ -173,6 +173,15 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None,
         metadata={"help": "Qwen's flag, kept working: the fraction of steps to warm up over (sets --warmup_steps)."},
     )
+    eval_generate: int = field(
+        default=0,
+        metadata={"help": "At each evaluation, answer the first N evaluation conversations (each up to its last "
+                  "assistant turn) greedily and append step, prompt, reply and reference to "
+                  "output_dir/eval_generations.jsonl; the summary shows the last evaluation's. 0: off."},
+    )
+    eval_generate_max_new_tokens: int = field(
+        default=128, metadata={"help": "--eval_generate: the most tokens a reply may have."}
+    )
 
     def __post_init__(self):
         if str(self.resume_from_checkpoint).lower() in ("true", "false"):  # True: the latest checkpoint in output_dir
@@ -218,7 +227,34 @@ def setup_problems(training_args) -> list[tuple[str, dict]]:
         problems.append((f"{flag} True needs a GPU with bfloat16 (NVIDIA Ampere or newer) and there is none here: "
                          "add --use_cpu True to train on the CPU in bfloat16, or use --fp16 True on an older GPU.",
                          {"bf16": False, "bf16_full_eval": False}))
+    problems += [(problem, {"load_best_model_at_end": False}) for problem in best_model_problems(training_args)]
     return problems
+
+
+def _strategy(value) -> str:
+    return str(getattr(value, "value", value))  # an IntervalStrategy/SaveStrategy or the flag's text
+
+
+def best_model_problems(training_args) -> list[str]:
+    """--load_best_model_at_end loads the checkpoint of the best evaluation, so every evaluation needs its checkpoint:
+    the eval and save strategies match (or --save_strategy best), --save_steps a multiple of --eval_steps.
+    transformers' own check stops at the first, over three lines."""
+    args = training_args
+    if not args.load_best_model_at_end or _strategy(args.save_strategy) == "best":
+        return []
+    evaluation, saving = _strategy(args.eval_strategy), _strategy(args.save_strategy)
+    if evaluation == "no":
+        return ["--load_best_model_at_end picks the checkpoint of the best evaluation, and --eval_strategy is no: set "
+                f"--eval_strategy {saving if saving != 'no' else 'steps'}, as --save_strategy, with evaluation data "
+                "(--eval_data_path)."]
+    if evaluation != saving:
+        return [f"--load_best_model_at_end needs a checkpoint at every evaluation: --eval_strategy {evaluation} and "
+                f"--save_strategy {saving} differ; make them the same (or --save_strategy best)."]
+    eval_steps = args.eval_steps or args.logging_steps  # transformers' default for --eval_steps
+    if evaluation == "steps" and eval_steps >= 1 and args.save_steps >= 1 and args.save_steps % eval_steps:
+        return [f"--load_best_model_at_end needs a checkpoint at every evaluation: --save_steps {args.save_steps:g} "
+                f"is not a multiple of --eval_steps {eval_steps:g}."]
+    return []
 
 
 def _bf16_device() -> bool:
@@ -443,6 +479,7 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
     if os.path.isfile(training_args.output_dir) and not data_args.dry_run:
         problems.append(f"--output_dir {training_args.output_dir}: is a file; the run writes a directory there.")
     problems += resume_problems(training_args)
+    problems += evaluation_problems(data_args, training_args)
     model_problems = model_source_problems(model_args.model_name_or_path, "--model_name_or_path",
                                            trust_remote_code=model_args.trust_remote_code,
                                            cache_dir=training_args.cache_dir)
@@ -483,6 +520,8 @@ def number_problems(data_args, training_args, lora_args) -> list[str]:
         out_of_range("--adam_epsilon", t.adam_epsilon, low=0),
         out_of_range("--dataloader_num_workers", t.dataloader_num_workers, low=0),
         out_of_range("--seed", t.seed, *SEED_RANGE),
+        out_of_range("--eval_generate", t.eval_generate, low=0, what="the evaluation prompts answered; 0: none"),
+        out_of_range("--eval_generate_max_new_tokens", t.eval_generate_max_new_tokens, low=1),
         out_of_range("--data_seed", t.data_seed, *SEED_RANGE) if t.data_seed is not None else None,
         out_of_range("--warmup_ratio", t.warmup_ratio, low=0, high=1, high_inclusive=False,
                      what="a fraction of the training steps") if t.warmup_ratio is not None else None,
@@ -491,6 +530,22 @@ def number_problems(data_args, training_args, lora_args) -> list[str]:
         checks.append(out_of_range("--num_train_epochs", t.num_train_epochs, low=0, low_inclusive=False,
                                    what="or set --max_steps"))
     return [problem for problem in checks if problem]
+
+
+def evaluation_problems(data_args, training_args) -> list[str]:
+    """Evaluating needs evaluation data (the Trainer would refuse once the model is loaded); --eval_generate needs
+    evaluations to answer at."""
+    problems = []
+    generate, evaluation = training_args.eval_generate, _strategy(training_args.eval_strategy)
+    needing_data = [flag for flag, needs in ((f"--eval_strategy {evaluation}", evaluation != "no"),
+                                              (f"--eval_generate {generate}", generate > 0)) if needs]
+    if needing_data and not data_args.eval_data_path:
+        problems.append(f"{' and '.join(needing_data)} need{'s' if len(needing_data) == 1 else ''} evaluation data: "
+                        "--eval_data_path FILE, or a fraction of the training data such as 0.05.")
+    if generate > 0 and evaluation == "no":
+        problems.append(f"--eval_generate {generate} answers at each evaluation, and --eval_strategy is no: set "
+                        "--eval_strategy steps (with --eval_steps N) or epoch.")
+    return problems
 
 
 def resume_problems(training_args) -> list[str]:

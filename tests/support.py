@@ -196,6 +196,38 @@ def run(model_dir, data_file, output_dir, *extra):
     return finetune.train(argv)
 
 
+# finetune.py flags for --load_best_model_at_end runs on a tiny model whose best checkpoint is not the last, so that
+# loading it shows. A tiny random model's eval loss only falls, and what a short run does to it at a learning rate
+# high enough to turn it back up depends on rounding (measured: the step of the lowest eval loss changed with the
+# batch layout); so the checkpoint kept is the one of the *highest* eval loss (--greater_is_better True), the
+# first, whatever rounding does: each evaluation is 0.05 to 0.08 lower than the one before (LoRA r 4, lr 0.01
+# constant).
+# The Trainer's path is the same for either direction: track the metric, keep that checkpoint, load it at the end.
+BEST_IS_THE_FIRST_FLAGS = [
+    "--eval_data_path", "0.25", "--use_lora", "--lora_r", "4", "--learning_rate", "0.01", "--lr_scheduler_type",
+    "constant", "--max_steps", "6", "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps",
+    "--save_steps", "2", "--load_best_model_at_end", "True", "--metric_for_best_model", "eval_loss",
+    "--greater_is_better", "True"]
+
+
+def assert_saved_is_the_best_checkpoint(output_dir) -> None:
+    """The weights saved in output_dir are, bit for bit, those of the checkpoint trainer_state.json names best, and
+    that checkpoint is not the last one (whose weights differ): --load_best_model_at_end loaded it."""
+    import safetensors.torch
+
+    output_dir = Path(output_dir)
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    best, last = Path(state["best_model_checkpoint"]), output_dir / f"checkpoint-{state['global_step']}"
+    assert best.parent == output_dir and best != last, f"the best checkpoint {best} is the last: the run shows nothing"
+    evaluations = {entry["step"]: entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry}
+    assert state["best_metric"] == evaluations[state["best_global_step"]]
+    name = "adapter_model.safetensors" if (output_dir / "adapter_model.safetensors").is_file() else "model.safetensors"
+    saved, at_best, at_last = (safetensors.torch.load_file(folder / name) for folder in (output_dir, best, last))
+    assert saved.keys() == at_best.keys()
+    assert all(torch.equal(saved[key], at_best[key]) for key in saved)
+    assert not all(torch.equal(saved[key], at_last[key]) for key in saved)
+
+
 def probe_logits(model, tokenizer):
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids

@@ -16,7 +16,10 @@ import torch
 import transformers
 
 from console_noise import library_noise
-from support import CONVERSATIONS, ROOT, assert_close_up_to_rounding, decoder_terms, write_json
+from chatft.serve.chat import generate_reply, load_chat_model
+from chatft.train.eval_generate import GENERATIONS_FILE, read_generations
+from support import BEST_IS_THE_FIRST_FLAGS, CONVERSATIONS, ROOT, assert_close_up_to_rounding, assert_saved_is_the_best_checkpoint
+from support import decoder_terms, write_json
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -212,6 +215,22 @@ def test_zero3_save_reload_round_trip(tiny_qwen2_arch_dir, data_file, tmp_path):
     for name, tensor in at_end.items():
         assert tensor.numel() > 0, f"{name} was saved as an empty ZeRO-3 shard"
         torch.testing.assert_close(reloaded[name].detach(), tensor)
+
+
+def test_zero3_lora_ends_with_the_best_checkpoint_and_answers_at_each_evaluation(tiny_qwen2_arch_dir, data_file, tmp_path):
+    """--load_best_model_at_end under ZeRO-3 (DeepSpeed loads the best checkpoint's partitions); --eval_generate with
+    every rank generating (each forward gathers the partitioned weights) and rank 0 writing: one line an evaluation,
+    the reply the checkpoint's own, reloaded in one process."""
+    output = tmp_path / "out"
+    torchrun(2, "finetune.py", *common_flags(tiny_qwen2_arch_dir, data_file, output, "--per_device_train_batch_size", "1",
+                                             *BEST_IS_THE_FIRST_FLAGS, "--eval_generate", "1",
+                                             "--eval_generate_max_new_tokens", "4", *ENGINES["zero3"]))
+    assert_saved_is_the_best_checkpoint(output)
+    generations = read_generations(str(output / GENERATIONS_FILE))
+    assert [line["step"] for line in generations] == [2, 4, 6]
+    for line in generations:
+        model, tokenizer, _ = load_chat_model(str(output / f"checkpoint-{line['step']}"), dtype=torch.float32, device="cpu")
+        assert line["reply"] == generate_reply(model, tokenizer, line["prompt"], 4, use_cache=True)
 
 
 def test_zero3_refuses_trainable_embeddings_under_lora(tiny_qwen2_arch_dir, data_file, tmp_path):

@@ -232,11 +232,29 @@ def _tool_result(turns: tuple[Turn, ...], j: int) -> str:
     return f"{opening}\n<tool_response>\n{turns[j].content}\n</tool_response>{closing}"
 
 
-def _assistant_text(turn: Turn) -> str:
+def assistant_text(turn: Turn) -> str:
     """An assistant message's body in ChatML: its reasoning in a `<think>` block when it has one, its text, then its
     calls."""
     text = _think_block(turn.reasoning) + turn.content.lstrip("\n") if turn.reasoning else turn.content
     return text + _tool_call_blocks(turn.tool_calls, after_text=bool(text))
+
+
+def template_messages(conversation: Conversation | list[Turn]) -> tuple[list[dict], list[dict] | None]:
+    """A conversation as the OpenAI-style messages and tool definitions `apply_chat_template` takes (what
+    chatft.serve.chat.generate_reply is given): reasoning as `reasoning_content`, calls as `tool_calls` with their
+    arguments' JSON text as trained; the tools None when there are none."""
+    if not isinstance(conversation, Conversation):
+        conversation = Conversation(tuple(conversation))
+    messages = []
+    for turn in conversation.turns:
+        message = {"role": turn.role, "content": turn.content}
+        if turn.reasoning:
+            message["reasoning_content"] = turn.reasoning
+        if turn.tool_calls:
+            message["tool_calls"] = [{"type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                                     for call in turn.tool_calls]
+        messages.append(message)
+    return messages, [json.loads(tool) for tool in conversation.tools] or None
 
 
 def render_chatml(conversation: Conversation | list[Turn], system_message: str = DEFAULT_SYSTEM_MESSAGE
@@ -267,7 +285,7 @@ def render_chatml(conversation: Conversation | list[Turn], system_message: str =
             continue
         text += f"{IM_START}{turn.role}\n"
         start = len(text)
-        text += (_assistant_text(turn) if turn.role == "assistant" else turn.content) + IM_END
+        text += (assistant_text(turn) if turn.role == "assistant" else turn.content) + IM_END
         if turn.role == "assistant" and _is_trained(conversation, first + j):
             spans.append((start, len(text)))
         text += "\n"

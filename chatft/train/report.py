@@ -6,7 +6,8 @@ lengths against model_max_length, optimizer steps per epoch and samples per step
 and one rendered sample with its trained spans in [[...]]. `packing_summary`: what --packing does to the batch.
 
 At the end of a run: `plot_losses` draws the loss curve (loss.png), `run_summary` prints one screen (time, tokens/s,
-peak memory, losses, a mixture-of-experts model's expert load, where things were saved).
+peak memory, losses, a mixture-of-experts model's expert load, the last evaluation's replies with
+--eval_generate, where things were saved).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import torch
 from chatft.data.chat_format import IGNORE_INDEX, Conversation, TokenizedSample, describe_sample
 from chatft.data.datasets import PackedDataset, as_conversations, keep_trainable, split_summary, tokenize_training_samples
 from chatft.train.expert_load import ExpertLoad
+from chatft.train.eval_generate import GENERATIONS_FILE, read_generations
 
 HISTOGRAM_BINS = 8
 BAR_WIDTH = 40
+SHOWN_REPLIES = 3  # of the last evaluation's, in the summary (all are in eval_generations.jsonl)
+SHOWN_CHARACTERS = 60  # of a prompt, reply or reference there
 
 
 def length_histogram(lengths: list[int], max_len: int) -> list[str]:
@@ -193,6 +197,29 @@ def run_summary(trainer, what_was_saved: str) -> str:
     expert_load = next((c.text() for c in callbacks if isinstance(c, ExpertLoad)), None)
     if expert_load:
         lines.append(f"  expert load {expert_load}")
+    if getattr(trainer.args, "eval_generate", 0):  # else a file there is an earlier run's
+        lines += last_replies(os.path.join(output_dir, GENERATIONS_FILE))
     lines += [f"  saved       {what_was_saved} in {output_dir}",
               f"  loss curve  {os.path.join(output_dir, 'loss.png')}", "=" * 60]
     return "\n".join(lines)
+
+
+def clipped(text: str, width: int = SHOWN_CHARACTERS) -> str:
+    """`text` on one line (whitespace runs as one space), cut to `width` characters with an ellipsis."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def last_replies(path: str) -> list[str]:
+    """Summary lines for --eval_generate: the last evaluation's first replies (its last prompt message, the reply,
+    the reference), each clipped to a line; none without the file."""
+    generations = read_generations(path)
+    if not generations:
+        return []
+    step = generations[-1]["step"]
+    last = [line for line in generations if line["step"] == step]
+    lines = [f"  replies     at step {step} ({len(last)} in {path}):"]
+    for line in last[:SHOWN_REPLIES]:
+        asked = line["prompt"][-1]["content"] if line["prompt"] else ""
+        lines.append(f"    {clipped(asked)!r} -> {clipped(line['reply'])!r} (reference {clipped(line['reference'])!r})")
+    return lines
