@@ -22,13 +22,13 @@ if __name__ == "__main__":  # before the libraries are imported: they look at wh
 
 import transformers  # noqa: E402
 
-from chatft.args import parse_args  # noqa: E402
+from chatft.args import deepspeed_config, parse_args  # noqa: E402
 from chatft.model.attention import rows_keep_samples_apart  # noqa: E402
 from chatft.errors import ArgumentError  # noqa: E402
 from chatft.data.datasets import preprocess  # noqa: E402  (re-exported: `from finetune import preprocess`, as Qwen's)
 from chatft.data.datasets import load_samples, make_collator, make_datasets, split_off_eval  # noqa: E402
 from chatft.model.load import join_process_group, load_model  # noqa: E402
-from chatft.train.distributed import end_run  # noqa: E402
+from chatft.train.distributed import deepspeed_op_built_on_first_use, end_run  # noqa: E402
 from chatft.train.eval_generate import EvalGenerations  # noqa: E402
 from chatft.memory import longest_batch_tokens, run_estimator  # noqa: E402
 from chatft.output_dir import check_output_dir  # noqa: E402
@@ -130,6 +130,9 @@ def train(argv=None, callbacks=(), wrap_collator=None):
     if training_args.eval_generate:  # what the model says at each evaluation (eval_generations.jsonl)
         trainer.add_callback(EvalGenerations(eval_samples[: training_args.eval_generate],
                                              training_args.eval_generate_max_new_tokens))
+    op = deepspeed_op_built_on_first_use(deepspeed_config(training_args))
+    if op and trainer.is_world_process_zero():
+        logger.info("DeepSpeed compiles its %s op first: once on this machine (a few minutes), later runs reuse it", op)
     sigterm = StopOnSigterm()
     trainer.add_callback(sigterm)
     sigterm.install()

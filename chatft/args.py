@@ -415,14 +415,20 @@ def deepspeed_zero_stage(training_args) -> int | None:
     """The ZeRO stage DeepSpeed runs with, or None without DeepSpeed: from --deepspeed (a config path or dict), else
     from accelerate's DeepSpeed plugin (`accelerate launch --use_deepspeed` sets one up without --deepspeed). The one
     place the stage is read: the checks below and chatft.plan.sharding ask here, not transformers' global."""
-    config = training_args.deepspeed
+    config = deepspeed_config(training_args)
     if not config:
         plugin = getattr(training_args, "deepspeed_plugin", None)
         return plugin.zero_stage if plugin is not None else None
-    if isinstance(config, str):
-        with open(config, encoding="utf-8") as f:
-            config = json.load(f)
     return config.get("zero_optimization", {}).get("stage", 0)
+
+
+def deepspeed_config(training_args) -> dict | None:
+    """--deepspeed's config as a dict (it is a path or a dict; the file was checked by validate_args), None without."""
+    config = training_args.deepspeed
+    if isinstance(config, str) and config:
+        with open(config, encoding="utf-8") as f:
+            return json.load(f)
+    return config or None
 
 
 def validate_args(model_args, data_args, training_args, lora_args, problems: list[str] | None = None) -> None:
@@ -576,10 +582,7 @@ def resume_problems(training_args) -> list[str]:
 def deepspeed_sets_optimizer(training_args) -> bool:
     """Whether --deepspeed's config names its own optimizer (DeepSpeed then builds it from every trainable
     parameter in one group, not transformers' optimizer)."""
-    config = training_args.deepspeed
-    if isinstance(config, str):
-        with open(config, encoding="utf-8") as f:
-            config = json.load(f)
+    config = deepspeed_config(training_args)
     return bool(config) and "optimizer" in config
 
 

@@ -365,3 +365,21 @@ def test_sigterm_to_one_process_stops_all_at_one_checkpoint_and_resumes(tiny_qwe
     torchrun(2, "finetune.py", *flags, "--max_steps", str(step + 2), "--resume_from_checkpoint", "True")
     history = json.load(open(output / "trainer_state.json"))["log_history"]
     assert [entry["step"] for entry in history if "loss" in entry] == list(range(1, step + 3))
+
+
+def test_a_run_says_when_deepspeed_compiles_its_optimizer_op_first(tmp_path, monkeypatch):
+    """DeepSpeed compiles fused_adam (cpu_adam when the optimizer is offloaded) on its first use on a machine, silently
+    and for minutes: the run names the op while none is cached, and says nothing once one is."""
+    from chatft.train.distributed import deepspeed_op_built_on_first_use
+
+    zero3, offload = (json.load(open(ROOT / name)) for name in ("ds_config_zero3.json", "ds_config_zero3_offload.json"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert deepspeed_op_built_on_first_use(zero3) == "fused_adam"
+    assert deepspeed_op_built_on_first_use(offload) == "cpu_adam"
+    assert deepspeed_op_built_on_first_use({k: v for k, v in zero3.items() if k != "optimizer"}) is None  # torch's
+    assert deepspeed_op_built_on_first_use(None) is None
+    built = tmp_path / "py311_cpu" / "fused_adam"
+    built.mkdir(parents=True)
+    (built / "fused_adam.so").write_bytes(b"")
+    assert deepspeed_op_built_on_first_use(zero3) is None
+    assert deepspeed_op_built_on_first_use(offload) == "cpu_adam"

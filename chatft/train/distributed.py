@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import glob
+import importlib.util
 import logging
 import os
 import sys
@@ -88,3 +90,23 @@ def end_run(trainer, exit_when_done: bool) -> None:
     destroy_process_groups()
     logger.debug("Process groups destroyed; exiting.")
     exit_process(0)
+
+
+def deepspeed_op_built_on_first_use(config: dict | None) -> str | None:
+    """The op DeepSpeed compiles for this run's optimizer when the machine has neither a prebuilt one (a DeepSpeed
+    installed with DS_BUILD_OPS) nor one compiled by an earlier run (torch's extension cache): fused_adam for a
+    config's Adam/AdamW, cpu_adam when that optimizer is offloaded; None when nothing will be compiled. The build
+    is silent and takes minutes, so the run says so before it starts."""
+    optimizer = (config or {}).get("optimizer", {}).get("type", "")
+    if optimizer.lower() not in ("adam", "adamw") or importlib.util.find_spec("deepspeed") is None:
+        return None
+    offload = (config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    op = "cpu_adam" if str(offload).lower() in ("cpu", "nvme") else "fused_adam"
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if installed_ops.get(op, False):
+        return None
+    # torch keeps each compiled op in <root>/<python and CUDA version>/<op>/<op>.so, root TORCH_EXTENSIONS_DIR if set
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return None if glob.glob(os.path.join(root, "*", op, f"{op}*.so")) else op
