@@ -11,8 +11,8 @@ import transformers
 import finetune
 import merge_lora
 from chatft.train.expert_load import ExpertLoad
-from support import CONVERSATIONS, assert_close_up_to_rounding, build_tiny_moe, decoder_terms, probe_logits, run, \
-    write_json
+from support import CONVERSATIONS, assert_close_up_to_rounding, build_tiny_moe, decoder_terms, probe_logits, \
+    rounding_atol, run, write_json
 
 MOE_TYPES = ["qwen2_moe", "qwen3_moe"]
 # per decoder layer, what the default LoRA adapts (peft nests the two expert adapters: experts, experts.base_layer)
@@ -198,3 +198,63 @@ def test_continued_adapter_keeps_linear_dropout_and_trains_its_experts(default_r
     assert adapted_modules(model) == DEFAULT_ADAPTED[model.config.model_type]
     layer = model.base_model.model.model.layers[0]
     assert layer.self_attn.q_proj.lora_dropout["default"].p == 0.05
+
+
+def test_padding_free_rows_get_the_padded_batchs_loss_aux_loss_and_gradients(moe_dir, moe_data):
+    """The toolkit's loss (CE + router_aux_loss_coef x aux) on the padding-free row PaddingFreeCollator builds, with
+    per-sample attention, equals the padded batch's: the load-balancing loss counts the same (real) tokens."""
+    from chatft.data.datasets import ChatCollator, PaddingFreeCollator, SupervisedDataset, load_samples
+    from chatft.model.attention import PER_SAMPLE_SDPA
+    from chatft.train.losses import LossScale, SupervisedLoss, loss_weight_total
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(moe_dir)
+    dataset = SupervisedDataset(load_samples(moe_data), tokenizer, 64)
+    features = [dataset[i] for i in range(4)]
+    assert len({len(f["input_ids"]) for f in features}) > 1  # different lengths: the padded batch has padding
+    model = transformers.AutoModelForCausalLM.from_pretrained(moe_dir, attn_implementation="sdpa")
+    model.set_attn_implementation(PER_SAMPLE_SDPA)  # as finetune.py trains: rows split per sample, padded rows masked
+    loss = SupervisedLoss()
+    loss.prepare(model)
+
+    def terms_and_grads(batch):
+        model.zero_grad()
+        terms = loss(model, {**batch, "use_cache": False}, LossScale(tokens=int(loss_weight_total(batch))))
+        terms.loss.backward()
+        return terms, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    padded_batch = ChatCollator(tokenizer.pad_token_id)(features)
+    assert (padded_batch["attention_mask"] == 0).any()
+    padded, padded_grads = terms_and_grads(padded_batch)
+    flat, flat_grads = terms_and_grads(PaddingFreeCollator()(features))
+    bound = dict(terms=decoder_terms(model.config, loss=True))
+    aux_bound = dict(terms=decoder_terms(model.config))  # the router's logits: forward sums only, no vocabulary
+    assert_close_up_to_rounding(flat.logs["aux_loss"], padded.logs["aux_loss"], **aux_bound)
+    assert_close_up_to_rounding(flat.logs["lm_loss"], padded.logs["lm_loss"], **bound)
+    assert_close_up_to_rounding(flat.loss, padded.loss, **bound)
+    # the aux term is far above the rounding: an aux loss that counted padding would differ
+    assert model.config.router_aux_loss_coef * padded.logs["aux_loss"] > 100 * rounding_atol(padded.loss, **bound)
+    assert padded_grads.keys() == flat_grads.keys() and any("mlp.gate.weight" in name for name in padded_grads)
+    for name, grad in padded_grads.items():
+        assert_close_up_to_rounding(flat_grads[name], grad, **bound)
+    # the aux loss as the model computes it without a mask, padding counted: not what the padded batch gives
+    with torch.no_grad():
+        unmasked = model(**{k: v for k, v in padded_batch.items() if k not in ("labels", "attention_mask")})
+    assert abs(float(unmasked.aux_loss - padded.logs["aux_loss"])) > 10 * rounding_atol(padded.logs["aux_loss"], **aux_bound)
+
+
+def test_padding_free_training_takes_the_padded_runs_steps(moe_data, tmp_path):
+    """finetune.py, LoRA on the experts, padded and padding-free: the same loss (aux loss included) each step. (One
+    architecture: the in-process test above covers both.)"""
+    moe_dir = build_tiny_moe(tmp_path, "qwen3_moe")
+    flags = ["--use_lora", "--lora_r", "4", "--learning_rate", "1e-2", "--lora_dropout", "0", "--seed", "3"]
+    padded = run(moe_dir, moe_data, tmp_path / "padded", *flags, "--padding_free", "False")
+    padding_free = run(moe_dir, moe_data, tmp_path / "padding-free", *flags)
+    curves = [[(entry["loss"], entry["aux_loss"]) for entry in trainer.state.log_history if "loss" in entry]
+              for trainer in (padded, padding_free)]
+    assert len(curves[0]) == len(curves[1]) == 3
+    terms = decoder_terms(padded.model.config, loss=True)
+    for (loss, aux), (expected_loss, expected_aux) in zip(curves[1], curves[0]):
+        # logged values are rounded to 4 decimals (transformers' and chatft's logs)
+        assert loss == pytest.approx(expected_loss, abs=1e-4 + rounding_atol(expected_loss, terms=terms))
+        assert aux == pytest.approx(expected_aux, abs=1e-4 + rounding_atol(expected_aux, terms=terms))
+    assert curves[0][0] != curves[0][2]  # it trained
