@@ -72,6 +72,9 @@ def test_default_lora_adapts_attention_and_experts_and_freezes_the_router(defaul
     layer = model.base_model.model.model.layers[0]
     assert layer.self_attn.q_proj.lora_dropout["default"].p == 0.05
     assert isinstance(layer.mlp.experts.lora_dropout["default"], torch.nn.Identity)
+    # the expert load is counted through peft's wrappers of the experts (the summary's line)
+    load = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ExpertLoad))
+    assert load.layers == ["0", "1"] and load.text() is not None
 
 
 def test_merge_equals_adapter_with_expert_deltas(default_run, moe_dir, tmp_path):
@@ -258,3 +261,52 @@ def test_padding_free_training_takes_the_padded_runs_steps(moe_data, tmp_path):
         assert loss == pytest.approx(expected_loss, abs=1e-4 + rounding_atol(expected_loss, terms=terms))
         assert aux == pytest.approx(expected_aux, abs=1e-4 + rounding_atol(expected_aux, terms=terms))
     assert curves[0][0] != curves[0][2]  # it trained
+
+
+def test_moe_blocks_are_found_for_zero3_leaves(moe_dir):
+    from chatft.model.load import moe_block_classes
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(moe_dir)
+    expected = {"qwen2_moe": "Qwen2MoeSparseMoeBlock", "qwen3_moe": "Qwen3MoeSparseMoeBlock"}[model.config.model_type]
+    assert [cls.__name__ for cls in moe_block_classes(model)] == [expected]
+    dense = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        "qwen3", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8))
+    assert moe_block_classes(dense) == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_lora_two_processes_equal_one(moe_data, tmp_path):
+    """ZeRO-3, default MoE LoRA (experts adapted), qwen3_moe: 2 processes x batch 2 take the steps of 1 process x batch 2
+    x accumulation 2 (the same micro-batches: the aux loss is a mean per micro-batch), each MoE block registered as
+    one ZeRO-3 leaf, the memory estimate given, and both runs exit 0."""
+    import safetensors.torch
+    from test_distributed import common_flags, losses, torchrun
+
+    moe_dir = build_tiny_moe(tmp_path, "qwen3_moe")
+    flags = ["--per_device_train_batch_size", "2", "--use_lora", "--lora_r", "4", "--lora_dropout", "0",
+             "--deepspeed", "ds_config_zero3.json"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    logs = [torchrun(1, "finetune.py", *common_flags(moe_dir, moe_data, one, *flags, "--gradient_accumulation_steps",
+                                                    "2")),
+            torchrun(2, "finetune.py", *common_flags(moe_dir, moe_data, two, *flags))]
+    for result, processes in zip(logs, (1, 2)):
+        log = result.stdout + result.stderr
+        assert log.count("ZeRO-3: Qwen3MoeSparseMoeBlock gathered as whole modules") == processes, log[-3000:]
+        assert "memory estimate: not available" not in log and "memory estimate: ~" in log, log[-3000:]
+        # experts found under zero.Init (empty partitions): adapted, and their load in the summary
+        assert log.count("LoRA on k_proj, o_proj, q_proj, v_proj, mlp.experts.down_proj, mlp.experts.gate_up_proj") \
+            == processes, log[-3000:]
+        assert log.count("expert load") == 1, log[-3000:]
+    curve_one, curve_two = losses(one), losses(two)
+    assert len(curve_one) == len(curve_two) == 3
+    terms = decoder_terms(transformers.AutoConfig.from_pretrained(moe_dir), loss=True)
+    for (loss_one, lr_one), (loss_two, lr_two) in zip(curve_one, curve_two):
+        assert_close_up_to_rounding(loss_two, loss_one, terms=terms)
+        assert lr_one == pytest.approx(lr_two)
+    final_one, final_two = (safetensors.torch.load_file(path / "adapter_model.safetensors") for path in (one, two))
+    assert final_one.keys() == final_two.keys() and any("experts" in name for name in final_one)
+    for name in final_one:
+        assert_close_up_to_rounding(final_two[name], final_one[name], terms=terms,
+                                    magnitude=final_one[name].abs().max() + 3e-3)
