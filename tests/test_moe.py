@@ -281,6 +281,8 @@ def test_zero3_lora_two_processes_equal_one(moe_data, tmp_path):
     """ZeRO-3, default MoE LoRA (experts adapted), qwen3_moe: 2 processes x batch 2 take the steps of 1 process x batch 2
     x accumulation 2 (the same micro-batches: the aux loss is a mean per micro-batch), each MoE block registered as
     one ZeRO-3 leaf, the memory estimate given, and both runs exit 0."""
+    import json
+
     import safetensors.torch
     from test_distributed import common_flags, losses, torchrun
 
@@ -305,6 +307,12 @@ def test_zero3_lora_two_processes_equal_one(moe_data, tmp_path):
     for (loss_one, lr_one), (loss_two, lr_two) in zip(curve_one, curve_two):
         assert_close_up_to_rounding(loss_two, loss_one, terms=terms)
         assert lr_one == pytest.approx(lr_two)
+    # lm_loss and aux_loss are logged as the step's, over both processes (logged to 4 decimals)
+    parts_one, parts_two = ([(e["lm_loss"], e["aux_loss"]) for e in json.loads((path / "trainer_state.json").read_text())[
+        "log_history"] if "loss" in e] for path in (one, two))
+    for (lm_one, aux_one), (lm_two, aux_two), (loss, _) in zip(parts_one, parts_two, curve_one):
+        assert lm_two == pytest.approx(lm_one, abs=2e-4) and aux_two == pytest.approx(aux_one, abs=2e-4)
+        assert lm_one + 0.25 * aux_one == pytest.approx(loss, abs=2e-4)
     final_one, final_two = (safetensors.torch.load_file(path / "adapter_model.safetensors") for path in (one, two))
     assert final_one.keys() == final_two.keys() and any("experts" in name for name in final_one)
     for name in final_one:

@@ -90,6 +90,12 @@ class LossScale:
         Trainer divides by the accumulation steps itself only when it does not count tokens.)"""
         return value if self.tokens is None else value / self.accumulation_steps
 
+    def logged(self, share: torch.Tensor) -> torch.Tensor:
+        """A token mean's value to log for this micro-batch, such that its mean over the step's micro-batches and
+        the processes is the step's (what `loss` logs): with tokens counted `share` is this micro-batch's part of
+        the step's mean (times `processes`), so it is scaled by the accumulation steps."""
+        return share if self.tokens is None else share * self.accumulation_steps
+
 
 @dataclass
 class LossTerms:
@@ -191,7 +197,7 @@ def with_model_terms(config, outputs, lm_loss: torch.Tensor, scale: LossScale) -
     extra, logs = model_loss_terms(config, outputs, scale)
     if extra is None:
         return LossTerms(lm_loss)
-    return LossTerms(lm_loss + extra, {"lm_loss": lm_loss.detach(), **logs})
+    return LossTerms(lm_loss + extra, {"lm_loss": scale.logged(lm_loss.detach()), **logs})
 
 
 def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
