@@ -106,7 +106,7 @@ class ModelShape:
         if vocab_size and vocab_size > config.vocab_size:
             config.vocab_size = vocab_size
         with torch.device("meta"):  # the module tree alone: no memory, no weights
-            model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            model = causal_lm_class(config, trust_remote_code)(config)
         return cls.of_model(model, config)
 
     @classmethod
@@ -149,6 +149,19 @@ class ModelShape:
         bare = sum(plan.lora_r * (shape[0] if len(shape) == 3 else 1) * sum(shape[-2:])
                    for shape in self.adapted_bare(plan))
         return linear + bare
+
+
+def causal_lm_class(config, trust_remote_code: bool = False) -> type:
+    """The class AutoModelForCausalLM.from_config would build for `config` (its own code's, with trust_remote_code).
+    ModelShape constructs it directly: under ZeRO-3 (once a DeepSpeed stage-3 config is in the Trainer's arguments)
+    from_config builds inside DeepSpeed's zero.Init, which partitions every parameter (numel 0) and then initializes
+    weights that on the meta device have no data ("Cannot copy out of meta tensor")."""
+    reference = (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM")
+    if trust_remote_code and reference:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(reference, config.name_or_path)
+    return transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:

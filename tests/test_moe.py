@@ -11,8 +11,8 @@ import transformers
 import finetune
 import merge_lora
 from chatft.train.expert_load import ExpertLoad
-from support import CONVERSATIONS, assert_close_up_to_rounding, build_tiny_moe, decoder_terms, probe_logits, run, \
-    write_json
+from support import CONVERSATIONS, assert_close_up_to_rounding, build_tiny_moe, decoder_terms, probe_logits, \
+    rounding_atol, run, write_json
 
 MOE_TYPES = ["qwen2_moe", "qwen3_moe"]
 # per decoder layer, what the default LoRA adapts (peft nests the two expert adapters: experts, experts.base_layer)
@@ -72,6 +72,9 @@ def test_default_lora_adapts_attention_and_experts_and_freezes_the_router(defaul
     layer = model.base_model.model.model.layers[0]
     assert layer.self_attn.q_proj.lora_dropout["default"].p == 0.05
     assert isinstance(layer.mlp.experts.lora_dropout["default"], torch.nn.Identity)
+    # the expert load is counted through peft's wrappers of the experts (the summary's line)
+    load = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ExpertLoad))
+    assert load.layers == ["0", "1"] and load.text() is not None
 
 
 def test_merge_equals_adapter_with_expert_deltas(default_run, moe_dir, tmp_path):
@@ -198,3 +201,120 @@ def test_continued_adapter_keeps_linear_dropout_and_trains_its_experts(default_r
     assert adapted_modules(model) == DEFAULT_ADAPTED[model.config.model_type]
     layer = model.base_model.model.model.layers[0]
     assert layer.self_attn.q_proj.lora_dropout["default"].p == 0.05
+
+
+def test_padding_free_rows_get_the_padded_batchs_loss_aux_loss_and_gradients(moe_dir, moe_data):
+    """The toolkit's loss (CE + router_aux_loss_coef x aux) on the padding-free row PaddingFreeCollator builds, with
+    per-sample attention, equals the padded batch's: the load-balancing loss counts the same (real) tokens."""
+    from chatft.data.datasets import ChatCollator, PaddingFreeCollator, SupervisedDataset, load_samples
+    from chatft.model.attention import PER_SAMPLE_SDPA
+    from chatft.train.losses import LossScale, SupervisedLoss, loss_weight_total
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(moe_dir)
+    dataset = SupervisedDataset(load_samples(moe_data), tokenizer, 64)
+    features = [dataset[i] for i in range(4)]
+    assert len({len(f["input_ids"]) for f in features}) > 1  # different lengths: the padded batch has padding
+    model = transformers.AutoModelForCausalLM.from_pretrained(moe_dir, attn_implementation="sdpa")
+    model.set_attn_implementation(PER_SAMPLE_SDPA)  # as finetune.py trains: rows split per sample, padded rows masked
+    loss = SupervisedLoss()
+    loss.prepare(model)
+
+    def terms_and_grads(batch):
+        model.zero_grad()
+        terms = loss(model, {**batch, "use_cache": False}, LossScale(tokens=int(loss_weight_total(batch))))
+        terms.loss.backward()
+        return terms, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    padded_batch = ChatCollator(tokenizer.pad_token_id)(features)
+    assert (padded_batch["attention_mask"] == 0).any()
+    padded, padded_grads = terms_and_grads(padded_batch)
+    flat, flat_grads = terms_and_grads(PaddingFreeCollator()(features))
+    bound = dict(terms=decoder_terms(model.config, loss=True))
+    aux_bound = dict(terms=decoder_terms(model.config))  # the router's logits: forward sums only, no vocabulary
+    assert_close_up_to_rounding(flat.logs["aux_loss"], padded.logs["aux_loss"], **aux_bound)
+    assert_close_up_to_rounding(flat.logs["lm_loss"], padded.logs["lm_loss"], **bound)
+    assert_close_up_to_rounding(flat.loss, padded.loss, **bound)
+    # the aux term is far above the rounding: an aux loss that counted padding would differ
+    assert model.config.router_aux_loss_coef * padded.logs["aux_loss"] > 100 * rounding_atol(padded.loss, **bound)
+    assert padded_grads.keys() == flat_grads.keys() and any("mlp.gate.weight" in name for name in padded_grads)
+    for name, grad in padded_grads.items():
+        assert_close_up_to_rounding(flat_grads[name], grad, **bound)
+    # the aux loss as the model computes it without a mask, padding counted: not what the padded batch gives
+    with torch.no_grad():
+        unmasked = model(**{k: v for k, v in padded_batch.items() if k not in ("labels", "attention_mask")})
+    assert abs(float(unmasked.aux_loss - padded.logs["aux_loss"])) > 10 * rounding_atol(padded.logs["aux_loss"], **aux_bound)
+
+
+def test_padding_free_training_takes_the_padded_runs_steps(moe_data, tmp_path):
+    """finetune.py, LoRA on the experts, padded and padding-free: the same loss (aux loss included) each step. (One
+    architecture: the in-process test above covers both.)"""
+    moe_dir = build_tiny_moe(tmp_path, "qwen3_moe")
+    flags = ["--use_lora", "--lora_r", "4", "--learning_rate", "1e-2", "--lora_dropout", "0", "--seed", "3"]
+    padded = run(moe_dir, moe_data, tmp_path / "padded", *flags, "--padding_free", "False")
+    padding_free = run(moe_dir, moe_data, tmp_path / "padding-free", *flags)
+    curves = [[(entry["loss"], entry["aux_loss"]) for entry in trainer.state.log_history if "loss" in entry]
+              for trainer in (padded, padding_free)]
+    assert len(curves[0]) == len(curves[1]) == 3
+    terms = decoder_terms(padded.model.config, loss=True)
+    for (loss, aux), (expected_loss, expected_aux) in zip(curves[1], curves[0]):
+        # logged values are rounded to 4 decimals (transformers' and chatft's logs)
+        assert loss == pytest.approx(expected_loss, abs=1e-4 + rounding_atol(expected_loss, terms=terms))
+        assert aux == pytest.approx(expected_aux, abs=1e-4 + rounding_atol(expected_aux, terms=terms))
+    assert curves[0][0] != curves[0][2]  # it trained
+
+
+def test_moe_blocks_are_found_for_zero3_leaves(moe_dir):
+    from chatft.model.load import moe_block_classes
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(moe_dir)
+    expected = {"qwen2_moe": "Qwen2MoeSparseMoeBlock", "qwen3_moe": "Qwen3MoeSparseMoeBlock"}[model.config.model_type]
+    assert [cls.__name__ for cls in moe_block_classes(model)] == [expected]
+    dense = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        "qwen3", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8))
+    assert moe_block_classes(dense) == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_lora_two_processes_equal_one(moe_data, tmp_path):
+    """ZeRO-3, default MoE LoRA (experts adapted), qwen3_moe: 2 processes x batch 2 take the steps of 1 process x batch 2
+    x accumulation 2 (the same micro-batches: the aux loss is a mean per micro-batch), each MoE block registered as
+    one ZeRO-3 leaf, the memory estimate given, and both runs exit 0."""
+    import json
+
+    import safetensors.torch
+    from test_distributed import common_flags, losses, torchrun
+
+    moe_dir = build_tiny_moe(tmp_path, "qwen3_moe")
+    flags = ["--per_device_train_batch_size", "2", "--use_lora", "--lora_r", "4", "--lora_dropout", "0",
+             "--deepspeed", "ds_config_zero3.json"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    logs = [torchrun(1, "finetune.py", *common_flags(moe_dir, moe_data, one, *flags, "--gradient_accumulation_steps",
+                                                    "2")),
+            torchrun(2, "finetune.py", *common_flags(moe_dir, moe_data, two, *flags))]
+    for result, processes in zip(logs, (1, 2)):
+        log = result.stdout + result.stderr
+        assert log.count("ZeRO-3: Qwen3MoeSparseMoeBlock gathered as whole modules") == processes, log[-3000:]
+        assert "memory estimate: not available" not in log and "memory estimate: ~" in log, log[-3000:]
+        # experts found under zero.Init (empty partitions): adapted, and their load in the summary
+        assert log.count("LoRA on k_proj, o_proj, q_proj, v_proj, mlp.experts.down_proj, mlp.experts.gate_up_proj") \
+            == processes, log[-3000:]
+        assert log.count("expert load") == 1, log[-3000:]
+    curve_one, curve_two = losses(one), losses(two)
+    assert len(curve_one) == len(curve_two) == 3
+    terms = decoder_terms(transformers.AutoConfig.from_pretrained(moe_dir), loss=True)
+    for (loss_one, lr_one), (loss_two, lr_two) in zip(curve_one, curve_two):
+        assert_close_up_to_rounding(loss_two, loss_one, terms=terms)
+        assert lr_one == pytest.approx(lr_two)
+    # lm_loss and aux_loss are logged as the step's, over both processes (logged to 4 decimals)
+    parts_one, parts_two = ([(e["lm_loss"], e["aux_loss"]) for e in json.loads((path / "trainer_state.json").read_text())[
+        "log_history"] if "loss" in e] for path in (one, two))
+    for (lm_one, aux_one), (lm_two, aux_two), (loss, _) in zip(parts_one, parts_two, curve_one):
+        assert lm_two == pytest.approx(lm_one, abs=2e-4) and aux_two == pytest.approx(aux_one, abs=2e-4)
+        assert lm_one + 0.25 * aux_one == pytest.approx(loss, abs=2e-4)
+    final_one, final_two = (safetensors.torch.load_file(path / "adapter_model.safetensors") for path in (one, two))
+    assert final_one.keys() == final_two.keys() and any("experts" in name for name in final_one)
+    for name in final_one:
+        assert_close_up_to_rounding(final_two[name], final_one[name], terms=terms,
+                                    magnitude=final_one[name].abs().max() + 3e-3)

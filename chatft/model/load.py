@@ -248,6 +248,8 @@ def load_model(plan, lora_args, device=None):
         use_safetensors=True,  # weights never come from a pickle
         **quantization,
     )
+    if plan.shard == "zero3":
+        register_zero3_leaf_modules(model)
     if plan.per_sample_attention and supports_per_sample_sdpa(model):
         # rows of several samples (padding-free batches, packed rows): sdpa on each sample alone, no mask built
         model.set_attn_implementation(PER_SAMPLE_SDPA)
@@ -305,7 +307,33 @@ def expert_parameter_names(model) -> list[str]:
     held by a module named `experts` (transformers 5 stores each MoE layer's experts as one [experts, out, in]
     tensor per projection). Found from the model, not listed per architecture; [] for a dense model."""
     return sorted({".".join(name.split(".")[-3:]) for name, parameter in model.named_parameters()
-                   if parameter.dim() == 3 and name.split(".")[-2:-1] == ["experts"]})
+                   if len(full_shape(parameter)) == 3 and name.split(".")[-2:-1] == ["experts"]})
+
+
+def full_shape(parameter) -> tuple[int, ...]:
+    """A parameter's shape; under ZeRO-3 (loaded inside zero.Init) the tensor is an empty partition and the shape
+    is DeepSpeed's `ds_shape` (peft's ParamWrapper reads it the same way)."""
+    return tuple(getattr(parameter, "ds_shape", parameter.shape))
+
+
+def moe_block_classes(model) -> list[type]:
+    """The classes of the modules that hold a MoE layer's routed experts (a child named `experts`, as
+    expert_parameter_names finds them): Qwen3MoeSparseMoeBlock, Qwen2MoeSparseMoeBlock, ...; [] for a dense model."""
+    return sorted({type(module) for module in model.modules() if "experts" in dict(module.named_children())},
+                  key=lambda cls: f"{cls.__module__}.{cls.__qualname__}")
+
+
+def register_zero3_leaf_modules(model) -> None:
+    """Make each MoE block one ZeRO-3 leaf: its parameters (router, experts, their adapters) are gathered together
+    when the block runs. ZeRO-3 otherwise gathers per submodule, in an order it records from the first step, and the
+    ranks of a step route their tokens differently, so they would run different submodules and their collectives
+    could mismatch (a hang). What LLaMA-Factory does per architecture, found here from the model."""
+    classes = moe_block_classes(model)
+    if classes:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, classes)
+        logger.info("ZeRO-3: %s gathered as whole modules (leaf modules)", ", ".join(c.__name__ for c in classes))
 
 
 def router_parameter_names(model) -> list[str]:
@@ -319,7 +347,7 @@ def router_parameter_names(model) -> list[str]:
         for child_name, child in children.items():
             if child_name != "experts" and not is_linear(child):
                 names |= {f"{parent_name.split('.')[-1]}.{child_name}.{name}"
-                          for name, parameter in child.named_parameters(recurse=False) if parameter.dim() == 2}
+                          for name, parameter in child.named_parameters(recurse=False) if len(full_shape(parameter)) == 2}
     return sorted(names)
 
 

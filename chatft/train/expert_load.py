@@ -14,9 +14,15 @@ import transformers
 
 
 def experts_modules(model) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of every fused experts module: a module named `experts` holding 3-D parameters."""
+    """(name, module) of every fused experts module: a module named `experts` holding 3-D parameters (itself, or
+    through peft's adapter wrappers, which take its name and keep it below as `base_layer`)."""
     return [(name, module) for name, module in model.named_modules()
-            if name.split(".")[-1] == "experts" and any(p.dim() == 3 for p in module.parameters(recurse=False))]
+            if name.split(".")[-1] == "experts" and any(len(shape(p)) == 3 for p in module.parameters())]
+
+
+def shape(parameter) -> tuple[int, ...]:
+    """Under ZeRO-3 a parameter is an empty partition; its shape is DeepSpeed's `ds_shape`."""
+    return tuple(getattr(parameter, "ds_shape", parameter.shape))
 
 
 class ExpertLoad(transformers.TrainerCallback):
@@ -29,7 +35,7 @@ class ExpertLoad(transformers.TrainerCallback):
         self.handles = [model.register_forward_pre_hook(self.keep_mask, with_kwargs=True)]
         for index, (name, module) in enumerate(experts_modules(model)):
             self.layers.append(next((part for part in reversed(name.split(".")) if part.isdigit()), name))
-            experts = next(p for p in module.parameters(recurse=False) if p.dim() == 3).shape[0]
+            experts = next(shape(p) for p in module.parameters() if len(shape(p)) == 3)[0]
             # one slot more: index `experts` is "no expert" in transformers' experts code (skipped there, dropped here)
             self.counts.append(torch.zeros(experts + 1, dtype=torch.long))
             self.handles.append(module.register_forward_pre_hook(self.counter(index), with_kwargs=True))

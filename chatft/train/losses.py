@@ -90,6 +90,12 @@ class LossScale:
         Trainer divides by the accumulation steps itself only when it does not count tokens.)"""
         return value if self.tokens is None else value / self.accumulation_steps
 
+    def logged(self, share: torch.Tensor) -> torch.Tensor:
+        """A token mean's value to log for this micro-batch, such that its mean over the step's micro-batches and
+        the processes is the step's (what `loss` logs): with tokens counted `share` is this micro-batch's part of
+        the step's mean (times `processes`), so it is scaled by the accumulation steps."""
+        return share if self.tokens is None else share * self.accumulation_steps
+
 
 @dataclass
 class LossTerms:
@@ -100,17 +106,20 @@ class LossTerms:
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def model_loss_terms(model, outputs, scale: LossScale) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+def model_loss_terms(config, outputs, scale: LossScale) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """What the model adds to its own loss when given labels, from an output computed without them: a
     mixture-of-experts model with output_router_logits returns `aux_loss`, and adds router_aux_loss_coef x aux_loss
-    (transformers' qwen2_moe, qwen3_moe, mixtral). (term to add to the loss or None, its logs)."""
+    (transformers' qwen2_moe, qwen3_moe, mixtral). `config`: the model's own, read from the unwrapped model (the
+    model the loss is called with may be a DeepSpeed or DDP wrapper, whose `config` is not the model's).
+    (term to add to the loss or None, its logs)."""
     aux = getattr(outputs, "aux_loss", None)
     if aux is None:
         return None, {}
-    coefficient = getattr(model.config, "router_aux_loss_coef", None)
+    coefficient = getattr(config, "router_aux_loss_coef", None)
     if coefficient is None:
-        raise RuntimeError(f"{type(model).__name__} returned an aux_loss but its config has no router_aux_loss_coef; "
-                           "train with --labelled_logits_only False so that the model computes its own loss.")
+        raise RuntimeError(f"{type(config).__name__}: the model returned an aux_loss but its config has no "
+                           "router_aux_loss_coef; train with --labelled_logits_only False so that the model computes "
+                           "its own loss.")
     aux = aux.float()
     return scale.batch_mean(coefficient * aux), {"aux_loss": aux.detach()}
 
@@ -127,6 +136,7 @@ class SupervisedLoss:
         self.requested_labelled_logits = labelled_logits
         self.head_linears: list[torch.nn.Linear] | None = None
         self.chunk_size = 0
+        self.model_config = None
 
     @property
     def labelled_logits(self) -> bool:
@@ -138,6 +148,7 @@ class SupervisedLoss:
             logger.info("%s's output layer is not a plain linear layer or transforms its logits; computing the loss "
                         "on full logits.", type(model).__name__)
         self.chunk_size = chunk_rows(model)
+        self.model_config = model.config
 
     def __call__(self, model, inputs: dict, scale: LossScale) -> LossTerms:
         inputs = dict(inputs)
@@ -152,7 +163,7 @@ class SupervisedLoss:
         else:
             outputs = model(**inputs)
             lm_loss = scale.token_mean(token_cross_entropy_sum(outputs.logits, labels), labels)
-        return with_model_terms(model, outputs, lm_loss, scale)
+        return with_model_terms(self.model_config, outputs, lm_loss, scale)
 
     def weighted(self, model, inputs: dict, labels: torch.Tensor, weights: torch.Tensor, scale: LossScale
                  ) -> LossTerms:
@@ -167,7 +178,8 @@ class SupervisedLoss:
         else:
             outputs = model(**inputs)
             weighted_sum = (weights[:, 1:].float() * token_cross_entropies(outputs.logits, labels)).sum()
-        return with_model_terms(model, outputs, scale.weighted_token_mean(weighted_sum, weights, labels), scale)
+        return with_model_terms(self.model_config, outputs, scale.weighted_token_mean(weighted_sum, weights, labels),
+                                scale)
 
 
 def loss_weight_total(batch: dict) -> torch.Tensor:
@@ -179,12 +191,13 @@ def loss_weight_total(batch: dict) -> torch.Tensor:
     return (batch[LOSS_WEIGHTS][:, 1:].float() * labelled).sum()
 
 
-def with_model_terms(model, outputs, lm_loss: torch.Tensor, scale: LossScale) -> LossTerms:
-    """`lm_loss` plus the model's own extra terms; lm_loss is logged apart only when there are any."""
-    extra, logs = model_loss_terms(model, outputs, scale)
+def with_model_terms(config, outputs, lm_loss: torch.Tensor, scale: LossScale) -> LossTerms:
+    """`lm_loss` plus the model's own extra terms (`config`: the unwrapped model's); lm_loss is logged apart only when
+    there are any."""
+    extra, logs = model_loss_terms(config, outputs, scale)
     if extra is None:
         return LossTerms(lm_loss)
-    return LossTerms(lm_loss + extra, {"lm_loss": lm_loss.detach(), **logs})
+    return LossTerms(lm_loss + extra, {"lm_loss": scale.logged(lm_loss.detach()), **logs})
 
 
 def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,9 @@
 The loss: `ChatTrainer(loss=...)` takes any object of chatft.train.losses' seam (`loss(model, inputs, scale) ->
 LossTerms`); SFT's `SupervisedLoss` by default. The trainer hands it the batch and how transformers normalizes a
 model's own loss (`LossScale`), back-propagates what it returns, and logs its extra values (e.g. lm_loss and
-aux_loss of a mixture-of-experts model) beside `loss`, averaged over the logging interval. Evaluation, label
-smoothing and a `compute_loss_func` given to the Trainer keep transformers' own loss (unweighted).
+aux_loss of a mixture-of-experts model) beside `loss`, averaged as `loss` is, over the logging interval and the
+processes. Evaluation, label smoothing and a `compute_loss_func` given to the Trainer keep transformers' own loss
+(unweighted).
 
 Per-turn loss weights: batches of weighted data carry `loss_weights`, which the trainer keeps from the model's
 forward (transformers drops the columns the forward does not name) and hands the loss; for such data the
@@ -126,7 +127,7 @@ class LoggedMeans:
             self.counts[name] = self.counts.get(name, 0) + 1
 
     def pop(self) -> dict[str, float]:
-        means = {name: round(total / self.counts[name], 4) for name, total in self.sums.items()}
+        means = {name: total / self.counts[name] for name, total in self.sums.items()}
         self.sums, self.counts = {}, {}
         return means
 
@@ -215,5 +216,9 @@ class ChatTrainer(transformers.Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """transformers.Trainer.log, with the loss's extra values beside the training loss."""
         if "loss" in logs:
-            logs = {**logs, **self.logged_means.pop()}
+            means = self.logged_means.pop()
+            if means and self.args.world_size > 1:  # every process logs (transformers gathers `loss` here too)
+                values = self.accelerator.reduce(torch.tensor(list(means.values()), device=self.args.device), "mean")
+                means = dict(zip(means, values.tolist()))
+            logs = {**logs, **{name: round(value, 4) for name, value in means.items()}}
         super().log(logs, *args, **kwargs)
