@@ -13,8 +13,8 @@ The file holds what llama.cpp's convert_hf_to_gguf.py and llama-quantize would w
   special ids with EOS = <|im_end|> (the chat stop token), and the chat template the run trained with, so llama.cpp's
   chat mode builds the very prompts training saw.
 Types (--type): f16, bf16 and q8_0 store every matrix in that type; q4_k_m is llama.cpp's mix (Q4_K, Q6_K for the output
-layer and for attn_v and ffn_down in the layers llama.cpp deems sensitive); norms, biases and MoE routers stay F32 in every
-type.
+layer and for attn_v and ffn_down in the layers llama.cpp deems sensitive); norms, biases and MoE routers stay F32
+in every type.
 Nothing is written under --output_file until the whole file is: it is written beside it under a temporary name, then renamed.
 """
 
@@ -177,14 +177,15 @@ def check_moe_layout(config, model_path: str) -> None:
     """llama.cpp runs every layer of a Qwen MoE model through its experts, weighting them as its graph fixes."""
     if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
         raise ModelPathError(f"--model_name_or_path {model_path}: some of its layers are dense (mlp_only_layers "
-                             f"{config.mlp_only_layers}, decoder_sparse_step {config.decoder_sparse_step}); llama.cpp's "
-                             f"{config.model_type} runs experts in every layer, so export_gguf.py cannot write it.")
+                             f"{config.mlp_only_layers}, decoder_sparse_step {config.decoder_sparse_step}); "
+                             f"llama.cpp's {config.model_type} runs experts in every layer, so export_gguf.py cannot "
+                             "write it.")
     expected = MOE_NORM_TOPK_PROB[config.model_type]
     if bool(getattr(config, "norm_topk_prob", False)) != expected:
-        raise ModelPathError(f"--model_name_or_path {model_path}: its router {'does not renormalize' if expected else 'renormalizes'}"
-                             f" the chosen experts' weights (norm_topk_prob {config.norm_topk_prob}); llama.cpp's "
-                             f"{config.model_type} always {'does' if expected else 'does not'}, so its replies would "
-                             "differ from the model's.")
+        does = "does not renormalize" if expected else "renormalizes"
+        raise ModelPathError(f"--model_name_or_path {model_path}: its router {does} the chosen experts' weights "
+                             f"(norm_topk_prob {config.norm_topk_prob}); llama.cpp's {config.model_type} always "
+                             f"{'does' if expected else 'does not'}, so its replies would differ from the model's.")
 
 
 def check_tokenizer(tokenizer, model_path: str) -> str:
