@@ -266,7 +266,7 @@ def planned_types(model, gguf_type: str) -> dict[str, str]:
     config, names = model.config, gguf.get_tensor_name_map(arch_of(model), model.config.num_hidden_layers)
     types = {}
     for hf_name, weight in model.state_dict().items():
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        name = gguf_name(names, hf_name)
         types[name] = tensor_type(name, tuple(weight.shape), gguf_type, config.num_hidden_layers,
                                   config.tie_word_embeddings).name
     return types
@@ -285,11 +285,13 @@ def written_as(weights: dict[str, torch.Tensor], types: dict[str, str], n_layers
     stored = kquant_tensors(gguf_file) if any(QType[t] in KQUANT_TYPES for t in types.values()) else {}
     expected = {}
     for hf_name, weight in weights.items():
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        name = gguf_name(names, hf_name)
         qtype = QType[types.get(name, types["token_embd.weight"])]  # a tied output layer is the embeddings
         data = weight.float().numpy()
         if qtype in KQUANT_TYPES:
             back = stored[name if name in stored or name != "output.weight" else "token_embd.weight"]
+            if hf_name.endswith("gate_up_proj"):  # the gate half, then the up half
+                back = np.concatenate([back, stored[name.replace("ffn_gate_exps", "ffn_up_exps")]], axis=-2)
             assert back.shape == data.shape, (hf_name, back.shape, data.shape)
             error = np.sqrt(np.mean((back - data) ** 2) / np.mean(data ** 2))
             assert error <= kquant_rounding_error_bound(data, qtype), (hf_name, qtype.name, error)
@@ -337,4 +339,16 @@ def kquant_rounding_error_bound(x: np.ndarray, qtype: QType, slack: float = 1.05
 
 
 def arch_of(model) -> gguf.MODEL_ARCH:
-    return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[model.config.model_type]
+    from chatft.export.gguf import ARCHITECTURES
+
+    return ARCHITECTURES[model.config.model_type][1]
+
+
+def gguf_name(names: gguf.TensorNameMap, hf_name: str) -> str:
+    """llama.cpp's name of a transformers weight; the fused experts' gate_up_proj by its gate half's (ffn_gate_exps:
+    its up half, ffn_up_exps, has the same shape and type, and Q8_0/Q5_0 quantize each row on its own)."""
+    if hf_name.endswith("mlp.experts.gate_up_proj"):
+        hf_name = hf_name.removesuffix("gate_up_proj") + "gate_proj"
+    if hf_name.endswith(("mlp.experts.gate_proj", "mlp.experts.down_proj")):
+        hf_name += ".weight"
+    return names.get_name(hf_name, try_suffixes=(".weight", ".bias"))

@@ -5,6 +5,7 @@ q4_k_m type mix; the real SmolLM2 against the GGUF file llama.cpp's converter wr
 exported file; the reply perplexity each quantized type costs. The file is written whole or not at all; each user
 mistake is one error line, before any model loads. llama.cpp itself runs the files in test_gguf_runtime.py."""
 
+import json
 import os
 import subprocess
 import sys
@@ -23,8 +24,9 @@ import export_gguf
 from chatft.data.chat_format import IM_END
 from chatft.export.gguf import tensor_type, use_more_bits
 from console_noise import library_noise
-from support import (ROOT, arch_of, assert_close_up_to_rounding, decoder_terms, make_non_chatml_model, probe_logits,
-                     run, unloadable_copy, written_as)
+from chatft.model.load import gguf_config
+from support import (ROOT, arch_of, assert_close_up_to_rounding, build_tiny_moe, decoder_terms, gguf_name,
+                     make_non_chatml_model, probe_logits, require_llama_cpp, run, unloadable_copy, written_as)
 
 # system, Chinese, digits, a think block (user-defined tokens) and the generation prompt
 CONVERSATION = [
@@ -58,7 +60,10 @@ def export(model_dir, output, *extra) -> int:
 
 
 def load_gguf(path: Path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    """The file through transformers' GGUF loader, with the config chatft reads (the head width and expert widths the
+    loader leaves at their defaults: chatft.model.load.gguf_config)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                             config=gguf_config(path))
 
 
 def load_source(model_dir):
@@ -216,6 +221,170 @@ def test_q4_k_m_type_choices_follow_llama_quantize():
     assert tensor_type("blk.0.ffn_down.weight", (32, 48), "bf16", n_layers=2, tied=False) == QType.BF16
 
 
+# Qwen3 and the MoE models (Qwen2-MoE, Qwen3-MoE): 2 layers, 4 experts of width 16, top 2 (qwen2_moe: a shared
+# expert of width 24), hidden 32. Their rows (32, 16, 24, 48 values) are no whole K-quant blocks: q4_k_m's mix for
+# experts is checked on Qwen3-30B-A3B's shapes below, its quantizers on 3-D tensors in test_kquants.py.
+
+NEW_ARCHITECTURES = ["qwen3", "qwen2_moe", "qwen3_moe"]
+
+
+@pytest.fixture(scope="module")
+def moe_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny qwen2_moe and qwen3_moe models; qwen3_moe's router renormalizes its top k (norm_topk_prob), as Qwen3-MoE
+    checkpoints do and llama.cpp always does."""
+    root = tmp_path_factory.mktemp("moe")
+    dirs = {model_type: build_tiny_moe(root, model_type) for model_type in ("qwen2_moe", "qwen3_moe")}
+    config = json.loads((dirs["qwen3_moe"] / "config.json").read_text())
+    (dirs["qwen3_moe"] / "config.json").write_text(json.dumps({**config, "norm_topk_prob": True}))
+    return dirs
+
+
+@pytest.fixture(scope="module", params=NEW_ARCHITECTURES)
+def new_arch(request, moe_dirs, tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """(the model's directory, {"f16": its f16 file, "q8_0": its q8_0 file})."""
+    model_dir = request.getfixturevalue("tiny_qwen3_arch_dir") if request.param == "qwen3" else moe_dirs[request.param]
+    root = tmp_path_factory.mktemp(f"gguf-{request.param}")
+    files = {gguf_type: root / f"{request.param}-{gguf_type}.gguf" for gguf_type in ("f16", "q8_0")}
+    for gguf_type, path in files.items():
+        assert export(model_dir, path, "--type", gguf_type) == 0
+    return model_dir, files
+
+
+def gguf_weights(model) -> dict[str, np.ndarray]:
+    """The model's weights as llama.cpp's converter names and shapes them (Qwen2MoeModel.modify_tensors): the fused
+    experts split into gate and up, [E, out, in] each; the shared expert's gate [1, H] as the vector llama.cpp reads."""
+    names = gguf.get_tensor_name_map(arch_of(model), model.config.num_hidden_layers)
+    weights = {}
+    for hf_name, weight in model.state_dict().items():
+        name, data = gguf_name(names, hf_name), weight.float().numpy()
+        if hf_name.endswith("gate_up_proj"):
+            weights[name], weights[name.replace("gate_exps", "up_exps")] = np.split(data, 2, axis=-2)
+        elif not (name == "output.weight" and model.config.tie_word_embeddings):
+            weights[name] = data.reshape(-1) if name.endswith("ffn_gate_inp_shexp.weight") else data
+    return weights
+
+
+def test_qwen3_and_moe_files_hold_llama_cpp_s_tensors_and_hyper_parameters(new_arch):
+    """Read back by the gguf package: every tensor under llama.cpp's name and shape, F32 for vectors and routers,
+    F16 or Q8_0 (F16 for rows that are no whole 32-value blocks) for matrices and the 3-D expert stacks, each exactly
+    the model's weight rounded to its type; the hyper-parameters llama.cpp's converter writes."""
+    model_dir, files = new_arch
+    source = load_source(model_dir)
+    config, expected = source.config, gguf_weights(source)
+    for gguf_type, path in files.items():
+        reader = gguf.GGUFReader(path)
+        tensors = {tensor.name: tensor for tensor in reader.tensors}
+        assert tensors.keys() == expected.keys()
+        for name, weight in expected.items():
+            tensor = tensors[name]
+            if weight.ndim == 1 or ".ffn_gate_inp." in name:
+                qtype = QType.F32
+            else:
+                qtype = QType.F16 if gguf_type == "f16" or weight.shape[-1] % 32 else QType.Q8_0
+            assert tensor.tensor_type == qtype, (gguf_type, name, tensor.tensor_type.name)
+            back = gguf.quants.dequantize(tensor.data, qtype).reshape(weight.shape)
+            assert np.array_equal(back, gguf.quants.dequantize(gguf.quants.quantize(weight, qtype), qtype)), name
+        arch = gguf_field(reader, "general.architecture")
+        assert arch == {"qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[config.model_type]
+        hyper = {"attention.key_length": config.head_dim, "attention.value_length": config.head_dim,
+                 "feed_forward_length": config.intermediate_size, "block_count": config.num_hidden_layers}
+        if config.model_type != "qwen3":
+            hyper.update({"expert_count": 4, "expert_used_count": 2, "expert_feed_forward_length": 16})
+        if config.model_type == "qwen2_moe":
+            hyper["expert_shared_feed_forward_length"] = 24
+        assert {key: gguf_field(reader, f"{arch}.{key}") for key in hyper} == hyper
+        assert ("blk.0.attn_q.bias" in tensors) == (config.model_type == "qwen2_moe")
+        assert ("blk.0.attn_q_norm.weight" in tensors) == (config.model_type != "qwen2_moe")
+
+
+LLAMA_CPP_LOGITS = """
+import sys, numpy as np, llama_cpp
+path, out, ids = sys.argv[1], sys.argv[2], [int(i) for i in sys.argv[3].split(",")]
+llama = llama_cpp.Llama(path, n_ctx=128, logits_all=True, verbose=False)
+llama.eval(ids)
+np.save(out, np.asarray(llama.scores[:len(ids)], dtype=np.float32))
+"""
+
+
+def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    """The logits llama.cpp computes for `ids`, in a child process (llama.cpp aborts the process on some CPUs with
+    quantized files: a crash is then this test's failure, not pytest's end)."""
+    out = path.with_suffix(".logits.npy")
+    result = subprocess.run([sys.executable, "-c", LLAMA_CPP_LOGITS, str(path), str(out), ",".join(map(str, ids))],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.load(out)
+
+
+def test_qwen3_and_moe_files_compute_the_model_s_logits_in_transformers_and_llama_cpp(new_arch):
+    """transformers' GGUF loader (with chatft's config: gguf_config) reads back the model's weights (f16: matrices
+    rounded to float16, vectors and routers exact) and logits (q8_0 within its rounding); llama.cpp's qwen3/qwen2moe/
+    qwen3moe graphs on the file's weights compute the logits transformers computes from them (a wrong expert split,
+    router, shared expert gate or head width shows as a large error): f16 within float16's rounding of the
+    activations, q8_0 within its 8-bit activations' (test_gguf_runtime.py's bounds). Not the greedy tokens: a random
+    model's top logits over 150k tokens lie within that rounding of each other."""
+    model_dir, files = new_arch
+    source = load_source(model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    before = probe_logits(source, tokenizer)
+    loaded = {gguf_type: load_gguf(path) for gguf_type, path in files.items()}
+    assert loaded["f16"].config.head_dim == source.config.head_dim
+    if hasattr(source.config, "num_experts"):
+        assert loaded["f16"].config.moe_intermediate_size == source.config.moe_intermediate_size
+        assert loaded["f16"].config.norm_topk_prob == source.config.norm_topk_prob
+    expected = {name: w.half().float() if w.dim() > 1 and ".gate." not in name and "expert_gate" not in name else w
+                for name, w in source.state_dict().items()}
+    assert_same_weights(loaded["f16"].state_dict(), expected)
+    assert_close_up_to_rounding(probe_logits(loaded["f16"], tokenizer), before, terms=decoder_terms(source.config),
+                                dtype=torch.float16)
+    after = probe_logits(loaded["q8_0"], tokenizer)
+    relative_error = float((after - before).norm() / before.norm())
+    assert relative_error < 0.03, relative_error  # as the Llama's q8_0 above
+
+    require_llama_cpp()
+    ids = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True)["input_ids"]
+    for gguf_type, bound in (("f16", 0.002), ("q8_0", 0.03)):
+        with torch.no_grad():
+            expected_logits = loaded[gguf_type](torch.tensor([ids])).logits[0].numpy()
+        actual = llama_cpp_logits(files[gguf_type], ids)
+        relative_error = np.linalg.norm(actual - expected_logits) / np.linalg.norm(expected_logits)
+        assert relative_error < bound, (gguf_type, relative_error)
+
+
+def test_q4_k_m_mix_of_moe_models_follows_llama_quantize(moe_dirs, tmp_path):
+    """llama_tensor_get_type for experts (src/llama-quant.cpp, Q4_K_M, no importance matrix): every tensor named
+    ffn_down* (ffn_down_exps, ffn_down_shexp) takes Q6_K in use_more_bits' layers, its layer read from its name; the
+    experts' gate and up Q4_K; the routers (ffn_gate_inp, ffn_gate_inp_shexp) stay F32. On Qwen3-30B-A3B's shapes
+    (48 layers, hidden 2048, 128 experts of width 768) and Qwen1.5-MoE's shared expert (width 5632)."""
+    shapes = {
+        ("blk.0.ffn_down_exps.weight", (128, 2048, 768)): QType.Q6_K,
+        ("blk.7.ffn_down_exps.weight", (128, 2048, 768)): QType.Q4_K,
+        ("blk.8.ffn_down_exps.weight", (128, 2048, 768)): QType.Q6_K,  # (8 - 48 // 8) % 3 == 2
+        ("blk.47.ffn_down_exps.weight", (128, 2048, 768)): QType.Q6_K,
+        ("blk.0.ffn_gate_exps.weight", (128, 768, 2048)): QType.Q4_K,
+        ("blk.0.ffn_up_exps.weight", (128, 768, 2048)): QType.Q4_K,
+        ("blk.0.ffn_gate_inp.weight", (128, 2048)): QType.F32,
+        ("blk.0.ffn_down_shexp.weight", (2048, 5632)): QType.Q6_K,
+        ("blk.7.ffn_down_shexp.weight", (2048, 5632)): QType.Q4_K,
+        ("blk.3.ffn_gate_shexp.weight", (5632, 2048)): QType.Q4_K,
+        ("blk.3.ffn_gate_inp_shexp.weight", (2048,)): QType.F32,
+        ("blk.3.attn_q_norm.weight", (128,)): QType.F32,
+    }
+    for (name, shape), expected in shapes.items():
+        assert tensor_type(name, shape, "q4_k_m", n_layers=48, tied=False) == expected, name
+    assert tensor_type("blk.0.ffn_gate_inp.weight", (128, 2048), "q8_0", n_layers=48, tied=False) == QType.F32
+    # the tiny Qwen2-MoE: rows of 32 values Q5_0, of 16 and 24 F16; its output layer (rows of 32) Q8_0
+    assert export(moe_dirs["qwen2_moe"], tmp_path / "moe.gguf", "--type", "q4_k_m") == 0
+    types = gguf_types(tmp_path / "moe.gguf")
+    assert {name.removeprefix("blk.1."): qtype for name, qtype in types.items() if name.startswith("blk.1.")} == {
+        "attn_q.weight": "Q5_0", "attn_k.weight": "Q5_0", "attn_v.weight": "Q8_0", "attn_output.weight": "Q5_0",
+        "attn_q.bias": "F32", "attn_k.bias": "F32", "attn_v.bias": "F32", "ffn_gate_inp.weight": "F32",
+        "ffn_gate_exps.weight": "Q5_0", "ffn_up_exps.weight": "Q5_0", "ffn_down_exps.weight": "F16",
+        "ffn_gate_shexp.weight": "Q5_0", "ffn_up_shexp.weight": "Q5_0", "ffn_down_shexp.weight": "F16",
+        "ffn_gate_inp_shexp.weight": "F32", "attn_norm.weight": "F32", "ffn_norm.weight": "F32"}
+    assert types["output.weight"] == "Q8_0"
+
+
 # adapters, GGUF input, the round trip through finetune.py
 
 
@@ -250,12 +419,14 @@ def test_a_gguf_file_is_written_again_in_another_type(tiny_llama_256_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_finetune_trains_from_an_exported_file_and_its_result_exports_again(tiny_llama_256_dir, data_file, tmp_path,
+@pytest.mark.parametrize("model", ["tiny_llama_256_dir", "tiny_qwen3_arch_dir"], ids=["llama", "qwen3"])
+def test_finetune_trains_from_an_exported_file_and_its_result_exports_again(model, request, data_file, tmp_path,
                                                                               monkeypatch):
     """GGUF in and GGUF out are one format: finetune.py reads what export_gguf.py writes (a Llama: its q/k permuted
-    on the way out and back in)."""
+    on the way out and back in; a Qwen3: its head width, which transformers' GGUF loader does not read itself)."""
+    model_dir = request.getfixturevalue(model)
     monkeypatch.setenv("CHATFT_CACHE", str(tmp_path / "cache"))
-    assert export(tiny_llama_256_dir, tmp_path / "model.gguf") == 0
+    assert export(model_dir, tmp_path / "model.gguf") == 0
     trainer = run(tmp_path / "model.gguf", data_file, tmp_path / "trained", "--max_steps", "2")
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(np.isfinite(losses))
@@ -327,13 +498,31 @@ def test_smollm2_reply_perplexity_of_each_type_against_f16(smollm2_dir, smollm2_
 # what is refused, and what is left on disk
 
 
-def test_unsupported_architecture_is_one_error_line_before_loading(tiny_qwen3_arch_dir, tmp_path, capsys):
-    model = unloadable_copy(tiny_qwen3_arch_dir, tmp_path)
+def test_unsupported_architecture_is_one_error_line_before_loading(tiny_qwen2_arch_dir, tmp_path, capsys):
+    model = unloadable_copy(tiny_qwen2_arch_dir, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    (model / "config.json").write_text(json.dumps(config))
     assert export(model, tmp_path / "out.gguf") == 2
     error = capsys.readouterr().err
-    assert error.count("error:") == 1 and "a Qwen3ForCausalLM model" in error
-    assert "LlamaForCausalLM (model_type llama), Qwen2ForCausalLM (model_type qwen2)" in error
+    assert error.count("error:") == 1 and "a MistralForCausalLM model" in error
+    assert ("LlamaForCausalLM (model_type llama), Qwen2ForCausalLM (model_type qwen2), Qwen3ForCausalLM (model_type "
+            "qwen3), Qwen2MoeForCausalLM (model_type qwen2_moe), Qwen3MoeForCausalLM (model_type qwen3_moe)") in error
     assert sorted(os.listdir(tmp_path)) == [model.name]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"norm_topk_prob": False}, "does not renormalize the chosen experts' weights (norm_topk_prob False)"),
+    ({"mlp_only_layers": [1]}, "some of its layers are dense (mlp_only_layers [1]"),
+], ids=["router", "dense-layers"])
+def test_a_moe_model_llama_cpp_would_run_otherwise_is_one_error_line(moe_dirs, tmp_path, capsys, change, message):
+    model = unloadable_copy(moe_dirs["qwen3_moe"], tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config.update(change)
+    (model / "config.json").write_text(json.dumps(config))
+    assert export(model, tmp_path / "out.gguf") == 2
+    error = capsys.readouterr().err
+    assert error.count("error:") == 1 and message in error, error
 
 
 def test_existing_output_is_refused_and_left_untouched(tiny_qwen2_arch_dir, tmp_path, capsys):

@@ -283,3 +283,14 @@ def assert_matches_reference(library: ctypes.CDLL, qtype: GGMLQuantizationType) 
 @pytest.mark.parametrize("qtype", KQUANTS, ids=lambda t: t.name)
 def test_bytes_match_llama_cpp_reference_quantizer(qtype):
     assert_matches_reference(llama_cpp_reference_library(), qtype)
+
+
+@pytest.mark.parametrize("qtype", [GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K])
+def test_a_stack_of_experts_quantizes_as_each_expert_s_matrix(qtype):
+    """A MoE model's [experts, out, in] tensor (export_gguf.py's ffn_*_exps) is quantized row by row over its last
+    axis: the bytes of each expert's matrix, stacked, as llama-quantize writes the 3-D tensor."""
+    experts = np.random.default_rng(3).standard_normal((3, 4, 512)).astype(np.float32)
+    stacked = kquants.quantize(experts, qtype)
+    assert stacked.shape == (3, 4, 2 * GGML_QUANT_SIZES[qtype][1])
+    assert np.array_equal(stacked, np.stack([kquants.quantize(matrix, qtype) for matrix in experts]))
+    assert gguf.quants.dequantize(stacked, qtype).shape == experts.shape

@@ -5,15 +5,16 @@
 
 The file holds what llama.cpp's convert_hf_to_gguf.py and llama-quantize would write (their layout; this code):
 - the weights under llama.cpp's tensor names (gguf.TensorNameMap). Llama's q/k projections are permuted into
-  llama.cpp's rotary layout (it rotates adjacent pairs of a head's dimensions, transformers its two halves); Qwen2's
+  llama.cpp's rotary layout (it rotates adjacent pairs of a head's dimensions, transformers its two halves); Qwen's
   are not (llama.cpp rotates halves there too). The output layer is left out when it is tied to the embeddings:
-  llama.cpp then uses those;
+  llama.cpp then uses those. A MoE model's experts are 3-D tensors, one matrix per expert (hf_tensors);
 - the hyper-parameters llama.cpp reads for the architecture;
 - the tokenizer: the byte-level BPE ("gpt2") tokens, their types, the merges, the pre-tokenizer's llama.cpp name, the
   special ids with EOS = <|im_end|> (the chat stop token), and the chat template the run trained with, so llama.cpp's
   chat mode builds the very prompts training saw.
 Types (--type): f16, bf16 and q8_0 store every matrix in that type; q4_k_m is llama.cpp's mix (Q4_K, Q6_K for the output
-layer and for attn_v and ffn_down in the layers llama.cpp deems sensitive); norms and biases stay F32 in every type.
+layer and for attn_v and ffn_down in the layers llama.cpp deems sensitive); norms, biases and MoE routers stay F32
+in every type.
 Nothing is written under --output_file until the whole file is: it is written beside it under a temporary name, then renamed.
 """
 
@@ -68,7 +69,13 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", gguf.MODEL_ARCH.LLAMA),
     "qwen2": ("Qwen2ForCausalLM", gguf.MODEL_ARCH.QWEN2),
+    "qwen3": ("Qwen3ForCausalLM", gguf.MODEL_ARCH.QWEN3),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", gguf.MODEL_ARCH.QWEN2MOE),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", gguf.MODEL_ARCH.QWEN3MOE),
 }
+# Whether llama.cpp renormalizes the chosen experts' router weights to sum to 1: fixed per architecture in its graph
+# (src/models/qwen2moe.cpp, qwen3moe.cpp), not read from the file, so a model must route as llama.cpp will.
+MOE_NORM_TOPK_PROB = {"qwen2_moe": False, "qwen3_moe": True}
 # The architectures llama.cpp runs with "normal" rotary embeddings (adjacent pairs), whose q/k rows are permuted.
 PAIRED_ROTARY = {gguf.MODEL_ARCH.LLAMA}
 
@@ -156,12 +163,29 @@ def gguf_architecture(config, model_path: str) -> gguf.MODEL_ARCH:
         shown = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
         supported = ", ".join(f"{name} (model_type {model_type})" for model_type, (name, _) in ARCHITECTURES.items())
         raise ModelPathError(f"--model_name_or_path {model_path}: a {shown} model; export_gguf.py writes {supported} models "
-                             "(e.g. SmolLM2, Llama; Qwen2, Qwen2.5).")
+                             "(e.g. SmolLM2, Llama; Qwen2, Qwen2.5; Qwen3; Qwen1.5-MoE, Qwen3-30B-A3B).")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ModelPathError(f"--model_name_or_path {model_path}: its RoPE scaling ({rope['rope_type']!r}) is not written by "
                              "export_gguf.py yet, and llama.cpp would run the model without it.")
+    if config.model_type in MOE_NORM_TOPK_PROB:
+        check_moe_layout(config, model_path)
     return ARCHITECTURES[config.model_type][1]
+
+
+def check_moe_layout(config, model_path: str) -> None:
+    """llama.cpp runs every layer of a Qwen MoE model through its experts, weighting them as its graph fixes."""
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        raise ModelPathError(f"--model_name_or_path {model_path}: some of its layers are dense (mlp_only_layers "
+                             f"{config.mlp_only_layers}, decoder_sparse_step {config.decoder_sparse_step}); "
+                             f"llama.cpp's {config.model_type} runs experts in every layer, so export_gguf.py cannot "
+                             "write it.")
+    expected = MOE_NORM_TOPK_PROB[config.model_type]
+    if bool(getattr(config, "norm_topk_prob", False)) != expected:
+        does = "does not renormalize" if expected else "renormalizes"
+        raise ModelPathError(f"--model_name_or_path {model_path}: its router {does} the chosen experts' weights "
+                             f"(norm_topk_prob {config.norm_topk_prob}); llama.cpp's {config.model_type} always "
+                             f"{'does' if expected else 'does not'}, so its replies would differ from the model's.")
 
 
 def check_tokenizer(tokenizer, model_path: str) -> str:
@@ -196,7 +220,8 @@ def load_model(model_path: str, base_path: str | None):
 
 
 def add_model_metadata(writer: gguf.GGUFWriter, config, name: str, rows: int, file_type: gguf.LlamaFileType) -> None:
-    """general.* and the hyper-parameters llama.cpp reads for a Llama or Qwen2 model."""
+    """general.* and the hyper-parameters llama.cpp reads for the model (convert_hf_to_gguf.py's TextModel, and for a
+    MoE model Qwen2MoeModel's: the experts' count, how many route each token, their and the shared expert's width)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
@@ -214,6 +239,12 @@ def add_model_metadata(writer: gguf.GGUFWriter, config, name: str, rows: int, fi
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(rows)
+    if hasattr(config, "num_experts"):
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if getattr(config, "shared_expert_intermediate_size", None) is not None:
+            writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
 
 
 def add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, rows: int, config, pre_tokenizer: str) -> None:
@@ -302,7 +333,7 @@ def planned_tensors(model, arch: gguf.MODEL_ARCH, gguf_type: str) -> list[Planne
     names = gguf.get_tensor_name_map(arch, n_layers)
     tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     planned = []
-    for hf_name, weight in model.state_dict().items():
+    for hf_name, weight in hf_tensors(model):
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ModelPathError(f"the model's tensor {hf_name} has no place in llama.cpp's {arch.name.lower()} "
@@ -319,10 +350,38 @@ def planned_tensors(model, arch: gguf.MODEL_ARCH, gguf_type: str) -> list[Planne
     return planned
 
 
+def hf_tensors(model):
+    """(name, tensor) of the model's weights as llama.cpp's converter sees them: transformers' fused experts
+    (mlp.experts.gate_up_proj [E, 2I, H], gate rows then up rows; mlp.experts.down_proj [E, H, I]) become the 3-D
+    ...experts.gate_proj/up_proj/down_proj.weight that TensorNameMap names ffn_{gate,up,down}_exps (Qwen2MoeModel's
+    modify_tensors); ggml reads a torch [E, out, in] tensor as E matrices of rows of `in` values. Qwen2-MoE's shared
+    expert gate is written as a vector."""
+    for hf_name, weight in model.state_dict().items():
+        if hf_name.endswith("mlp.experts.gate_up_proj"):
+            width = weight.shape[-2] // 2
+            base = hf_name.removesuffix("gate_up_proj")
+            yield f"{base}gate_proj.weight", weight[..., :width, :]
+            yield f"{base}up_proj.weight", weight[..., width:, :]
+        elif hf_name.endswith("mlp.experts.down_proj"):
+            yield f"{hf_name}.weight", weight
+        elif hf_name.endswith("mlp.shared_expert_gate.weight"):
+            # [1, H] as the vector llama.cpp creates it ({n_embd}: the same ggml shape) and transformers' GGUF loader
+            # reads (it adds the leading 1 back; given [1, H] it would make [1, 1, H])
+            yield hf_name, weight.reshape(-1)
+        else:
+            yield hf_name, weight
+
+
+# Tensors llama.cpp keeps in F32 in every type (the converter's and llama-quantize's lists): the routers, whose
+# small errors would change which experts a token goes to, and the shared expert's gate (one row).
+FLOAT32_MATRICES = (".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight")
+
+
 def tensor_type(name: str, shape: tuple[int, ...], gguf_type: str, n_layers: int, tied: bool) -> QType:
-    """The type a tensor is written in: F32 for vectors (norms, biases); a matrix in the file's type (q4_k_m: the mix),
-    or what llama.cpp stores instead when its rows do not hold whole blocks of that type (fitting_type)."""
-    if len(shape) < 2:
+    """The type a tensor is written in: F32 for vectors (norms, biases) and routers; a matrix (or a 3-D stack of
+    experts' matrices) in the file's type (q4_k_m: the mix), or what llama.cpp stores instead when its rows do not hold
+    whole blocks of that type (fitting_type)."""
+    if len(shape) < 2 or name.endswith(FLOAT32_MATRICES):
         return QType.F32
     row = shape[-1]
     if gguf_type == "q4_k_m":
@@ -332,12 +391,15 @@ def tensor_type(name: str, shape: tuple[int, ...], gguf_type: str, n_layers: int
 
 def q4_k_m_type(name: str, row: int, n_layers: int, tied: bool) -> QType:
     """llama.cpp's type for a matrix of a Q4_K_M file (llama_tensor_get_type in src/llama-quant.cpp, without an
-    importance matrix, for a model without experts): Q6_K for the output layer (the embeddings when they are tied to
-    it), or Q8_0 when its rows are not whole Q6_K blocks; Q6_K for attn_v and ffn_down in use_more_bits' layers;
-    Q4_K for every other matrix."""
+    importance matrix): Q6_K for the output layer (the embeddings when they are tied to it), or Q8_0 when its rows are
+    not whole Q6_K blocks; Q6_K for attn_v and every ffn_down (dense, the experts' ffn_down_exps, the shared expert's
+    ffn_down_shexp) in use_more_bits' layers; Q4_K for every other matrix, the experts' gate and up included.
+    Not followed: llama-quantize's rules for a model of exactly 8 experts (Mixtral's: attn_k and attn_v Q8_0,
+    attn_output Q5_K); Qwen's MoE models have 60 to 128."""
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         return QType.Q6_K if row % QK_K == 0 else QType.Q8_0
-    if name.endswith(("attn_v.weight", "ffn_down.weight")) and use_more_bits(int(name.split(".")[1]), n_layers):
+    more_bits = ("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight", "ffn_down_shexp.weight")
+    if name.endswith(more_bits) and use_more_bits(int(name.split(".")[1]), n_layers):
         return QType.Q6_K
     return QType.Q4_K
 

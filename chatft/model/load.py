@@ -51,7 +51,7 @@ def gguf_to_hf_dir(gguf_path: str | os.PathLike) -> Path:
     with console.library_output_hidden():
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, config=gguf_config(gguf_path)
         )
     # The tensors are already de-quantised to float; drop the GGUF marker so the model saves as plain weights.
     model.hf_quantizer.remove_quantization_config(model)
@@ -132,9 +132,35 @@ def load_tokenizer(model_path: str, model_max_length: int, system_message: str, 
 def model_config(model_path: str, trust_remote_code: bool = False, cache_dir: str | None = None):
     """The model's config, from a model directory, a cached hub id or a .gguf file (its metadata only)."""
     if model_path.endswith(".gguf"):
-        path = Path(model_path).expanduser().resolve()
-        return transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        return gguf_config(Path(model_path).expanduser().resolve())
     return transformers.AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+
+
+# Hyper-parameters transformers' GGUF loader leaves at its config's defaults (integrations/ggml.py maps none of them for
+# these architectures): a head width other than hidden/heads (every Qwen3), the experts' widths. GGUF key suffix ->
+# config attribute, by model type; the file is read again only for these (its header: seconds for 150k tokens).
+GGUF_KEYS_UNREAD = {
+    "qwen3": {"attention.key_length": "head_dim"},
+    "qwen3_moe": {"attention.key_length": "head_dim", "expert_feed_forward_length": "moe_intermediate_size"},
+    "qwen2_moe": {"attention.key_length": "head_dim", "expert_feed_forward_length": "moe_intermediate_size",
+                 "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
+}
+
+
+def gguf_config(path: Path):
+    """A GGUF file's config as transformers reads it, completed with what it leaves out (GGUF_KEYS_UNREAD)."""
+    import gguf
+
+    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if config.model_type not in GGUF_KEYS_UNREAD:
+        return config
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    for suffix, attribute in GGUF_KEYS_UNREAD[config.model_type].items():
+        field = reader.fields.get(f"{arch}.{suffix}")
+        if field is not None:
+            setattr(config, attribute, field.contents())
+    return config
 
 
 QLORA_PACKAGES = {"gptq": ("gptqmodel", "optimum"), None: ("bitsandbytes",)}
