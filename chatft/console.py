@@ -41,6 +41,9 @@ HARMLESS_LOG_RECORDS = [
      "no CUDA device: the CPU is the device the run asked for (DeepSpeed logs it on stdout at import)"),
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward",
      "an optional fused CPU kernel that bitsandbytes fetches from a hub at run time; it falls back to its own"),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check",
+     "bitsandbytes asking the kernels package for that optional hub kernel while the hub is offline: nothing is "
+     "fetched, bitsandbytes uses its own"),
     ("torch.utils._pytree", "",
      "torchao (imported by transformers' quantizer registry) registers enums the old way; torch.compile only"),
     ("torch.utils.cpp_extension", "No CUDA runtime is found",
