@@ -1,0 +1,253 @@
+"""Preference data -> `PreferencePair`s and `KTOSample`s -> tokens with exact reply masks.
+
+The shapes people publish, detected per record:
+
+    trl            TRL's: {"prompt"?, "chosen", "rejected"}, each a string or a list of OpenAI messages. Without a
+                   prompt, `chosen` and `rejected` are whole conversations and the prompt is the messages they share
+                   (the implicit prompt); they must then differ in their last message only.
+    conversations  LLaMA-Factory's and the seed's: {"conversations" | "messages": [...turns...], "chosen": turn,
+                   "rejected": turn, "system"?, "tools"?}, a turn in the record's own turn shape.
+    kto            unpaired completions: TRL's {"prompt", "completion", "label": bool} or LLaMA-Factory's
+                   {"conversations" | "messages": [..., reply], "kto_tag": bool}.
+
+Each side is read by chatft.data.formats' reader for its turn shape, as the same record with the reply appended: a
+preference pair's prompt is therefore exactly the conversation SFT would render (system message, tools, reasoning
+traces), and its replies are checked by the same rules. The prompt is everything before the last turn, which must be
+an assistant reply (text and/or tool calls, with its reasoning); only that reply is labelled.
+
+`tokenize_pairs` renders prompt + reply through chatft.data.chat_format's one renderer per side and returns, per
+pair, the prompt's tokens once and each reply's tokens (the reply's text and its `<|im_end|>`, labelled exactly as
+SFT labels them). The two sides' token sequences are checked to share the prompt's tokens: a tokenizer that merged a
+token across the prompt/reply boundary would be caught there, not trained wrongly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from chatft.data.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, Conversation, Turn,
+                                     tokenize_conversations)
+from chatft.data.formats import detect_format, read_record, where
+
+PREFERENCE_KEYS = ("chosen", "rejected")
+KTO_LABEL_KEYS = ("label", "kto_tag")
+NOT_A_REPLY = ("human", "user", "system", "observation", "tool")  # roles a reply's last turn cannot have
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: Conversation  # the turns before the reply (the last is the user's or a tool's), tools, id
+    chosen: Turn  # the preferred assistant reply
+    rejected: Turn  # the dispreferred one
+
+
+@dataclass(frozen=True)
+class KTOSample:
+    prompt: Conversation
+    completion: Turn
+    desirable: bool
+
+
+@dataclass
+class TokenizedPair:
+    """A pair's tokens: the prompt once, then each reply; `*_labels` align with `*_ids` (IGNORE_INDEX where a reply
+    token is not trained: none today, the field keeps SFT's masks honest should a reply hold untrained parts)."""
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    chosen_labels: list[int]
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+    origin: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+def is_preference_record(record) -> bool:
+    return isinstance(record, dict) and any(key in record for key in PREFERENCE_KEYS)
+
+
+def is_kto_record(record) -> bool:
+    return isinstance(record, dict) and any(key in record for key in KTO_LABEL_KEYS)
+
+
+def _rename(problems: list[str], old: str, new: str) -> list[str]:
+    return [problem.replace(old, new) for problem in problems]
+
+
+def _as_messages(value, role: str = "assistant"):
+    """A side given as a string is one message of `role`; a list is kept as given."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def _read_side(record: dict, turns_key: str, prompt_turns: list, reply, side: str, index: int, path: str):
+    """(the conversation prompt + reply as SFT reads it, problems) for one side of a record whose turns live under
+    `turns_key`; problems name the side (`'chosen'`) rather than the index the reply was appended at."""
+    at = where(path, index, record)
+    if not isinstance(reply, (dict, list)) or (isinstance(reply, list) and not reply):
+        return None, [f"{at}: {side!r} must be a turn object or a non-empty list of turns, found "
+                      f"{type(reply).__name__ if not isinstance(reply, list) else 'an empty list'}"]
+    replies = reply if isinstance(reply, list) else [reply]
+    last = replies[-1]
+    role = last.get("from", last.get("role")) if isinstance(last, dict) else None
+    if role in NOT_A_REPLY:
+        return None, [f"{at}: {side!r} must end with an assistant reply, found a {role!r} turn"]
+    sft_record = {key: value for key, value in record.items()
+                  if key not in PREFERENCE_KEYS + KTO_LABEL_KEYS + ("prompt", "completion")}
+    sft_record[turns_key] = list(prompt_turns) + replies
+    data_format = detect_format(sft_record) or "conversations"
+    conversation, problems = read_record(sft_record, data_format, index, path)
+    n = len(prompt_turns)
+    for j in range(len(replies)):
+        problems = _rename(problems, f"{turns_key}[{n + j}]", f"{side!r}" + (f"[{j}]" if len(replies) > 1 else ""))
+    return conversation, problems
+
+
+def _split_reply(conversation: Conversation, side: str, at: str) -> tuple[Conversation | None, Turn | None, list[str]]:
+    """(prompt, reply) of a conversation whose last turn is the reply."""
+    turns = conversation.turns
+    if len(turns) < 2 or turns[-1].role != "assistant":
+        return None, None, [f"{at}: {side!r} must end with an assistant reply"]
+    return replace(conversation, turns=turns[:-1], trained=None), turns[-1], []
+
+
+def _sides_of_trl(record: dict, index: int, path: str):
+    """The two conversations (prompt + chosen, prompt + rejected) of a record in TRL's shape, and problems."""
+    at = where(path, index, record)
+    prompt, chosen, rejected = record.get("prompt"), record["chosen"], record["rejected"]
+    kinds = {type(v).__name__ for v in (prompt, chosen, rejected) if v is not None}
+    if not kinds <= {"str", "list"}:
+        return None, [f"{at}: 'prompt', 'chosen' and 'rejected' must be strings or lists of messages"]
+    if prompt is None:
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            return None, [f"{at}: no 'prompt': 'chosen' and 'rejected' must then be whole conversations (lists of "
+                          "messages) sharing the prompt; add a 'prompt'"]
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == len(chosen) == len(rejected):
+            return None, [f"{at}: 'chosen' and 'rejected' are identical"]
+        if shared < len(chosen) - 1 or shared < len(rejected) - 1 or shared == 0:
+            return None, [f"{at}: the prompts of 'chosen' and 'rejected' differ (they share {shared} message(s) and "
+                          "must differ in their last message, the reply, only)"]
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    elif isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    record = {"messages": prompt, **{k: v for k, v in record.items() if k in ("id", "tools")}}
+    sides, problems = [], []
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        conversation, side_problems = _read_side(record, "messages", prompt, _as_messages(reply), name, index, path)
+        sides.append(conversation)
+        problems += side_problems
+    return sides, problems
+
+
+def _turns_key(record: dict) -> str | None:
+    for key in ("conversations", "messages"):
+        if isinstance(record.get(key), list):
+            return key
+    return None
+
+
+def read_preference_record(record, index: int, path: str) -> tuple[PreferencePair | None, list[str]]:
+    """(the pair, or None; the problems, each naming file, sample and field) for one preference record."""
+    at = where(path, index, record)
+    if not isinstance(record, dict):
+        return None, [f"{at}: expected an object with 'chosen' and 'rejected', found a {type(record).__name__}"]
+    missing = [key for key in PREFERENCE_KEYS if key not in record]
+    if missing:
+        return None, [f"{at}: missing {' and '.join(repr(k) for k in missing)} (a preference pair needs both)"]
+    turns_key = _turns_key(record)
+    if turns_key is None:
+        sides, problems = _sides_of_trl(record, index, path)
+    else:
+        sides, problems = [], []
+        for name in PREFERENCE_KEYS:
+            conversation, side_problems = _read_side(record, turns_key, record[turns_key], record[name], name, index,
+                                                     path)
+            sides.append(conversation)
+            problems += side_problems
+    if problems:
+        return None, problems
+    (prompt, chosen, problems_c), (prompt_r, rejected, problems_r) = (
+        _split_reply(side, name, at) for side, name in zip(sides, PREFERENCE_KEYS))
+    problems = problems_c + problems_r
+    if problems:
+        return None, problems
+    if prompt.turns != prompt_r.turns:  # a reply of several turns joined into the prompt differently
+        return None, [f"{at}: the prompts of 'chosen' and 'rejected' differ"]
+    if chosen == rejected:
+        return None, [f"{at}: 'chosen' and 'rejected' are identical: nothing to prefer"]
+    return PreferencePair(prompt, chosen, rejected), []
+
+
+def read_kto_record(record, index: int, path: str) -> tuple[KTOSample | None, list[str]]:
+    """(the sample, or None; the problems) for one unpaired KTO record."""
+    at = where(path, index, record)
+    if not isinstance(record, dict):
+        return None, [f"{at}: expected an object with a completion and its label, found a {type(record).__name__}"]
+    label_key = next((key for key in KTO_LABEL_KEYS if key in record), None)
+    if label_key is None:
+        return None, [f"{at}: missing 'label' (true: a desirable completion, false: an undesirable one)"]
+    label = record[label_key]
+    if not isinstance(label, bool):
+        return None, [f"{at}: {label_key!r} must be true or false, found {label!r}"]
+    turns_key = _turns_key(record)
+    if turns_key is not None:  # LLaMA-Factory's: the conversation ends with the completion
+        turns = record[turns_key]
+        if len(turns) < 2:
+            return None, [f"{at}: {turns_key!r} must hold the prompt and then the completion"]
+        conversation, problems = _read_side(record, turns_key, turns[:-1], turns[-1], "completion", index, path)
+    else:
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if prompt is None or completion is None:
+            return None, [f"{at}: missing {'prompt' if prompt is None else 'completion'!r}"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        base = {"messages": prompt, **{k: v for k, v in record.items() if k in ("id", "tools")}}
+        conversation, problems = _read_side(base, "messages", prompt, _as_messages(completion), "completion", index,
+                                            path)
+    if problems:
+        return None, problems
+    prompt, completion, problems = _split_reply(conversation, "completion", at)
+    if problems:
+        return None, problems
+    return KTOSample(prompt, completion, label), []
+
+
+def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_len: int,
+                   system_message: str = DEFAULT_SYSTEM_MESSAGE, chat_format: str = "chatml") -> list[TokenizedPair]:
+    """Each pair's prompt tokens (once) and reply tokens, rendered and labelled as SFT renders and labels a
+    conversation whose last reply is trained. A side longer than `max_len` keeps its first `max_len` tokens (the
+    reply's end is cut); a pair whose prompt leaves no reply token on a side is kept with an empty reply there and
+    dropped by `keep_trainable_pairs`."""
+    conversations = []
+    for pair in pairs:
+        for reply in (pair.chosen, pair.rejected):
+            turns = pair.prompt.turns + (reply,)
+            conversations.append(replace(pair.prompt, turns=turns, trained=(len(turns) - 1,)))
+    samples = tokenize_conversations(conversations, tokenizer, max_len, system_message, chat_format)
+    tokenized = []
+    for k in range(len(pairs)):
+        chosen, rejected = samples[2 * k], samples[2 * k + 1]
+        prompt_length = min(_first_label(chosen.labels), _first_label(rejected.labels))
+        if chosen.input_ids[:prompt_length] != rejected.input_ids[:prompt_length]:
+            raise ValueError(f"pair {k}: the tokenizer gives the prompt different tokens before each reply")
+        tokenized.append(TokenizedPair(
+            chosen.input_ids[:prompt_length], chosen.input_ids[prompt_length:], chosen.labels[prompt_length:],
+            rejected.input_ids[prompt_length:], rejected.labels[prompt_length:], origin=k))
+    return tokenized
+
+
+def _first_label(labels: list[int]) -> int:
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+
+
+def keep_trainable_pairs(pairs: list[TokenizedPair]) -> tuple[list[TokenizedPair], list[int]]:
+    """(the pairs with a labelled reply token on both sides, the origins of those dropped)."""
+    kept, dropped = [], []
+    for pair in pairs:
+        trainable = (any(label != IGNORE_INDEX for label in pair.chosen_labels)
+                     and any(label != IGNORE_INDEX for label in pair.rejected_labels))
+        (kept if trainable else dropped).append(pair if trainable else pair.origin)
+    return kept, dropped
