@@ -301,6 +301,10 @@ def test_zero3_lora_two_processes_equal_one(moe_data, tmp_path):
         assert log.count("LoRA on k_proj, o_proj, q_proj, v_proj, mlp.experts.down_proj, mlp.experts.gate_up_proj") \
             == processes, log[-3000:]
         assert log.count("expert load") == 1, log[-3000:]
+    # the same micro-batches routed: the expert load is summed over both processes, not rank 0's half
+    load_one, load_two = ([line for line in (r.stdout + r.stderr).splitlines() if "expert load" in line][0]
+                          for r in logs)
+    assert load_one.split("expert load", 1)[1] == load_two.split("expert load", 1)[1]
     curve_one, curve_two = losses(one), losses(two)
     assert len(curve_one) == len(curve_two) == 3
     terms = decoder_terms(transformers.AutoConfig.from_pretrained(moe_dir), loss=True)

@@ -4,7 +4,8 @@ so that a collapsed router (a few experts taking most tokens) shows at the end o
 Counted with public forward hooks: every fused experts module of transformers 5 (`experts`, called as
 experts(hidden_states, top_k_index, top_k_weights)) receives the router's choices, and the model's own forward its
 attention_mask, so padding is left out. Training forwards only (evaluation is not counted); a forward recomputed by
-activation checkpointing counts twice, in every layer alike, so the shares are unchanged.
+activation checkpointing counts twice, in every layer alike, so the shares are unchanged. In a multi-process run the
+counts are summed over all processes at the end, so the summary describes the whole run, not rank 0's share of it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def shape(parameter) -> tuple[int, ...]:
 
 
 class ExpertLoad(transformers.TrainerCallback):
-    """Tokens per expert, per MoE layer, over the real tokens of the training forwards (this process's)."""
+    """Tokens per expert, per MoE layer, over the real tokens of the training forwards (of all processes)."""
 
     def __init__(self, model):
         self.counts: list[torch.Tensor] = []
@@ -66,6 +67,12 @@ class ExpertLoad(transformers.TrainerCallback):
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # every process ends training, so every process joins; on the Trainer's device, which its backend reduces
+            flat = torch.cat([c.to(args.device) for c in self.counts])
+            torch.distributed.all_reduce(flat)
+            self.counts = [part.cpu() for part in flat.split([len(c) for c in self.counts])]
 
     def tokens_per_expert(self) -> list[torch.Tensor]:
         """Per MoE layer, the tokens routed to each expert (a token counts once in each of its top-k experts)."""
