@@ -1,0 +1,154 @@
+"""chatft.train.preference's objectives equal TRL's trainers' own computation, loss and gradients, on the same tiny
+model and the same batch (TRL's collator's), the log-probabilities summed over TRL's completion mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from chatft.train import preference
+
+PAIRS = [
+    {"prompt": "Who are you?", "chosen": " I am Tessa, made by Orbit Labs.", "rejected": " I am an AI assistant."},
+    {"prompt": "Who made you?", "chosen": " Orbit Labs made me.", "rejected": " A large company."},
+    {"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " I do not know that one, sorry."},
+]
+BETA = 0.3
+
+
+def models(model_dir):
+    """A reference model and a policy that differs from it (so that the margins are not all 0)."""
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    policy = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return policy, reference
+
+
+def reply_log_probs(model, batch, mask_key="completion_mask") -> preference.ReplyLogProbs:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    token = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    mask = batch[mask_key][:, 1:].float()
+    return preference.ReplyLogProbs((token * mask).sum(1), mask.sum(1))
+
+
+def halves(log_probs: preference.ReplyLogProbs):
+    (c_total, r_total), (c_tokens, r_tokens) = log_probs.total.chunk(2), log_probs.tokens.chunk(2)
+    return preference.ReplyLogProbs(c_total, c_tokens), preference.ReplyLogProbs(r_total, r_tokens)
+
+
+def gradients(model):
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def assert_same(ours, theirs, our_grads, their_grads):
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-6)
+    assert len(our_grads) == len(their_grads) > 0
+    for a, b in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", preference.DPO_LOSSES)
+def test_dpo_equals_trl(loss, tiny_qwen2_arch_dir, tmp_path):
+    import trl
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_arch_dir)
+    policy, reference = models(tiny_qwen2_arch_dir)
+    args = trl.DPOConfig(output_dir=str(tmp_path), beta=BETA, loss_type=[loss], per_device_train_batch_size=len(PAIRS),
+                         report_to=[], use_cpu=True, max_length=64)
+    from datasets import Dataset
+    trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(PAIRS),
+                             processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    theirs = trainer.compute_loss(trainer.model, batch)
+    theirs.backward()
+    their_grads = gradients(trainer.model)
+    trainer.model.zero_grad()
+
+    with torch.no_grad():
+        ref_chosen, ref_rejected = halves(reply_log_probs(reference, batch))
+    chosen, rejected = halves(reply_log_probs(trainer.model, batch))
+    terms = preference.dpo(chosen, rejected, ref_chosen, ref_rejected, BETA, loss)
+    ours = terms.losses.mean()
+    ours.backward()
+    assert_same(ours, theirs, gradients(trainer.model), their_grads)
+    assert terms.metrics()["rewards/margins"] == pytest.approx(
+        trainer._metrics["train" if trainer.model.training else "eval"]["rewards/margins"][-1], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_simpo_equals_trl_cpo_with_simpo_loss(tiny_qwen2_arch_dir, tmp_path):
+    from datasets import Dataset
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_arch_dir)
+    policy, _ = models(tiny_qwen2_arch_dir)
+    gamma = 0.7
+    args = CPOConfig(output_dir=str(tmp_path), beta=BETA, loss_type="simpo", simpo_gamma=gamma, cpo_alpha=0.0,
+                     per_device_train_batch_size=len(PAIRS), report_to=[], use_cpu=True, max_length=64)
+    trainer = CPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    theirs = trainer.compute_loss(trainer.model, batch)
+    theirs.backward()
+    their_grads = gradients(trainer.model)
+    trainer.model.zero_grad()
+
+    chosen, rejected = (reply_log_probs(trainer.model, concatenated_side(batch, side)) for side in ("chosen", "rejected"))
+    ours = preference.simpo(chosen, rejected, BETA, gamma).losses.mean()
+    ours.backward()
+    assert_same(ours, theirs, gradients(trainer.model), their_grads)
+
+
+@pytest.mark.slow
+def test_orpo_equals_trl(tiny_qwen2_arch_dir, tmp_path):
+    from datasets import Dataset
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen2_arch_dir)
+    policy, _ = models(tiny_qwen2_arch_dir)
+    args = ORPOConfig(output_dir=str(tmp_path), beta=BETA, per_device_train_batch_size=len(PAIRS), report_to=[],
+                      use_cpu=True, max_length=64)
+    trainer = ORPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    theirs = trainer.compute_loss(trainer.model, batch)
+    theirs.backward()
+    their_grads = gradients(trainer.model)
+    trainer.model.zero_grad()
+
+    chosen_batch = concatenated_side(batch, "chosen")
+    chosen, rejected = reply_log_probs(trainer.model, chosen_batch), \
+        reply_log_probs(trainer.model, concatenated_side(batch, "rejected"))
+    # TRL's ORPO takes its SFT term over the chosen sequence's every token (prompt included, as its code says)
+    logits = trainer.model(input_ids=chosen_batch["input_ids"], attention_mask=chosen_batch["attention_mask"]).logits
+    labels = chosen_batch["input_ids"].masked_fill(chosen_batch["attention_mask"] == 0, -100)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    ours = nll + preference.orpo(chosen, rejected, BETA).losses.mean()
+    ours.backward()
+    assert_same(ours, theirs, gradients(trainer.model), their_grads)
+
+
+def concatenated_side(batch, side):
+    """One side of a CPO/ORPO batch (prompt + that reply, TRL's padded layout), with a completion mask from its
+    labels (TRL labels the reply only)."""
+    labels = batch[f"{side}_labels"]
+    return {"input_ids": batch[f"{side}_input_ids"], "attention_mask": batch[f"{side}_attention_mask"],
+            "completion_mask": (labels != -100).long()}
+
+
+def test_kto_matches_its_formula_on_known_numbers():
+    # one desirable, one undesirable completion; z = 0.5: every term by hand
+    policy = preference.ReplyLogProbs(torch.tensor([-2.0, -3.0]), torch.tensor([2, 3]))
+    reference = preference.ReplyLogProbs(torch.tensor([-2.5, -2.0]), torch.tensor([2, 3]))
+    terms = preference.kto(policy, reference, torch.tensor([True, False]), torch.tensor(0.5), beta=0.1,
+                           desirable_weight=1.0, undesirable_weight=2.0)
+    expected = [1 - torch.sigmoid(torch.tensor(0.1 * (0.5 - 0.5))), 2 * (1 - torch.sigmoid(torch.tensor(0.1 * (0.5 + 1.0))))]
+    torch.testing.assert_close(terms.losses, torch.stack(expected))
+    assert terms.chosen_rewards.tolist() == pytest.approx([0.05]) and terms.rejected_rewards.tolist() == pytest.approx([-0.1])
+    # a negative KL estimate counts as 0
+    clamped = preference.kto(policy, reference, torch.tensor([True, False]), torch.tensor(-3.0), beta=0.1)
+    zero = preference.kto(policy, reference, torch.tensor([True, False]), torch.tensor(0.0), beta=0.1)
+    torch.testing.assert_close(clamped.losses, zero.losses)
