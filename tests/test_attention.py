@@ -170,3 +170,55 @@ def test_a_model_with_its_own_attention_code_gets_padded_batches(tiny_qwen2_arch
     assert ("--packing: OwnAttentionForCausalLM has its own attention code, which would let packed samples attend to "
             "each other" in capsys.readouterr().err)
     assert not (tmp_path / "packed").exists()
+
+
+def test_a_branch_attends_to_its_samples_prefix_and_itself_only(tiny_qwen2_arch_dir):
+    """A preference row: prompt once, then each reply continuing its positions. Each reply's outputs and gradients
+    equal those of prompt + that reply alone, in two pairs of one row; and a row whose first sample starts mid-way
+    (positions 5, 6, 7, then 2, 3) is still two samples, not a branch."""
+    from chatft.model.attention import branch_context
+
+    assert branch_context([0, 1, 2, 3, 2, 3], [(0, 4), (4, 6)]) == [None, 0]
+    assert branch_context([5, 6, 7, 2, 3], [(0, 3), (3, 5)]) == [None, None]
+    assert branch_context([0, 1, 2, 3, 0, 1, 1, 2], [(0, 4), (4, 6), (6, 8)]) == [None, None, 4]
+    model = load(tiny_qwen2_arch_dir, PER_SAMPLE_SDPA, "full")
+    torch.manual_seed(3)
+    vocab = model.config.vocab_size
+    terms = decoder_terms(model.config, loss=True)
+    pairs = [(torch.randint(vocab, (7,)), torch.randint(vocab, (5,)), torch.randint(vocab, (8,))),
+             (torch.randint(vocab, (4,)), torch.randint(vocab, (3,)), torch.randint(vocab, (2,)))]
+    ids, positions = [], []
+    for prompt, chosen, rejected in pairs:
+        ids += [prompt, chosen, rejected]
+        positions += [torch.arange(len(prompt) + len(chosen)), torch.arange(len(rejected)) + len(prompt)]
+    row_ids, row_positions = torch.cat(ids)[None], torch.cat(positions)[None]
+    targets = torch.randint(vocab, row_ids.shape)
+    row_logits, row_grads = outputs_and_grads(model, row_ids, row_positions, targets)
+    alone_grads, offset = None, 0
+    for prompt, chosen, rejected in pairs:
+        prompt_end, chosen_end = offset + len(prompt), offset + len(prompt) + len(chosen)
+        for reply, where in ((chosen, slice(prompt_end, chosen_end)),
+                             (rejected, slice(chosen_end, chosen_end + len(rejected)))):
+            sequence = torch.cat([prompt, reply])[None]
+            # the alone sequence's targets: the prompt's (only from the chosen side: the row has it once), the reply's
+            alone_targets = torch.cat([targets[0, offset:prompt_end], targets[0, where]])[None]
+            logits = model(input_ids=sequence, use_cache=False).logits.detach()[0]
+            assert_close_up_to_rounding(row_logits[where], logits[len(prompt):], terms=terms)
+            if reply is chosen:
+                assert_close_up_to_rounding(row_logits[offset:prompt_end], logits[: len(prompt)], terms=terms)
+        offset = chosen_end + len(rejected)
+    # gradients: the row's summed loss = the sum over the alone sequences of their replies' (and one prompt's) losses
+    model.zero_grad()
+    total, offset = 0, 0
+    for prompt, chosen, rejected in pairs:
+        prompt_end, chosen_end = offset + len(prompt), offset + len(prompt) + len(chosen)
+        for k, (reply, where) in enumerate(((chosen, slice(prompt_end, chosen_end)),
+                                            (rejected, slice(chosen_end, chosen_end + len(rejected))))):
+            logits = model(input_ids=torch.cat([prompt, reply])[None], use_cache=False).logits[0]
+            wanted = torch.cat([targets[0, offset:prompt_end], targets[0, where]])
+            per_token = torch.nn.functional.cross_entropy(logits, wanted, reduction="none")
+            total = total + (per_token if k == 0 else per_token[len(prompt):]).sum()
+        offset = chosen_end + len(rejected)
+    total.backward()
+    for name, parameter in model.named_parameters():
+        assert_close_up_to_rounding(row_grads[name], parameter.grad, terms=terms)

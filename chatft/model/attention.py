@@ -8,6 +8,12 @@ through transformers' AttentionInterface (and AttentionMaskInterface, so that no
 PER_SAMPLE_SDPA; a batch that is not a multi-sample row (a padded batch with its mask, one sample a row) goes to
 transformers' own sdpa unchanged. On CUDA with flash-attn installed, flash_attention_2's variable-length kernel
 reads the same position_ids instead (chatft.plan.resolve_attn_implementation).
+
+Branches: a preference row holds a prompt once and then each reply, every reply's positions continuing from the
+prompt's end ([0..P-1, P..P+C-1, P..P+R-1]). A span whose positions restart at p > 0 inside a sample that started
+at 0 and has at least p tokens is a branch of that sample: it attends to the sample's first p tokens (the shared
+prompt) and causally to itself, not to the replies between (`branch_context`). Only PER_SAMPLE_SDPA reads
+branches; flash-attention's variable-length path would take each branch for a sample of its own.
 """
 
 from __future__ import annotations
@@ -37,22 +43,51 @@ def sample_spans(position_ids: torch.Tensor | None, rows: int) -> list[list[tupl
     return spans * rows if len(spans) == 1 and rows > 1 else spans
 
 
+def branch_context(positions: list[int], spans: list[tuple[int, int]]) -> list[int | None]:
+    """For each span of a row (`positions`: the row's position ids), the index of the first token of the sample it
+    branches from (it attends to that sample's first positions[start] tokens), or None for a sample of its own."""
+    contexts, sample_start = [], None
+    for start, end in spans:
+        first = positions[start]
+        if first == 0:
+            sample_start = start
+            contexts.append(None)
+        elif sample_start is not None and start - sample_start >= first:
+            contexts.append(sample_start)
+        else:
+            sample_start = None  # a sample that starts mid-sequence: nothing to branch from
+            contexts.append(None)
+    return contexts
+
+
 def per_sample_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa, run on each sample of a multi-sample row alone. query/key/value: [batch, heads, length,
-    head_dim]; returns [batch, length, heads, head_dim] as every attention function does."""
+    """transformers' sdpa, run on each sample of a multi-sample row alone (a branch with its shared prefix).
+    query/key/value: [batch, heads, length, head_dim]; returns [batch, length, heads, head_dim] as every attention
+    function does."""
     spans = None
     if attention_mask is None and query.shape[2] == key.shape[2]:  # training and prefill, not decoding with a cache
-        spans = sample_spans(kwargs.get("position_ids"), query.shape[0])
+        position_ids = kwargs.get("position_ids")
+        spans = sample_spans(position_ids, query.shape[0])
     if spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    positions = position_ids.tolist()
     rows = []
     for row, row_spans in enumerate(spans):
-        rows.append(torch.cat([
-            sdpa_attention_forward(module, query[row : row + 1, :, start:end], key[row : row + 1, :, start:end],
-                                   value[row : row + 1, :, start:end], None, **kwargs)[0]
-            for start, end in row_spans
-        ], dim=1))
+        contexts = branch_context(positions[row if len(positions) > 1 else 0], row_spans)
+        outputs = []
+        for (start, end), context in zip(row_spans, contexts):
+            q, k, v = (t[row : row + 1, :, start:end] for t in (query, key, value))
+            mask = None
+            if context is not None:  # a branch: the shared prefix, then itself causally
+                prefix, length = positions[row if len(positions) > 1 else 0][start], end - start
+                k = torch.cat([key[row : row + 1, :, context : context + prefix], k], dim=2)
+                v = torch.cat([value[row : row + 1, :, context : context + prefix], v], dim=2)
+                mask = torch.ones(length, prefix + length, dtype=torch.bool, device=query.device)
+                mask[:, prefix:] = mask[:, prefix:].tril()
+                mask = mask[None, None]
+            outputs.append(sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0])
+        rows.append(torch.cat(outputs, dim=1))
     return torch.cat(rows, dim=0), None
 
 
