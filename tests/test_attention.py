@@ -194,14 +194,12 @@ def test_a_branch_attends_to_its_samples_prefix_and_itself_only(tiny_qwen2_arch_
     row_ids, row_positions = torch.cat(ids)[None], torch.cat(positions)[None]
     targets = torch.randint(vocab, row_ids.shape)
     row_logits, row_grads = outputs_and_grads(model, row_ids, row_positions, targets)
-    alone_grads, offset = None, 0
+    offset = 0
     for prompt, chosen, rejected in pairs:
         prompt_end, chosen_end = offset + len(prompt), offset + len(prompt) + len(chosen)
         for reply, where in ((chosen, slice(prompt_end, chosen_end)),
                              (rejected, slice(chosen_end, chosen_end + len(rejected)))):
             sequence = torch.cat([prompt, reply])[None]
-            # the alone sequence's targets: the prompt's (only from the chosen side: the row has it once), the reply's
-            alone_targets = torch.cat([targets[0, offset:prompt_end], targets[0, where]])[None]
             logits = model(input_ids=sequence, use_cache=False).logits.detach()[0]
             assert_close_up_to_rounding(row_logits[where], logits[len(prompt):], terms=terms)
             if reply is chosen:
