@@ -152,3 +152,63 @@ def test_kto_matches_its_formula_on_known_numbers():
     clamped = preference.kto(policy, reference, torch.tensor([True, False]), torch.tensor(-3.0), beta=0.1)
     zero = preference.kto(policy, reference, torch.tensor([True, False]), torch.tensor(0.0), beta=0.1)
     torch.testing.assert_close(clamped.losses, zero.losses)
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+@pytest.mark.parametrize("stage", ["dpo", "simpo", "orpo"])
+def test_preference_loss_on_pair_rows_equals_the_pairs_computed_alone(stage, shared_prompt, tiny_qwen2_arch_dir):
+    """PreferenceLoss on one padding-free row of pairs (the prompt once, the rejected reply a branch of it; or each
+    pair as two samples) equals the objective on each prompt + reply computed alone with full logits: loss and
+    LoRA gradients; the DPO reference is the same model with its adapter off."""
+    import peft
+
+    from chatft.data.preference import PreferenceCollator, TokenizedPair, pair_features
+    from chatft.model.attention import PER_SAMPLE_SDPA
+    from chatft.train.losses import LossScale
+    from support import assert_close_up_to_rounding, decoder_terms
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_dir, dtype=torch.float32)
+    model.set_attn_implementation(PER_SAMPLE_SDPA)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                        target_modules=["q_proj", "v_proj"]))
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(2)
+    ids = lambda n: torch.randint(vocab, (n,), generator=generator).tolist()  # noqa: E731
+    pairs = [TokenizedPair(ids(6), ids(4), None, ids(7), None), TokenizedPair(ids(3), ids(5), None, ids(2), None)]
+    for pair in pairs:
+        pair.chosen_labels, pair.rejected_labels = list(pair.chosen_ids), list(pair.rejected_ids)
+    batch = PreferenceCollator(shared_prompt)([pair_features(p) for p in pairs])
+    loss = preference.PreferenceLoss(stage, beta=0.2, simpo_gamma=0.3)
+    loss.prepare(model)
+    ours = loss(model, batch, LossScale()).loss
+    ours.backward()
+    our_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    def alone(prompt, reply):
+        sequence = torch.tensor(prompt + reply)[None]
+        logits = model(input_ids=sequence).logits[0, len(prompt) - 1 : -1].float()
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(reply)[:, None]).sum()
+
+    sides = {}
+    for name in ("chosen", "rejected"):
+        totals = torch.stack([alone(p.prompt_ids, getattr(p, f"{name}_ids")) for p in pairs])
+        with torch.no_grad(), model.disable_adapter():
+            reference = torch.stack([alone(p.prompt_ids, getattr(p, f"{name}_ids")) for p in pairs])
+        tokens = torch.tensor([float(len(getattr(p, f"{name}_ids"))) for p in pairs])
+        sides[name] = preference.ReplyLogProbs(totals, tokens), preference.ReplyLogProbs(reference, tokens)
+    (chosen, ref_chosen), (rejected, ref_rejected) = sides["chosen"], sides["rejected"]
+    if stage == "dpo":
+        theirs = preference.dpo(chosen, rejected, ref_chosen, ref_rejected, 0.2).losses.mean()
+    elif stage == "simpo":
+        theirs = preference.simpo(chosen, rejected, 0.2, 0.3).losses.mean()
+    else:
+        theirs = preference.orpo(chosen, rejected, 0.2).losses.mean() - chosen.total.sum() / chosen.tokens.sum()
+    theirs.backward()
+    terms = decoder_terms(model.config, loss=True)
+    assert_close_up_to_rounding(ours.detach(), theirs.detach(), terms=terms)
+    assert our_grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None} and our_grads
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            assert_close_up_to_rounding(our_grads[name], parameter.grad, terms=terms)

@@ -251,3 +251,49 @@ def keep_trainable_pairs(pairs: list[TokenizedPair]) -> tuple[list[TokenizedPair
                      and any(label != IGNORE_INDEX for label in pair.rejected_labels))
         (kept if trainable else dropped).append(pair if trainable else pair.origin)
     return kept, dropped
+
+
+REPLY_INDEX = "reply_index"  # a preference batch's reply of every token (2k: pair k's chosen, 2k + 1: its rejected)
+
+
+def pair_features(pair: TokenizedPair) -> dict:
+    return {"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "chosen_labels": pair.chosen_labels,
+            "rejected_ids": pair.rejected_ids, "rejected_labels": pair.rejected_labels}
+
+
+class PreferenceCollator:
+    """Pairs -> one padding-free row ([1, total]) with `position_ids`, `labels` and `REPLY_INDEX`.
+
+    With `shared_prompt` (the default) a pair is its prompt once, the chosen reply, then the rejected reply as a
+    branch of the prompt (chatft.model.attention): the prompt's last token again, at its own position, followed by
+    the rejected reply, so that the branch's first token predicts the rejected reply's first token from the prompt
+    alone, as in prompt + rejected. The rejected reply never sees the chosen one; the prompt is computed once (one
+    token more per pair). Without it, each pair is two samples, prompt + chosen and prompt + rejected (what peers
+    compute, and what flash-attention's variable-length kernel can run)."""
+
+    def __init__(self, shared_prompt: bool = True):
+        self.shared_prompt = shared_prompt
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        ids, positions, labels, replies = [], [], [], []
+        for k, f in enumerate(features):
+            prompt, chosen, rejected = f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]
+            ids += prompt + chosen
+            positions += range(len(prompt) + len(chosen))
+            labels += [IGNORE_INDEX] * len(prompt) + f["chosen_labels"]
+            replies += [-1] * len(prompt) + [2 * k] * len(chosen)
+            if self.shared_prompt:
+                ids += prompt[-1:] + rejected
+                positions += range(len(prompt) - 1, len(prompt) + len(rejected))
+                labels += [IGNORE_INDEX] + f["rejected_labels"]
+                replies += [-1] + [2 * k + 1] * len(rejected)
+            else:
+                ids += prompt + rejected
+                positions += range(len(prompt) + len(rejected))
+                labels += [IGNORE_INDEX] * len(prompt) + f["rejected_labels"]
+                replies += [-1] * len(prompt) + [2 * k + 1] * len(rejected)
+        row = lambda values: torch.tensor(values, dtype=torch.long)[None]  # noqa: E731
+        return {"input_ids": row(ids), "position_ids": row(positions), "labels": row(labels),
+                REPLY_INDEX: row(replies)}

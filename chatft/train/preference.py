@@ -27,6 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from chatft.data.chat_format import IGNORE_INDEX
+from chatft.data.preference import REPLY_INDEX
+from chatft.train.losses import (LossTerms, chunk_rows, head_linears, labelled_token_log_probs, model_loss_terms,
+                                 output_layer_computes)
+
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 STAGES = ("sft", "dpo", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -104,3 +109,97 @@ def kto(completion: ReplyLogProbs, ref_completion: ReplyLogProbs, desirable: tor
                          undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
     rewards = beta * ratio.detach()
     return PreferenceTerms(losses, rewards[desirable], rewards[~desirable])
+
+
+class PreferenceLoss:
+    """The loss seam's object for preference stages (chatft.train.losses: `loss(model, inputs, scale) -> LossTerms`)
+    on chatft.data.preference.PreferenceCollator's rows.
+
+    Per reply, the sum of its tokens' log-probabilities, with the output layer run at labelled positions only
+    (chatft.train.losses.labelled_token_log_probs), or from full logits. The reference (dpo, kto): a LoRA model with
+    its adapter switched off (no second model in memory), else `reference_model`. `sft_weight`: an SFT term, the
+    token mean of the chosen replies' cross-entropy, added with this weight (ORPO's own, weight 1, unless given).
+    Logged: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies beside the loss, and the model's
+    own extra terms (a MoE router's aux loss) added as SFT adds them."""
+
+    def __init__(self, stage: str, beta: float, dpo_loss: str = "sigmoid", simpo_gamma: float = 0.5,
+                 sft_weight: float | None = None, labelled_logits: bool = True, reference_model=None):
+        if stage not in ("dpo", "simpo", "orpo"):
+            raise ValueError(f"PreferenceLoss: unknown stage {stage!r}")
+        self.stage, self.beta, self.dpo_loss, self.simpo_gamma = stage, beta, dpo_loss, simpo_gamma
+        self.sft_weight = (1.0 if stage == "orpo" else 0.0) if sft_weight is None else sft_weight
+        self.requested_labelled_logits = labelled_logits
+        self.reference_model = reference_model
+        self.head_linears = None
+        self.chunk_size = 0
+        self.model_config = None
+        self.adapter_model = None
+
+    @property
+    def labelled_logits(self) -> bool:
+        return self.head_linears is not None
+
+    def prepare(self, model) -> None:
+        self.head_linears = head_linears(model) if self.requested_labelled_logits else None
+        self.chunk_size = chunk_rows(model)
+        self.model_config = model.config
+        if self.stage == "dpo" and self.reference_model is None:
+            if not hasattr(model, "disable_adapter"):
+                raise ValueError("DPO needs a reference: a LoRA model (its adapter switched off) or reference_model")
+            self.adapter_model = model
+
+    def reply_log_probs(self, model, inputs: dict, labels: torch.Tensor, replies: torch.Tensor, count: int):
+        """(ReplyLogProbs of `count` replies, the model's outputs)."""
+        targets = labels[:, 1:]
+        labelled = targets != IGNORE_INDEX
+        if self.labelled_logits:
+            with output_layer_computes(self.head_linears, labels, self.chunk_size, labelled_token_log_probs) as head:
+                outputs = model(**inputs)
+            log_probs = head.of(outputs, (int(labelled.sum()),))
+        else:
+            outputs = model(**inputs)
+            logits = outputs.logits[:, :-1][labelled].float()
+            log_probs = torch.log_softmax(logits, -1).gather(-1, targets[labelled][:, None])[:, 0]
+        index = replies[:, 1:][labelled]
+        total = torch.zeros(count, dtype=log_probs.dtype, device=log_probs.device).index_add(0, index, log_probs)
+        tokens = torch.zeros(count, device=log_probs.device).index_add(0, index, torch.ones_like(log_probs))
+        return ReplyLogProbs(total, tokens), outputs
+
+    def reference_log_probs(self, model, inputs, labels, replies, count) -> ReplyLogProbs:
+        with torch.no_grad():
+            if self.adapter_model is not None:
+                with self.adapter_model.disable_adapter():
+                    return self.reply_log_probs(model, inputs, labels, replies, count)[0]
+            return self.reply_log_probs(self.reference_model, inputs, labels, replies, count)[0]
+
+    def __call__(self, model, inputs: dict, scale) -> LossTerms:
+        inputs = dict(inputs)
+        labels, replies = inputs.pop("labels"), inputs.pop(REPLY_INDEX)
+        count = 2 * (int(replies.max()) // 2 + 1)
+        policy, outputs = self.reply_log_probs(model, inputs, labels, replies, count)
+        chosen, rejected = split_pairs(policy)
+        if self.stage == "dpo":
+            ref_chosen, ref_rejected = split_pairs(self.reference_log_probs(model, inputs, labels, replies, count))
+            terms = dpo(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.dpo_loss)
+        elif self.stage == "simpo":
+            terms = simpo(chosen, rejected, self.beta, self.simpo_gamma)
+        else:
+            terms = orpo(chosen, rejected, self.beta)
+        loss = terms.losses.mean()
+        logs = {name: torch.tensor(value) for name, value in terms.metrics().items()}
+        if self.sft_weight:
+            sft = -chosen.total.sum() / chosen.tokens.sum().clamp(min=1)
+            loss = loss + self.sft_weight * sft
+            logs["sft_loss"] = sft.detach()
+        loss = scale.batch_mean(loss)
+        extra, extra_logs = model_loss_terms(self.model_config, outputs, scale)
+        if extra is not None:
+            loss = loss + extra
+            logs.update(extra_logs)
+        return LossTerms(loss, logs)
+
+
+def split_pairs(log_probs: ReplyLogProbs) -> tuple[ReplyLogProbs, ReplyLogProbs]:
+    """(chosen, rejected) of replies in pair order (2k chosen, 2k + 1 rejected)."""
+    return (ReplyLogProbs(log_probs.total[0::2], log_probs.tokens[0::2]),
+            ReplyLogProbs(log_probs.total[1::2], log_probs.tokens[1::2]))
