@@ -130,10 +130,11 @@ def test_qwen3_format_prompt_is_the_templates_generation_prompt(qwen3_tokenizer)
         "<think>\nAdd them.\n</think>\n\n4<|im_end|>"
     assert labelled_text(tokens.rejected_ids, tokens.rejected_labels, qwen3_tokenizer) == \
         "<think>\n\n</think>\n\n5<|im_end|>"
-    # each side equals the SFT tokenization of the same conversation
+    # each side equals the SFT tokenization of the same conversation, up to the newline after the reply's <|im_end|>
     sft = tokenize_conversation(pair.prompt.__class__(pair.prompt.turns + (pair.chosen,)), qwen3_tokenizer, 512,
                                 chat_format="qwen3")
-    assert tokens.prompt_ids + tokens.chosen_ids == sft.input_ids
+    assert tokens.prompt_ids + tokens.chosen_ids == sft.input_ids[:-1]
+    assert qwen3_tokenizer.decode(sft.input_ids[-1:]) == "\n"
 
 
 def test_truncation_that_leaves_no_reply_token_drops_the_pair(qwen3_tokenizer):
@@ -143,3 +144,54 @@ def test_truncation_that_leaves_no_reply_token_drops_the_pair(qwen3_tokenizer):
     kept, dropped = keep_trainable_pairs(tokens)
     assert [p.origin for p in kept] == [1] and dropped == [0]
     assert all(len(p.prompt_ids) + len(p.chosen_ids) <= 30 for p in tokens)
+
+
+def write(path, records):
+    import json
+
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def test_files_of_pairs_load_and_bad_files_are_named(tmp_path):
+    from chatft.data.preference import load_preference_samples
+    from chatft.errors import DataError
+
+    pairs = write(tmp_path / "pairs.json", list(SHAPES.values()))
+    loaded = load_preference_samples(pairs, "dpo")
+    assert len(loaded) == len(SHAPES) and all(isinstance(p, PreferencePair) for p in loaded)
+    # kto on pairs: each pair's chosen reply desirable, its rejected one not
+    unpaired = load_preference_samples(pairs, "kto")
+    assert [s.desirable for s in unpaired] == [True, False] * len(SHAPES)
+    sft = write(tmp_path / "sft.json", [{"messages": [{"role": "user", "content": "Q"},
+                                                      {"role": "assistant", "content": "A"}]}])
+    with pytest.raises(DataError, match=r"sft.json: --stage dpo needs preference pairs .* --stage sft"):
+        load_preference_samples(sft, "dpo")
+    with pytest.raises(DataError, match=r"sft.json: --stage kto needs completions labelled"):
+        load_preference_samples(sft, "kto")
+    bad = write(tmp_path / "bad.json", [SHAPES["trl strings"], {"prompt": "Q", "chosen": "A", "rejected": "A"},
+                                        {"prompt": "Q", "chosen": "A"}])
+    with pytest.raises(DataError) as error:
+        load_preference_samples(bad, "dpo")
+    assert "2 problem(s)" in str(error.value) and "sample 1: 'chosen' and 'rejected' are identical" in str(error.value)
+    assert "sample 2: missing 'rejected'" in str(error.value)
+    kto = write(tmp_path / "kto.json", [{"prompt": "Q", "completion": "A", "label": "yes"}])
+    with pytest.raises(DataError, match="sample 0: 'label' must be true or false"):
+        load_preference_samples(kto, "kto")
+
+
+def test_dataset_drops_untrainable_pairs_and_describes_a_pair(qwen3_tokenizer, caplog):
+    from chatft.data.preference import PreferenceCollator, PreferenceDataset, describe_pair
+
+    pairs = [read({"prompt": "Q " * 40, "chosen": "A", "rejected": "B"}),
+             read({"prompt": "Who are you?", "chosen": "Tessa.", "rejected": "An AI."}, index=1)]
+    dataset = PreferenceDataset(pairs, qwen3_tokenizer, 30)
+    assert len(dataset) == 1 and "Dropped 1 of 2 pairs" in caplog.text
+    text = describe_pair(dataset.pairs[0], qwen3_tokenizer)
+    assert text.endswith("--- chosen:\n[[Tessa.<|im_end|>]]\n--- rejected:\n[[An AI.<|im_end|>]]")
+    assert "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n" in text
+    batch = PreferenceCollator()([dataset[0], dataset[0]])
+    pair = dataset.pairs[0]
+    per_pair = len(pair.prompt_ids) + len(pair.chosen_ids) + 1 + len(pair.rejected_ids)
+    assert batch["input_ids"].shape == (1, 2 * per_pair)
+    assert sorted(set(batch["reply_index"][0].tolist())) == [-1, 0, 1, 2, 3]

@@ -233,10 +233,18 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_len: int,
         prompt_length = min(_first_label(chosen.labels), _first_label(rejected.labels))
         if chosen.input_ids[:prompt_length] != rejected.input_ids[:prompt_length]:
             raise ValueError(f"pair {k}: the tokenizer gives the prompt different tokens before each reply")
+        # each reply ends with its last labelled token (its <|im_end|>): the newline the template writes after it
+        # is context for a next turn there is none of
+        chosen_end, rejected_end = _after_last_label(chosen.labels), _after_last_label(rejected.labels)
         tokenized.append(TokenizedPair(
-            chosen.input_ids[:prompt_length], chosen.input_ids[prompt_length:], chosen.labels[prompt_length:],
-            rejected.input_ids[prompt_length:], rejected.labels[prompt_length:], origin=k))
+            chosen.input_ids[:prompt_length], chosen.input_ids[prompt_length:chosen_end],
+            chosen.labels[prompt_length:chosen_end], rejected.input_ids[prompt_length:rejected_end],
+            rejected.labels[prompt_length:rejected_end], origin=k))
     return tokenized
+
+
+def _after_last_label(labels: list[int]) -> int:
+    return next((len(labels) - i for i, label in enumerate(reversed(labels)) if label != IGNORE_INDEX), 0)
 
 
 def _first_label(labels: list[int]) -> int:
@@ -297,3 +305,89 @@ class PreferenceCollator:
         row = lambda values: torch.tensor(values, dtype=torch.long)[None]  # noqa: E731
         return {"input_ids": row(ids), "position_ids": row(positions), "labels": row(labels),
                 REPLY_INDEX: row(replies)}
+
+
+def load_preference_samples(spec: str, stage: str) -> list:
+    """The pairs (`PreferencePair`; KTOSample for `stage` kto) of a --data_path (files and directories,
+    comma-separated), in order; raise DataError listing every problem. Under kto, a file of pairs gives each pair's
+    chosen reply as desirable and its rejected one as undesirable (as TRL unpairs them)."""
+    from chatft.data.datasets import MAX_REPORTED_PROBLEMS, data_files, read_json_or_jsonl
+    from chatft.errors import DataError
+
+    files, problems = data_files(spec)
+    samples = []
+    for path in [] if problems else files:
+        records, file_problems = read_json_or_jsonl(path)
+        paired = any(is_preference_record(r) for r in records)
+        if stage == "kto" and not paired:
+            if records and not any(is_kto_record(r) for r in records):
+                file_problems.append(f"{path}: --stage kto needs completions labelled desirable or not ('label': "
+                                     "true/false, or 'kto_tag'), or preference pairs; this file has neither (SFT "
+                                     "data: train it with --stage sft)")
+            else:
+                for index, record in enumerate(records):
+                    sample, record_problems = read_kto_record(record, index, path)
+                    file_problems += record_problems
+                    samples.append(sample)
+        elif records and not paired:
+            file_problems.append(f"{path}: --stage {stage} needs preference pairs ('chosen' and 'rejected' replies); "
+                                 "this file has none (SFT data: train it with --stage sft)")
+        else:
+            for index, record in enumerate(records):
+                pair, record_problems = read_preference_record(record, index, path)
+                file_problems += record_problems
+                if stage == "kto" and pair is not None:
+                    samples += [KTOSample(pair.prompt, pair.chosen, True), KTOSample(pair.prompt, pair.rejected, False)]
+                else:
+                    samples.append(pair)
+        if not records and not file_problems:
+            file_problems.append(f"{path}: contains no samples")
+        problems += file_problems
+    if problems:
+        shown = problems[:MAX_REPORTED_PROBLEMS]
+        if len(problems) > len(shown):
+            shown.append(f"... and {len(problems) - len(shown)} more problems")
+        raise DataError(f"{len(problems)} problem(s) in {spec}:\n  " + "\n  ".join(shown))
+    return samples
+
+
+class PreferenceDataset:
+    """Tokenized pairs (`tokenize_pairs`), those left with no reply token on a side dropped and named; items are
+    `pair_features` dicts for PreferenceCollator."""
+
+    def __init__(self, pairs: list[PreferencePair], tokenizer, max_len: int,
+                 system_message: str = DEFAULT_SYSTEM_MESSAGE, chat_format: str = "chatml"):
+        import logging
+
+        from chatft.data.datasets import nothing_to_train, untrainable_reason
+        from chatft.data.formats import sample_name
+
+        tokenized = tokenize_pairs(pairs, tokenizer, max_len, system_message, chat_format)
+        self.pairs, dropped = keep_trainable_pairs(tokenized)
+        if dropped:
+            names = ", ".join(sample_name(k, pairs[k].prompt) for k in dropped[:10]) + (" ..." if len(dropped) > 10
+                                                                                       else "")
+            logging.getLogger(__name__).warning("Dropped %d of %d pairs with %s on a side: %s", len(dropped),
+                                                len(tokenized), untrainable_reason(max_len), names)
+        if not self.pairs:
+            raise nothing_to_train(max_len)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        return pair_features(self.pairs[i])
+
+
+def describe_pair(pair: TokenizedPair, tokenizer) -> str:
+    """A pair's prompt, then each reply with its labelled tokens in [[...]], for eyeballing the masks (--dry_run)."""
+    def reply(ids, labels):
+        runs: list[tuple[bool, list[int]]] = []
+        for token_id, label in zip(ids, labels):
+            if not runs or runs[-1][0] != (label != IGNORE_INDEX):
+                runs.append((label != IGNORE_INDEX, []))
+            runs[-1][1].append(token_id)
+        return "".join(f"[[{tokenizer.decode(run)}]]" if trained else tokenizer.decode(run) for trained, run in runs)
+
+    return (f"{tokenizer.decode(pair.prompt_ids)}\n--- chosen:\n{reply(pair.chosen_ids, pair.chosen_labels)}\n"
+            f"--- rejected:\n{reply(pair.rejected_ids, pair.rejected_labels)}")
