@@ -212,3 +212,55 @@ def test_preference_loss_on_pair_rows_equals_the_pairs_computed_alone(stage, sha
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:
             assert_close_up_to_rounding(our_grads[name], parameter.grad, terms=terms)
+
+
+def test_kto_loss_on_a_row_equals_the_completions_computed_alone(tiny_qwen2_arch_dir):
+    """KTO on one KTOCollator row (each prompt once, its completion, and the next sample's completion as a branch for
+    the KL estimate) equals the formula on every prompt + completion computed alone, with TRL's mismatched pairs
+    (completions cycled by one), reference = adapter off: loss and LoRA gradients."""
+    import peft
+
+    from chatft.data.preference import KTOCollator, TokenizedCompletion, completion_features
+    from chatft.model.attention import PER_SAMPLE_SDPA
+    from chatft.train.losses import LossScale
+    from support import assert_close_up_to_rounding, decoder_terms
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_dir, dtype=torch.float32)
+    model.set_attn_implementation(PER_SAMPLE_SDPA)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                        target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(5)
+    ids = lambda n: torch.randint(model.config.vocab_size, (n,), generator=generator).tolist()  # noqa: E731
+    samples = [TokenizedCompletion(ids(p), c, list(c), d) for p, c, d in
+               ((5, ids(4), True), (3, ids(6), False), (4, ids(3), True))]
+    loss = preference.PreferenceLoss("kto", beta=0.4, desirable_weight=1.0, undesirable_weight=1.5)
+    loss.prepare(model)
+    ours = loss(model, KTOCollator()([completion_features(s) for s in samples]), LossScale()).loss
+    ours.backward()
+    our_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    def alone(prompt, reply):
+        logits = model(input_ids=torch.tensor(prompt + reply)[None]).logits[0, len(prompt) - 1 : -1].float()
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(reply)[:, None]).sum()
+
+    own = [(s.prompt_ids, s.completion_ids) for s in samples]
+    mismatched = [(s.prompt_ids, samples[(k + 1) % len(samples)].completion_ids) for k, s in enumerate(samples)]
+    policy = torch.stack([alone(*x) for x in own])
+    with torch.no_grad(), model.disable_adapter():
+        reference = torch.stack([alone(*x) for x in own])
+        reference_kl = torch.stack([alone(*x) for x in mismatched])
+    with torch.no_grad():
+        policy_kl = torch.stack([alone(*x) for x in mismatched])
+    kl = (policy_kl - reference_kl).mean()
+    count = torch.tensor([float(len(s.completion_ids)) for s in samples])
+    theirs = preference.kto(preference.ReplyLogProbs(policy, count), preference.ReplyLogProbs(reference, count),
+                            torch.tensor([s.desirable for s in samples]), kl, 0.4, 1.0, 1.5).losses.mean()
+    theirs.backward()
+    terms = decoder_terms(model.config, loss=True)
+    assert_close_up_to_rounding(ours.detach(), theirs.detach(), terms=terms)
+    assert our_grads
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            assert_close_up_to_rounding(our_grads[name], parameter.grad, terms=terms)

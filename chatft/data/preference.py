@@ -391,3 +391,56 @@ def describe_pair(pair: TokenizedPair, tokenizer) -> str:
 
     return (f"{tokenizer.decode(pair.prompt_ids)}\n--- chosen:\n{reply(pair.chosen_ids, pair.chosen_labels)}\n"
             f"--- rejected:\n{reply(pair.rejected_ids, pair.rejected_labels)}")
+
+
+DESIRABLE = "desirable"  # a KTO batch's label per sample
+
+
+@dataclass
+class TokenizedCompletion:
+    """A KTO sample's tokens: the prompt, the completion (labelled as SFT labels a reply), its label."""
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    completion_labels: list[int]
+    desirable: bool
+    origin: int = 0
+
+
+def tokenize_completions(samples: list[KTOSample], tokenizer, max_len: int,
+                         system_message: str = DEFAULT_SYSTEM_MESSAGE, chat_format: str = "chatml"
+                         ) -> list[TokenizedCompletion]:
+    """`tokenize_pairs` for unpaired completions (each its own prompt)."""
+    pairs = tokenize_pairs([PreferencePair(s.prompt, s.completion, s.completion) for s in samples], tokenizer,
+                           max_len, system_message, chat_format)
+    return [TokenizedCompletion(p.prompt_ids, p.chosen_ids, p.chosen_labels, s.desirable, origin=k)
+            for k, (p, s) in enumerate(zip(pairs, samples))]
+
+
+def completion_features(sample: TokenizedCompletion) -> dict:
+    return {"prompt_ids": sample.prompt_ids, "completion_ids": sample.completion_ids,
+            "completion_labels": sample.completion_labels, DESIRABLE: sample.desirable}
+
+
+class KTOCollator:
+    """KTO samples -> one padding-free row: each sample's prompt once, its completion (reply 2k), then, as a branch
+    of the same prompt, the next sample's completion (reply 2k + 1; the last sample takes the first's): the
+    mismatched prompt/completion pairs whose log-probability ratio estimates KL(policy || reference), as TRL builds
+    them by cycling the completions of a batch by one, here without a second copy of the prompt."""
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        ids, positions, labels, replies = [], [], [], []
+        for k, f in enumerate(features):
+            mismatched = features[(k + 1) % len(features)]
+            prompt = f["prompt_ids"]
+            ids += prompt + f["completion_ids"] + prompt[-1:] + mismatched["completion_ids"]
+            positions += [*range(len(prompt) + len(f["completion_ids"])),
+                          *range(len(prompt) - 1, len(prompt) + len(mismatched["completion_ids"]))]
+            labels += [IGNORE_INDEX] * len(prompt) + f["completion_labels"] + [IGNORE_INDEX] + \
+                mismatched["completion_labels"]
+            replies += [-1] * len(prompt) + [2 * k] * len(f["completion_ids"]) + [-1] + \
+                [2 * k + 1] * len(mismatched["completion_ids"])
+        row = lambda values: torch.tensor(values, dtype=torch.long)[None]  # noqa: E731
+        return {"input_ids": row(ids), "position_ids": row(positions), "labels": row(labels),
+                REPLY_INDEX: row(replies), DESIRABLE: torch.tensor([bool(f[DESIRABLE]) for f in features])}

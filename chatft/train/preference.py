@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from chatft.data.chat_format import IGNORE_INDEX
-from chatft.data.preference import REPLY_INDEX
+from chatft.data.preference import DESIRABLE, REPLY_INDEX
 from chatft.train.losses import (LossTerms, chunk_rows, head_linears, labelled_token_log_probs, model_loss_terms,
                                  output_layer_computes)
 
@@ -57,8 +57,11 @@ class PreferenceTerms:
     def metrics(self) -> dict[str, float]:
         """rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies: means over this batch's pairs."""
         chosen, rejected = self.chosen_rewards.float(), self.rejected_rewards.float()
-        metrics = {"rewards/chosen": chosen.mean().item() if chosen.numel() else math.nan,
-                   "rewards/rejected": rejected.mean().item() if rejected.numel() else math.nan}
+        metrics = {}  # a KTO batch may hold no desirable (or no undesirable) completion: no value, not NaN
+        if chosen.numel():
+            metrics["rewards/chosen"] = chosen.mean().item()
+        if rejected.numel():
+            metrics["rewards/rejected"] = rejected.mean().item()
         if chosen.shape == rejected.shape and chosen.numel():
             metrics["rewards/margins"] = (chosen - rejected).mean().item()
             metrics["rewards/accuracies"] = (chosen > rejected).float().mean().item()
@@ -123,8 +126,10 @@ class PreferenceLoss:
     own extra terms (a MoE router's aux loss) added as SFT adds them."""
 
     def __init__(self, stage: str, beta: float, dpo_loss: str = "sigmoid", simpo_gamma: float = 0.5,
-                 sft_weight: float | None = None, labelled_logits: bool = True, reference_model=None):
-        if stage not in ("dpo", "simpo", "orpo"):
+                 sft_weight: float | None = None, labelled_logits: bool = True, reference_model=None,
+                 desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+        self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
+        if stage not in ("dpo", "simpo", "orpo", "kto"):
             raise ValueError(f"PreferenceLoss: unknown stage {stage!r}")
         self.stage, self.beta, self.dpo_loss, self.simpo_gamma = stage, beta, dpo_loss, simpo_gamma
         self.sft_weight = (1.0 if stage == "orpo" else 0.0) if sft_weight is None else sft_weight
@@ -143,9 +148,10 @@ class PreferenceLoss:
         self.head_linears = head_linears(model) if self.requested_labelled_logits else None
         self.chunk_size = chunk_rows(model)
         self.model_config = model.config
-        if self.stage == "dpo" and self.reference_model is None:
+        if self.stage in ("dpo", "kto") and self.reference_model is None:
             if not hasattr(model, "disable_adapter"):
-                raise ValueError("DPO needs a reference: a LoRA model (its adapter switched off) or reference_model")
+                raise ValueError(f"{self.stage}: needs a reference: a LoRA model (its adapter switched off) or "
+                                 "reference_model")
             self.adapter_model = model
 
     def reply_log_probs(self, model, inputs: dict, labels: torch.Tensor, replies: torch.Tensor, count: int):
@@ -176,9 +182,20 @@ class PreferenceLoss:
         inputs = dict(inputs)
         labels, replies = inputs.pop("labels"), inputs.pop(REPLY_INDEX)
         count = 2 * (int(replies.max()) // 2 + 1)
+        desirable = inputs.pop(DESIRABLE, None)
         policy, outputs = self.reply_log_probs(model, inputs, labels, replies, count)
         chosen, rejected = split_pairs(policy)
-        if self.stage == "dpo":
+        if self.stage == "kto":  # chosen: each sample's own completion; rejected: the mismatched one (KL estimate)
+            reference, mismatched_reference = split_pairs(
+                self.reference_log_probs(model, inputs, labels, replies, count))
+            kl = (rejected.total - mismatched_reference.total).detach().mean()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                kl = kl.clone()
+                torch.distributed.all_reduce(kl)  # the batch's estimate over every process, as TRL gathers it
+                kl = kl / torch.distributed.get_world_size()
+            terms = kto(chosen, reference, desirable.to(chosen.total.device), kl, self.beta, self.desirable_weight,
+                        self.undesirable_weight)
+        elif self.stage == "dpo":
             ref_chosen, ref_rejected = split_pairs(self.reference_log_probs(model, inputs, labels, replies, count))
             terms = dpo(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.dpo_loss)
         elif self.stage == "simpo":
@@ -187,6 +204,8 @@ class PreferenceLoss:
             terms = orpo(chosen, rejected, self.beta)
         loss = terms.losses.mean()
         logs = {name: torch.tensor(value) for name, value in terms.metrics().items()}
+        if self.stage == "kto":
+            logs["kl"] = kl.detach()
         if self.sft_weight:
             sft = -chosen.total.sum() / chosen.tokens.sum().clamp(min=1)
             loss = loss + self.sft_weight * sft
