@@ -481,6 +481,8 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
         package = REPORTING_PACKAGES.get(integration)
         if package and importlib.util.find_spec(package) is None:
             problems.append(f"--report_to {integration} needs the {package} package: pip install {package}")
+    if training_args.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        problems.append("--use_liger_kernel True needs the liger-kernel package: pip install liger-kernel")
     problems += number_problems(data_args, training_args, lora_args)
     problems.append(attention_problem(model_args.attn_implementation))
     if os.path.isfile(training_args.output_dir) and not data_args.dry_run:

@@ -3,6 +3,7 @@ with 2 processes take 1 process's steps (loss with its aux term, final weights),
 adapters ends where an uninterrupted one ends, and flags a MoE model cannot honour are one line, exit 2."""
 
 import json
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -113,3 +114,59 @@ def test_resumed_lora_run_ends_like_an_uninterrupted_one(moe_dir, moe_data, tmp_
     run(moe_dir, moe_data, resumed, *flags, "--resume_from_checkpoint", str(whole / "checkpoint-2"))
     assert [entry["step"] for entry in logged_steps(resumed)] == [1, 2, 3, 4]  # 1 and 2 from the checkpoint's state
     assert_same_steps(resumed, whole, moe_dir, "adapter_model.safetensors", step=1e-2, steps=4)
+
+
+# A mixture-of-experts model whose code ships with it (auto_map, --trust_remote_code) and whose attention is its own, as
+# some MoE models' remote code is: its class says so to transformers (_supports_attention_backend False).
+OWN_ATTENTION_MOE = '''
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+
+class OwnAttentionMoeConfig(Qwen3MoeConfig):
+    model_type = "own_attention_qwen3_moe"
+
+
+class OwnAttentionMoeForCausalLM(Qwen3MoeForCausalLM):
+    config_class = OwnAttentionMoeConfig
+    _supports_attention_backend = False
+'''
+
+
+def test_packing_with_a_models_own_attention_is_one_line_before_it_loads(moe_dir, moe_data, tmp_path, capsys,
+                                                                          monkeypatch):
+    import shutil
+
+    import finetune
+
+    path = Path(shutil.copytree(moe_dir, tmp_path / "own_attention_moe"))
+    (path / "modeling_own_attention_moe.py").write_text(OWN_ATTENTION_MOE)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="own_attention_qwen3_moe", architectures=["OwnAttentionMoeForCausalLM"], auto_map={
+        "AutoConfig": "modeling_own_attention_moe.OwnAttentionMoeConfig",
+        "AutoModelForCausalLM": "modeling_own_attention_moe.OwnAttentionMoeForCausalLM"})
+    (path / "config.json").write_text(json.dumps(config))
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were refused")
+
+    monkeypatch.setattr(finetune, "load_model", no_load)
+    code = finetune.main(["--model_name_or_path", str(path), "--data_path", moe_data, "--output_dir",
+                          str(tmp_path / "out"), "--use_cpu", "True", "--packing", "True", "--trust_remote_code", "True"])
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --packing: OwnAttentionMoeForCausalLM has its own attention code, which would let packed samples attend "
+        "to each other; train without --packing."]
+
+
+def test_liger_kernel_without_its_package_is_one_line(moe_dir, moe_data, tmp_path, capsys):
+    """transformers raised an ImportError (a traceback) once the Trainer was built, after the model loaded."""
+    import importlib.util
+
+    import finetune
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    code = finetune.main(["--model_name_or_path", str(moe_dir), "--data_path", moe_data, "--output_dir",
+                          str(tmp_path / "out"), "--use_cpu", "True", "--use_liger_kernel", "True"])
+    assert code == 2 and capsys.readouterr().err.splitlines() == [
+        "error: --use_liger_kernel True needs the liger-kernel package: pip install liger-kernel"]
