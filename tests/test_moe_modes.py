@@ -68,9 +68,10 @@ def test_ddp_two_processes_equal_one(mode, moe_dir, moe_data, tmp_path):
     saved = "adapter_model.safetensors" if mode == "lora" else "model.safetensors"
     final = assert_same_steps(two, one, moe_dir, saved)
     base = safetensors.torch.load_file(moe_dir / "model.safetensors")
-    if mode == "full":  # the experts and the router trained
-        for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.gate.weight"):
-            assert not torch.equal(final[name], base[name])
+    if mode == "full":  # every expert and the router trained (saved per expert, as the checkpoint format has them)
+        names = [f"model.layers.0.mlp.experts.{e}.{p}_proj.weight" for e in range(4) for p in ("gate", "up", "down")]
+        for name in [*names, "model.layers.0.mlp.gate.weight"]:
+            assert not torch.equal(final[name], base[name]), name
     else:
         expert_b = [tensor for name, tensor in final.items() if "experts" in name and "lora_B" in name]
         assert len(expert_b) == 4 and all(tensor.abs().max() > 0 for tensor in expert_b)
