@@ -502,9 +502,9 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
 
 def fsdp_device_problem(training_args) -> str | None:
     """--fsdp shards only on an accelerator: on the CPU (--use_cpu, or a machine without one) accelerate leaves its FSDP
-    plugin unused and the run is plain DDP, every process holding the whole model, optimizer state and gradients, while
-    the flag and the memory estimate say sharded (measured: a 2-process --fsdp full_shard run took DDP's steps, with DDP's
-    reducer; transformers 5.25, accelerate 1.16)."""
+    plugin unused and the run is plain DDP, every process holding the whole model, optimizer state and gradients,
+    while the flag and the memory estimate say sharded (measured: a 2-process --fsdp full_shard run took DDP's steps,
+    with DDP's reducer; transformers 5.25, accelerate 1.16)."""
     if not training_args.fsdp:
         return None
     import torch

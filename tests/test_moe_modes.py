@@ -152,11 +152,12 @@ def test_packing_with_a_models_own_attention_is_one_line_before_it_loads(moe_dir
 
     monkeypatch.setattr(finetune, "load_model", no_load)
     code = finetune.main(["--model_name_or_path", str(path), "--data_path", moe_data, "--output_dir",
-                          str(tmp_path / "out"), "--use_cpu", "True", "--packing", "True", "--trust_remote_code", "True"])
+                          str(tmp_path / "out"), "--use_cpu", "True", "--packing", "True",
+                          "--trust_remote_code", "True"])
     assert code == 2 and not (tmp_path / "out").exists()
     assert capsys.readouterr().err.splitlines() == [
-        "error: --packing: OwnAttentionMoeForCausalLM has its own attention code, which would let packed samples attend "
-        "to each other; train without --packing."]
+        "error: --packing: OwnAttentionMoeForCausalLM has its own attention code, which would let packed samples "
+        "attend to each other; train without --packing."]
 
 
 def test_liger_kernel_without_its_package_is_one_line(moe_dir, moe_data, tmp_path, capsys):
