@@ -24,7 +24,6 @@ import transformers  # noqa: E402
 
 from chatft.args import deepspeed_config, parse_args  # noqa: E402
 from chatft.model.attention import rows_keep_samples_apart  # noqa: E402
-from chatft.errors import ArgumentError  # noqa: E402
 from chatft.data.datasets import preprocess  # noqa: E402  (re-exported: `from finetune import preprocess`, as Qwen's)
 from chatft.data.datasets import load_samples, make_collator, make_datasets, split_off_eval  # noqa: E402
 from chatft.model.load import join_process_group, load_model  # noqa: E402
@@ -55,12 +54,9 @@ def read_data(data_args, seed: int) -> tuple[list[dict], list[dict] | None]:
 
 def padding_free_for(model, data_args) -> bool:
     """--padding_free, unless the model's own attention code cannot keep the samples of one row apart (then
-    batches are padded); --packing with such a model is refused."""
+    batches are padded); --packing with such a model was refused with the flags (chatft.args.packing_problem)."""
     if rows_keep_samples_apart(model):
         return data_args.padding_free
-    if data_args.packing:
-        raise ArgumentError(f"--packing: {type(model).__name__} has its own attention code, which would let packed "
-                            "samples attend to each other; train without --packing.")
     if data_args.padding_free:
         logger.info("%s has its own attention code (not transformers'), which cannot keep samples of one row "
                     "apart: batches are padded instead.", type(model).__name__)

@@ -472,6 +472,7 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
                         "use --deepspeed ds_config_zero2.json (finetune/finetune_qlora_ds.sh's default).")
     if lora_args.q_lora and training_args.fsdp:
         problems.append("--q_lora cannot run under FSDP here: use DeepSpeed ZeRO-2 (finetune/finetune_qlora_ds.sh).")
+    problems.append(fsdp_device_problem(training_args))
     problems += lora_variant_problems(training_args, lora_args)
     not_an_adapter = lora_args.lora_weight_path and adapter_dir_problem(lora_args.lora_weight_path, "--lora_weight_path")
     if not_an_adapter:
@@ -480,6 +481,8 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
         package = REPORTING_PACKAGES.get(integration)
         if package and importlib.util.find_spec(package) is None:
             problems.append(f"--report_to {integration} needs the {package} package: pip install {package}")
+    if training_args.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        problems.append("--use_liger_kernel True needs the liger-kernel package: pip install liger-kernel")
     problems += number_problems(data_args, training_args, lora_args)
     problems.append(attention_problem(model_args.attn_implementation))
     if os.path.isfile(training_args.output_dir) and not data_args.dry_run:
@@ -491,8 +494,44 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
                                            cache_dir=training_args.cache_dir)
     if not model_problems:  # the model's config is readable: check the flags against it
         model_problems = training_setup_problems(model_args, training_args, lora_args)
+        if data_args.packing:
+            model_problems.append(packing_problem(model_args, training_args))
     problems += model_problems
     raise_problems(problems)
+
+
+def fsdp_device_problem(training_args) -> str | None:
+    """--fsdp shards only on an accelerator: on the CPU (--use_cpu, or a machine without one) accelerate leaves its FSDP
+    plugin unused and the run is plain DDP, every process holding the whole model, optimizer state and gradients,
+    while the flag and the memory estimate say sharded (measured: a 2-process --fsdp full_shard run took DDP's steps,
+    with DDP's reducer; transformers 5.25, accelerate 1.16)."""
+    if not training_args.fsdp:
+        return None
+    import torch
+
+    if not training_args.use_cpu and torch.accelerator.is_available():
+        return None
+    return ("--fsdp: FSDP shards on GPUs (accelerators) only; on the CPU the run would be plain DDP, every process "
+            "holding the whole model: drop --fsdp, or shard with --deepspeed ds_config_zero3.json.")
+
+
+def packing_problem(model_args, training_args) -> str | None:
+    """--packing puts several samples in a row, kept apart only by transformers' attention interface: a model with its
+    own attention code (trust_remote_code: Qwen-1, some mixture-of-experts models) would let them attend to each other.
+    Found from the model's class, built on the meta device from its config (no weights; finetune.py pads such a
+    model's batches instead of padding-free rows)."""
+    import torch
+
+    from chatft.model.attention import rows_keep_samples_apart
+    from chatft.model.load import model_config
+
+    config = model_config(model_args.model_name_or_path, model_args.trust_remote_code, training_args.cache_dir)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    if rows_keep_samples_apart(model):
+        return None
+    return (f"--packing: {type(model).__name__} has its own attention code, which would let packed samples attend to "
+            "each other; train without --packing.")
 
 
 def attention_problem(name: str) -> str | None:
