@@ -8,6 +8,7 @@ plan decides (dtype, quantization, attention, sharding, trainable embeddings).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -288,10 +289,11 @@ def load_model(plan, lora_args, device=None):
         import peft
 
         # fp32 norms and output, input grads for checkpointing: what training on a frozen 4-bit base needs
-        model = peft.prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=plan.activation_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        with unquantized_experts_kept_as_loaded(model) if plan.quantization == "nf4" else contextlib.nullcontext():
+            model = peft.prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=plan.activation_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
     if plan.mode != "full":
         model = wrap_lora(model, lora_args, plan)
     elif not plan.train_embeddings:  # full-parameter training trains everything unless told not to
@@ -299,6 +301,33 @@ def load_model(plan, lora_args, device=None):
         if model.get_output_embeddings() is not None:
             model.get_output_embeddings().weight.requires_grad_(False)
     return model
+
+
+@contextlib.contextmanager
+def unquantized_experts_kept_as_loaded(model):
+    """Within it, a MoE model's routed experts (fused 3-D parameters, which bitsandbytes leaves unquantized: it
+    quantizes nn.Linear only) keep the dtype they were loaded in: peft's prepare_model_for_kbit_training upcasts
+    every 16-bit parameter that is not 4-bit to fp32, which for the experts (most of a MoE model's weights) would
+    double the model's memory. Their storage is set aside (an empty tensor in its place) while it runs, so no fp32
+    copy is ever made. They are not quantized with bitsandbytes' replace_parameter_4bit either: with it, peft's
+    stacked expert adapters (gate_up_proj wrapping down_proj) read the inner weight from the parametrization cache
+    without its adapter (that adapter got no gradient), and activation checkpointing's recomputation failed
+    (bitsandbytes 0.50.2, peft 0.21.2)."""
+    experts = [(name, parameter) for name, parameter in model.named_parameters()
+               if name.split(".")[-2:-1] == ["experts"] and parameter.dim() == 3
+               and parameter.dtype in (torch.float16, torch.bfloat16)]
+    if experts:
+        logger.info("Q-LoRA: the routed experts (%s) stay in %s, not 4-bit: bitsandbytes quantizes linear layers "
+                    "only, and its quantization of bare parameters does not yet work with peft's expert adapters",
+                    ", ".join(expert_parameter_names(model)), str(experts[0][1].dtype).removeprefix("torch."))
+    held = [parameter.data for _, parameter in experts]
+    for _, parameter in experts:
+        parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+    try:
+        yield
+    finally:
+        for (_, parameter), data in zip(experts, held):
+            parameter.data = data
 
 
 def embedding_module_names(model) -> list[str]:
