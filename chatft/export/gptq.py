@@ -119,12 +119,16 @@ def measure_perplexity(model_path: str, samples: list[TokenizedSample]) -> float
 
 
 def linear_input_widths(model_path: str) -> set[int]:
-    """in_features of every linear layer GPTQ quantizes (all but the output layer), from the config alone."""
+    """in_features of every linear layer GPTQ quantizes (all but the output layer), from the config alone; a MoE
+    model's routed experts too (fused 3-D [experts, out, in] parameters in transformers 5, which gptqmodel splits
+    into one linear layer per expert and projection)."""
     config = transformers.AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     output_layer = model.get_output_embeddings()
-    return {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output_layer}
+    experts = {name: p for name, p in model.named_parameters() if p.dim() == 3 and name.split(".")[-2] == "experts"}
+    return ({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output_layer}
+            | {p.shape[-1] for p in experts.values()})
 
 
 def choose_group_size(requested: int | None, widths: set[int]) -> int:

@@ -189,11 +189,23 @@ def training_setup_problems(model_args, training_args, lora_args) -> list[str]:
     if lora_args.q_lora and method == "gptq" and getattr(lora_args, "use_dora", False):
         problems.append(f"--use_dora: peft has no DoRA for GPTQ layers ({path} is a GPTQ model); drop --use_dora, or "
                         "train on the full-precision model with --q_lora (NF4).")
+    if lora_args.q_lora and method == "gptq" and is_moe_config(config, model_args.trust_remote_code):
+        problems.append(f"--q_lora: {path} is a GPTQ mixture-of-experts model ({config.model_type}): transformers "
+                        f"{transformers.__version__} would leave its experts randomly initialized (its GPTQ layers are "
+                        "per expert, the model's experts fused); train --q_lora on the full-precision model (NF4).")
     explicit = explicit_target_parameters(lora_args)
     if lora_args.use_lora and not lora_args.lora_weight_path and (lora_args.lora_target_modules or explicit):
         problems += lora_target_problems(config, lora_args.lora_target_modules or [],
                                          model_args.trust_remote_code, explicit)
     return problems
+
+
+def is_moe_config(config, trust_remote_code: bool = False) -> bool:
+    """Whether the model of `config` has routed experts (expert_parameter_names), from its module tree on the meta
+    device."""
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return bool(expert_parameter_names(model))
 
 
 def explicit_target_parameters(lora_args) -> list[str] | None:
