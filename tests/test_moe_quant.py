@@ -52,7 +52,8 @@ def test_nf4_keeps_experts_in_the_compute_dtype_and_trains_their_adapters(moe_di
     plan, lora_args = planned(moe_dir, "--activation_checkpointing")
     with caplog.at_level(logging.INFO, logger="chatft.model.load"):
         model = load_model(plan, lora_args, torch.device("cpu"))
-    said = [r.getMessage() for r in caplog.records if "routed experts" in r.getMessage() and "not 4-bit" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records
+            if "routed experts" in r.getMessage() and "not 4-bit" in r.getMessage()]
     assert len(said) == 1 and "bfloat16" in said[0] and "bitsandbytes quantizes linear layers only" in said[0]
     layer = model.base_model.model.model.layers[0]
     assert type(layer.self_attn.q_proj.base_layer).__name__ == "Linear4bit"
@@ -158,13 +159,25 @@ def test_qlora_on_a_gptq_moe_is_one_line(moe_dir, moe_data, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "is a GPTQ mixture-of-experts model" in err[0], err
 
 
+def test_gptq_on_qwen2_moe_is_one_line_before_loading(moe_data, tmp_path, capsys):
+    import run_gptq
+    from support import unloadable_copy
+
+    model_dir = unloadable_copy(build_tiny_moe(tmp_path, "qwen2_moe"), tmp_path, keep_tokenizer=True)
+    capsys.readouterr()  # what building it printed
+    code = run_gptq.main(["--model_name_or_path", str(model_dir), "--data_path", moe_data, "--output_dir",
+                          str(tmp_path / "gptq")])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and "GPTQ is not available for qwen2_moe models" in err[0], err
+    assert "shared_expert_gate" in err[0] and not (tmp_path / "gptq").exists()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", MOE_TYPES)
-def test_gptq_quantizes_the_experts_and_keeps_the_loss(model_type, moe_data, tmp_path):
+def test_gptq_quantizes_the_experts_and_keeps_the_loss(moe_data, tmp_path):
     import json
     import run_gptq
 
-    model_dir = moe_32(tmp_path, model_type)
+    model_dir = moe_32(tmp_path, "qwen3_moe")
     out = tmp_path / "gptq"
     assert run_gptq.main(["--model_name_or_path", str(model_dir), "--data_path", moe_data, "--output_dir", str(out),
                           "--bits", "4", "--num_eval_samples", "2"]) == 0
