@@ -322,7 +322,7 @@ def unquantized_experts_kept_as_loaded(model):
     every 16-bit parameter that is not 4-bit to fp32, which for the experts (most of a MoE model's weights) would
     double the model's memory. Their storage is set aside (an empty tensor in its place) while it runs, so no fp32
     copy is ever made. They are not quantized with bitsandbytes' replace_parameter_4bit either: with it, peft's
-    stacked expert adapters (gate_up_proj wrapping down_proj) read the inner weight from the parametrization cache
+    stacked expert adapters (down_proj's wrapping gate_up_proj's) read the inner weight from the parametrization cache
     without its adapter (that adapter got no gradient), and activation checkpointing's recomputation failed
     (bitsandbytes 0.50.2, peft 0.21.2)."""
     experts = [(name, parameter) for name, parameter in model.named_parameters()
