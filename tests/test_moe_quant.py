@@ -183,7 +183,7 @@ def test_gptq_quantizes_the_experts_and_keeps_the_loss(moe_data, tmp_path):
                           "--bits", "4", "--num_eval_samples", "2"]) == 0
     report = json.loads((out / "quantize_report.json").read_text())
     assert report["settings"]["group_size"] == 32
-    assert abs(report["perplexity_ratio"] - 1) < 0.02, report  # measured: 0.9998 (qwen3_moe)
+    assert abs(report["perplexity_ratio"] - 1) < 0.02, report  # measured: 1.0010 (qwen3_moe)
     quantized = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map={"": "cpu"})
     experts = quantized.model.layers[0].mlp.experts
     assert len(experts) == 4 and all(type(e.down_proj).__name__ != "Linear" for e in experts)  # each a GPTQ layer
