@@ -1,7 +1,9 @@
 """Quantized modes on tiny random qwen2_moe and qwen3_moe models (4 experts, top 2, the real Qwen tokenizer): Q-LoRA
 (NF4) quantizes the linear layers and keeps the fused experts in the compute dtype (bitsandbytes quantizes nn.Linear
 only; not upcast to fp32), every expert adapter gets a gradient, the loss stays near the bf16 model's, the memory
-estimate counts the experts as loaded, and a Q-LoRA MoE adapter merges with its expert deltas."""
+estimate counts the experts as loaded, and a Q-LoRA MoE adapter merges with its expert deltas. GPTQ (gptqmodel splits
+the experts per expert) quantizes qwen3_moe and keeps its loss; qwen2_moe, and --q_lora on a GPTQ MoE model, are one
+line, exit 2, before any weight loads."""
 
 import logging
 
