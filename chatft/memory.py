@@ -18,7 +18,8 @@ chatft.train.trainer.ChatTrainer hold:
   bf16/fp16); LoRA keeps the frozen base in the compute dtype and its adapters (and trainable embedding copies) in
   fp32; Q-LoRA keeps the decoder's linear layers in 4 bits (NF4 with double-quantized scales: 0.5 byte per weight,
   one 8-bit absmax per 64 and one fp32 per 64 x 256; GPTQ: packed weights, zeros, fp16 scales per group, g_idx)
-  and everything else in fp32 (peft's prepare_model_for_kbit_training upcasts it).
+  and everything else in fp32 (peft's prepare_model_for_kbit_training upcasts it), but for a MoE model's routed
+  experts under NF4: not 4-bit (bitsandbytes quantizes linear layers only) and kept in the compute dtype.
 - gradients: 4 bytes per trainable parameter (trainable parameters are fp32 in every mode).
 - optimizer: AdamW's two fp32 states per trainable parameter.
   DeepSpeed ZeRO-1 divides the optimizer state by the number of processes, ZeRO-2 and FSDP's shard_grad_op also the
@@ -135,10 +136,18 @@ class ModelShape:
         """Shapes of the parameters LoRA adapts through peft's target_parameters: plan.lora_target_parameters
         (matched as peft does, by name or dotted suffix), or when it is None the routed experts' fused weights
         (3-D parameters of a module named `experts`, as chatft.model.load.expert_parameter_names finds them)."""
+        return [shape for _, shape in self.adapted_bare_named(plan)]
+
+    def adapted_bare_named(self, plan) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of each parameter `adapted_bare` lists."""
         targets = plan.lora_target_parameters
         if targets is None:
-            return [shape for name, shape in self.bare if len(shape) == 3 and name.split(".")[-2:-1] == ["experts"]]
-        return [shape for name, shape in self.bare if any(name == t or name.endswith("." + t) for t in targets)]
+            return [(name, shape) for name, shape in self.bare if is_expert(name, shape)]
+        return [(name, shape) for name, shape in self.bare if any(name == t or name.endswith("." + t) for t in targets)]
+
+    def expert_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the routed experts' fused weights (3-D parameters of a module named `experts`)."""
+        return [shape for name, shape in self.bare if is_expert(name, shape)]
 
     def lora_params(self, plan) -> int:
         """r * (in + out) for every targeted linear layer (peft matches a target by the module's short name), and
@@ -149,6 +158,11 @@ class ModelShape:
         bare = sum(plan.lora_r * (shape[0] if len(shape) == 3 else 1) * sum(shape[-2:])
                    for shape in self.adapted_bare(plan))
         return linear + bare
+
+
+def is_expert(name: str, shape: tuple[int, ...]) -> bool:
+    """A routed experts' fused weight, as chatft.model.load.expert_parameter_names finds them."""
+    return len(shape) == 3 and name.split(".")[-2:-1] == ["experts"]
 
 
 def causal_lm_class(config, trust_remote_code: bool = False) -> type:
@@ -184,13 +198,17 @@ def weight_bytes(shape: ModelShape, plan, trainable: int) -> int:
     if plan.mode == "lora":
         return dtype_bytes(plan.compute_dtype) * shape.params + 4 * trainable
     quantized = sum(i * o for _, i, o in shape.linears)
+    # a MoE model's routed experts: not 4-bit under NF4 (bitsandbytes quantizes linear layers only), and kept in the
+    # compute dtype, not upcast (chatft.model.load.unquantized_experts_kept_as_loaded)
+    experts = sum(math.prod(s) for s in shape.expert_shapes()) if plan.quantization == "nf4" else 0
     if plan.quantization == "gptq":
         bits, group = plan.gptq_bits, plan.gptq_group_size
         # qweight and qzeros packed `bits` to a byte's 8, fp16 scales per group and output, int32 g_idx per input
         four_bit = sum(i * o * bits / 8 + math.ceil(i / group) * o * (bits / 8 + 2) + 4 * i for _, i, o in shape.linears)
     else:
         four_bit = quantized * NF4_BYTES_PER_WEIGHT
-    return int(four_bit) + 4 * (shape.params - quantized) + 4 * trainable
+    return (int(four_bit) + dtype_bytes(plan.compute_dtype) * experts + 4 * (shape.params - quantized - experts)
+            + 4 * trainable)
 
 
 def layer_activation_bytes(shape: ModelShape, plan) -> int:
@@ -270,12 +288,16 @@ def activation_bytes(shape: ModelShape, plan, tokens: int, trainable: int) -> in
 
 def adapted_bare_bytes(shape: ModelShape, plan) -> int:
     """peft's ParamWrapper computes an adapted bare parameter (fused experts) as a whole new tensor W + ΔW in W's
-    dtype (the compute dtype; fp32 on Q-LoRA's upcast base), which the experts' matmuls keep for the backward pass:
-    every layer's without activation checkpointing, one layer's (its recomputation) with it."""
+    dtype (the compute dtype; fp32 on Q-LoRA's upcast base, but for NF4's experts, kept in the compute dtype), which
+    the experts' matmuls keep for the backward pass: every layer's without activation checkpointing, one layer's (its
+    recomputation) with it."""
     if plan.mode == "full":
         return 0
-    total = sum(math.prod(s) for s in shape.adapted_bare(plan)) * (dtype_bytes(plan.compute_dtype)
-                                                                   if plan.mode == "lora" else 4)
+    # Q-LoRA's upcast base is fp32: there only NF4's unquantized experts stay in the compute dtype
+    in_compute_dtype = lambda name, s: (plan.mode == "lora"  # noqa: E731
+                                        or (plan.quantization == "nf4" and is_expert(name, s)))
+    total = sum(math.prod(s) * (dtype_bytes(plan.compute_dtype) if in_compute_dtype(name, s) else 4)
+                for name, s in shape.adapted_bare_named(plan))
     return total // max(shape.layers, 1) if plan.activation_checkpointing else total
 
 

@@ -119,12 +119,16 @@ def measure_perplexity(model_path: str, samples: list[TokenizedSample]) -> float
 
 
 def linear_input_widths(model_path: str) -> set[int]:
-    """in_features of every linear layer GPTQ quantizes (all but the output layer), from the config alone."""
+    """in_features of every linear layer GPTQ quantizes (all but the output layer), from the config alone; a MoE
+    model's routed experts too (fused 3-D [experts, out, in] parameters in transformers 5, which gptqmodel splits
+    into one linear layer per expert and projection)."""
     config = transformers.AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     output_layer = model.get_output_embeddings()
-    return {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output_layer}
+    experts = {name: p for name, p in model.named_parameters() if p.dim() == 3 and name.split(".")[-2] == "experts"}
+    return ({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output_layer}
+            | {p.shape[-1] for p in experts.values()})
 
 
 def choose_group_size(requested: int | None, widths: set[int]) -> int:
@@ -150,11 +154,22 @@ def choose_group_size(requested: int | None, widths: set[int]) -> int:
     return requested
 
 
+# Architectures whose GPTQ output would not load correctly, by model type: the reason (checked before any weight loads)
+GPTQ_UNLOADABLE = {
+    "qwen2_moe": "transformers 5.25 loads its shared_expert_gate (a linear layer of one output, which gptqmodel 7.7 "
+                 "leaves unquantized) as a GPTQ layer with no weights, which then computes garbage",
+}
+
+
 def check_quantizable(model_path: str, tokenizer, settings: GptqSettings) -> None:
     if settings.bits not in (2, 3, 4, 8):
         raise QuantizeError(f"--bits {settings.bits}: GPTQ supports 2, 3, 4 or 8.")
     if not 0 < settings.damp_percent < 1:
         raise QuantizeError(f"--damp_percent {settings.damp_percent}: must be between 0 and 1.")
+    model_type = transformers.AutoConfig.from_pretrained(model_path).model_type
+    if model_type in GPTQ_UNLOADABLE:
+        raise QuantizeError(f"{model_path}: GPTQ is not available for {model_type} models: "
+                            f"{GPTQ_UNLOADABLE[model_type]}.")
     quantization = saved_quantization(model_path)
     if quantization is not None:
         raise QuantizeError(f"{model_path} is already quantized ({quantization.get('quant_method')}); "

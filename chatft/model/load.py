@@ -8,6 +8,7 @@ plan decides (dtype, quantization, attention, sharding, trainable embeddings).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -188,11 +189,23 @@ def training_setup_problems(model_args, training_args, lora_args) -> list[str]:
     if lora_args.q_lora and method == "gptq" and getattr(lora_args, "use_dora", False):
         problems.append(f"--use_dora: peft has no DoRA for GPTQ layers ({path} is a GPTQ model); drop --use_dora, or "
                         "train on the full-precision model with --q_lora (NF4).")
+    if lora_args.q_lora and method == "gptq" and is_moe_config(config, model_args.trust_remote_code):
+        problems.append(f"--q_lora: {path} is a GPTQ mixture-of-experts model ({config.model_type}): transformers "
+                        f"{transformers.__version__} would leave its experts randomly initialized (its GPTQ layers are "
+                        "per expert, the model's experts fused); train --q_lora on the full-precision model (NF4).")
     explicit = explicit_target_parameters(lora_args)
     if lora_args.use_lora and not lora_args.lora_weight_path and (lora_args.lora_target_modules or explicit):
         problems += lora_target_problems(config, lora_args.lora_target_modules or [],
                                          model_args.trust_remote_code, explicit)
     return problems
+
+
+def is_moe_config(config, trust_remote_code: bool = False) -> bool:
+    """Whether the model of `config` has routed experts (expert_parameter_names), from its module tree on the meta
+    device."""
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return bool(expert_parameter_names(model))
 
 
 def explicit_target_parameters(lora_args) -> list[str] | None:
@@ -288,10 +301,11 @@ def load_model(plan, lora_args, device=None):
         import peft
 
         # fp32 norms and output, input grads for checkpointing: what training on a frozen 4-bit base needs
-        model = peft.prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=plan.activation_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        with unquantized_experts_kept_as_loaded(model) if plan.quantization == "nf4" else contextlib.nullcontext():
+            model = peft.prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=plan.activation_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
     if plan.mode != "full":
         model = wrap_lora(model, lora_args, plan)
     elif not plan.train_embeddings:  # full-parameter training trains everything unless told not to
@@ -299,6 +313,33 @@ def load_model(plan, lora_args, device=None):
         if model.get_output_embeddings() is not None:
             model.get_output_embeddings().weight.requires_grad_(False)
     return model
+
+
+@contextlib.contextmanager
+def unquantized_experts_kept_as_loaded(model):
+    """Within it, a MoE model's routed experts (fused 3-D parameters, which bitsandbytes leaves unquantized: it
+    quantizes nn.Linear only) keep the dtype they were loaded in: peft's prepare_model_for_kbit_training upcasts
+    every 16-bit parameter that is not 4-bit to fp32, which for the experts (most of a MoE model's weights) would
+    double the model's memory. Their storage is set aside (an empty tensor in its place) while it runs, so no fp32
+    copy is ever made. They are not quantized with bitsandbytes' replace_parameter_4bit either: with it, peft's
+    stacked expert adapters (down_proj's wrapping gate_up_proj's) read the inner weight from the parametrization cache
+    without its adapter (that adapter got no gradient), and activation checkpointing's recomputation failed
+    (bitsandbytes 0.50.2, peft 0.21.2)."""
+    experts = [(name, parameter) for name, parameter in model.named_parameters()
+               if name.split(".")[-2:-1] == ["experts"] and parameter.dim() == 3
+               and parameter.dtype in (torch.float16, torch.bfloat16)]
+    if experts:
+        logger.info("Q-LoRA: the routed experts (%s) stay in %s, not 4-bit: bitsandbytes quantizes linear layers "
+                    "only, and its quantization of bare parameters does not yet work with peft's expert adapters",
+                    ", ".join(expert_parameter_names(model)), str(experts[0][1].dtype).removeprefix("torch."))
+    held = [parameter.data for _, parameter in experts]
+    for _, parameter in experts:
+        parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+    try:
+        yield
+    finally:
+        for (_, parameter), data in zip(experts, held):
+            parameter.data = data
 
 
 def embedding_module_names(model) -> list[str]:
