@@ -40,7 +40,7 @@ def parallelism_config(sp_size: int, attn_implementation: str):
 
 
 def sequence_parallel_problems(size: int, world_size: int, zero_stage: int | None, padding_free: bool,
-                               pad_to_max_length: bool, fsdp, batch_size: int = 1, model_config=None) -> list[str]:
+                               pad_to_max_length: bool, fsdp, batch_size: int = 1) -> list[str]:
     """What stands in the way of --sequence_parallel_size `size` with these settings (empty: nothing)."""
     if size == 1:
         return []
@@ -64,17 +64,21 @@ def sequence_parallel_problems(size: int, world_size: int, zero_stage: int | Non
                         f"the micro-batch DeepSpeed is given, one padding-free row): use --per_device_train_batch_size 1 "
                         f"(not {batch_size}), --packing to put several samples in a row, and --gradient_accumulation_steps "
                         "for more rows a step.")
-    if model_config is not None:
-        text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-        heads, kv_heads = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
-        kv_heads = kv_heads or heads
-        if heads and heads % size:
-            problems.append(f"--sequence_parallel_size {size}: the model's {heads} attention heads are not divisible "
-                            f"by {size} (each process attends with heads / {size} of them).")
-        elif kv_heads and kv_heads % size and size % kv_heads:
-            problems.append(f"--sequence_parallel_size {size}: the model's {kv_heads} key/value heads and {size} "
-                            "must divide one another.")
     return problems
+
+
+def head_problem(size: int, config) -> str | None:
+    """Why the model of `config` cannot be split over `size` processes by heads (Ulysses gives each process
+    heads / size of them, key/value heads replicated where there are fewer than processes); None if it can."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads and heads % size:
+        return (f"--sequence_parallel_size {size}: the model's {heads} attention heads are not divisible by {size} "
+                f"(each process attends with 1/{size} of them).")
+    if kv_heads and kv_heads % size and size % kv_heads:
+        return f"--sequence_parallel_size {size}: the model's {kv_heads} key/value heads and {size} must divide one another."
+    return None
 
 
 class SequenceParallelCollator:

@@ -38,8 +38,8 @@ from chatft.data.chat_format import LOSS_WEIGHTS
 from chatft.train.losses import LossScale, SupervisedLoss, loss_weight_total
 from chatft.train.neftune import SampleScaledNoise
 from chatft.train.optim import raise_lora_b_learning_rate
-from chatft.train.sequence_parallel import (SequenceParallelCollator, parallelism_config, sequence_parallel_group,
-                                            sums_gradients_over_the_group)
+from chatft.train.sequence_parallel import (SequenceParallelCollator, head_problem, parallelism_config,
+                                            sequence_parallel_group, sums_gradients_over_the_group)
 from chatft.errors import ArgumentError
 from chatft.patches import checkpoints_written_as
 
@@ -144,6 +144,9 @@ class ChatTrainer(transformers.Trainer):
         sequence_parallel_size = getattr(training_args, "sequence_parallel_size", 1)
         if sequence_parallel_size > 1:  # DeepSpeed's Ulysses through accelerate (chatft.train.sequence_parallel)
             model = kwargs.get("model", args[0] if args else None)
+            problem = head_problem(sequence_parallel_size, model.config)
+            if problem:
+                raise ArgumentError(problem)
             training_args.parallelism_config = parallelism_config(
                 sequence_parallel_size, model.config._attn_implementation)
         super().__init__(*args, **kwargs)
