@@ -186,3 +186,22 @@ def first_step(output_dir):
     history = json.load(open(output_dir / "trainer_state.json"))["log_history"]
     entry = next(entry for entry in history if "loss" in entry)
     return entry["loss"], entry["grad_norm"]
+
+
+# --- the memory estimate ---------------------------------------------------------------------------------------------
+
+def test_each_process_holds_the_activations_of_its_share_of_the_row(tiny_qwen2_arch_dir):
+    import dataclasses
+
+    import transformers
+
+    from chatft.memory import estimate_training_memory
+    from chatft.plan import RunPlan
+
+    config = transformers.AutoConfig.from_pretrained(tiny_qwen2_arch_dir)
+    plan = RunPlan(config=config, mode="full", compute_dtype=torch.float32, shard="zero2", world_size=2)
+    whole = estimate_training_memory(plan, 8192)
+    split = estimate_training_memory(dataclasses.replace(plan, sequence_parallel_size=2), 8192)
+    assert split.activations == estimate_training_memory(plan, 4096).activations < whole.activations
+    assert (split.weights, split.gradients, split.optimizer) == (whole.weights, whole.gradients, whole.optimizer)
+    assert split.text().endswith("at the longest batch of 8,192 tokens, 1/2 of it a process with sequence parallelism)")
