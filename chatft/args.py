@@ -495,7 +495,7 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
     problems += sequence_parallel_problems(
         training_args.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", "1")),
         deepspeed_zero_stage(training_args), data_args.padding_free, data_args.pad_to_max_length, training_args.fsdp,
-        training_args.per_device_train_batch_size)
+        training_args.per_device_train_batch_size, model_args.attn_implementation)
     model_problems = model_source_problems(model_args.model_name_or_path, "--model_name_or_path",
                                            trust_remote_code=model_args.trust_remote_code,
                                            cache_dir=training_args.cache_dir)

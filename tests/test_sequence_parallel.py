@@ -42,6 +42,10 @@ ALONE = ("--sequence_parallel_size 2 must divide the number of processes (1): la
         ALONE, "--sequence_parallel_size trains one row at a time (DeepSpeed's Ulysses attention is built for the "
         "micro-batch DeepSpeed is given, one padding-free row): use --per_device_train_batch_size 1 (not 4), --packing "
         "to put several samples in a row, and --gradient_accumulation_steps for more rows a step."]),
+    (["--sequence_parallel_size", "2", "--attn_implementation", "sdpa", *ZERO2], [
+        ALONE, "--sequence_parallel_size with --attn_implementation sdpa: DeepSpeed drops the attention mask, so the "
+        "samples of a row would attend to each other; use auto (chatft's per-sample sdpa, or flash-attention where "
+        "installed) or flash_attention_2."]),
     (["--sequence_parallel_size", "0"], ["--sequence_parallel_size must be at least 1, not 0."]),
 ])
 def test_flag_problems_are_one_line_each_before_the_model_loads(unloadable_model, tmp_path, capsys, flags, expected):
@@ -61,6 +65,8 @@ def test_the_group_must_divide_the_processes():
         "--sequence_parallel_size 2 must divide the number of processes (3): launch a multiple of 2 processes "
         "(torchrun --nproc_per_node 2)."]
     assert "not FSDP" in sequence_parallel_problems(2, 2, None, True, False, "full_shard", 1)[0]
+    assert sequence_parallel_problems(2, 2, 3, True, False, None, 1, "flash_attention_2") == []
+    assert "attend to each other" in sequence_parallel_problems(2, 2, 3, True, False, None, 1, "paged|sdpa")[0]
 
 
 def test_accepted_with_deepspeed_one_row_and_a_divisor_of_the_processes():

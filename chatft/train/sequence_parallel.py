@@ -40,7 +40,8 @@ def parallelism_config(sp_size: int, attn_implementation: str):
 
 
 def sequence_parallel_problems(size: int, world_size: int, zero_stage: int | None, padding_free: bool,
-                               pad_to_max_length: bool, fsdp, batch_size: int = 1) -> list[str]:
+                               pad_to_max_length: bool, fsdp, batch_size: int = 1,
+                               attn_implementation: str = "auto") -> list[str]:
     """What stands in the way of --sequence_parallel_size `size` with these settings (empty: nothing)."""
     if size == 1:
         return []
@@ -59,6 +60,11 @@ def sequence_parallel_problems(size: int, world_size: int, zero_stage: int | Non
     if not padding_free or pad_to_max_length:
         problems.append("--sequence_parallel_size splits padding-free rows: drop --padding_free False and "
                         "--pad_to_max_length.")
+    kernel = attn_implementation.split("|")[-1]
+    if kernel in ("sdpa", "eager", "flex_attention"):
+        problems.append(f"--sequence_parallel_size with --attn_implementation {attn_implementation}: DeepSpeed drops "
+                        "the attention mask, so the samples of a row would attend to each other; use auto (chatft's "
+                        "per-sample sdpa, or flash-attention where installed) or flash_attention_2.")
     if batch_size != 1:
         problems.append(f"--sequence_parallel_size trains one row at a time (DeepSpeed's Ulysses attention is built for "
                         f"the micro-batch DeepSpeed is given, one padding-free row): use --per_device_train_batch_size 1 "
