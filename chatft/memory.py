@@ -8,8 +8,8 @@ decided) alone.
 
 A pure estimator: it reads a chatft.plan.RunPlan's fields (mode, compute_dtype, quantization, gptq_bits,
 gptq_group_size, shard, world_size, train_embeddings, vocab_size, lora_r, lora_targets, lora_target_parameters,
-lora_dropout, activation_checkpointing, labelled_logits_only, sequence_parallel_size; config and trust_remote_code to build the model's
-shape) and imports nothing from chatft, so that it cannot decide anything the plan decides.
+lora_dropout, activation_checkpointing, labelled_logits_only, sequence_parallel_size; config and trust_remote_code
+to build the model's shape) and imports nothing from chatft, so that it cannot decide anything the plan decides.
 
 The peak is taken as the sum of four parts, each in bytes, matching what chatft.model.load.load_model and
 chatft.train.trainer.ChatTrainer hold:

@@ -37,7 +37,8 @@ ALONE = ("--sequence_parallel_size 2 must divide the number of processes (1): la
         ALONE, "--sequence_parallel_size needs DeepSpeed (its Ulysses sequence parallelism): add --deepspeed "
         "ds_config_zero2.json (or ds_config_zero3.json)."]),
     (["--sequence_parallel_size", "2", "--padding_free", "False", *ZERO2], [
-        ALONE, "--sequence_parallel_size splits padding-free rows: drop --padding_free False and --pad_to_max_length."]),
+        ALONE,
+        "--sequence_parallel_size splits padding-free rows: drop --padding_free False and --pad_to_max_length."]),
     (["--sequence_parallel_size", "2", "--per_device_train_batch_size", "4", *ZERO2], [
         ALONE, "--sequence_parallel_size trains one row at a time (DeepSpeed's Ulysses attention is built for the "
         "micro-batch DeepSpeed is given, one padding-free row): use --per_device_train_batch_size 1 (not 4), --packing "
@@ -146,8 +147,10 @@ def sequence_data(tmp_path):
     conversations = []
     for i in range(2):
         conversations.append({"id": f"s{i}", "conversations": [
-            {"from": "user", "value": f"Tell me story {i} about " + " ".join(f"topic{(k + i) % 31}" for k in range(20))},
-            {"from": "assistant", "value": " ".join(f"story{(k * 7 + i) % 97} line{k % 13}" for k in range(40 + 20 * i))},
+            {"from": "user", "value": f"Tell me story {i} about " + " ".join(f"topic{(k + i) % 31}"
+                                                                               for k in range(20))},
+            {"from": "assistant", "value": " ".join(f"story{(k * 7 + i) % 97} line{k % 13}"
+                                                    for k in range(40 + 20 * i))},
         ]})
     return str(write_json(tmp_path / "long.json", conversations))
 

@@ -66,10 +66,10 @@ def sequence_parallel_problems(size: int, world_size: int, zero_stage: int | Non
                         "the attention mask, so the samples of a row would attend to each other; use auto (chatft's "
                         "per-sample sdpa, or flash-attention where installed) or flash_attention_2.")
     if batch_size != 1:
-        problems.append(f"--sequence_parallel_size trains one row at a time (DeepSpeed's Ulysses attention is built for "
-                        f"the micro-batch DeepSpeed is given, one padding-free row): use --per_device_train_batch_size 1 "
-                        f"(not {batch_size}), --packing to put several samples in a row, and --gradient_accumulation_steps "
-                        "for more rows a step.")
+        problems.append("--sequence_parallel_size trains one row at a time (DeepSpeed's Ulysses attention is built "
+                        "for the micro-batch DeepSpeed is given, one padding-free row): use "
+                        f"--per_device_train_batch_size 1 (not {batch_size}), --packing to put several samples in a "
+                        "row, and --gradient_accumulation_steps for more rows a step.")
     return problems
 
 
@@ -83,7 +83,8 @@ def head_problem(size: int, config) -> str | None:
         return (f"--sequence_parallel_size {size}: the model's {heads} attention heads are not divisible by {size} "
                 f"(each process attends with 1/{size} of them).")
     if kv_heads and kv_heads % size and size % kv_heads:
-        return f"--sequence_parallel_size {size}: the model's {kv_heads} key/value heads and {size} must divide one another."
+        return (f"--sequence_parallel_size {size}: the model's {kv_heads} key/value heads and {size} must divide one "
+                "another.")
     return None
 
 

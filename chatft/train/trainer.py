@@ -224,7 +224,8 @@ class ChatTrainer(transformers.Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         library_loss = self.label_smoother is not None or self.compute_loss_func is not None
         sharded = "shift_labels" in inputs and model.training  # a shard of a row (sequence parallelism)
-        if return_outputs or library_loss or ("labels" not in inputs and not sharded):  # evaluation's predictions, the library's options
+        # evaluation's predictions, the library's options
+        if return_outputs or library_loss or ("labels" not in inputs and not sharded):
             inputs = {name: value for name, value in inputs.items() if name != LOSS_WEIGHTS}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         processes = self.accelerator.num_processes // self.get_tp_size() if self.args.average_tokens_across_devices else 1
