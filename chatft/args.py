@@ -182,6 +182,10 @@ class TrainingArguments(transformers.TrainingArguments):
     eval_generate_max_new_tokens: int = field(
         default=128, metadata={"help": "--eval_generate: the most tokens a reply may have."}
     )
+    sequence_parallel_size: int = field(
+        default=1, metadata={"help": "Split each row across N processes (DeepSpeed's Ulysses sequence parallelism; "
+                             "needs --deepspeed and N dividing the processes). 1: off."}
+    )
 
     def __post_init__(self):
         if str(self.resume_from_checkpoint).lower() in ("true", "false"):  # True: the latest checkpoint in output_dir
@@ -489,6 +493,12 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
         problems.append(f"--output_dir {training_args.output_dir}: is a file; the run writes a directory there.")
     problems += resume_problems(training_args)
     problems += evaluation_problems(data_args, training_args)
+    from chatft.train.sequence_parallel import sequence_parallel_problems  # --sequence_parallel_size
+
+    problems += sequence_parallel_problems(
+        training_args.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", "1")),
+        deepspeed_zero_stage(training_args), data_args.padding_free, data_args.pad_to_max_length, training_args.fsdp,
+        training_args.per_device_train_batch_size, model_args.attn_implementation)
     model_problems = model_source_problems(model_args.model_name_or_path, "--model_name_or_path",
                                            trust_remote_code=model_args.trust_remote_code,
                                            cache_dir=training_args.cache_dir)

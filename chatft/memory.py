@@ -8,8 +8,8 @@ decided) alone.
 
 A pure estimator: it reads a chatft.plan.RunPlan's fields (mode, compute_dtype, quantization, gptq_bits,
 gptq_group_size, shard, world_size, train_embeddings, vocab_size, lora_r, lora_targets, lora_target_parameters,
-lora_dropout, activation_checkpointing, labelled_logits_only; config and trust_remote_code to build the model's
-shape) and imports nothing from chatft, so that it cannot decide anything the plan decides.
+lora_dropout, activation_checkpointing, labelled_logits_only, sequence_parallel_size; config and trust_remote_code
+to build the model's shape) and imports nothing from chatft, so that it cannot decide anything the plan decides.
 
 The peak is taken as the sum of four parts, each in bytes, matching what chatft.model.load.load_model and
 chatft.train.trainer.ChatTrainer hold:
@@ -28,6 +28,8 @@ chatft.train.trainer.ChatTrainer hold:
   hidden, intermediate, heads, key/value heads and head_dim, below), the weights' compute-dtype copies that autocast
   caches during the forward pass, the adapted copies of fused expert weights (`adapted_bare_bytes`), and the loss's
   working set. (A mixture-of-experts layer's activations are taken as a dense MLP's of its config's intermediate size.)
+  With sequence parallelism over N processes (DeepSpeed Ulysses) each process holds the activations of 1/N of the
+  row: outside attention its shard of the tokens, inside it the whole row for 1/N of the heads, the same bytes.
 
 It is an upper bound in one respect: gradients are set to None between steps (the Trainer's zero_grad), so they and
 the forward pass's activations never fully coexist; the backward pass frees activations layer by layer as gradients
@@ -67,6 +69,7 @@ class MemoryEstimate:
     activations: int
     tokens: int
     trainable_params: int = field(default=0, compare=False)
+    sequence_parallel_size: int = 1  # the row split across this many processes (activations are for 1/N of it)
 
     @property
     def total(self) -> int:
@@ -76,7 +79,12 @@ class MemoryEstimate:
         gib = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
         return (f"memory estimate: ~{gib(self.total)} peak (weights {gib(self.weights)}, gradients "
                 f"{gib(self.gradients)}, optimizer {gib(self.optimizer)}, activations {gib(self.activations)} at the "
-                f"longest batch of {self.tokens:,} tokens)")
+                f"longest batch of {self.tokens:,} tokens{self.split_text()})")
+
+    def split_text(self) -> str:
+        if self.sequence_parallel_size == 1:
+            return ""
+        return f", 1/{self.sequence_parallel_size} of it a process with sequence parallelism"
 
 
 @dataclass(frozen=True)
@@ -310,6 +318,7 @@ def estimate_training_memory(plan, tokens: int, shape: ModelShape | None = None)
     gradients = GRADIENT_BYTES * trainable
     optimizer = ADAMW_STATE_BYTES * trainable
     n = max(plan.world_size, 1)
+    split = max(getattr(plan, "sequence_parallel_size", 1), 1)
     if plan.shard in ("zero1", "zero2", "zero3", "fsdp_grad", "fsdp_full"):
         optimizer //= n
     if plan.shard in ("zero2", "zero3", "fsdp_grad", "fsdp_full"):
@@ -317,8 +326,8 @@ def estimate_training_memory(plan, tokens: int, shape: ModelShape | None = None)
     if plan.shard in ("zero3", "fsdp_full"):
         weights //= n
     return MemoryEstimate(weights=int(weights), gradients=int(gradients), optimizer=int(optimizer),
-                          activations=int(activation_bytes(shape, plan, tokens, trainable)), tokens=tokens,
-                          trainable_params=trainable)
+                          activations=int(activation_bytes(shape, plan, -(-tokens // split), trainable)),
+                          tokens=tokens, trainable_params=trainable, sequence_parallel_size=split)
 
 
 def run_estimator(plan):

@@ -64,6 +64,7 @@ class RunPlan:
     lora_dropout: float = 0.0
     activation_checkpointing: bool = True
     labelled_logits_only: bool = True
+    sequence_parallel_size: int = 1  # --sequence_parallel_size: a row split across this many processes
 
 
 def plan_run(model_args, data_args, training_args, lora_args):
@@ -97,6 +98,7 @@ def plan_run(model_args, data_args, training_args, lora_args):
         lora_target_parameters=lora_target_parameters(lora_args),
         lora_dropout=lora_args.lora_dropout, activation_checkpointing=bool(training_args.activation_checkpointing),
         labelled_logits_only=bool(training_args.labelled_logits_only),
+        sequence_parallel_size=getattr(training_args, "sequence_parallel_size", 1),
     )
     return plan, tokenizer
 

@@ -69,6 +69,21 @@ class LossScale:
     tokens: int | torch.Tensor | None = None
     processes: int = 1
     accumulation_steps: int = 1
+    # sequence parallelism (chatft.train.sequence_parallel): (process group, size, whether the engine sums the
+    # group's gradients); the micro-batch is one row split across the group
+    sequence_group: tuple | None = None
+
+    def sequence_mean(self, token_sum: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+        """The token mean over the whole row when this process holds one shard of it (`token_sum` over its labelled
+        tokens, `shift_labels` its targets): the value of every process is the whole row's mean, and each
+        back-propagates its own share, sum / the row's token count, so that the gradients the engine sums over
+        the group are one process's on the whole row. (The Trainer then divides by the accumulation steps.)"""
+        group, size, sums = self.sequence_group
+        count = (shift_labels != IGNORE_INDEX).sum().float()
+        totals = torch.stack((token_sum.detach().float(), count))
+        torch.distributed.all_reduce(totals, group=group)
+        own = token_sum if sums else token_sum * size  # an engine that averages over the group: undo its division
+        return (own + (totals[0] - own.detach())) / totals[1].clamp(min=1)
 
     def token_mean(self, token_sum: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """A sum over labelled tokens as the model's own loss reduces it (sum / num_items_in_batch)."""
@@ -152,6 +167,8 @@ class SupervisedLoss:
 
     def __call__(self, model, inputs: dict, scale: LossScale) -> LossTerms:
         inputs = dict(inputs)
+        if "shift_labels" in inputs:  # one shard of a row under sequence parallelism: its targets come shifted
+            return self.sequence_shard(model, inputs, inputs.pop("shift_labels"), scale)
         labels = inputs.pop("labels")
         weights = inputs.pop(LOSS_WEIGHTS, None)
         if weights is not None:
@@ -180,6 +197,25 @@ class SupervisedLoss:
             weighted_sum = (weights[:, 1:].float() * token_cross_entropies(outputs.logits, labels)).sum()
         return with_model_terms(self.model_config, outputs, scale.weighted_token_mean(weighted_sum, weights, labels),
                                 scale)
+
+
+    def sequence_shard(self, model, inputs: dict, shift_labels: torch.Tensor, scale: LossScale) -> LossTerms:
+        """Sequence parallelism: this process's shard of the row, whose targets the engine shifted across the
+        shards (`shift_labels[t]` is the token after position t, the last position's taken from the next shard):
+        the token mean over the whole row (`LossScale.sequence_mean`). Per-turn loss weights are refused by the
+        trainer under sequence parallelism."""
+        inputs.pop("labels", None)
+        if inputs.pop(LOSS_WEIGHTS, None) is not None:
+            raise RuntimeError("Per-turn loss weights are not supported with sequence parallelism.")
+        if self.labelled_logits:
+            with output_layer_computes(self.head_linears, shift_labels, self.chunk_size, shifted_cross_entropy) as head:
+                outputs = model(**inputs)
+            token_sum = head.of(outputs, ())
+        else:
+            outputs = model(**inputs)
+            token_sum = torch.nn.functional.cross_entropy(outputs.logits.flatten(0, 1).float(), shift_labels.flatten(),
+                                                          ignore_index=IGNORE_INDEX, reduction="sum")
+        return with_model_terms(self.model_config, outputs, scale.sequence_mean(token_sum, shift_labels), scale)
 
 
 def loss_weight_total(batch: dict) -> torch.Tensor:
@@ -375,6 +411,17 @@ def labelled_cross_entropy(hidden_states: torch.Tensor, labels: torch.Tensor, he
     """The sum of the token losses of a causal LM (position t predicts labels[t + 1]) with `head` applied only at
     labelled positions, `chunk_size` rows at a time, in the autocast dtype when autocast is on (as the plain path)."""
     hidden, targets = labelled_rows(hidden_states, labels)
+    compute_dtype = compute_dtype_of(hidden, head)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return LinearCrossEntropySum.apply(hidden, head.weight, head.bias, targets, chunk_size, compute_dtype)
+
+
+def shifted_cross_entropy(hidden_states: torch.Tensor, shift_labels: torch.Tensor, head: torch.nn.Linear,
+                          chunk_size: int) -> torch.Tensor:
+    """`labelled_cross_entropy` for targets already shifted (position t predicts shift_labels[t], every position
+    included): a shard of a row under sequence parallelism."""
+    labelled = shift_labels != IGNORE_INDEX
+    hidden, targets = hidden_states[labelled], shift_labels[labelled]
     compute_dtype = compute_dtype_of(hidden, head)
     with torch.autocast(hidden.device.type, enabled=False):
         return LinearCrossEntropySum.apply(hidden, head.weight, head.bias, targets, chunk_size, compute_dtype)

@@ -38,6 +38,9 @@ from chatft.data.chat_format import LOSS_WEIGHTS
 from chatft.train.losses import LossScale, SupervisedLoss, loss_weight_total
 from chatft.train.neftune import SampleScaledNoise
 from chatft.train.optim import raise_lora_b_learning_rate
+from chatft.train.sequence_parallel import (SequenceParallelCollator, head_problem, parallelism_config,
+                                            sequence_parallel_group, sums_gradients_over_the_group)
+from chatft.errors import ArgumentError
 from chatft.patches import checkpoints_written_as
 
 logger = logging.getLogger(__name__)
@@ -137,6 +140,15 @@ class ChatTrainer(transformers.Trainer):
     output layer at labelled positions only)."""
 
     def __init__(self, *args, loss=None, loraplus_lr_ratio: float | None = None, **kwargs):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        sequence_parallel_size = getattr(training_args, "sequence_parallel_size", 1)
+        if sequence_parallel_size > 1:  # DeepSpeed's Ulysses through accelerate (chatft.train.sequence_parallel)
+            model = kwargs.get("model", args[0] if args else None)
+            problem = head_problem(sequence_parallel_size, model.config)
+            if problem:
+                raise ArgumentError(problem)
+            training_args.parallelism_config = parallelism_config(
+                sequence_parallel_size, model.config._attn_implementation)
         super().__init__(*args, **kwargs)
         self.loraplus_lr_ratio = loraplus_lr_ratio
         # --neftune_noise_alpha: noise scaled per sample (chatft.train.neftune) in place of transformers' hook, which
@@ -150,6 +162,15 @@ class ChatTrainer(transformers.Trainer):
         self.add_callback(self.run_start)
         self.add_callback(AtomicCheckpoints(self.accelerator.wait_for_everyone))
         self.weighted_data = bool(getattr(self.train_dataset, "has_loss_weights", False))
+        if sequence_parallel_size > 1:
+            if self.weighted_data:
+                raise ArgumentError("--sequence_parallel_size: per-turn loss weights (a \"weight\" in the data) are "
+                                    "not supported with sequence parallelism; train without one of them.")
+            pad_token_id = getattr(self.processing_class, "pad_token_id", None) or 0
+            row_length = (self.args.per_device_train_batch_size * self.args.model_max_length
+                          if self.args.device.type == "cpu" else None)  # gloo: rows of one length (the collator)
+            self.data_collator = SequenceParallelCollator(self.data_collator, sequence_parallel_size, pad_token_id,
+                                                          row_length)
 
     def _set_signature_columns_if_needed(self):
         """transformers' columns to keep (those the model's forward names), and the loss's `loss_weights`. (No public
@@ -202,12 +223,16 @@ class ChatTrainer(transformers.Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         library_loss = self.label_smoother is not None or self.compute_loss_func is not None
-        if return_outputs or library_loss or "labels" not in inputs:  # evaluation's predictions, the library's options
+        sharded = "shift_labels" in inputs and model.training  # a shard of a row (sequence parallelism)
+        # evaluation's predictions, the library's options
+        if return_outputs or library_loss or ("labels" not in inputs and not sharded):
             inputs = {name: value for name, value in inputs.items() if name != LOSS_WEIGHTS}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         processes = self.accelerator.num_processes // self.get_tp_size() if self.args.average_tokens_across_devices else 1
+        group = sequence_parallel_group(self) if sharded else None
         scale = LossScale(tokens=num_items_in_batch, processes=processes,
-                          accumulation_steps=self.current_gradient_accumulation_steps)
+                          accumulation_steps=self.current_gradient_accumulation_steps,
+                          sequence_group=(*group, sums_gradients_over_the_group()) if group else None)
         terms = self.loss(model, inputs, scale)
         if terms.logs and model.training:
             self.logged_means.add(terms.logs)
