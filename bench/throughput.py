@@ -183,9 +183,11 @@ def run_chatft(config: dict, samples: list[dict], scratch: str) -> dict:
     """One chatft variant: finetune.train with the variant's flags, its collator wrapped in a CountingCollator."""
     import finetune
 
+    from chatft.args import parse_args as parse_finetune_flags
     from chatft.data.datasets import read_json_or_jsonl
+    from chatft.memory import longest_batch_tokens, run_estimator
+    from chatft.plan import plan_run
 
-    baseline_mib = harness.current_resident_mib()
     data_file = os.path.join(scratch, "train.json")
     with open(data_file, "w", encoding="utf-8") as f:  # the records of the same samples, in the file's own format
         json.dump(read_json_or_jsonl(config["data"])[0][: len(samples)], f, ensure_ascii=False)
@@ -198,8 +200,15 @@ def run_chatft(config: dict, samples: list[dict], scratch: str) -> dict:
     argv += ["--use_lora"] if config["mode"] == "lora" else []
     argv += ["--bf16", "True"] if config["precision"] == "bf16" else []
     argv += [] if config["cuda"] else ["--use_cpu", "True"]
-    trainer = finetune.train(argv + CHATFT_VARIANTS[config["variant"]], wrap_collator=CountingCollator)
-    return measured(trainer, trainer.state.log_history[-1]["train_runtime"], trainer.data_collator, baseline_mib)
+    argv += CHATFT_VARIANTS[config["variant"]]
+    # what finetune.py logs before training: the plan's estimate (chatft.memory), taken before the baseline
+    estimate_memory = run_estimator(plan_run(*parse_finetune_flags(argv))[0])
+    baseline_mib = harness.current_resident_mib()
+    trainer = finetune.train(argv, wrap_collator=CountingCollator)
+    result = measured(trainer, trainer.state.log_history[-1]["train_runtime"], trainer.data_collator, baseline_mib)
+    tokens = longest_batch_tokens(trainer.train_dataset, config["batch_size"], config["max_length"])
+    result["estimated_memory_mib"] = estimate_memory(tokens).total / 2**20 if estimate_memory is not None else None
+    return result
 
 
 def run_trl(config: dict, samples: list[dict], scratch: str) -> dict:
@@ -209,6 +218,8 @@ def run_trl(config: dict, samples: list[dict], scratch: str) -> dict:
     import torch
     import transformers
     import trl
+
+    from chatft.model.load import expert_parameter_names
 
     baseline_mib = harness.current_resident_mib()
     rows = [{"messages": trl_messages(sample)} for sample in samples]
@@ -227,7 +238,10 @@ def run_trl(config: dict, samples: list[dict], scratch: str) -> dict:
         padding_free=TRL_VARIANTS[config["variant"]], packing=TRL_VARIANTS[config["variant"]], packing_strategy="bfd",
         disable_tqdm=True, dataloader_num_workers=0,
     )
-    lora = peft.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    # a mixture-of-experts model: its routed experts adapted too (peft's target_parameters), as chatft's LoRA does
+    experts = expert_parameter_names(model) or None
+    lora = peft.LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
+                           target_parameters=experts)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=lora if config["mode"] == "lora" else None)
     counter = CountingCollator(trainer.data_collator)  # the collator SFTTrainer built from args, counted

@@ -27,7 +27,8 @@ chatft.train.trainer.ChatTrainer hold:
 - activations at the longest batch (`activation_bytes`): what autograd keeps per token and layer (derived from
   hidden, intermediate, heads, key/value heads and head_dim, below), the weights' compute-dtype copies that autocast
   caches during the forward pass, the adapted copies of fused expert weights (`adapted_bare_bytes`), and the loss's
-  working set. (A mixture-of-experts layer's activations are taken as a dense MLP's of its config's intermediate size.)
+  working set. A mixture-of-experts layer's activations are its router's and, per token, top-k routed copies through
+  the experts' width (`moe_layer_activation_bytes`), not a dense MLP's of the config's intermediate size.
   With sequence parallelism over N processes (DeepSpeed Ulysses) each process holds the activations of 1/N of the
   row: outside attention its shard of the tokens, inside it the whole row for 1/N of the heads, the same bytes.
 
@@ -107,6 +108,13 @@ class ModelShape:
     # (qualified name, shape) of every 2-D/3-D parameter outside linear and embedding layers: what peft's
     # target_parameters can adapt (a mixture-of-experts model's fused experts [experts, out, in] and routers)
     bare: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # mixture-of-experts layers (modules holding an `experts` child): how many, routed experts per layer, experts per
+    # token, one expert's width, and the shared expert's width (qwen2_moe; 0 for none); 0 moe_layers: a dense model
+    moe_layers: int = 0
+    experts: int = 0
+    top_k: int = 0
+    expert_intermediate: int = 0
+    shared_expert_intermediate: int = 0
 
     @classmethod
     def of(cls, config, vocab_size: int | None = None, trust_remote_code: bool = False) -> ModelShape:
@@ -126,6 +134,7 @@ class ModelShape:
         head = model.get_output_embeddings()
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
+        moe_layers = sum(1 for m in model.modules() if "experts" in dict(m.named_children()))
         return cls(
             hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
             layers=text.num_hidden_layers, heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
@@ -138,6 +147,12 @@ class ModelShape:
                        for module_name, m in model.named_modules()
                        if not isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
                        for name, p in m.named_parameters(recurse=False) if p.dim() in (2, 3)),
+            moe_layers=moe_layers,
+            experts=(getattr(text, "num_experts", None) or getattr(text, "num_local_experts", 0)) if moe_layers else 0,
+            top_k=getattr(text, "num_experts_per_tok", 0) if moe_layers else 0,
+            expert_intermediate=getattr(text, "moe_intermediate_size", None) or getattr(text, "intermediate_size", 0)
+            if moe_layers else 0,
+            shared_expert_intermediate=getattr(text, "shared_expert_intermediate_size", 0) or 0 if moe_layers else 0,
         )
 
     def adapted_bare(self, plan) -> list[tuple[int, ...]]:
@@ -219,8 +234,9 @@ def weight_bytes(shape: ModelShape, plan, trainable: int) -> int:
             + 4 * trainable)
 
 
-def layer_activation_bytes(shape: ModelShape, plan) -> int:
-    """Bytes autograd keeps per token for one decoder layer, forward to backward (a Llama/Qwen layer under autocast).
+def layer_activation_bytes(shape: ModelShape, plan, moe: bool = False) -> int:
+    """Bytes autograd keeps per token for one decoder layer, forward to backward (a Llama/Qwen layer under autocast);
+    `moe`: a mixture-of-experts layer (its MLP: moe_layer_activation_bytes).
 
     a: the compute dtype's bytes; s: the residual stream's (fp32 for full-parameter and Q-LoRA, whose embeddings are
     fp32; the compute dtype for LoRA, whose base is loaded in it). Autocast casts an fp32 input once per linear layer,
@@ -229,7 +245,8 @@ def layer_activation_bytes(shape: ModelShape, plan) -> int:
     - q/k/v inputs, rotary embeddings (q and k and their rotate_half), attention and o_proj: sdpa's flash or
       memory-efficient kernel keeps q, k, v, its output and one fp32 log-sum-exp per head, no length^2 matrix (the
       kernels used on CUDA and by PyTorch's CPU sdpa; grouped-query attention runs on the key/value heads as they are)
-    - MLP: gate/up inputs, gate's output, its SiLU, up's output, their product (down's input): 4 * intermediate * a
+    - MLP (dense_mlp_activation_bytes): gate/up inputs, gate's output, its SiLU, up's output, their product (down's
+      input): 4 * intermediate * a
     - LoRA, per targeted layer: its input as lora_A's (in * a) and lora_A's output (r * a); with dropout also its
       mask and output (in * (1 + a))
     """
@@ -239,7 +256,7 @@ def layer_activation_bytes(shape: ModelShape, plan) -> int:
     norms = 2 * shape.hidden * (8 + s)
     attention = ((3 if s != a else 1) * shape.hidden * a + 2 * (q + kv) * a + (2 * q + 2 * kv) * a
                  + 4 * shape.heads + q * a)
-    mlp = (2 if s != a else 1) * shape.hidden * a + 4 * shape.intermediate * a
+    mlp = moe_layer_activation_bytes(shape, plan) if moe else dense_mlp_activation_bytes(shape, plan, shape.intermediate)
     lora = 0
     if plan.mode != "full":
         per_layer = [(name, i, o) for name, i, o in shape.linears[: len(shape.linears) // max(shape.layers, 1)]]
@@ -247,6 +264,34 @@ def layer_activation_bytes(shape: ModelShape, plan) -> int:
         lora = sum(i * a + plan.lora_r * a + (i * (1 + a) if plan.lora_dropout else 0)
                    for name, i, o in per_layer if name in targets)
     return norms + attention + mlp + lora
+
+
+def dense_mlp_activation_bytes(shape: ModelShape, plan, intermediate: int) -> int:
+    """A gated MLP of width `intermediate`, per token: its input (cast once per projection from an fp32 stream), gate's
+    and up's outputs, SiLU's, their product."""
+    a = dtype_bytes(plan.compute_dtype)
+    s = a if plan.mode == "lora" else 4
+    return (2 if s != a else 1) * shape.hidden * a + 4 * intermediate * a
+
+
+def moe_layer_activation_bytes(shape: ModelShape, plan) -> int:
+    """A mixture-of-experts MLP (transformers 5's fused experts, grouped_mm or eager: the same saved tensors), per token:
+    - router: its input cast for the linear (fp32 stream), logits in the compute dtype and fp32 softmax per expert,
+      top-k weights (fp32, renormalized) and indices (int64), the sort's permutation per routed copy;
+    - each of the token's top_k routed copies, in the experts' weight dtype e (grouped_mm ignores autocast: the
+      compute dtype for LoRA, whose base is loaded in it; fp32 for full-parameter master weights and Q-LoRA's upcast
+      base): the gathered input (plus its cast from a stream of another dtype), gate_up's output (2 x expert width),
+      SiLU's and the product (down's input), down's output (kept for the routing weight's product);
+    - the shared expert, where there is one (qwen2_moe): a dense MLP of its width, and its sigmoid gate."""
+    a = dtype_bytes(plan.compute_dtype)
+    s = a if plan.mode == "lora" else 4
+    e = a if plan.mode == "lora" else 4
+    router = (shape.hidden * a if s != a else 0) + shape.experts * (a + 4) + shape.top_k * (4 + 4 + 8 + 8)
+    routed = shape.top_k * ((2 * shape.hidden + 4 * shape.expert_intermediate) * e + (shape.hidden * e if s != e else 0))
+    shared = 0
+    if shape.shared_expert_intermediate:
+        shared = dense_mlp_activation_bytes(shape, plan, shape.shared_expert_intermediate) + 2 * a + 4
+    return router + routed + shared
 
 
 def loss_bytes(shape: ModelShape, plan, tokens: int) -> int:
@@ -281,14 +326,15 @@ def autocast_copy_bytes(shape: ModelShape, plan, trainable: int) -> int:
 def activation_bytes(shape: ModelShape, plan, tokens: int, trainable: int) -> int:
     """Activations at a batch of `tokens` tokens. With activation checkpointing each layer keeps only its input (the
     residual stream, hidden * s per token) and one layer's full set exists at a time, recomputed in the backward
-    pass; without it every layer keeps its full set. Plus the embedding output and final norm, the loss's working set
-    and autocast's weight copies."""
+    pass; without it every layer keeps its full set (a mixture-of-experts layer its own, moe_layer_activation_bytes).
+    Plus the embedding output and final norm, the loss's working set and autocast's weight copies."""
     s = dtype_bytes(plan.compute_dtype) if plan.mode == "lora" else 4
-    per_layer = layer_activation_bytes(shape, plan)
+    moe_layers = min(shape.moe_layers, shape.layers)
+    dense, moe = layer_activation_bytes(shape, plan), layer_activation_bytes(shape, plan, moe=True) if moe_layers else 0
     if plan.activation_checkpointing:
-        layers = shape.layers * shape.hidden * s + per_layer
+        layers = shape.layers * shape.hidden * s + max(moe, dense if moe_layers < shape.layers else 0)
     else:
-        layers = shape.layers * per_layer
+        layers = (shape.layers - moe_layers) * dense + moe_layers * moe
     outside = shape.hidden * (s + 8 + s)  # embedding output, final RMSNorm
     return (tokens * (layers + outside) + loss_bytes(shape, plan, tokens) + autocast_copy_bytes(shape, plan, trainable)
             + adapted_bare_bytes(shape, plan))

@@ -323,3 +323,49 @@ def test_repeated_runs_are_summarized_as_median_and_spread(capsys):
     assert "| lora | bf16 | chatft | 300.0 (200.0-400.0) |" in table
     assert "| lora | bf16 | seed | 100.0 (50.0-150.0) |" in table and "| 3.00x | 3.00 |" in table  # ratios of medians
     assert "| lora | bf16 | trl | failed: killed" in table
+
+
+TINY_MOE = ["--hidden", "64", "--layers", "1", "--experts", "4", "--top_k", "2", "--expert_width", "32", "--heads", "4",
+            "--kv_heads", "2", "--head_dim", "16"]
+
+
+def test_moe_shapes_have_equal_active_parameters_but_the_router(tmp_path):
+    """bench.moe's two shapes: a token passes through as many weights in each, the MoE router aside; the routed
+    experts count at top_k / experts of their size, everything else whole."""
+    from bench.moe import parameter_counts, shapes
+
+    named = shapes(64, 2, 4, 2, 32, 4, 2, 16)
+    moe, dense = (parameter_counts(str(models.materialize(name, named, root=tmp_path))) for name in named)
+    router = 2 * 4 * 64  # 2 layers of a 4 x 64 router
+    experts = 2 * 4 * 3 * 64 * 32  # 2 layers of 4 experts: gate, up and down, 64 x 32 each
+    assert moe["active_parameters"] - dense["active_parameters"] == router
+    assert moe["total_parameters"] - moe["active_parameters"] == experts // 2  # top 2 of 4
+    assert dense["total_parameters"] == dense["active_parameters"]
+    assert moe["embedding_parameters"] == dense["embedding_parameters"] == 2 * 151936 * 64  # untied
+
+
+@pytest.mark.slow
+def test_moe_benchmark_reports_every_number(tmp_path):
+    variants = "moe:chatft,dense:chatft" + (",moe:trl" if importlib.util.find_spec("trl") else "")
+    data = write_json(tmp_path / "train.json", ALPACA[:4])
+    result = run_module("bench.moe", *TINY_MOE, "--data", str(data), "--num_samples", "4", "--max_length", "64",
+                        "--batch_size", "2", "--variants", variants, "--json", str(tmp_path / "moe.json"),
+                        env={**os.environ, "CHATFT_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(tmp_path / "moe.json"))
+    rows = {(r["model"], r["variant"]): r for r in report["rows"]}
+    assert set(rows) == {tuple(v.split(":")) for v in variants.split(",")} and not any("error" in r for r in rows.values())
+    assert len({r["real_tokens"] for r in rows.values()}) == 1  # the same tokens for every model and trainer
+    for row in rows.values():
+        assert row["tokens_per_second"] > 0 and row["tokens_per_second_per_billion_active"] > 0
+        assert row["peak_above_baseline_mib"] > 0 and 0 < row["active_parameters"] <= row["total_parameters"]
+    assert rows["moe", "chatft"]["active_parameters"] < rows["moe", "chatft"]["total_parameters"]
+    assert all(rows[kind, "chatft"]["estimated_memory_mib"] > 0 for kind in ("moe", "dense"))
+    assert report["experts_implementation"] in ("grouped_mm", "eager", "batched_mm")
+    targets = report["targets"]
+    assert {"moe_vs_dense_per_active_parameter", "moe_memory_estimate_error", "dense_memory_estimate_error"} <= set(targets)
+    assert all(t["value"] > 0 for name, t in targets.items() if not name.endswith("error"))
+    assert "| moe | chatft |" in result.stdout and "target moe_vs_dense_per_active_parameter:" in result.stdout
+    assert "experts implementation" in result.stdout
+    if "moe:trl" in variants:
+        assert "chatft_vs_trl_best" in targets and "| moe | trl |" in result.stdout

@@ -192,3 +192,25 @@ def test_estimate_within_25_percent_of_the_measured_peak(smollm2_dir, mode, leng
     # the worker's own estimate: chatft.memory for its flags, what finetune.py logs before training
     estimate_gib, measured_gib = run.result["estimated_memory_mib"] / 1024, run.result["peak_memory_mib"] / 1024
     assert abs(estimate_gib - measured_gib) <= 0.25 * measured_gib, (mode, length, estimate_gib, measured_gib)
+
+
+def test_moe_activations_follow_the_routed_experts_not_the_dense_width():
+    """A qwen3_moe layer's activations: top_k routed copies through the experts' width and the router's, whatever the
+    config's (unused) dense intermediate_size says; a dense model of the same active width is close to it."""
+    def activations(model_type, **sizes):
+        config = transformers.AutoConfig.for_model(model_type, vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, **sizes)
+        plan = RunPlan(config=config, mode="lora", compute_dtype=torch.float32)
+        shape = ModelShape.of(config)
+        return shape, estimate_training_memory(plan, 1024, shape=shape).activations
+
+    shape, moe = activations("qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                             intermediate_size=6144)
+    assert (shape.moe_layers, shape.experts, shape.top_k, shape.expert_intermediate) == (2, 8, 2, 32)
+    assert activations("qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                       intermediate_size=64)[1] == moe
+    assert activations("qwen3_moe", num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+                       intermediate_size=6144)[1] > moe
+    dense_shape, dense = activations("qwen3", intermediate_size=64)
+    # the attention's LoRA inputs aside (qwen3_moe has no MLP linear layers to adapt), of the same order
+    assert dense_shape.moe_layers == 0 and 0.5 * dense < moe < 1.5 * dense
