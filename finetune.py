@@ -45,11 +45,12 @@ __all__ = ["main", "preprocess", "train"]  # preprocess: Qwen's function, for sc
 
 def read_data(data_args, seed: int) -> tuple[list[dict], list[dict] | None]:
     """(training samples, evaluation samples or None): --eval_data_path is a file, or a fraction held out."""
-    train_samples = load_samples(data_args.data_path, data_args.data_format)
+    index_dir = data_args.resolved_preprocessing_cache_dir  # a file read before without problems is not read again
+    train_samples = load_samples(data_args.data_path, data_args.data_format, index_dir)
     if data_args.eval_fraction is not None:
         return split_off_eval(train_samples, data_args.eval_fraction, seed)
     if data_args.eval_data_path:
-        return train_samples, load_samples(data_args.eval_data_path, data_args.data_format)
+        return train_samples, load_samples(data_args.eval_data_path, data_args.data_format, index_dir)
     return train_samples, None
 
 

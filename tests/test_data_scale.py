@@ -103,6 +103,25 @@ def test_the_cache_key_follows_the_file_not_its_text(tmp_path, qwen3_tokenizer):
         sorted(f"r{i}" for i in range(20))
 
 
+def test_a_file_read_before_without_problems_is_not_read_again(tmp_path, monkeypatch, caplog):
+    """load_samples' index (finetune.py keeps it in --preprocessing_cache_dir): a relaunch takes each record's place
+    from it instead of reading and checking the whole file again; an edited file is read and checked anew."""
+    data = records(12)
+    data[2]["note"] = "x"  # an ignored key: warned about on every launch
+    path = write(tmp_path / "d.jsonl", data, jsonl=True)
+    first = load_samples(str(path), index_dir=tmp_path / "index")
+    assert len(list((tmp_path / "index").glob("data-*.index.npz"))) == 1
+    caplog.clear()
+    monkeypatch.setattr(datasets, "_stream_jsonl", lambda *a: pytest.fail("read again"))
+    again = load_samples(str(path), index_dir=tmp_path / "index")
+    assert again == first and again.fingerprint == first.fingerprint and "'note' in 1 records" in caplog.text
+    monkeypatch.undo()
+    data[3]["conversations"][1]["value"] = ""  # now a problem: found, since the file is read again
+    write(tmp_path / "d.jsonl", data, jsonl=True)
+    with pytest.raises(datasets.DataError, match="sample 3 .*empty assistant"):
+        load_samples(str(path), index_dir=tmp_path / "index")
+
+
 def expected_items(conversations, tokenizer, max_len, chat_format="chatml"):
     """Each conversation tokenized alone (chat_format.tokenize_conversation), untrainable ones left out."""
     items = []
@@ -239,3 +258,20 @@ def test_the_dry_run_of_streamed_data_is_the_dry_run_of_the_list(tmp_path, qwen3
     assert "Dropped 1 of " in streamed and "sample 5 (id='r5')" in streamed and "qwen3 turns: 10 conversation(s)" in streamed
     if sys.platform.startswith("linux"):
         assert dry_run_report("training data", samples, **common, num_workers=2) == streamed
+
+
+@pytest.mark.slow
+def test_the_data_scale_bench_runs_and_compares(tmp_path):
+    """bench/data_scale.py on 600 conversations: every run reports, the cached restart reads the same samples, and
+    with HF datasets installed its run tokenizes as many samples. (Its numbers at scale are in README.)"""
+    from bench import data_scale
+
+    results = data_scale.run(600, 2, str(tmp_path), max_len=512, with_hf=True)
+    for kind in ("chatft", "cached", "small", "dry_run"):
+        assert "failure" not in results[kind], results[kind]
+    assert results["cached"]["samples"] == results["chatft"]["samples"] and results["small"]["samples"] <= 64
+    assert results["chatft"]["tokens"] == results["cached"]["tokens"] > 0
+    assert "cached_restart_minus_small_s" in results and (tmp_path / "data_scale_600.json").is_file()
+    if data_scale.hf_installed():
+        assert results["hf"]["samples"] == 600 and results["tokenize_speed_vs_hf"] > 0
+    assert "conversations" in data_scale.table(results)

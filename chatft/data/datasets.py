@@ -26,6 +26,7 @@ import random
 import shutil
 import tempfile
 import time
+import zipfile
 import zlib
 from array import array
 from collections import deque
@@ -87,6 +88,7 @@ def read_json_or_jsonl(path: str) -> tuple[list, list[str]]:
 READ_CHUNK = 1 << 20  # bytes read at a time by the streaming reader
 FINGERPRINT_BYTES = 1 << 20  # a data file's first and last this many bytes are hashed into its identity
 BOM = b"\xef\xbb\xbf"
+INDEX_FORMAT = "chatft-data-index-1"  # a checked file's record offsets (load_samples' index_dir)
 
 
 class _NotStreamable(Exception):
@@ -230,9 +232,55 @@ class _Problems:
         self.shown += found[: max(0, MAX_REPORTED_PROBLEMS - len(self.shown))]
 
 
-def _read_file(path: str, data_format: str, problems: _Problems, forced: str | None = None) -> DataFile | None:
-    """Read and check one file streaming (one record in memory at a time), as load_samples describes."""
+def _reading_rules() -> str:
+    """formats.py's source: how records are read and checked (part of a file's index key and of the data's key)."""
+    return Path(formats_code.__file__).read_text(encoding="utf-8")
+
+
+def _index_path(index_dir, fingerprint: str, data_format: str) -> Path:
+    digest = hashlib.sha256(f"{INDEX_FORMAT}\0{fingerprint}\0{data_format}\0".encode() + _reading_rules().encode())
+    return Path(index_dir) / f"data-{digest.hexdigest()[:40]}.index.npz"
+
+
+def _load_index(index_path: Path, path: str, fingerprint: str) -> DataFile | None:
+    """A file's index, written when it was last read and found without problems; None when there is none whole."""
+    try:
+        with np.load(index_path, allow_pickle=False) as saved:
+            fmt, unused = str(saved["format"]), [str(line) for line in saved["ignored"]]
+            data_file = DataFile(path, fmt, saved["offsets"], saved["sizes"], fingerprint)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if len(data_file.offsets) != len(data_file.sizes) or not len(data_file):
+        return None
+    if unused:
+        logger.warning("%s: keys not read, ignored: %s", path, "; ".join(unused))
+    return data_file
+
+
+def _save_index(index_path: Path, data_file: DataFile, unused: list[str]) -> None:
+    scratch = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp.npz")
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(scratch, offsets=data_file.offsets, sizes=data_file.sizes, format=np.array(data_file.format),
+                 ignored=np.array(unused, dtype=str))
+        os.replace(scratch, index_path)
+    except OSError as error:
+        logger.debug("No index of %s kept: %s", data_file.path, error)
+        with contextlib.suppress(OSError):
+            scratch.unlink()
+
+
+def _read_file(path: str, data_format: str, problems: _Problems, forced: str | None = None,
+               index_dir: str | os.PathLike | None = None) -> DataFile | None:
+    """Read and check one file streaming (one record in memory at a time), as load_samples describes. With
+    `index_dir`, a file read before without problems (the same identity, `file_fingerprint`, and reading rules)
+    is not read again: where its records are comes from the index kept then."""
     fingerprint = file_fingerprint(path)
+    index_path = _index_path(index_dir, fingerprint, data_format) if index_dir else None
+    if index_path is not None and forced is None and index_path.is_file():
+        indexed = _load_index(index_path, path, fingerprint)
+        if indexed is not None:
+            return indexed
     found: list[str] = []
     offsets, sizes = array("q"), array("q")
     counts: dict = {}
@@ -266,7 +314,7 @@ def _read_file(path: str, data_format: str, problems: _Problems, forced: str | N
                     check(k, earlier)
                 waiting = []
             elif fmt == "conversations" and data_format == "auto" and forced is None and detect_format(record) == "sharegpt":
-                return _read_file(path, data_format, problems, forced="sharegpt")  # file_format's rule: read again
+                return _read_file(path, data_format, problems, "sharegpt", index_dir)  # file_format's rule: read again
             check(index, record)
             index += 1
         found = stream_problems + found  # (a JSONL line's problem comes in file order in practice; kept first)
@@ -288,8 +336,11 @@ def _read_file(path: str, data_format: str, problems: _Problems, forced: str | N
     if unused and not found:
         logger.warning("%s: keys not read, ignored: %s", path, "; ".join(unused))
     problems.add(found)
-    return DataFile(path, fmt, np.frombuffer(offsets, dtype=np.int64), np.frombuffer(sizes, dtype=np.int64),
-                    fingerprint, records)
+    data_file = DataFile(path, fmt, np.frombuffer(offsets, dtype=np.int64), np.frombuffer(sizes, dtype=np.int64),
+                         fingerprint, records)
+    if index_path is not None and records is None and not found:
+        _save_index(index_path, data_file, unused)
+    return data_file
 
 
 def stream_records(path: str) -> Iterator:
@@ -379,22 +430,22 @@ def data_files(spec: str) -> tuple[list[str], list[str]]:
     return files, problems
 
 
-def load_samples(spec: str, data_format: str = "auto") -> DataSamples:
+def load_samples(spec: str, data_format: str = "auto", index_dir: str | os.PathLike | None = None) -> DataSamples:
     """The conversations of a --data_path (files and directories, comma-separated), in order, each record read and
     checked by chatft.data.formats.read_record, streaming: a file is never in memory whole (a .json that is not one
     list, or not UTF-8, excepted). Raise `DataError` listing every problem found (the first MAX_REPORTED_PROBLEMS).
-    The result holds where each record is, not the records (`DataSamples`)."""
+    The result holds where each record is, not the records (`DataSamples`). With `index_dir` (finetune.py: the
+    --preprocessing_cache_dir), a file read before without problems is not read again (`_read_file`)."""
     files, missing = data_files(spec)
     problems = _Problems()
     problems.add(missing)
-    read = [] if missing else [_read_file(path, data_format, problems) for path in files]
+    read = [] if missing else [_read_file(path, data_format, problems, index_dir=index_dir) for path in files]
     if problems.count:
         shown = list(problems.shown)
         if problems.count > len(shown):
             shown.append(f"... and {problems.count - len(shown)} more problems")
         raise DataError(f"{problems.count} problem(s) in {spec}:\n  " + "\n  ".join(shown))
-    rules = Path(formats_code.__file__).read_text(encoding="utf-8")
-    digest = hashlib.sha256(f"{data_format}\0".encode() + rules.encode("utf-8"))
+    digest = hashlib.sha256(f"{data_format}\0".encode() + _reading_rules().encode("utf-8"))
     for data_file in read:
         digest.update(f"\0{data_file.format}\0{data_file.fingerprint}".encode())
     return DataSamples(read, digest.hexdigest())
