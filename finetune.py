@@ -45,7 +45,8 @@ __all__ = ["main", "preprocess", "train"]  # preprocess: Qwen's function, for sc
 
 def read_data(data_args, seed: int) -> tuple[list[dict], list[dict] | None]:
     """(training samples, evaluation samples or None): --eval_data_path is a file, or a fraction held out."""
-    index_dir = data_args.resolved_preprocessing_cache_dir  # a file read before without problems is not read again
+    # a file read before without problems is not read again (its index is kept with the tokenized cache)
+    index_dir = None if data_args.dry_run else data_args.resolved_preprocessing_cache_dir
     train_samples = load_samples(data_args.data_path, data_args.data_format, index_dir)
     if data_args.eval_fraction is not None:
         return split_off_eval(train_samples, data_args.eval_fraction, seed)

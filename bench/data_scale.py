@@ -7,7 +7,7 @@ exchanges), then runs each measurement in a fresh process (bench.harness), in th
 
   chatft        load_samples (streaming read and checks) + SupervisedDataset with an empty cache: tokenized on
                 `--workers` processes into the memory-mapped cache;
-  cached        the same launch again: the cache is found, checked and mapped;
+  cached        the same launch again: the file's index and the tokenized cache are found, checked and mapped;
   small         the same launch on the file's first 64 conversations (what "a launch" costs without data);
   dry_run       --dry_run's report (chatft.train.report.dry_run_report), chunkwise;
   hf            HF `datasets`: load_dataset("json") + map(num_proc=workers) with tokenizer.apply_chat_template
@@ -123,7 +123,7 @@ def measure(config: dict) -> dict:
     else:
         from chatft.data.datasets import SupervisedDataset, load_samples
 
-        samples = load_samples(path)
+        samples = load_samples(path, index_dir=config["cache"])  # as finetune.py reads it
         read_s = time.perf_counter() - start
         if kind == "dry_run":
             from chatft.train.report import dry_run_report
