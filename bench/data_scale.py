@@ -176,7 +176,8 @@ def run(count: int, workers: int, out: str, max_len: int = 2048, with_hf: bool =
         if with_hf and hf_installed():
             results["hf"] = timed_worker({**common, "kind": "hf", "data": data})
         else:
-            results["hf"] = {"kind": "hf", "failure": "HF datasets is not installed (pip install datasets)"}
+            results["hf"] = {"kind": "hf", "failure": "not run (--no_hf)" if not with_hf else
+                             "HF datasets is not installed (pip install datasets)"}
         chatft, hf = results["chatft"], results["hf"]
         if "samples_per_s" in chatft and "samples_per_s" in hf:
             results["tokenize_speed_vs_hf"] = round(chatft["samples_per_s"] / hf["samples_per_s"], 2)
