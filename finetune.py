@@ -44,11 +44,13 @@ __all__ = ["main", "preprocess", "train"]  # preprocess: Qwen's function, for sc
 
 def read_data(data_args, seed: int) -> tuple[list[dict], list[dict] | None]:
     """(training samples, evaluation samples or None): --eval_data_path is a file, or a fraction held out."""
-    train_samples = load_samples(data_args.data_path, data_args.data_format)
+    # a file read before without problems is not read again (its index is kept with the tokenized cache)
+    index_dir = None if data_args.dry_run else data_args.resolved_preprocessing_cache_dir
+    train_samples = load_samples(data_args.data_path, data_args.data_format, index_dir)
     if data_args.eval_fraction is not None:
         return split_off_eval(train_samples, data_args.eval_fraction, seed)
     if data_args.eval_data_path:
-        return train_samples, load_samples(data_args.eval_data_path, data_args.data_format)
+        return train_samples, load_samples(data_args.eval_data_path, data_args.data_format, index_dir)
     return train_samples, None
 
 
@@ -90,16 +92,17 @@ def train(argv=None, callbacks=(), wrap_collator=None):
                                      training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
                                      plan.world_size, training_args.seed, plan.chat_format,
                                      data_args.reasoning_turns, estimate_memory if name == "training data" else None,
-                                     ignore_empty_think=data_args.ignore_empty_think))
+                                     ignore_empty_think=data_args.ignore_empty_think,
+                                     num_workers=data_args.preprocessing_num_workers))
         return None
-    # The first process of each machine tokenizes (and caches); the others wait, then read its cache.
-    with training_args.main_process_first(local=True, desc="tokenizing the data"):
-        train_dataset, eval_dataset = make_datasets(
-            train_samples, eval_samples, tokenizer, training_args.model_max_length,
-            data_args.lazy_preprocess, data_args.system_message, data_args.packing,
-            data_args.preprocessing_num_workers, data_args.resolved_preprocessing_cache_dir, plan.chat_format,
-            data_args.reasoning_turns, data_args.ignore_empty_think,
-        )
+    # The first process of each machine tokenizes into the cache; the others wait for its file (not at a barrier,
+    # whose timeout a big data set outlasts), then map the same file (chatft.data.datasets.tokenized_arrays).
+    train_dataset, eval_dataset = make_datasets(
+        train_samples, eval_samples, tokenizer, training_args.model_max_length,
+        data_args.lazy_preprocess, data_args.system_message, data_args.packing,
+        data_args.preprocessing_num_workers, data_args.resolved_preprocessing_cache_dir, plan.chat_format,
+        data_args.reasoning_turns, data_args.ignore_empty_think,
+    )
     if data_args.packing and training_args.should_log:  # the batch no longer means what the flags say: say so
         logger.info(packing_summary(train_dataset, training_args.per_device_train_batch_size,
                                     training_args.gradient_accumulation_steps, plan.world_size))

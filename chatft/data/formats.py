@@ -351,18 +351,29 @@ def ignored_keys(records: list, data_format: str) -> list[str]:
     """One line per key of a record or turn that `data_format`'s reader does not use, with how often it occurs and,
     for keys that carry training signal or look misspelt, what they are."""
     counts: dict[tuple[str, str], int] = {}
-    turns_key = "messages" if data_format == "messages" else "conversations"
     for record in records:
-        if not isinstance(record, dict):
-            continue
-        for key in record.keys() - RECORD_KEYS.get(data_format, set()):
-            counts[(key, "records")] = counts.get((key, "records"), 0) + 1
-        turns = record.get(turns_key, record.get("conversations")) if data_format in TURN_KEYS else None
-        for turn in turns if isinstance(turns, list) else []:
-            if isinstance(turn, dict):
-                for key in turn.keys() - TURN_KEYS[data_format]:
-                    where_ = "messages" if data_format == "messages" else "turns"
-                    counts[(key, where_)] = counts.get((key, where_), 0) + 1
+        count_ignored_keys(record, data_format, counts)
+    return ignored_key_lines(counts, data_format)
+
+
+def count_ignored_keys(record, data_format: str, counts: dict[tuple[str, str], int]) -> None:
+    """Add one record's unused keys to `counts` ((key, where) -> occurrences): `ignored_keys` one record at a time,
+    for a file read streaming."""
+    if not isinstance(record, dict):
+        return
+    turns_key = "messages" if data_format == "messages" else "conversations"
+    for key in record.keys() - RECORD_KEYS.get(data_format, set()):
+        counts[(key, "records")] = counts.get((key, "records"), 0) + 1
+    turns = record.get(turns_key, record.get("conversations")) if data_format in TURN_KEYS else None
+    for turn in turns if isinstance(turns, list) else []:
+        if isinstance(turn, dict):
+            for key in turn.keys() - TURN_KEYS[data_format]:
+                where_ = "messages" if data_format == "messages" else "turns"
+                counts[(key, where_)] = counts.get((key, where_), 0) + 1
+
+
+def ignored_key_lines(counts: dict[tuple[str, str], int], data_format: str) -> list[str]:
+    """`ignored_keys`' lines from the counts `count_ignored_keys` gathered."""
     lines = []
     for (key, where_), count in sorted(counts.items()):
         note = (f": {UNSUPPORTED_SIGNAL[key]}, not supported yet" if key in UNSUPPORTED_SIGNAL

@@ -16,10 +16,12 @@ import os
 import random
 import resource
 
+import numpy as np
 import torch
 
 from chatft.data.chat_format import IGNORE_INDEX, Conversation, TokenizedSample, describe_sample
-from chatft.data.datasets import PackedDataset, as_conversations, keep_trainable, split_summary, tokenize_training_samples
+from chatft.data.datasets import (DataSamples, PackedDataset, as_conversations, dropped_message, first_fit_decreasing,
+                                  split_summary_of, tokenized_chunks)
 from chatft.train.expert_load import ExpertLoad
 from chatft.train.eval_generate import GENERATIONS_FILE, read_generations
 
@@ -32,9 +34,10 @@ SHOWN_CHARACTERS = 60  # of a prompt, reply or reference there
 def length_histogram(lengths: list[int], max_len: int) -> list[str]:
     """Lines of a text histogram: HISTOGRAM_BINS equal bins up to max_len, and one for longer samples."""
     edges = [round(max_len * k / HISTOGRAM_BINS) for k in range(HISTOGRAM_BINS + 1)]
-    counts = [sum(edges[k] < n <= edges[k + 1] for n in lengths) for k in range(HISTOGRAM_BINS)]
+    lengths = np.asarray(lengths)
+    counts = [int(((lengths > edges[k]) & (lengths <= edges[k + 1])).sum()) for k in range(HISTOGRAM_BINS)]
     labels = [f"{edges[k] + 1:>6}-{edges[k + 1]:<6}" for k in range(HISTOGRAM_BINS)]
-    counts.append(sum(n > max_len for n in lengths))
+    counts.append(int((lengths > max_len).sum()))
     labels.append(f"  > {max_len:<8}")
     widest = max(counts) or 1
     return [f"  {label} {count:>7}  {'#' * round(BAR_WIDTH * count / widest)}" + ("  (truncated)" if k == HISTOGRAM_BINS
@@ -77,53 +80,90 @@ def packing_summary(rows: PackedDataset, batch_size: int, accumulation: int, pro
             f"step{'s' if steps != 1 else ''} per epoch")
 
 
+class PackingShape:
+    """What `packing_summary` reads of a PackedDataset, from the samples' lengths alone (the dry run's)."""
+
+    def __init__(self, lengths: list[int], max_len: int):
+        bins = first_fit_decreasing(lengths, max_len)
+        self.num_samples, self.max_len, self.rows = len(lengths), max_len, len(bins)
+        self.longest = max((sum(lengths[i] for i in members) for members in bins), default=0)
+        self.fill = sum(lengths) / (self.rows * max_len) if self.rows else 0.0
+
+    def __len__(self):
+        return self.rows
+
+
 def dry_run_report(name: str, samples: list[Conversation], tokenizer, max_len: int, system_message: str, packing: bool,
                    padding_free: bool, batch_size: int, accumulation: int, processes: int, seed: int,
                    chat_format: str = "chatml", reasoning_turns: str = "all", estimate_memory=None,
-                   ignore_empty_think: bool = False) -> str:
+                   ignore_empty_think: bool = False, num_workers: int = 1) -> str:
     """The report's lines (module docstring); `estimate_memory`: tokens -> chatft.memory.MemoryEstimate, to add the
     peak memory estimated at the longest batch (chatft.memory.run_estimator). Samples are dropped as training
-    drops them (chatft.data.datasets.keep_trainable), from the untruncated tokens cut to max_len: the lengths before truncation
-    are part of the report."""
-    conversations = as_conversations(samples)
-    full = tokenize_training_samples(conversations, tokenizer, 10**9, system_message, desc=f"Tokenizing {name}",
-                                     chat_format=chat_format, reasoning_turns=reasoning_turns,
-                                     ignore_empty_think=ignore_empty_think)
-    kept, dropped = keep_trainable([TokenizedSample(s.input_ids[:max_len], s.labels[:max_len], s.origin,
-                                                    s.weights[:max_len] if s.weights is not None else None)
-                                    for s in full], conversations, max_len)
-    lengths = [len(s.input_ids) for s in full]
-    truncated = [n - max_len for n in lengths if n > max_len]
-    trainable = sum(s.num_trainable for s in kept)
-    cut_trainable = sum(sum(label != IGNORE_INDEX for label in s.labels[max_len:]) for s in full)
-    turns = sum(len(c.turns) for c in conversations)
-    tool_calls = sum(len(turn.tool_calls) for c in conversations for turn in c.turns)
-    with_tools = sum(bool(c.tools) for c in conversations)
-    with_reasoning = sum(any(turn.reasoning for turn in c.turns) for c in conversations)
+    drops them (chatft.data.datasets.keep_trainable's rule and message), from the untruncated tokens cut to max_len:
+    the lengths before truncation are part of the report. Computed a chunk at a time (tokenized_chunks): what it
+    holds per sample is a few numbers, so memory stays bounded whatever the data's size."""
+    conversations = samples if isinstance(samples, DataSamples) else as_conversations(samples)
+    lengths_parts, trainable_parts, origin_parts = [], [], []
+    totals: dict[str, int] = {}
+    cut_trainable, first_kept = 0, None
+    for chunk, _, stats in tokenized_chunks(conversations, tokenizer, 10**9, system_message, num_workers,
+                                            chat_format, reasoning_turns, ignore_empty_think,
+                                            desc=f"Tokenizing {name}", stats=True):
+        for key, value in stats.items():
+            totals[key] = totals.get(key, 0) + value
+        lengths = chunk["lengths"].astype(np.int64)
+        if not len(lengths):
+            continue
+        starts = np.r_[0, np.cumsum(lengths)[:-1]]
+        within = (np.arange(int(lengths.sum())) - np.repeat(starts, lengths)) < max_len
+        labelled = chunk["labelled"].astype(np.int64)
+        trainable = np.add.reduceat(labelled * within, starts)
+        cut_trainable += int((labelled * ~within).sum())
+        lengths_parts.append(lengths)
+        trainable_parts.append(trainable)
+        origin_parts.append(chunk["origins"])
+        if first_kept is None and (trainable > 0).any():
+            i = int(np.flatnonzero(trainable > 0)[0])
+            a, n = int(starts[i]), min(int(lengths[i]), max_len)
+            ids = chunk["input_ids"][a: a + n]
+            weights = chunk["weights"][a: a + n].tolist() if chunk["weighted"][i] else None
+            first_kept = TokenizedSample(ids.tolist(), np.where(chunk["labelled"][a: a + n].astype(bool), ids,
+                                                                IGNORE_INDEX).tolist(), int(chunk["origins"][i]), weights)
+    lengths = np.concatenate(lengths_parts) if lengths_parts else np.zeros(0, np.int64)
+    trainable_each = np.concatenate(trainable_parts) if trainable_parts else np.zeros(0, np.int64)
+    origins = np.concatenate(origin_parts) if origin_parts else np.zeros(0, np.int64)
+    kept = trainable_each > 0
+    dropped = (dropped_message(origins[~kept], conversations, len(lengths), max_len) if not kept.all() else None)
+    truncated = lengths[lengths > max_len] - max_len
+    trainable = int(trainable_each.sum())
+    kept_tokens = int(np.minimum(lengths, max_len).sum())
+    turns, tool_calls = totals.get("turns", 0), totals.get("tool_calls", 0)
+    with_tools, with_reasoning = totals.get("with_tools", 0), totals.get("with_reasoning", 0)
     lines = [f"== {name}: {len(conversations)} samples, {turns} turns"
              + (f"; {with_tools} sample(s) define tools, {tool_calls} tool call(s) (trained; results are not)"
                 if with_tools or tool_calls else ""),
              f"format: {chat_format}" + (" (Qwen3's template: think blocks, no default system prompt)"
                                          if chat_format == "qwen3" else "")
              + f"; {with_reasoning} sample(s) with reasoning traces (trained, in <think> blocks)"
-             + (f"; {split_summary(full, len(conversations))}" if len(full) > len(conversations) else ""),
-             f"tokens: {sum(min(n, max_len) for n in lengths):,} after truncation to model_max_length={max_len} "
-             f"({trainable:,} trainable, {100 * trainable / max(1, sum(min(n, max_len) for n in lengths)):.1f}%); "
-             f"{sum(truncated):,} cut from {len(truncated)} sample(s) longer than {max_len} "
+             + (f"; {split_summary_of(origins, lengths, len(conversations))}" if len(lengths) > len(conversations)
+                else ""),
+             f"tokens: {kept_tokens:,} after truncation to model_max_length={max_len} "
+             f"({trainable:,} trainable, {100 * trainable / max(1, kept_tokens):.1f}%); "
+             f"{int(truncated.sum()):,} cut from {len(truncated)} sample(s) longer than {max_len} "
              f"({cut_trainable:,} of them trainable)"]
-    weights = [turn.weight for c in conversations for turn in c.turns if turn.role == "assistant" and turn.weight != 1]
-    if weights:
-        lines.append(f"loss weights: {len(weights)} assistant turn(s) weighted other than 1 ({weights.count(0)} at 0: "
-                     "context only); the loss is the weighted token mean, sum(w * ce) / sum(w)")
+    weighted_turns = totals.get("weighted_turns", 0)
+    if weighted_turns:
+        lines.append(f"loss weights: {weighted_turns} assistant turn(s) weighted other than 1 ({totals.get('weight_0', 0)} "
+                     "at 0: context only); the loss is the weighted token mean, sum(w * ce) / sum(w)")
     lines.append(dropped or "dropped: none")
-    lines.append(f"sample lengths (tokens, before truncation; longest {max(lengths)}, mean {sum(lengths) / len(lengths):.0f}):")
+    lines.append(f"sample lengths (tokens, before truncation; longest {int(lengths.max())}, mean {lengths.mean():.0f}):")
     lines += length_histogram(lengths, max_len)
-    kept_lengths = [len(s.input_ids) for s in kept]
-    if not kept:
+    kept_lengths = np.minimum(lengths[kept], max_len).tolist()
+    if not kept_lengths:
         lines.append("batches: nothing to train on")
     else:
-        steps = steps_per_epoch(len(kept), batch_size, accumulation, processes)
-        rows = PackedDataset([{"input_ids": [0] * n, "labels": [0] * n} for n in kept_lengths], max_len)
+        steps = steps_per_epoch(len(kept_lengths), batch_size, accumulation, processes)
+        rows = PackingShape(kept_lengths, max_len)
         padding = 100 * padded_fraction(kept_lengths, batch_size, seed)
         unpacked = (f"{steps} optimizer step{'s' if steps != 1 else ''} per epoch of {batch_size * accumulation * processes}"
                     f" samples ({step_shape(batch_size, accumulation, processes, 'sample')}), "
@@ -135,13 +175,12 @@ def dry_run_report(name: str, samples: list[Conversation], tokenizer, max_len: i
                       f"  without --packing: {unpacked}"]
         else:
             lines += [f"batches: {unpacked}", f"  with --packing True: {packed.removeprefix('packing: ')}"]
-    if kept and estimate_memory is not None:
-        longest = max(kept_lengths) if not packing else max(len(row["input_ids"]) for row in rows.rows)
-        lines.append(estimate_memory(longest * batch_size).text())
-    if kept:
+        if estimate_memory is not None:
+            longest = max(kept_lengths) if not packing else rows.longest
+            lines.append(estimate_memory(longest * batch_size).text())
         lines.append("first sample as trained (trained tokens in [[...]]" + (", a weight other than 1 after them"
-                                                                        if weights else "") + "):")
-        lines.append(describe_sample(kept[0], tokenizer))
+                                                                        if weighted_turns else "") + "):")
+        lines.append(describe_sample(first_kept, tokenizer))
     return "\n".join(lines)
 
 
