@@ -163,4 +163,4 @@ def test_gpu_check_is_a_clean_skip_without_cuda(tmp_path):
     tests = subprocess.run([sys.executable, "-m", "pytest", __file__, "-m", "cuda", "-rs", "-q", "-p", "no:cacheprovider"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert tests.returncode == 0, tests.stdout
-    assert f"SKIPPED [" in tests.stdout and NO_CUDA in tests.stdout and " passed" not in tests.stdout
+    assert "SKIPPED [" in tests.stdout and NO_CUDA in tests.stdout and " passed" not in tests.stdout

@@ -644,7 +644,7 @@ def test_bad_loss_weights_are_refused_naming_the_record_and_turn(tmp_path, turn,
     record = {"id": "bad", "conversations": [{"from": "user", "value": "q"}, turn]}
     with pytest.raises(DataError, match="1 problem") as error:
         load_samples(str(write_json(tmp_path / "w.json", [GOOD, record])))
-    assert f"w.json: sample 1 (id='bad'): " in str(error.value) and problem in str(error.value)
+    assert "w.json: sample 1 (id='bad'): " in str(error.value) and problem in str(error.value)
 
 
 def test_a_weight_on_a_turn_that_is_never_trained_is_refused_unless_0(tmp_path):
