@@ -24,6 +24,7 @@ import transformers  # noqa: E402
 
 from chatft.args import deepspeed_config, parse_args  # noqa: E402
 from chatft.model.attention import rows_keep_samples_apart  # noqa: E402
+from chatft.data.pretrain import PretrainDataset, read_documents  # noqa: E402
 from chatft.data.datasets import preprocess  # noqa: E402  (re-exported: `from finetune import preprocess`, as Qwen's)
 from chatft.data.datasets import load_samples, make_collator, make_datasets, split_off_eval  # noqa: E402
 from chatft.model.load import join_process_group, load_model  # noqa: E402
@@ -43,7 +44,13 @@ __all__ = ["main", "preprocess", "train"]  # preprocess: Qwen's function, for sc
 
 
 def read_data(data_args, seed: int) -> tuple[list[dict], list[dict] | None]:
-    """(training samples, evaluation samples or None): --eval_data_path is a file, or a fraction held out."""
+    """(training samples, evaluation samples or None): --eval_data_path is a file, or a fraction held out. Under
+    --stage pt the samples are raw-text documents (chatft.data.pretrain), else conversations."""
+    if data_args.stage == "pt":
+        texts = read_documents(data_args.data_path)
+        if data_args.eval_fraction is not None:
+            return split_off_eval(texts, data_args.eval_fraction, seed)
+        return texts, read_documents(data_args.eval_data_path) if data_args.eval_data_path else None
     # a file read before without problems is not read again (its index is kept with the tokenized cache)
     index_dir = None if data_args.dry_run else data_args.resolved_preprocessing_cache_dir
     train_samples = load_samples(data_args.data_path, data_args.data_format, index_dir)
@@ -84,6 +91,12 @@ def train(argv=None, callbacks=(), wrap_collator=None):
     plan, tokenizer = plan_run(model_args, data_args, training_args, lora_args)
     # tokens -> peak memory estimated from the plan alone (chatft.memory), said before any memory is spent
     estimate_memory = run_estimator(plan)
+    if data_args.dry_run and data_args.stage == "pt":
+        for name, texts in (("training data", train_samples), ("evaluation data", eval_samples)):
+            if texts:
+                print(f"{name}: " + PretrainDataset(texts, tokenizer, training_args.model_max_length,
+                                                    data_args.packing).summary())
+        return None
     if data_args.dry_run:  # the tokenizer only: no model, nothing written
         for name, samples in (("training data", train_samples), ("evaluation data", eval_samples)):
             if samples:
@@ -97,13 +110,20 @@ def train(argv=None, callbacks=(), wrap_collator=None):
         return None
     # The first process of each machine tokenizes into the cache; the others wait for its file (not at a barrier,
     # whose timeout a big data set outlasts), then map the same file (chatft.data.datasets.tokenized_arrays).
-    train_dataset, eval_dataset = make_datasets(
-        train_samples, eval_samples, tokenizer, training_args.model_max_length,
-        data_args.lazy_preprocess, data_args.system_message, data_args.packing,
-        data_args.preprocessing_num_workers, data_args.resolved_preprocessing_cache_dir, plan.chat_format,
-        data_args.reasoning_turns, data_args.ignore_empty_think,
-    )
-    if data_args.packing and training_args.should_log:  # the batch no longer means what the flags say: say so
+    if data_args.stage == "pt":  # raw text: every token trained, documents kept apart unless --packing
+        train_dataset, eval_dataset = (PretrainDataset(texts, tokenizer, training_args.model_max_length,
+                                                       data_args.packing) if texts else None
+                                       for texts in (train_samples, eval_samples))
+        if training_args.should_log:
+            logger.info("pre-training data: %s", train_dataset.summary())
+    else:
+        train_dataset, eval_dataset = make_datasets(
+            train_samples, eval_samples, tokenizer, training_args.model_max_length,
+            data_args.lazy_preprocess, data_args.system_message, data_args.packing,
+            data_args.preprocessing_num_workers, data_args.resolved_preprocessing_cache_dir, plan.chat_format,
+            data_args.reasoning_turns, data_args.ignore_empty_think,
+        )
+    if data_args.packing and data_args.stage == "sft" and training_args.should_log:  # the batch no longer means what the flags say: say so
         logger.info(packing_summary(train_dataset, training_args.per_device_train_batch_size,
                                     training_args.gradient_accumulation_steps, plan.world_size))
     if estimate_memory is not None and training_args.should_log:

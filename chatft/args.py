@@ -67,6 +67,13 @@ class DataArguments:
                   "per file from its records)."},
     )
     lazy_preprocess: bool = field(default=False, metadata={"help": "Tokenize samples when first used, not up front."})
+    stage: str = field(
+        default="sft",
+        metadata={"help": "sft: supervised fine-tuning on conversations (the loss on the assistant's replies). pt: "
+                  "continued pre-training on raw text (.txt files, a document a line, or {\"text\": ...} records), "
+                  "the loss on every token; each document its own sample, or --packing: joined with EOS into "
+                  "--model_max_length blocks."},
+    )
     chat_format: str = field(
         default="auto",
         metadata={"help": "auto|chatml|qwen3: how conversations are rendered for training (and the chat template saved "
@@ -448,6 +455,7 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
     if data_args.packing and data_args.lazy_preprocess:
         problems.append("--packing needs every sample's length up front and --lazy_preprocess tokenizes on first use: "
                         "drop one of them.")
+    problems += stage_problems(data_args, training_args)
     if data_args.chat_format not in CHAT_FORMATS:
         problems.append(f"--chat_format must be one of {', '.join(CHAT_FORMATS)}, not {data_args.chat_format!r}.")
     if data_args.reasoning_turns not in ("all", "last"):
@@ -542,6 +550,23 @@ def packing_problem(model_args, training_args) -> str | None:
         return None
     return (f"--packing: {type(model).__name__} has its own attention code, which would let packed samples attend to "
             "each other; train without --packing.")
+
+
+STAGES = ("sft", "pt")
+CONVERSATION_ONLY_FLAGS = ("data_format", "lazy_preprocess", "reasoning_turns", "ignore_empty_think")
+
+
+def stage_problems(data_args, training_args) -> list[str]:
+    """--stage and the flags that only mean something in another stage."""
+    if data_args.stage not in STAGES:
+        return [f"--stage must be one of {', '.join(STAGES)}, not {data_args.stage!r}."]
+    if data_args.stage != "pt":
+        return []
+    defaults = DataArguments.__dataclass_fields__
+    given = [f"--{name}" for name in CONVERSATION_ONLY_FLAGS
+             if getattr(data_args, name, defaults[name].default) != defaults[name].default]
+    given += ["--eval_generate"] if training_args.eval_generate else []
+    return [f"{', '.join(given)}: conversation flag(s), meaningless with --stage pt (raw text)."] if given else []
 
 
 def attention_problem(name: str) -> str | None:
