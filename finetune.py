@@ -24,6 +24,7 @@ import transformers  # noqa: E402
 
 from chatft.args import deepspeed_config, parse_args  # noqa: E402
 from chatft.model.attention import rows_keep_samples_apart  # noqa: E402
+from chatft.data.mixing import mix_sources  # noqa: E402
 from chatft.data.pretrain import PretrainDataset, read_documents  # noqa: E402
 from chatft.data.datasets import preprocess  # noqa: E402  (re-exported: `from finetune import preprocess`, as Qwen's)
 from chatft.data.datasets import load_samples, make_collator, make_datasets, split_off_eval  # noqa: E402
@@ -53,12 +54,24 @@ def read_data(data_args, seed: int) -> tuple[list[dict], list[dict] | None]:
         return texts, read_documents(data_args.eval_data_path) if data_args.eval_data_path else None
     # a file read before without problems is not read again (its index is kept with the tokenized cache)
     index_dir = None if data_args.dry_run else data_args.resolved_preprocessing_cache_dir
-    train_samples = load_samples(data_args.data_path, data_args.data_format, index_dir)
+    train_samples = mixed(load_samples(data_args.data_path, data_args.data_format, index_dir), data_args.data_path,
+                          data_args.data_mix, seed, "--data_mix")
     if data_args.eval_fraction is not None:
         return split_off_eval(train_samples, data_args.eval_fraction, seed)
     if data_args.eval_data_path:
-        return train_samples, load_samples(data_args.eval_data_path, data_args.data_format, index_dir)
+        return train_samples, mixed(load_samples(data_args.eval_data_path, data_args.data_format, index_dir),
+                                    data_args.eval_data_path, data_args.eval_data_mix, seed, "--eval_data_mix")
     return train_samples, None
+
+
+def mixed(samples, spec: str, mix: str | None, seed: int, flag: str):
+    """The samples as --data_mix / --eval_data_mix take them from each source (chatft.data.mixing), said per source."""
+    if not mix:
+        return samples
+    samples, lines = mix_sources(samples, spec, mix, seed, flag)
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info("%s: %s", flag, "; ".join(lines))
+    return samples
 
 
 def padding_free_for(model, data_args) -> bool:

@@ -67,6 +67,15 @@ class DataArguments:
                   "per file from its records)."},
     )
     lazy_preprocess: bool = field(default=False, metadata={"help": "Tokenize samples when first used, not up front."})
+    data_mix: str = field(
+        default=None,
+        metadata={"help": "How many samples each --data_path source gives, one entry per comma-separated file or "
+                  "directory: all (every sample once), N (exactly N: a seeded subset, or the source repeated), or "
+                  "Kx (K times its size, e.g. 0.5x, 3x). Default: all of every source."},
+    )
+    eval_data_mix: str = field(
+        default=None, metadata={"help": "--data_mix for the --eval_data_path files."},
+    )
     stage: str = field(
         default="sft",
         metadata={"help": "sft: supervised fine-tuning on conversations (the loss on the assistant's replies). pt: "
@@ -456,6 +465,7 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
         problems.append("--packing needs every sample's length up front and --lazy_preprocess tokenizes on first use: "
                         "drop one of them.")
     problems += stage_problems(data_args, training_args)
+    problems += mix_problems(data_args)
     if data_args.chat_format not in CHAT_FORMATS:
         problems.append(f"--chat_format must be one of {', '.join(CHAT_FORMATS)}, not {data_args.chat_format!r}.")
     if data_args.reasoning_turns not in ("all", "last"):
@@ -553,7 +563,24 @@ def packing_problem(model_args, training_args) -> str | None:
 
 
 STAGES = ("sft", "pt")
-CONVERSATION_ONLY_FLAGS = ("data_format", "lazy_preprocess", "reasoning_turns", "ignore_empty_think")
+CONVERSATION_ONLY_FLAGS = ("data_format", "lazy_preprocess", "reasoning_turns", "ignore_empty_think", "data_mix",
+                           "eval_data_mix")
+
+
+def mix_problems(data_args) -> list[str]:
+    """--data_mix / --eval_data_mix: one valid entry per source of the data path they mix."""
+    from chatft.data.mixing import data_sources, parse_mix
+
+    problems = []
+    for flag, mix, spec in (("--data_mix", data_args.data_mix, data_args.data_path),
+                            ("--eval_data_mix", data_args.eval_data_mix, data_args.eval_data_path)):
+        if not mix:
+            continue
+        if flag == "--eval_data_mix" and (not spec or data_args.eval_fraction is not None):
+            problems.append("--eval_data_mix mixes the files of --eval_data_path; give it files, not a fraction.")
+        elif spec:
+            problems += parse_mix(mix, len(data_sources(spec)), flag)[1]
+    return problems
 
 
 def stage_problems(data_args, training_args) -> list[str]:
