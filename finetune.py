@@ -119,7 +119,7 @@ def train(argv=None, callbacks=(), wrap_collator=None):
                                      plan.world_size, training_args.seed, plan.chat_format,
                                      data_args.reasoning_turns, estimate_memory if name == "training data" else None,
                                      ignore_empty_think=data_args.ignore_empty_think,
-                                     num_workers=data_args.preprocessing_num_workers))
+                                     num_workers=data_args.num_workers))
         return None
     # The first process of each machine tokenizes into the cache; the others wait for its file (not at a barrier,
     # whose timeout a big data set outlasts), then map the same file (chatft.data.datasets.tokenized_arrays).
@@ -133,7 +133,7 @@ def train(argv=None, callbacks=(), wrap_collator=None):
         train_dataset, eval_dataset = make_datasets(
             train_samples, eval_samples, tokenizer, training_args.model_max_length,
             data_args.lazy_preprocess, data_args.system_message, data_args.packing,
-            data_args.preprocessing_num_workers, data_args.resolved_preprocessing_cache_dir, plan.chat_format,
+            data_args.num_workers, data_args.resolved_preprocessing_cache_dir, plan.chat_format,
             data_args.reasoning_turns, data_args.ignore_empty_think,
         )
     if data_args.packing and data_args.stage == "sft" and training_args.should_log:  # the batch no longer means what the flags say: say so

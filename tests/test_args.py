@@ -224,3 +224,15 @@ def test_a_truncated_gguf_model_is_one_line(tmp_path, capsys):
     assert finetune_errors(str(truncated), tmp_path, capsys) == [
         f"--model_name_or_path {truncated}: the file ends inside its header (truncated, or not completely written): "
         "export or download it again"]
+
+
+def test_tokenizing_workers_default_to_the_cores(model, tmp_path):
+    import os
+
+    base = ["--model_name_or_path", model, "--data_path", "data/identity_demo.json", "--output_dir", str(tmp_path)]
+    cores = min(16, len(os.sched_getaffinity(0)))
+    assert parse_args(base)[1].num_workers == cores
+    assert parse_args(base + ["--lazy_preprocess", "True"])[1].num_workers == 1  # tokenized when first used
+    assert parse_args(base + ["--preprocessing_num_workers", "3"])[1].num_workers == 3
+    with pytest.raises(ArgumentError, match="--preprocessing_num_workers must be at least 1, not 0"):
+        parse_args(base + ["--preprocessing_num_workers", "0"])
