@@ -25,6 +25,9 @@ import transformers  # noqa: E402
 from chatft.args import deepspeed_config, parse_args  # noqa: E402
 from chatft.model.attention import rows_keep_samples_apart  # noqa: E402
 from chatft.data.mixing import mix_sources  # noqa: E402
+from chatft.args import PREFERENCE_STAGES  # noqa: E402
+from chatft.data.preference import load_preference_samples, preference_dataset, preference_dry_run  # noqa: E402
+from chatft.train.preference import preference_collator_and_loss  # noqa: E402
 from chatft.data.pretrain import PretrainDataset, read_documents  # noqa: E402
 from chatft.data.datasets import preprocess  # noqa: E402  (re-exported: `from finetune import preprocess`, as Qwen's)
 from chatft.data.datasets import load_samples, make_collator, make_datasets, split_off_eval  # noqa: E402
@@ -47,6 +50,12 @@ __all__ = ["main", "preprocess", "train"]  # preprocess: Qwen's function, for sc
 def read_data(data_args, seed: int) -> tuple[list[dict], list[dict] | None]:
     """(training samples, evaluation samples or None): --eval_data_path is a file, or a fraction held out. Under
     --stage pt the samples are raw-text documents (chatft.data.pretrain), else conversations."""
+    if data_args.stage in PREFERENCE_STAGES:  # pairs (or KTO's labelled completions)
+        pairs = load_preference_samples(data_args.data_path, data_args.stage)
+        if data_args.eval_fraction is not None:
+            return split_off_eval(pairs, data_args.eval_fraction, seed)
+        return pairs, (load_preference_samples(data_args.eval_data_path, data_args.stage)
+                       if data_args.eval_data_path else None)
     if data_args.stage == "pt":
         texts = read_documents(data_args.data_path)
         if data_args.eval_fraction is not None:
@@ -104,6 +113,12 @@ def train(argv=None, callbacks=(), wrap_collator=None):
     plan, tokenizer = plan_run(model_args, data_args, training_args, lora_args)
     # tokens -> peak memory estimated from the plan alone (chatft.memory), said before any memory is spent
     estimate_memory = run_estimator(plan)
+    if data_args.dry_run and data_args.stage in PREFERENCE_STAGES:
+        for name, samples in (("training data", train_samples), ("evaluation data", eval_samples)):
+            if samples:
+                print(preference_dry_run(name, samples, tokenizer, training_args.model_max_length,
+                                         data_args.system_message, plan.chat_format))
+        return None
     if data_args.dry_run and data_args.stage == "pt":
         for name, texts in (("training data", train_samples), ("evaluation data", eval_samples)):
             if texts:
@@ -123,7 +138,11 @@ def train(argv=None, callbacks=(), wrap_collator=None):
         return None
     # The first process of each machine tokenizes into the cache; the others wait for its file (not at a barrier,
     # whose timeout a big data set outlasts), then map the same file (chatft.data.datasets.tokenized_arrays).
-    if data_args.stage == "pt":  # raw text: every token trained, documents kept apart unless --packing
+    if data_args.stage in PREFERENCE_STAGES:
+        train_dataset, eval_dataset = (preference_dataset(samples, tokenizer, training_args.model_max_length,
+                                                          data_args.system_message, plan.chat_format)
+                                       if samples else None for samples in (train_samples, eval_samples))
+    elif data_args.stage == "pt":  # raw text: every token trained, documents kept apart unless --packing
         train_dataset, eval_dataset = (PretrainDataset(texts, tokenizer, training_args.model_max_length,
                                                        data_args.packing) if texts else None
                                        for texts in (train_samples, eval_samples))
@@ -145,6 +164,9 @@ def train(argv=None, callbacks=(), wrap_collator=None):
     model = load_model(plan, lora_args, device=training_args.device)
     collator = make_collator(tokenizer, padding_free_for(model, data_args),
                              training_args.model_max_length if data_args.pad_to_max_length else None)
+    loss = SupervisedLoss(labelled_logits=plan.labelled_logits_only)
+    if data_args.stage in PREFERENCE_STAGES:  # pairs in padding-free rows, the prompt once where attention allows
+        collator, loss = preference_collator_and_loss(data_args.stage, training_args, model, plan.labelled_logits_only)
     trainer = ChatTrainer(
         model=model,
         args=training_args,
@@ -153,7 +175,7 @@ def train(argv=None, callbacks=(), wrap_collator=None):
         data_collator=wrap_collator(collator) if wrap_collator else collator,
         processing_class=tokenizer,
         callbacks=list(callbacks),
-        loss=SupervisedLoss(labelled_logits=plan.labelled_logits_only),
+        loss=loss,
         loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
     )
     expert_load = ExpertLoad.attach(model)  # a mixture-of-experts model: tokens per expert, in the summary

@@ -207,6 +207,20 @@ class TrainingArguments(transformers.TrainingArguments):
     eval_generate_max_new_tokens: int = field(
         default=128, metadata={"help": "--eval_generate: the most tokens a reply may have."}
     )
+    pref_beta: float = field(
+        default=0.1, metadata={"help": "--stage dpo/simpo/orpo/kto: beta, the preference loss's temperature (ORPO: "
+                               "the odds-ratio term's weight)."})
+    pref_loss: str = field(default="sigmoid", metadata={"help": "--stage dpo: sigmoid (DPO), ipo or hinge."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "--stage simpo: the target reward margin gamma."})
+    pref_ftx: float = field(
+        default=None, metadata={"help": "--stage dpo/simpo/kto: weight of an SFT term (the chosen replies' token "
+                                "mean cross-entropy) added to the loss; ORPO has its own (weight 1). Default 0."})
+    kto_desirable_weight: float = field(default=1.0, metadata={"help": "--stage kto: weight of desirable completions."})
+    kto_undesirable_weight: float = field(
+        default=1.0, metadata={"help": "--stage kto: weight of undesirable completions."})
+    pref_shared_prompt: bool = field(
+        default=True, metadata={"help": "Preference stages: compute each pair's prompt once, the rejected reply "
+                                "attending to it as a branch (needs per-sample sdpa); False: prompt + each reply."})
     sequence_parallel_size: int = field(
         default=1, metadata={"help": "Split each row across N processes (DeepSpeed's Ulysses sequence parallelism; "
                              "needs --deepspeed and N dividing the processes). 1: off."}
@@ -474,6 +488,12 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
         problems.append("--packing needs every sample's length up front and --lazy_preprocess tokenizes on first use: "
                         "drop one of them.")
     problems += stage_problems(data_args, training_args)
+    if data_args.stage in ("dpo", "kto") and not lora_args.use_lora:
+        problems.append(f"--stage {data_args.stage} full-parameter needs a frozen copy of the model as its reference, "
+                        "not built yet: train with --use_lora (the reference is then the model with its adapter off).")
+    if data_args.stage in ("dpo", "kto") and lora_args.lora_weight_path:
+        problems.append(f"--stage {data_args.stage} with --lora_weight_path: the reference would be the base model, "
+                        "not the adapter you start from; not supported yet (merge the adapter first, merge_lora.py).")
     problems += mix_problems(data_args)
     if data_args.chat_format not in CHAT_FORMATS:
         problems.append(f"--chat_format must be one of {', '.join(CHAT_FORMATS)}, not {data_args.chat_format!r}.")
@@ -571,7 +591,12 @@ def packing_problem(model_args, training_args) -> str | None:
             "each other; train without --packing.")
 
 
-STAGES = ("sft", "pt")
+STAGES = ("sft", "pt", "dpo", "simpo", "orpo", "kto")
+PREFERENCE_STAGES = ("dpo", "simpo", "orpo", "kto")
+# each preference flag, the stages it means something in
+PREFERENCE_FLAGS = {"pref_beta": PREFERENCE_STAGES, "pref_loss": ("dpo",), "simpo_gamma": ("simpo",),
+                    "pref_ftx": ("dpo", "simpo", "kto"), "kto_desirable_weight": ("kto",),
+                    "kto_undesirable_weight": ("kto",), "pref_shared_prompt": PREFERENCE_STAGES}
 CONVERSATION_ONLY_FLAGS = ("data_format", "lazy_preprocess", "reasoning_turns", "ignore_empty_think", "data_mix",
                            "eval_data_mix")
 
@@ -596,13 +621,42 @@ def stage_problems(data_args, training_args) -> list[str]:
     """--stage and the flags that only mean something in another stage."""
     if data_args.stage not in STAGES:
         return [f"--stage must be one of {', '.join(STAGES)}, not {data_args.stage!r}."]
+    fields = TrainingArguments.__dataclass_fields__
+    problems = [f"--{name} means something with --stage {' or '.join(stages)} only, not --stage {data_args.stage}."
+                for name, stages in PREFERENCE_FLAGS.items()
+                if data_args.stage not in stages and getattr(training_args, name) != fields[name].default]
+    if data_args.stage in PREFERENCE_STAGES:
+        problems += preference_problems(data_args, training_args)
     if data_args.stage != "pt":
-        return []
+        return problems
     defaults = DataArguments.__dataclass_fields__
     given = [f"--{name}" for name in CONVERSATION_ONLY_FLAGS
              if getattr(data_args, name, defaults[name].default) != defaults[name].default]
     given += ["--eval_generate"] if training_args.eval_generate else []
-    return [f"{', '.join(given)}: conversation flag(s), meaningless with --stage pt (raw text)."] if given else []
+    return problems + ([f"{', '.join(given)}: conversation flag(s), meaningless with --stage pt (raw text)."]
+                       if given else [])
+
+
+def preference_problems(data_args, training_args) -> list[str]:
+    """What a preference stage cannot run with (its rows are padding-free pairs; its reference is the adapter off)."""
+    from chatft.train.preference import DPO_LOSSES
+
+    stage, problems = data_args.stage, []
+    if training_args.pref_loss not in DPO_LOSSES:
+        problems.append(f"--pref_loss must be one of {', '.join(DPO_LOSSES)}, not {training_args.pref_loss!r}.")
+    if not training_args.pref_beta > 0:
+        problems.append(f"--pref_beta must be > 0, not {training_args.pref_beta}.")
+    if stage == "kto" and training_args.per_device_train_batch_size < 2:
+        problems.append("--stage kto estimates its KL term from the other completions of a batch: "
+                        "--per_device_train_batch_size must be at least 2.")
+    for flag, given in (("--packing", data_args.packing), ("--lazy_preprocess", data_args.lazy_preprocess),
+                        ("--pad_to_max_length", data_args.pad_to_max_length),
+                        ("--padding_free False", not data_args.padding_free),
+                        ("--data_mix", data_args.data_mix), ("--eval_generate", training_args.eval_generate),
+                        ("--sequence_parallel_size", training_args.sequence_parallel_size > 1)):
+        if given:
+            problems.append(f"{flag} is not supported with --stage {stage} (pairs are batched padding-free).")
+    return problems
 
 
 def attention_problem(name: str) -> str | None:

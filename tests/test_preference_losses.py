@@ -264,3 +264,92 @@ def test_kto_loss_on_a_row_equals_the_completions_computed_alone(tiny_qwen2_arch
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:
             assert_close_up_to_rounding(our_grads[name], parameter.grad, terms=terms)
+
+
+def write_pairs(path, count=8):
+    import json
+
+    path.write_text(json.dumps([{"prompt": f"Who are you? ({i})", "chosen": "I am Tessa, made by Orbit Labs.",
+                                 "rejected": "I am an AI assistant."} for i in range(count)]))
+    return str(path)
+
+
+def test_a_lora_dpo_run_starts_at_ln2_and_logs_its_rewards(tiny_qwen2_arch_dir, tmp_path):
+    """finetune.py --stage dpo with LoRA: the first step's loss is ln 2 (the adapter starts at zero, so the policy
+    is its reference), every step logs the rewards, and the adapter is saved."""
+    import math
+
+    from support import run
+
+    data = write_pairs(tmp_path / "pairs.json")
+    trainer = run(tiny_qwen2_arch_dir, data, tmp_path / "out", "--stage", "dpo", "--use_lora", "--lora_r", "4",
+                  "--pref_beta", "0.5", "--learning_rate", "0.01")
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3 and logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    for entry in logged:
+        assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= entry.keys()
+    assert logged[0]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert logged[-1]["rewards/margins"] > 0  # the chosen reply gained on the rejected one
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("stage", ["simpo", "orpo", "kto"])
+def test_every_preference_stage_runs(stage, tiny_qwen2_arch_dir, tmp_path):
+    from support import run
+
+    data = write_pairs(tmp_path / "pairs.json")
+    trainer = run(tiny_qwen2_arch_dir, data, tmp_path / "out", "--stage", stage, "--use_lora", "--lora_r", "4",
+                  "--eval_data_path", "0.25", "--eval_strategy", "steps", "--eval_steps", "3")
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3 and all(math_finite(entry["loss"]) for entry in logged)
+    assert any("eval_loss" in entry and math_finite(entry["eval_loss"]) for entry in trainer.state.log_history)
+    assert "kl" in logged[0] if stage == "kto" else "rewards/margins" in logged[0]
+
+
+def math_finite(value) -> bool:
+    import math
+
+    return math.isfinite(value)
+
+
+def test_preference_flags_are_checked(tiny_qwen2_arch_dir, tmp_path):
+    from chatft.args import ArgumentError, parse_args
+
+    data = write_pairs(tmp_path / "pairs.json")
+    base = ["--model_name_or_path", str(tiny_qwen2_arch_dir), "--data_path", data, "--output_dir", str(tmp_path / "o")]
+    for flags, message in ((["--stage", "dpo", "--use_lora", "--simpo_gamma", "1"], "--simpo_gamma means something"),
+                           (["--stage", "dpo"], "--stage dpo full-parameter needs a frozen copy"),
+                           (["--stage", "kto", "--use_lora", "--per_device_train_batch_size", "1"], "at least 2"),
+                           (["--stage", "dpo", "--use_lora", "--pref_loss", "kl"], "--pref_loss must be one of"),
+                           (["--stage", "simpo", "--packing", "True"], "--packing is not supported with --stage simpo"),
+                           (["--pref_beta", "0.2"], "--pref_beta means something with --stage")):
+        with pytest.raises(ArgumentError, match=message):
+            parse_args(base + flags)
+
+
+def test_sft_data_under_a_preference_stage_is_one_line(tiny_qwen2_arch_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from support import ROOT
+
+    sft = tmp_path / "sft.json"
+    sft.write_text(json.dumps([{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}]))
+    result = subprocess.run([sys.executable, "finetune.py", "--model_name_or_path", str(tiny_qwen2_arch_dir),
+                             "--data_path", str(sft), "--output_dir", str(tmp_path / "o"), "--stage", "dpo",
+                             "--use_lora"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "--stage dpo needs preference pairs" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_preference_dry_run_shows_a_pair_and_its_labelled_replies(tiny_qwen2_arch_dir, tmp_path, capsys):
+    import finetune
+
+    data = write_pairs(tmp_path / "pairs.json")
+    finetune.train(["--model_name_or_path", str(tiny_qwen2_arch_dir), "--data_path", data, "--output_dir",
+                    str(tmp_path / "o"), "--stage", "dpo", "--use_lora", "--dry_run", "True", "--chat_format", "chatml"])
+    out = capsys.readouterr().out
+    assert "training data: 8 pairs of 8" in out
+    assert "--- chosen:\n[[I am Tessa, made by Orbit Labs.<|im_end|>]]" in out
+    assert "--- rejected:\n[[I am an AI assistant.<|im_end|>]]" in out and not (tmp_path / "o").exists()

@@ -427,6 +427,9 @@ class KTOCollator:
     mismatched prompt/completion pairs whose log-probability ratio estimates KL(policy || reference), as TRL builds
     them by cycling the completions of a batch by one, here without a second copy of the prompt."""
 
+    def __init__(self, shared_prompt: bool = True):
+        self.shared_prompt = shared_prompt  # False: the mismatched completion is a sample of its own, prompt + it
+
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
@@ -434,13 +437,64 @@ class KTOCollator:
         for k, f in enumerate(features):
             mismatched = features[(k + 1) % len(features)]
             prompt = f["prompt_ids"]
-            ids += prompt + f["completion_ids"] + prompt[-1:] + mismatched["completion_ids"]
+            again = prompt[-1:] if self.shared_prompt else prompt  # a branch of the prompt, or the prompt again
+            ids += prompt + f["completion_ids"] + again + mismatched["completion_ids"]
             positions += [*range(len(prompt) + len(f["completion_ids"])),
-                          *range(len(prompt) - 1, len(prompt) + len(mismatched["completion_ids"]))]
-            labels += [IGNORE_INDEX] * len(prompt) + f["completion_labels"] + [IGNORE_INDEX] + \
+                          *range(len(prompt) - len(again), len(prompt) + len(mismatched["completion_ids"]))]
+            labels += [IGNORE_INDEX] * len(prompt) + f["completion_labels"] + [IGNORE_INDEX] * len(again) + \
                 mismatched["completion_labels"]
-            replies += [-1] * len(prompt) + [2 * k] * len(f["completion_ids"]) + [-1] + \
+            replies += [-1] * len(prompt) + [2 * k] * len(f["completion_ids"]) + [-1] * len(again) + \
                 [2 * k + 1] * len(mismatched["completion_ids"])
         row = lambda values: torch.tensor(values, dtype=torch.long)[None]  # noqa: E731
         return {"input_ids": row(ids), "position_ids": row(positions), "labels": row(labels),
                 REPLY_INDEX: row(replies), DESIRABLE: torch.tensor([bool(f[DESIRABLE]) for f in features])}
+
+
+class KTODataset:
+    """Tokenized KTO completions (`tokenize_completions`), those left with no completion token dropped and named;
+    items are `completion_features` dicts for KTOCollator."""
+
+    def __init__(self, samples: list[KTOSample], tokenizer, max_len: int,
+                 system_message: str = DEFAULT_SYSTEM_MESSAGE, chat_format: str = "chatml"):
+        import logging
+
+        from chatft.data.datasets import nothing_to_train, untrainable_reason
+
+        tokenized = tokenize_completions(samples, tokenizer, max_len, system_message, chat_format)
+        self.completions = [s for s in tokenized if any(label != IGNORE_INDEX for label in s.completion_labels)]
+        if len(self.completions) < len(tokenized):
+            logging.getLogger(__name__).warning("Dropped %d of %d completions with %s", len(tokenized) - len(self.completions),
+                                                len(tokenized), untrainable_reason(max_len))
+        if not self.completions:
+            raise nothing_to_train(max_len)
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def __getitem__(self, i: int) -> dict:
+        return completion_features(self.completions[i])
+
+
+def preference_dataset(samples: list, tokenizer, max_len: int, system_message: str, chat_format: str):
+    """The dataset of a preference stage's samples: KTODataset for KTOSamples, else PreferenceDataset."""
+    kind = KTODataset if samples and isinstance(samples[0], KTOSample) else PreferenceDataset
+    return kind(samples, tokenizer, max_len, system_message, chat_format)
+
+
+def preference_dry_run(name: str, samples: list, tokenizer, max_len: int, system_message: str, chat_format: str
+                       ) -> str:
+    """--dry_run of a preference stage: counts, lengths, and the first pair decoded with its labelled spans."""
+    dataset = preference_dataset(samples, tokenizer, max_len, system_message, chat_format)
+    if isinstance(dataset, KTODataset):
+        desirable = sum(s.desirable for s in dataset.completions)
+        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in dataset.completions]
+        first = dataset.completions[0]
+        shown = describe_pair(TokenizedPair(first.prompt_ids, first.completion_ids, first.completion_labels, [], []),
+                              tokenizer).split("\n--- rejected:")[0]
+        head = f"{len(dataset)} completions ({desirable} desirable, {len(dataset) - desirable} undesirable)"
+    else:
+        lengths = [p.num_tokens for p in dataset.pairs]
+        shown = describe_pair(dataset.pairs[0], tokenizer)
+        head = f"{len(dataset)} pairs"
+    return (f"{name}: {head} of {len(samples)}, {min(lengths)}-{max(lengths)} tokens each (prompt once, mean "
+            f"{sum(lengths) / len(lengths):.0f}); the first, labelled tokens in [[...]]:\n{shown}")

@@ -140,6 +140,12 @@ class PreferenceLoss:
         self.model_config = None
         self.adapter_model = None
 
+    # the batch fields its rows are built from (kept by the Trainer, which drops fields the model does not name),
+    # and evaluation computes this objective too (not the model's own loss)
+    feature_columns = ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels",
+                       "completion_ids", "completion_labels", DESIRABLE, REPLY_INDEX)
+    evaluates = True
+
     @property
     def labelled_logits(self) -> bool:
         return self.head_linears is not None
@@ -222,3 +228,21 @@ def split_pairs(log_probs: ReplyLogProbs) -> tuple[ReplyLogProbs, ReplyLogProbs]
     """(chosen, rejected) of replies in pair order (2k chosen, 2k + 1 rejected)."""
     return (ReplyLogProbs(log_probs.total[0::2], log_probs.tokens[0::2]),
             ReplyLogProbs(log_probs.total[1::2], log_probs.tokens[1::2]))
+
+
+def preference_collator_and_loss(stage: str, training_args, model, labelled_logits: bool):
+    """The collator and loss of a preference stage's run. The prompt is computed once per pair where the model's
+    attention reads branches (chatft.model.attention's per-sample sdpa); otherwise each reply is its own sample."""
+    from chatft.data.preference import KTOCollator, PreferenceCollator
+    from chatft.errors import ArgumentError
+    from chatft.model.attention import PER_SAMPLE_SDPA, rows_keep_samples_apart
+
+    if not rows_keep_samples_apart(model):
+        raise ArgumentError(f"--stage {stage}: {type(model).__name__} has its own attention code, which would let the "
+                            "replies of a pair row attend to each other; preference stages need transformers' attention.")
+    shared = training_args.pref_shared_prompt and getattr(model.config, "_attn_implementation", None) == PER_SAMPLE_SDPA
+    collator = KTOCollator(shared) if stage == "kto" else PreferenceCollator(shared)
+    loss = PreferenceLoss(stage, training_args.pref_beta, training_args.pref_loss, training_args.simpo_gamma,
+                          training_args.pref_ftx, labelled_logits, desirable_weight=training_args.kto_desirable_weight,
+                          undesirable_weight=training_args.kto_undesirable_weight)
+    return collator, loss

@@ -176,8 +176,9 @@ class ChatTrainer(transformers.Trainer):
         """transformers' columns to keep (those the model's forward names), and the loss's `loss_weights`. (No public
         door: tests/test_losses.py fails if transformers stops calling this.)"""
         super()._set_signature_columns_if_needed()
-        if LOSS_WEIGHTS not in self._signature_columns:
-            self._signature_columns.append(LOSS_WEIGHTS)
+        for column in (LOSS_WEIGHTS, *getattr(self.loss, "feature_columns", ())):  # a preference loss's pair fields
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """transformers' batches of one optimizer step and their item count; for weighted data the count is sum(w)
@@ -222,6 +223,9 @@ class ChatTrainer(transformers.Trainer):
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if getattr(self.loss, "evaluates", False) and not model.training:  # a preference objective's own eval loss
+            loss = self.loss(model, inputs, LossScale()).loss
+            return (loss, {}) if return_outputs else loss
         library_loss = self.label_smoother is not None or self.compute_loss_func is not None
         sharded = "shift_labels" in inputs and model.training  # a shard of a row (sequence parallelism)
         # evaluation's predictions, the library's options
