@@ -577,14 +577,11 @@ def packing_problem(model_args, training_args) -> str | None:
     own attention code (trust_remote_code: Qwen-1, some mixture-of-experts models) would let them attend to each other.
     Found from the model's class, built on the meta device from its config (no weights; finetune.py pads such a
     model's batches instead of padding-free rows)."""
-    import torch
-
     from chatft.model.attention import rows_keep_samples_apart
-    from chatft.model.load import model_config
+    from chatft.model.load import meta_model, model_config
 
     config = model_config(model_args.model_name_or_path, model_args.trust_remote_code, training_args.cache_dir)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    model = meta_model(config, model_args.trust_remote_code)
     if rows_keep_samples_apart(model):
         return None
     return (f"--packing: {type(model).__name__} has its own attention code, which would let packed samples attend to "

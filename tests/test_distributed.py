@@ -190,7 +190,8 @@ def test_first_rank_tokenizes_and_the_other_reads_its_cache(tiny_qwen2_arch_dir,
     result = torchrun(2, "finetune.py", *common_flags(tiny_qwen2_arch_dir, data_file, tmp_path / "out", "--max_steps", "1",
                                                       "--per_device_train_batch_size", "1",
                                                       "--preprocessing_cache_dir", str(cache)))
-    assert len(list(cache.iterdir())) == 1
+    # one tokenized cache (and the data file's record index beside it), written by rank 0 alone
+    assert len(list(cache.glob("*.tokens"))) == 1 and len(list(cache.glob("*.tmp*"))) == 0
     log = result.stdout + result.stderr
     assert log.count("reusing 16 tokenized samples") == 1, log[-3000:]  # rank 1 only
 

@@ -121,21 +121,6 @@ def test_qlora_adapter_merges_with_its_expert_deltas(moe_dir, moe_data, tmp_path
         assert delta.abs().amax(dim=(1, 2)).min() > 0  # every expert got its delta
 
 
-def moe_32(root, model_type):
-    """build_tiny_moe's model with every expert layer 32 wide (moe_intermediate_size 16 there): gptqmodel's CPU kernels
-    take group sizes of 32 to 256 only, so each layer's input width must be a multiple of 32."""
-    tiny = build_tiny_moe(root, model_type)
-    config = transformers.AutoConfig.from_pretrained(tiny)
-    config.moe_intermediate_size = 32
-    if model_type == "qwen2_moe":
-        config.shared_expert_intermediate_size = 32
-    torch.manual_seed(0)
-    path = root / f"{model_type}-32"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    transformers.AutoTokenizer.from_pretrained(tiny).save_pretrained(path)
-    return path
-
-
 def test_gptq_group_size_counts_the_experts_widths(moe_dir):
     from chatft.errors import QuantizeError
     from chatft.export.gptq import choose_group_size, linear_input_widths
@@ -161,37 +146,20 @@ def test_qlora_on_a_gptq_moe_is_one_line(moe_dir, moe_data, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "is a GPTQ mixture-of-experts model" in err[0], err
 
 
-def test_gptq_on_qwen2_moe_is_one_line_before_loading(moe_data, tmp_path, capsys):
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe"])
+def test_gptq_on_moe_is_one_line_before_loading(model_type, moe_data, tmp_path, capsys):
+    """GPTQ of a MoE model is refused: gptqmodel 7.7 writes each expert as its own GPTQ layer, and transformers 5.25
+    loads the result (in any process but the one that quantized it) with the experts fused and randomly initialized,
+    the GPTQ expert weights unread (measured on qwen3_moe: 4 missing, 96 unexpected keys)."""
     import run_gptq
     from support import unloadable_copy
 
-    model_dir = unloadable_copy(build_tiny_moe(tmp_path, "qwen2_moe"), tmp_path, keep_tokenizer=True)
+    model_dir = unloadable_copy(build_tiny_moe(tmp_path, model_type), tmp_path, keep_tokenizer=True)
     capsys.readouterr()  # what building it printed
     code = run_gptq.main(["--model_name_or_path", str(model_dir), "--data_path", moe_data, "--output_dir",
                           str(tmp_path / "gptq")])
     err = capsys.readouterr().err.splitlines()
-    assert code == 2 and len(err) == 1 and "GPTQ is not available for qwen2_moe models" in err[0], err
-    assert "shared_expert_gate" in err[0] and not (tmp_path / "gptq").exists()
+    assert code == 2 and len(err) == 1 and f"GPTQ is not available for {model_type} models" in err[0], err
+    assert "randomly initialized" in err[0] and not (tmp_path / "gptq").exists()
 
 
-@pytest.mark.slow
-def test_gptq_quantizes_the_experts_and_keeps_the_loss(moe_data, tmp_path):
-    import json
-    import run_gptq
-
-    model_dir = moe_32(tmp_path, "qwen3_moe")
-    out = tmp_path / "gptq"
-    assert run_gptq.main(["--model_name_or_path", str(model_dir), "--data_path", moe_data, "--output_dir", str(out),
-                          "--bits", "4", "--num_eval_samples", "2"]) == 0
-    report = json.loads((out / "quantize_report.json").read_text())
-    assert report["settings"]["group_size"] == 32
-    assert abs(report["perplexity_ratio"] - 1) < 0.02, report  # measured: 1.0010 (qwen3_moe)
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map={"": "cpu"})
-    experts = quantized.model.layers[0].mlp.experts
-    assert len(experts) == 4 and all(type(e.down_proj).__name__ != "Linear" for e in experts)  # each a GPTQ layer
-    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    ids = probe_ids(tokenizer)
-    full = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        losses = [float(m(input_ids=ids, labels=ids).loss) for m in (full, quantized)]
-    assert 0 < abs(losses[1] - losses[0]) < 0.05, losses  # measured 0.0025 (qwen3_moe)

@@ -155,9 +155,16 @@ def choose_group_size(requested: int | None, widths: set[int]) -> int:
 
 
 # Architectures whose GPTQ output would not load correctly, by model type: the reason (checked before any weight loads)
+# (Measured: a qwen3_moe quantized by gptqmodel 7.7 loads right only in the process that quantized it; a new process's
+# from_pretrained keeps the fused experts, reports their weights missing and ignores the per-expert GPTQ ones.)
+FUSED_EXPERTS = ("transformers 5.25 loads the result with its routed experts fused and randomly initialized (the "
+                 "per-expert GPTQ weights gptqmodel 7.7 writes are not read), so the quantized model computes garbage; "
+                 "export it to GGUF instead (export_gguf.py, K-quants of every expert)")
 GPTQ_UNLOADABLE = {
     "qwen2_moe": "transformers 5.25 loads its shared_expert_gate (a linear layer of one output, which gptqmodel 7.7 "
-                 "leaves unquantized) as a GPTQ layer with no weights, which then computes garbage",
+                 "leaves unquantized) as a GPTQ layer with no weights, and its routed experts fused and randomly "
+                 "initialized; export it to GGUF instead (export_gguf.py)",
+    "qwen3_moe": FUSED_EXPERTS,
 }
 
 

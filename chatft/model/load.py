@@ -200,12 +200,20 @@ def training_setup_problems(model_args, training_args, lora_args) -> list[str]:
     return problems
 
 
+def meta_model(config, trust_remote_code: bool = False):
+    """The model of `config` on the meta device: its module tree, no memory, no weights. Constructed from its class
+    (chatft.memory.causal_lm_class), not with from_config, which under a ZeRO-3 config builds inside DeepSpeed's
+    zero.Init and fails initializing weights that have no data."""
+    from chatft.memory import causal_lm_class
+
+    with torch.device("meta"):
+        return causal_lm_class(config, trust_remote_code)(config)
+
+
 def is_moe_config(config, trust_remote_code: bool = False) -> bool:
     """Whether the model of `config` has routed experts (expert_parameter_names), from its module tree on the meta
     device."""
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return bool(expert_parameter_names(model))
+    return bool(expert_parameter_names(meta_model(config, trust_remote_code)))
 
 
 def explicit_target_parameters(lora_args) -> list[str] | None:
@@ -220,8 +228,7 @@ def lora_target_problems(config, targets: list[str], trust_remote_code: bool = F
                          target_parameters: list[str] | None = None) -> list[str]:
     """--lora_target_modules names that match no module of the model or only its experts/routers (no linear layers),
     and --lora_target_parameters names that match no parameter (peft matches a name or a dotted suffix)."""
-    with torch.device("meta"):  # the module tree alone: no memory, no weights
-        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = meta_model(config, trust_remote_code)  # the module tree alone: no memory, no weights
     moe = expert_parameter_names(model) + router_parameter_names(model)
     moe_hint = f" (its expert and router parameters, for --lora_target_parameters: {', '.join(moe)})" if moe else ""
     moe_modules = {name.rsplit(".", 1)[0] for name, _ in model.named_parameters() if name.endswith(tuple(moe))}
