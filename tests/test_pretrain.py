@@ -82,7 +82,7 @@ def test_stage_flags_are_checked(tiny_qwen2_arch_dir, tmp_path):
 
     corpus = write_corpus(tmp_path)
     base = ["--model_name_or_path", str(tiny_qwen2_arch_dir), "--data_path", corpus, "--output_dir", str(tmp_path / "o")]
-    with pytest.raises(ArgumentError, match="--stage must be one of sft, pt, not 'ppo'"):
+    with pytest.raises(ArgumentError, match="--stage must be one of sft, pt, dpo, simpo, orpo, kto, not 'ppo'"):
         parse_args(base + ["--stage", "ppo"])
     with pytest.raises(ArgumentError, match="--data_format, --lazy_preprocess: conversation flag"):
         parse_args(base + ["--stage", "pt", "--data_format", "alpaca", "--lazy_preprocess", "True"])
