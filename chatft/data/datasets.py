@@ -412,6 +412,16 @@ class DataSamples(Sequence):
         return DataSamples(self.files, digest.hexdigest(), whole[np.asarray(held, dtype=np.int64)])
 
 
+def data_problems(spec: str, problems: list[str], count: int | None = None) -> DataError:
+    """The one error for what is wrong with a data path: `count` problems (default: all of `problems`), the first
+    MAX_REPORTED_PROBLEMS of them listed."""
+    count = len(problems) if count is None else count
+    shown = list(problems[:MAX_REPORTED_PROBLEMS])
+    if count > len(shown):
+        shown.append(f"... and {count - len(shown)} more problems")
+    return DataError(f"{count} problem(s) in {spec}:\n  " + "\n  ".join(shown))
+
+
 def data_files(spec: str) -> tuple[list[str], list[str]]:
     """(files, problems) for a --data_path: files and directories (their .json/.jsonl files), comma-separated."""
     files, problems = [], []
@@ -441,10 +451,7 @@ def load_samples(spec: str, data_format: str = "auto", index_dir: str | os.PathL
     problems.add(missing)
     read = [] if missing else [_read_file(path, data_format, problems, index_dir=index_dir) for path in files]
     if problems.count:
-        shown = list(problems.shown)
-        if problems.count > len(shown):
-            shown.append(f"... and {problems.count - len(shown)} more problems")
-        raise DataError(f"{problems.count} problem(s) in {spec}:\n  " + "\n  ".join(shown))
+        raise data_problems(spec, problems.shown, problems.count)
     digest = hashlib.sha256(f"{data_format}\0".encode() + _reading_rules().encode("utf-8"))
     for data_file in read:
         digest.update(f"\0{data_file.format}\0{data_file.fingerprint}".encode())

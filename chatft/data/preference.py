@@ -311,8 +311,7 @@ def load_preference_samples(spec: str, stage: str) -> list:
     """The pairs (`PreferencePair`; KTOSample for `stage` kto) of a --data_path (files and directories,
     comma-separated), in order; raise DataError listing every problem. Under kto, a file of pairs gives each pair's
     chosen reply as desirable and its rejected one as undesirable (as TRL unpairs them)."""
-    from chatft.data.datasets import MAX_REPORTED_PROBLEMS, data_files, read_json_or_jsonl
-    from chatft.errors import DataError
+    from chatft.data.datasets import data_files, data_problems, read_json_or_jsonl
 
     files, problems = data_files(spec)
     samples = []
@@ -344,10 +343,7 @@ def load_preference_samples(spec: str, stage: str) -> list:
             file_problems.append(f"{path}: contains no samples")
         problems += file_problems
     if problems:
-        shown = problems[:MAX_REPORTED_PROBLEMS]
-        if len(problems) > len(shown):
-            shown.append(f"... and {len(problems) - len(shown)} more problems")
-        raise DataError(f"{len(problems)} problem(s) in {spec}:\n  " + "\n  ".join(shown))
+        raise data_problems(spec, problems)
     return samples
 
 

@@ -26,7 +26,6 @@ from chatft.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".json", ".jsonl")
 TOKENIZE_BATCH = 1000
-MAX_REPORTED_PROBLEMS = 20
 
 
 def text_files(spec: str) -> tuple[list[str], list[str]]:
@@ -88,9 +87,9 @@ def read_documents(spec: str) -> list[str]:
         if len(texts) == before and not problems:
             problems.append(f"{path}: contains no text")
     if problems:
-        shown = problems[:MAX_REPORTED_PROBLEMS] + ([f"... and {len(problems) - MAX_REPORTED_PROBLEMS} more problems"]
-                                                    if len(problems) > MAX_REPORTED_PROBLEMS else [])
-        raise DataError(f"{len(problems)} problem(s) in {spec}:\n  " + "\n  ".join(shown))
+        from chatft.data.datasets import data_problems
+
+        raise data_problems(spec, problems)
     return texts
 
 
