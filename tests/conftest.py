@@ -31,6 +31,16 @@ import transformers
 from support import CONVERSATIONS, ROOT, build_tiny_model, qwen3_tokenizer_dir, write_json
 
 sys.path.insert(0, str(ROOT))  # finetune.py, run_gptq.py, ... and chatft, as the tests import them
+
+# Test-runner workers (pytest-xdist, README's test command) share the cores: torch's default of one thread per core
+# in each worker oversubscribes them, and OpenMP threads waiting on one another then run a matmul 1.5x slower than
+# a fair share would (measured: two processes of 2 threads on 2 cores, 11.0 s each; of 1 thread, 7.0 s). Each worker
+# gets its share, and the programs tests start (finetune.py, torchrun's processes) inherit it.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: everything must load from disk
 
 
