@@ -95,3 +95,26 @@ def peak_above_mib(cuda: bool, baseline_mib: float) -> float:
     """The peak over what the process held before loading the model: on CUDA the whole peak (the libraries hold no
     device memory), on the CPU the peak resident set less `baseline_mib` (current_resident_mib() taken then)."""
     return peak_memory_mib(cuda) if cuda else peak_resident_mib() - baseline_mib
+
+
+def medians(runs: list[dict], group_by: tuple[str, ...], measured: tuple[str, ...]) -> list[dict]:
+    """One result per group of runs (equal values of `group_by`): the first run's fields, the median of each
+    `measured` number over the group and its spread (`<name>_min`, `<name>_max`); a group with any failed run is
+    reported as failed (no median of what is left)."""
+    import statistics
+
+    groups = {}
+    for run in runs:
+        groups.setdefault(tuple(run[key] for key in group_by), []).append(run)
+    summary = []
+    for group in groups.values():
+        failed = [run for run in group if "error" in run]
+        if failed:
+            summary.append({**failed[0], "runs": len(group)})
+            continue
+        result = {key: value for key, value in group[0].items() if key != "repeat"} | {"runs": len(group)}
+        for name in measured:
+            values = [run[name] for run in group]
+            result |= {name: statistics.median(values), f"{name}_min": min(values), f"{name}_max": max(values)}
+        summary.append(result)
+    return summary

@@ -35,6 +35,7 @@ conversational format, every turn) and a ChatML template that renders them as th
 the same tokens; this needs text conversations (no tool calls or reasoning traces) and a tokenizer that has the
 ChatML tokens (<|im_start|>, <|im_end|>).
 Peak memory is also given above the process's resident memory before the model was loaded (the libraries).
+`--stage dpo` gives the DPO rows instead: chatft's --stage dpo against TRL's DPOTrainer on the same pairs (bench.dpo).
 """
 
 import argparse
@@ -67,9 +68,12 @@ CHATFT_VARIANTS = {
 TRL_VARIANTS = {"trl": False, "trl_padding_free": True}  # the latter: TRL's packed, padding-free rows
 
 
-def trl_chat_template(system_message: str) -> str:
+def trl_chat_template(system_message: str, newline_after_last_reply: bool = True) -> str:
     """ChatML as chatft.data.chat_format.render_chatml writes a text conversation, with TRL's `{% generation %}` marks
-    around what the toolkit trains on: each assistant reply and its `<|im_end|>`."""
+    around what the toolkit trains on: each assistant reply and its `<|im_end|>`. Without `newline_after_last_reply`
+    a conversation that ends with a reply ends at its `<|im_end|>`, as chatft's preference pairs do (bench.dpo)."""
+    newline = ("{{- '\\n' }}" if newline_after_last_reply
+               else "{%- if not (loop.last and message['role'] == 'assistant') %}{{- '\\n' }}{%- endif %}")
     return (
         "{%- if messages[0]['role'] == 'system' %}"
         "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
@@ -83,7 +87,7 @@ def trl_chat_template(system_message: str) -> str:
         "{%- if message['role'] == 'assistant' %}"
         "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
         "{%- else %}{{- message['content'] + '<|im_end|>' }}{%- endif %}"
-        "{{- '\\n' }}"
+        + newline +
         "{%- endfor %}"
         "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
     )
@@ -254,10 +258,15 @@ def worker(config: dict) -> dict:
     """One variant in this (fresh) process."""
     from chatft.data.datasets import load_samples
 
-    samples = load_samples(config["data"])[: config["num_samples"]]
     with tempfile.TemporaryDirectory() as scratch:
-        runner = run_trl if config["variant"] in TRL_VARIANTS else run_chatft
-        result = runner(config, samples, scratch)
+        if config.get("stage") == "dpo":  # a pair file (bench.dpo)
+            from bench import dpo
+
+            result = dpo.worker(config, scratch)
+        else:
+            samples = load_samples(config["data"])[: config["num_samples"]]
+            runner = run_trl if config["variant"] in TRL_VARIANTS else run_chatft
+            result = runner(config, samples, scratch)
     result["peak_memory_mib"] = harness.peak_memory_mib(config["cuda"])
     result["peak_above_baseline_mib"] = harness.peak_above_mib(config["cuda"], result["baseline_mib"])
     return result
@@ -348,10 +357,15 @@ def parse_args(argv=None):
     parser.add_argument("-m", "--model", default=None, help=MODEL_HELP)
     parser.add_argument("--data", default=os.path.join(harness.ROOT, "data", "identity_demo.json"),
                         help="A data file in any format finetune.py reads (conversations, sharegpt, messages, alpaca).")
-    parser.add_argument("--num_samples", type=int, default=32)
-    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--stage", default="sft", choices=["sft", "dpo"],
+                        help="sft: the table above. dpo: chatft's --stage dpo against TRL's DPOTrainer on pairs built "
+                        "from --data's conversations (bench.dpo; LoRA only).")
+    parser.add_argument("--num_samples", type=int, default=32, help="Conversations (--stage dpo: pairs).")
+    parser.add_argument("--max_length", type=int, default=None, help="Default 512 (--stage dpo: 1024).")
+    parser.add_argument("--long_prompts", default="128,512",
+                        help="--stage dpo: the prompt lengths (tokens) of the long-prompt pair sets, comma-separated.")
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--modes", default="lora,full")
+    parser.add_argument("--modes", default=None, help="Default lora,full (--stage dpo: lora).")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--variants", default=None, help="Comma-separated (default: all available).")
     parser.add_argument("--json", default=None, help="Also write the results here.")
@@ -363,7 +377,10 @@ def parse_args(argv=None):
                         help="Runs per variant, interleaved: the table shows medians and their spread (min-max). With "
                         "--preprocess_only: the best of this many.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.max_length = args.max_length or (1024 if args.stage == "dpo" else 512)
+    args.modes = args.modes or ("lora" if args.stage == "dpo" else "lora,full")
+    return args
 
 
 def measure_variant(config: dict, matmul_rate: float) -> dict:
@@ -404,6 +421,10 @@ def main(argv=None) -> int:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(result, f, indent=2)
         return 0
+    if args.stage == "dpo":
+        from bench import dpo
+
+        return dpo.main(args, model, torch.cuda.is_available())
     variants = args.variants.split(",") if args.variants else [
         *CHATFT_VARIANTS, *(TRL_VARIANTS if importlib.util.find_spec("trl") else [])]
     unknown = [name for name in variants if name not in CHATFT_VARIANTS and name not in TRL_VARIANTS]
@@ -440,26 +461,8 @@ SUMMARIZED = ("tokens_per_second", "mfu", "peak_memory_mib", "peak_above_baselin
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """One result per (mode, precision, variant): the first run's counts, the median of each measured number over its
-    runs, and its spread (`<name>_min`, `<name>_max`); a variant with any failed run is reported as failed (no median
-    of what is left)."""
-    import statistics
-
-    results = {}
-    for run in runs:
-        results.setdefault((run["mode"], run["precision"], run["variant"]), []).append(run)
-    summary = []
-    for group in results.values():
-        failed = [run for run in group if "error" in run]
-        if failed:
-            summary.append({**failed[0], "runs": len(group)})
-            continue
-        result = {key: value for key, value in group[0].items() if key != "repeat"} | {"runs": len(group)}
-        for name in SUMMARIZED:
-            values = [run[name] for run in group]
-            result |= {name: statistics.median(values), f"{name}_min": min(values), f"{name}_max": max(values)}
-        summary.append(result)
-    return summary
+    """One result per (mode, precision, variant): medians and spread over its runs (bench.harness.medians)."""
+    return harness.medians(runs, ("mode", "precision", "variant"), SUMMARIZED)
 
 
 def with_spread(result: dict, name: str, scale: float = 1.0, digits: int = 1) -> str:

@@ -4,6 +4,7 @@ reports, and patch nothing. (What they measure on the real model is quoted in RE
 import ast
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -369,3 +370,86 @@ def test_moe_benchmark_reports_every_number(tmp_path):
     assert "experts implementation" in result.stdout
     if "moe:trl" in variants:
         assert "chatft_vs_trl_best" in targets and "| moe | trl |" in result.stdout
+
+
+def test_dpo_pairs_give_chatft_and_trl_the_same_tokens(qwen3_tokenizer, tmp_path):
+    """bench.dpo's pairs: the same prompt and reply tokens through chatft's preference reader and through TRL's
+    chat template (what DPOTrainer tokenizes), so both trainers count the same real tokens; a long-prompt set's
+    prompts reach their length."""
+    from bench.dpo import build_pairs
+    from bench.throughput import trl_chat_template
+    from chatft.data.chat_format import DEFAULT_SYSTEM_MESSAGE
+    from chatft.data.datasets import load_samples
+    from chatft.data.preference import load_preference_samples, tokenize_pairs
+
+    samples = load_samples(str(ROOT / "data" / "identity_demo.json"))
+    template = trl_chat_template(DEFAULT_SYSTEM_MESSAGE, newline_after_last_reply=False)
+
+    def trl_ids(messages, **kwargs):
+        return qwen3_tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                                   **kwargs)["input_ids"]
+
+    for prompt_tokens in (0, 96):
+        pairs = build_pairs(samples, 4, prompt_tokens, qwen3_tokenizer)
+        assert [p["rejected"] for p in pairs[:-1]] == [p["chosen"] for p in pairs[1:]]  # the next pair's answer
+        assert all(len(trl_ids(p["prompt"], add_generation_prompt=True)) >= prompt_tokens for p in pairs)
+        # the ordinary set: the question alone; the long set: earlier exchanges before it
+        assert {len(p["prompt"]) > 1 for p in pairs} == {prompt_tokens > 0}
+        chatft = tokenize_pairs(load_preference_samples(str(write_json(tmp_path / "pairs.json", pairs)), "dpo"),
+                                qwen3_tokenizer, 4096)
+        for pair, tokens in zip(pairs, chatft):
+            prompt = trl_ids(pair["prompt"], add_generation_prompt=True)
+            assert tokens.prompt_ids == prompt
+            assert prompt + tokens.chosen_ids == trl_ids(pair["prompt"] + pair["chosen"])
+            assert prompt + tokens.rejected_ids == trl_ids(pair["prompt"] + pair["rejected"])
+
+
+def test_dpo_plan_and_targets(capsys):
+    """TRL runs on the ordinary and the first long-prompt set only; the further sets measure the shared prompt's
+    saving (chatft against chatft_unshared); the targets are ratios of medians."""
+    from bench.dpo import plan, print_report, summarize
+
+    assert plan(["chatft", "chatft_unshared", "trl"], ["ordinary", "long128", "long512"]) == [
+        ("ordinary", "chatft"), ("ordinary", "chatft_unshared"), ("ordinary", "trl"), ("long128", "chatft"),
+        ("long128", "chatft_unshared"), ("long128", "trl"), ("long512", "chatft"), ("long512", "chatft_unshared")]
+
+    def run(pair_set, variant, seconds, memory, repeat):
+        return {"precision": "fp32", "pair_set": pair_set, "variant": variant, "repeat": repeat, "real_tokens": 600,
+                "positions": 600, "padding": 0, "train_runtime": seconds, "tokens_per_second": 600 / seconds,
+                "peak_memory_mib": 1000 + memory, "peak_above_baseline_mib": memory}
+
+    runs = [run("long128", variant, seconds * (1 + repeat), memory, repeat) for repeat in range(3)
+            for variant, seconds, memory in (("chatft", 1, 500), ("chatft_unshared", 1.5, 600), ("trl", 4, 1000))]
+    target, = summarize(runs)["targets"]
+    assert target["vs_trl_best"] == pytest.approx(4) and target["memory_vs_trl"] == pytest.approx(0.5)
+    assert target["shared_prompt_saving"] == pytest.approx(1.5) and target["speed_target"] == 3
+    print_report(summarize(runs), {"long128": 140.0})
+    out = capsys.readouterr().out
+    assert "| fp32 | long128 (prompt 140) | trl | 75.0 (50.0-150.0) |" in out and "| 4.00x | 0.50 |" in out
+    assert "fp32 long128: 4.00x TRL's best (trl; target >= 3x: met); memory 0.50x TRL's (target <= 0.6: met); " \
+           "shared prompt 1.50x faster than unshared" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not importlib.util.find_spec("trl"), reason="the DPO rows compare against TRL's DPOTrainer")
+def test_throughput_dpo_rows(tiny_qwen2_arch_64_dir, tmp_path):
+    """`--stage dpo` at its smallest: every planned row measured, the same pair tokens for chatft and TRL, the
+    shared prompt computing fewer positions than the unshared one."""
+    result = run_module("bench.throughput", "--stage", "dpo", "-m", str(tiny_qwen2_arch_64_dir), "--num_samples", "2",
+                        "--batch_size", "2", "--long_prompts", "64", "--precisions", "fp32",
+                        "--variants", "chatft,chatft_unshared,trl", "--repeats", "1", "--json", str(tmp_path / "dpo.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(tmp_path / "dpo.json"))
+    rows = {(r["pair_set"], r["variant"]): r for r in report["rows"]}
+    assert set(rows) == {(s, v) for s in ("ordinary", "long64") for v in ("chatft", "chatft_unshared", "trl")}
+    assert not any("error" in r for r in rows.values())
+    assert all(math.isfinite(r["tokens_per_second"]) and r["tokens_per_second"] > 0 and r["peak_above_baseline_mib"] > 0
+               for r in rows.values())
+    for pair_set in ("ordinary", "long64"):
+        same = [r for (s, _), r in rows.items() if s == pair_set]
+        assert len({(r["pairs"], r["real_tokens"], r["labelled_tokens"]) for r in same}) == 1
+        assert rows[pair_set, "chatft"]["positions"] == rows[pair_set, "chatft"]["real_tokens"] + 2  # one per pair
+        assert rows[pair_set, "chatft"]["positions"] < rows[pair_set, "chatft_unshared"]["positions"]
+    assert report["prompt_lengths"]["long64"] >= 64
+    assert "| fp32 | long64 (prompt " in result.stdout and "| trl |" in result.stdout
+    assert "fp32 long64: " in result.stdout and "shared prompt " in result.stdout
