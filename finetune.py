@@ -27,18 +27,18 @@ from chatft.model.attention import rows_keep_samples_apart  # noqa: E402
 from chatft.data.mixing import mix_sources  # noqa: E402
 from chatft.args import PREFERENCE_STAGES  # noqa: E402
 from chatft.data.preference import load_preference_samples, preference_dataset, preference_dry_run  # noqa: E402
-from chatft.train.preference import preference_collator_and_loss  # noqa: E402
+from chatft.train.preference import disable_dropout, PrecomputedReference, preference_collator_and_loss  # noqa: E402
 from chatft.data.pretrain import PretrainDataset, read_documents  # noqa: E402
 from chatft.data.datasets import preprocess  # noqa: E402  (re-exported: `from finetune import preprocess`, as Qwen's)
 from chatft.data.datasets import load_samples, make_collator, make_datasets, split_off_eval  # noqa: E402
-from chatft.model.load import join_process_group, load_model  # noqa: E402
+from chatft.model.load import frozen_copy, join_process_group, load_model  # noqa: E402
 from chatft.train.distributed import deepspeed_op_built_on_first_use, end_run  # noqa: E402
 from chatft.train.eval_generate import EvalGenerations  # noqa: E402
 from chatft.memory import longest_batch_tokens, run_estimator  # noqa: E402
 from chatft.output_dir import check_output_dir  # noqa: E402
 from chatft.plan import plan_run  # noqa: E402
 from chatft.train.report import dry_run_report, packing_summary, plot_losses, run_summary  # noqa: E402
-from chatft.train.saving import save_run  # noqa: E402
+from chatft.train.saving import ReferenceAdapterNotSaved, save_run  # noqa: E402
 from chatft.train.losses import SupervisedLoss  # noqa: E402
 from chatft.train.trainer import ChatTrainer, StopOnSigterm  # noqa: E402
 from chatft.train.expert_load import ExpertLoad  # noqa: E402
@@ -140,7 +140,8 @@ def train(argv=None, callbacks=(), wrap_collator=None):
     # whose timeout a big data set outlasts), then map the same file (chatft.data.datasets.tokenized_arrays).
     if data_args.stage in PREFERENCE_STAGES:
         train_dataset, eval_dataset = (preference_dataset(samples, tokenizer, training_args.model_max_length,
-                                                          data_args.system_message, plan.chat_format)
+                                                          data_args.system_message, plan.chat_format,
+                                                          plan.reference == "precomputed")
                                        if samples else None for samples in (train_samples, eval_samples))
     elif data_args.stage == "pt":  # raw text: every token trained, documents kept apart unless --packing
         train_dataset, eval_dataset = (PretrainDataset(texts, tokenizer, training_args.model_max_length,
@@ -166,7 +167,13 @@ def train(argv=None, callbacks=(), wrap_collator=None):
                              training_args.model_max_length if data_args.pad_to_max_length else None)
     loss = SupervisedLoss(labelled_logits=plan.labelled_logits_only)
     if data_args.stage in PREFERENCE_STAGES:  # pairs in padding-free rows, the prompt once where attention allows
-        collator, loss = preference_collator_and_loss(data_args.stage, training_args, model, plan.labelled_logits_only)
+        # the reference of DPO/KTO (chatft.plan.reference_kind): a frozen copy, built before the Trainer wraps the model
+        if training_args.disable_dropout and disable_dropout(model) and training_args.should_log:
+            logger.info("--stage %s: dropout off in the model and its adapters (--disable_dropout False keeps it)",
+                        data_args.stage)
+        reference_model = frozen_copy(model) if plan.reference == "copy" else None
+        collator, loss = preference_collator_and_loss(data_args.stage, training_args, model, plan.labelled_logits_only,
+                                                      reference_model)
     trainer = ChatTrainer(
         model=model,
         args=training_args,
@@ -178,6 +185,11 @@ def train(argv=None, callbacks=(), wrap_collator=None):
         loss=loss,
         loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
     )
+    if plan.reference == "precomputed":  # the starting model's log-probabilities, once, when training begins
+        trainer.add_callback(PrecomputedReference(loss, collator, {"train": train_dataset, "eval": eval_dataset},
+                                                  training_args.per_device_eval_batch_size))
+    if plan.reference == "adapter":  # checkpoints hold the trained adapter alone
+        trainer.add_callback(ReferenceAdapterNotSaved())
     expert_load = ExpertLoad.attach(model)  # a mixture-of-experts model: tokens per expert, in the summary
     if expert_load is not None:
         trainer.add_callback(expert_load)

@@ -15,6 +15,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import torch
 import transformers
 
 from chatft import cache_root
@@ -218,6 +219,14 @@ class TrainingArguments(transformers.TrainingArguments):
     kto_desirable_weight: float = field(default=1.0, metadata={"help": "--stage kto: weight of desirable completions."})
     kto_undesirable_weight: float = field(
         default=1.0, metadata={"help": "--stage kto: weight of undesirable completions."})
+    precompute_ref_log_probs: bool = field(
+        default=False, metadata={"help": "--stage dpo/kto: before training, one pass of the starting model (no "
+                                 "gradients) gives every pair's reference log-probabilities; no reference forward "
+                                 "per step and no reference in memory (any mode, ZeRO-3 included)."})
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Preference stages: dropout off in the model and its adapters (TRL's "
+                                "disable_dropout, same default), so that the policy and its reference compute the "
+                                "same function at the start and log-probability ratios are not dropout noise."})
     pref_shared_prompt: bool = field(
         default=True, metadata={"help": "Preference stages: compute each pair's prompt once, the rejected reply "
                                 "attending to it as a branch (needs per-sample sdpa); False: prompt + each reply."})
@@ -232,6 +241,8 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.warmup_ratio is not None:  # transformers 5 folded warmup_ratio into a fractional warmup_steps
             self.warmup_steps = self.warmup_ratio
         _defer_or_raise(setup_problems(self), self)
+        if self.use_cpu or not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False  # pinned memory is for copies to an accelerator: torch warns without one
         super().__post_init__()
 
 
@@ -488,12 +499,11 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
         problems.append("--packing needs every sample's length up front and --lazy_preprocess tokenizes on first use: "
                         "drop one of them.")
     problems += stage_problems(data_args, training_args)
-    if data_args.stage in ("dpo", "kto") and not lora_args.use_lora:
-        problems.append(f"--stage {data_args.stage} full-parameter needs a frozen copy of the model as its reference, "
-                        "not built yet: train with --use_lora (the reference is then the model with its adapter off).")
-    if data_args.stage in ("dpo", "kto") and lora_args.lora_weight_path:
-        problems.append(f"--stage {data_args.stage} with --lora_weight_path: the reference would be the base model, "
-                        "not the adapter you start from; not supported yet (merge the adapter first, merge_lora.py).")
+    if (data_args.stage in ("dpo", "kto") and not lora_args.use_lora and not training_args.precompute_ref_log_probs
+            and (deepspeed_zero_stage(training_args) == 3 or training_args.fsdp)):
+        problems.append(f"--stage {data_args.stage} full-parameter under ZeRO-3/FSDP: the frozen reference copy would "
+                        "not be sharded; add --precompute_ref_log_probs True (the reference computed once, before "
+                        "training, by the model itself).")
     problems += mix_problems(data_args)
     if data_args.chat_format not in CHAT_FORMATS:
         problems.append(f"--chat_format must be one of {', '.join(CHAT_FORMATS)}, not {data_args.chat_format!r}.")
@@ -593,7 +603,8 @@ PREFERENCE_STAGES = ("dpo", "simpo", "orpo", "kto")
 # each preference flag, the stages it means something in
 PREFERENCE_FLAGS = {"pref_beta": PREFERENCE_STAGES, "pref_loss": ("dpo",), "simpo_gamma": ("simpo",),
                     "pref_ftx": ("dpo", "simpo", "kto"), "kto_desirable_weight": ("kto",),
-                    "kto_undesirable_weight": ("kto",), "pref_shared_prompt": PREFERENCE_STAGES}
+                    "kto_undesirable_weight": ("kto",), "pref_shared_prompt": PREFERENCE_STAGES,
+                    "precompute_ref_log_probs": ("dpo", "kto"), "disable_dropout": PREFERENCE_STAGES}  # simpo and orpo have no reference
 CONVERSATION_ONLY_FLAGS = ("data_format", "lazy_preprocess", "reasoning_turns", "ignore_empty_think", "data_mix",
                            "eval_data_mix")
 

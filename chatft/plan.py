@@ -29,6 +29,7 @@ from chatft.model.lora_variants import rewrites_base_weights
 logger = logging.getLogger(__name__)
 
 MODES = ("full", "lora", "qlora")
+REFERENCES = ("none", "adapter_off", "adapter", "copy", "precomputed")
 QUANTIZATIONS = ("none", "nf4", "gptq")
 SHARDINGS = ("none", "zero1", "zero2", "zero3", "fsdp_grad", "fsdp_full")
 
@@ -65,6 +66,10 @@ class RunPlan:
     activation_checkpointing: bool = True
     labelled_logits_only: bool = True
     sequence_parallel_size: int = 1  # --sequence_parallel_size: a row split across this many processes
+    # a preference stage's reference (dpo, kto), one of REFERENCES: the adapter switched off (a new LoRA adapter), a
+    # frozen copy of the starting adapter (--lora_weight_path), a frozen copy of the model (full-parameter), or
+    # log-probabilities computed once before training (--precompute_ref_log_probs); none for other stages
+    reference: str = "none"
 
 
 def plan_run(model_args, data_args, training_args, lora_args):
@@ -99,8 +104,22 @@ def plan_run(model_args, data_args, training_args, lora_args):
         lora_dropout=lora_args.lora_dropout, activation_checkpointing=bool(training_args.activation_checkpointing),
         labelled_logits_only=bool(training_args.labelled_logits_only),
         sequence_parallel_size=getattr(training_args, "sequence_parallel_size", 1),
+        reference=reference_kind(data_args.stage, mode, lora_args.lora_weight_path,
+                                 getattr(training_args, "precompute_ref_log_probs", False)),
     )
     return plan, tokenizer
+
+
+def reference_kind(stage: str, mode: str, lora_weight_path: str, precomputed: bool) -> str:
+    """What a DPO/KTO run compares its policy with (one of REFERENCES): what it starts from, held as cheaply as the
+    mode allows."""
+    if stage not in ("dpo", "kto"):
+        return "none"
+    if precomputed:
+        return "precomputed"
+    if mode == "full":
+        return "copy"
+    return "adapter" if lora_weight_path else "adapter_off"
 
 
 def lora_target_parameters(lora_args) -> tuple[str, ...] | None:

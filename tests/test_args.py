@@ -5,6 +5,7 @@ import struct
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 from chatft.args import ArgumentError, deepspeed_zero_stage, parse_args
@@ -236,3 +237,11 @@ def test_tokenizing_workers_default_to_the_cores(model, tmp_path):
     assert parse_args(base + ["--preprocessing_num_workers", "3"])[1].num_workers == 3
     with pytest.raises(ArgumentError, match="--preprocessing_num_workers must be at least 1, not 0"):
         parse_args(base + ["--preprocessing_num_workers", "0"])
+
+
+def test_no_pinned_memory_without_an_accelerator(BASE):
+    """Pinned memory only speeds copies to an accelerator; on a CPU-only machine (or --use_cpu) torch warns about it
+    at the first batch, a library line in the console of `python finetune.py ...` without the launchers' flags."""
+    assert parse_args(BASE + ["--use_cpu", "True"])[2].dataloader_pin_memory is False
+    if not torch.accelerator.is_available():
+        assert parse_args(BASE)[2].dataloader_pin_memory is False

@@ -214,10 +214,12 @@ def test_preference_loss_on_pair_rows_equals_the_pairs_computed_alone(stage, sha
             assert_close_up_to_rounding(our_grads[name], parameter.grad, terms=terms)
 
 
-def test_kto_loss_on_a_row_equals_the_completions_computed_alone(tiny_qwen2_arch_dir):
+@pytest.mark.parametrize("sft_weight", [0.0, 0.7])
+def test_kto_loss_on_a_row_equals_the_completions_computed_alone(sft_weight, tiny_qwen2_arch_dir):
     """KTO on one KTOCollator row (each prompt once, its completion, and the next sample's completion as a branch for
     the KL estimate) equals the formula on every prompt + completion computed alone, with TRL's mismatched pairs
-    (completions cycled by one), reference = adapter off: loss and LoRA gradients."""
+    (completions cycled by one), reference = adapter off: loss and LoRA gradients. With --pref_ftx, the SFT term is
+    the token mean over the desirable completions only (an undesirable one is not to be learned)."""
     import peft
 
     from chatft.data.preference import KTOCollator, TokenizedCompletion, completion_features
@@ -234,7 +236,8 @@ def test_kto_loss_on_a_row_equals_the_completions_computed_alone(tiny_qwen2_arch
     ids = lambda n: torch.randint(model.config.vocab_size, (n,), generator=generator).tolist()  # noqa: E731
     samples = [TokenizedCompletion(ids(p), c, list(c), d) for p, c, d in
                ((5, ids(4), True), (3, ids(6), False), (4, ids(3), True))]
-    loss = preference.PreferenceLoss("kto", beta=0.4, desirable_weight=1.0, undesirable_weight=1.5)
+    loss = preference.PreferenceLoss("kto", beta=0.4, desirable_weight=1.0, undesirable_weight=1.5,
+                                     sft_weight=sft_weight)
     loss.prepare(model)
     ours = loss(model, KTOCollator()([completion_features(s) for s in samples]), LossScale()).loss
     ours.backward()
@@ -257,6 +260,8 @@ def test_kto_loss_on_a_row_equals_the_completions_computed_alone(tiny_qwen2_arch
     count = torch.tensor([float(len(s.completion_ids)) for s in samples])
     theirs = preference.kto(preference.ReplyLogProbs(policy, count), preference.ReplyLogProbs(reference, count),
                             torch.tensor([s.desirable for s in samples]), kl, 0.4, 1.0, 1.5).losses.mean()
+    desirable = torch.tensor([s.desirable for s in samples])
+    theirs = theirs - sft_weight * policy[desirable].sum() / count[desirable].sum()
     theirs.backward()
     terms = decoder_terms(model.config, loss=True)
     assert_close_up_to_rounding(ours.detach(), theirs.detach(), terms=terms)
@@ -318,7 +323,8 @@ def test_preference_flags_are_checked(tiny_qwen2_arch_dir, tmp_path):
     data = write_pairs(tmp_path / "pairs.json")
     base = ["--model_name_or_path", str(tiny_qwen2_arch_dir), "--data_path", data, "--output_dir", str(tmp_path / "o")]
     for flags, message in ((["--stage", "dpo", "--use_lora", "--simpo_gamma", "1"], "--simpo_gamma means something"),
-                           (["--stage", "dpo"], "--stage dpo full-parameter needs a frozen copy"),
+                           (["--stage", "orpo", "--precompute_ref_log_probs", "True"],
+                            "--precompute_ref_log_probs means something with --stage dpo or kto only"),
                            (["--stage", "kto", "--use_lora", "--per_device_train_batch_size", "1"], "at least 2"),
                            (["--stage", "dpo", "--use_lora", "--pref_loss", "kl"], "--pref_loss must be one of"),
                            (["--stage", "simpo", "--packing", "True"], "--packing is not supported with --stage simpo"),

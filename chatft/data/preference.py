@@ -262,6 +262,28 @@ def keep_trainable_pairs(pairs: list[TokenizedPair]) -> tuple[list[TokenizedPair
 
 
 REPLY_INDEX = "reply_index"  # a preference batch's reply of every token (2k: pair k's chosen, 2k + 1: its rejected)
+# --precompute_ref_log_probs: an item's reference log-probability sums [reply 2k, reply 2k + 1] (pair: chosen,
+# rejected; KTO: its completion, its mismatched one), computed once before training and carried by the item itself
+# (so any shuffling keeps them with their pair); a batch holds them flat, in reply order
+REFERENCE_LOG_PROBS = "reference_log_probs"
+
+
+def with_reference(features: dict, dataset, i: int) -> dict:
+    """An item's features, with its precomputed reference log-probabilities once the dataset has them."""
+    values = getattr(dataset, "reference_values", None)
+    if values is not None:
+        features[REFERENCE_LOG_PROBS] = values[i].tolist()
+    return features
+
+
+def reference_column(features: list[dict], batch: dict) -> dict:
+    """The batch with its items' reference log-probabilities, flat in reply order, when every item has them."""
+    import torch
+
+    if features and all(REFERENCE_LOG_PROBS in f for f in features):
+        batch[REFERENCE_LOG_PROBS] = torch.tensor([v for f in features for v in f[REFERENCE_LOG_PROBS]],
+                                                  dtype=torch.float32)
+    return batch
 
 
 def pair_features(pair: TokenizedPair) -> dict:
@@ -303,8 +325,8 @@ class PreferenceCollator:
                 labels += [IGNORE_INDEX] * len(prompt) + f["rejected_labels"]
                 replies += [-1] * len(prompt) + [2 * k + 1] * len(rejected)
         row = lambda values: torch.tensor(values, dtype=torch.long)[None]  # noqa: E731
-        return {"input_ids": row(ids), "position_ids": row(positions), "labels": row(labels),
-                REPLY_INDEX: row(replies)}
+        return reference_column(features, {"input_ids": row(ids), "position_ids": row(positions),
+                                           "labels": row(labels), REPLY_INDEX: row(replies)})
 
 
 def load_preference_samples(spec: str, stage: str) -> list:
@@ -371,8 +393,10 @@ class PreferenceDataset:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    reference_values = None  # --precompute_ref_log_probs: a [pairs, 2] tensor (chatft.train.preference)
+
     def __getitem__(self, i: int) -> dict:
-        return pair_features(self.pairs[i])
+        return with_reference(pair_features(self.pairs[i]), self, i)
 
 
 def describe_pair(pair: TokenizedPair, tokenizer) -> str:
@@ -431,27 +455,37 @@ class KTOCollator:
 
         ids, positions, labels, replies = [], [], [], []
         for k, f in enumerate(features):
-            mismatched = features[(k + 1) % len(features)]
+            if "mismatched_ids" in f:  # fixed by the dataset (precomputed references)
+                other_ids, other_labels = f["mismatched_ids"], f["mismatched_labels"]
+            else:
+                neighbour = features[(k + 1) % len(features)]
+                other_ids, other_labels = neighbour["completion_ids"], neighbour["completion_labels"]
             prompt = f["prompt_ids"]
             again = prompt[-1:] if self.shared_prompt else prompt  # a branch of the prompt, or the prompt again
-            ids += prompt + f["completion_ids"] + again + mismatched["completion_ids"]
+            ids += prompt + f["completion_ids"] + again + other_ids
             positions += [*range(len(prompt) + len(f["completion_ids"])),
-                          *range(len(prompt) - len(again), len(prompt) + len(mismatched["completion_ids"]))]
-            labels += [IGNORE_INDEX] * len(prompt) + f["completion_labels"] + [IGNORE_INDEX] * len(again) + \
-                mismatched["completion_labels"]
+                          *range(len(prompt) - len(again), len(prompt) + len(other_ids))]
+            labels += [IGNORE_INDEX] * len(prompt) + f["completion_labels"] + [IGNORE_INDEX] * len(again) + other_labels
             replies += [-1] * len(prompt) + [2 * k] * len(f["completion_ids"]) + [-1] * len(again) + \
-                [2 * k + 1] * len(mismatched["completion_ids"])
+                [2 * k + 1] * len(other_ids)
         row = lambda values: torch.tensor(values, dtype=torch.long)[None]  # noqa: E731
-        return {"input_ids": row(ids), "position_ids": row(positions), "labels": row(labels),
-                REPLY_INDEX: row(replies), DESIRABLE: torch.tensor([bool(f[DESIRABLE]) for f in features])}
+        return reference_column(features, {"input_ids": row(ids), "position_ids": row(positions),
+                                           "labels": row(labels), REPLY_INDEX: row(replies),
+                                           DESIRABLE: torch.tensor([bool(f[DESIRABLE]) for f in features])})
 
 
 class KTODataset:
     """Tokenized KTO completions (`tokenize_completions`), those left with no completion token dropped and named;
-    items are `completion_features` dicts for KTOCollator."""
+    items are `completion_features` dicts for KTOCollator. `fixed_mismatch` (precomputed references, which must not
+    depend on how batches fall): item i carries the completion of item i + n // 2 as its mismatched one, half the
+    data away so that the two sides of a pair given to KTO (neighbours) are never matched with each other."""
+
+    reference_values = None  # --precompute_ref_log_probs: a [completions, 2] tensor (chatft.train.preference)
 
     def __init__(self, samples: list[KTOSample], tokenizer, max_len: int,
-                 system_message: str = DEFAULT_SYSTEM_MESSAGE, chat_format: str = "chatml"):
+                 system_message: str = DEFAULT_SYSTEM_MESSAGE, chat_format: str = "chatml",
+                 fixed_mismatch: bool = False):
+        self.fixed_mismatch = fixed_mismatch
         import logging
 
         from chatft.data.datasets import nothing_to_train, untrainable_reason
@@ -468,13 +502,19 @@ class KTODataset:
         return len(self.completions)
 
     def __getitem__(self, i: int) -> dict:
-        return completion_features(self.completions[i])
+        features = completion_features(self.completions[i])
+        if self.fixed_mismatch:
+            other = self.completions[(i + len(self) // 2) % len(self)]
+            features["mismatched_ids"], features["mismatched_labels"] = other.completion_ids, other.completion_labels
+        return with_reference(features, self, i)
 
 
-def preference_dataset(samples: list, tokenizer, max_len: int, system_message: str, chat_format: str):
+def preference_dataset(samples: list, tokenizer, max_len: int, system_message: str, chat_format: str,
+                       precomputed_reference: bool = False):
     """The dataset of a preference stage's samples: KTODataset for KTOSamples, else PreferenceDataset."""
-    kind = KTODataset if samples and isinstance(samples[0], KTOSample) else PreferenceDataset
-    return kind(samples, tokenizer, max_len, system_message, chat_format)
+    if samples and isinstance(samples[0], KTOSample):
+        return KTODataset(samples, tokenizer, max_len, system_message, chat_format, precomputed_reference)
+    return PreferenceDataset(samples, tokenizer, max_len, system_message, chat_format)
 
 
 def preference_dry_run(name: str, samples: list, tokenizer, max_len: int, system_message: str, chat_format: str

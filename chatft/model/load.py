@@ -436,6 +436,19 @@ def linear_lora_dropout(model, p: float) -> None:
                 module.lora_dropout[adapter] = torch.nn.Dropout(p=p)
 
 
+REFERENCE_ADAPTER = "reference"  # DPO/KTO's frozen copy of --lora_weight_path, beside the trained "default"
+
+
+def frozen_copy(model):
+    """A full-parameter DPO/KTO run's reference: a copy of the model as it starts, in eval mode, without gradients
+    (so no optimizer state); chatft.train.preference moves it to the policy's device and dtype at first use."""
+    import copy
+
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
 def wrap_lora(model, lora_args, plan):
     """Add LoRA adapters (new, or continued from --lora_weight_path); only adapters (and, as the plan says, the
     embeddings) train."""
@@ -444,6 +457,8 @@ def wrap_lora(model, lora_args, plan):
     if lora_args.lora_weight_path:
         logger.info("Continuing from the adapter in %s (its LoRA settings apply)", lora_args.lora_weight_path)
         model = peft.PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
+        if plan.reference == "adapter":  # DPO/KTO from this adapter: it is the reference too, frozen (TRL's way)
+            model.load_adapter(lora_args.lora_weight_path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         if model.peft_config["default"].target_parameters and lora_args.lora_dropout:
             # its config says dropout 0 only because peft's expert adapters allow none (below): the linear layers' is
             # --lora_dropout, as when it was made

@@ -21,14 +21,17 @@ and ORPO (their implicit rewards).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers
 
 from chatft.data.chat_format import IGNORE_INDEX
-from chatft.data.preference import DESIRABLE, REPLY_INDEX
+from chatft.data.preference import DESIRABLE, REFERENCE_LOG_PROBS, REPLY_INDEX
 from chatft.train.losses import (LossTerms, chunk_rows, head_linears, labelled_token_log_probs, model_loss_terms,
                                  output_layer_computes)
 
@@ -119,15 +122,18 @@ class PreferenceLoss:
     on chatft.data.preference.PreferenceCollator's rows.
 
     Per reply, the sum of its tokens' log-probabilities, with the output layer run at labelled positions only
-    (chatft.train.losses.labelled_token_log_probs), or from full logits. The reference (dpo, kto): a LoRA model with
-    its adapter switched off (no second model in memory), else `reference_model`. `sft_weight`: an SFT term, the
-    token mean of the chosen replies' cross-entropy, added with this weight (ORPO's own, weight 1, unless given).
-    Logged: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies beside the loss, and the model's
-    own extra terms (a MoE router's aux loss) added as SFT adds them."""
+    (chatft.train.losses.labelled_token_log_probs), or from full logits. The reference (dpo, kto), first found of:
+    the batch's precomputed values (`REFERENCE_LOG_PROBS`, --precompute_ref_log_probs; `precomputed` says they must
+    be there), `reference_model` (a frozen copy, full-parameter), a LoRA model's frozen "reference" adapter (the
+    adapter the run started from, chatft.model.load.REFERENCE_ADAPTER), else the LoRA model with its adapter
+    switched off. `sft_weight`: an SFT term, the token mean of the chosen replies' cross-entropy, added with this
+    weight (ORPO's own, weight 1, unless given). Logged: rewards/chosen, rewards/rejected, rewards/margins,
+    rewards/accuracies beside the loss, and the model's own extra terms (a MoE router's aux loss) added as SFT adds
+    them."""
 
     def __init__(self, stage: str, beta: float, dpo_loss: str = "sigmoid", simpo_gamma: float = 0.5,
                  sft_weight: float | None = None, labelled_logits: bool = True, reference_model=None,
-                 desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+                 desirable_weight: float = 1.0, undesirable_weight: float = 1.0, precomputed: bool = False):
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         if stage not in ("dpo", "simpo", "orpo", "kto"):
             raise ValueError(f"PreferenceLoss: unknown stage {stage!r}")
@@ -135,15 +141,20 @@ class PreferenceLoss:
         self.sft_weight = (1.0 if stage == "orpo" else 0.0) if sft_weight is None else sft_weight
         self.requested_labelled_logits = labelled_logits
         self.reference_model = reference_model
-        self.head_linears = None
+        self.precomputed = precomputed
+        self.head_linears = self.reference_heads = None
         self.chunk_size = 0
         self.model_config = None
-        self.adapter_model = None
+        self.adapter_model = None  # the LoRA model whose adapter is switched off for the reference
+        self.reference_adapter_model = None  # the LoRA model whose "reference" adapter is the reference
+        # the policy's autocast (accelerate patches the policy's forward, not the reference copy's): ChatTrainer sets it
+        self.autocast = contextlib.nullcontext
 
     # the batch fields its rows are built from (kept by the Trainer, which drops fields the model does not name),
     # and evaluation computes this objective too (not the model's own loss)
     feature_columns = ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels",
-                       "completion_ids", "completion_labels", DESIRABLE, REPLY_INDEX)
+                       "completion_ids", "completion_labels", DESIRABLE, REPLY_INDEX, REFERENCE_LOG_PROBS,
+                       "mismatched_ids", "mismatched_labels")
     evaluates = True
 
     @property
@@ -151,21 +162,32 @@ class PreferenceLoss:
         return self.head_linears is not None
 
     def prepare(self, model) -> None:
+        from chatft.model.load import REFERENCE_ADAPTER
+
         self.head_linears = head_linears(model) if self.requested_labelled_logits else None
         self.chunk_size = chunk_rows(model)
         self.model_config = model.config
-        if self.stage in ("dpo", "kto") and self.reference_model is None:
-            if not hasattr(model, "disable_adapter"):
-                raise ValueError(f"{self.stage}: needs a reference: a LoRA model (its adapter switched off) or "
-                                 "reference_model")
+        if self.stage not in ("dpo", "kto") or self.precomputed:
+            return
+        if self.reference_model is not None:
+            self.reference_heads = head_linears(self.reference_model) if self.requested_labelled_logits else None
+        elif REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+            self.reference_adapter_model = model
+        elif hasattr(model, "disable_adapter"):
             self.adapter_model = model
+        else:
+            raise ValueError(f"{self.stage}: needs a reference: a LoRA model (its adapter switched off, or a "
+                             f"{REFERENCE_ADAPTER!r} adapter), reference_model, or precomputed log-probabilities")
 
-    def reply_log_probs(self, model, inputs: dict, labels: torch.Tensor, replies: torch.Tensor, count: int):
-        """(ReplyLogProbs of `count` replies, the model's outputs)."""
+    def reply_log_probs(self, model, inputs: dict, labels: torch.Tensor, replies: torch.Tensor, count: int,
+                        heads: list | None | str = "policy"):
+        """(ReplyLogProbs of `count` replies, the model's outputs); `heads`: the output layers of `model` when it is
+        not the policy (None: full logits)."""
+        heads = self.head_linears if heads == "policy" else heads
         targets = labels[:, 1:]
         labelled = targets != IGNORE_INDEX
-        if self.labelled_logits:
-            with output_layer_computes(self.head_linears, labels, self.chunk_size, labelled_token_log_probs) as head:
+        if heads is not None:
+            with output_layer_computes(heads, labels, self.chunk_size, labelled_token_log_probs) as head:
                 outputs = model(**inputs)
             log_probs = head.of(outputs, (int(labelled.sum()),))
         else:
@@ -182,18 +204,39 @@ class PreferenceLoss:
             if self.adapter_model is not None:
                 with self.adapter_model.disable_adapter():
                     return self.reply_log_probs(model, inputs, labels, replies, count)[0]
-            return self.reply_log_probs(self.reference_model, inputs, labels, replies, count)[0]
+            if self.reference_adapter_model is not None:
+                with reference_adapter_active(self.reference_adapter_model):
+                    return self.reply_log_probs(model, inputs, labels, replies, count)[0]
+            policy_weight = next(model.parameters())
+            reference_weight = next(self.reference_model.parameters())
+            if (reference_weight.device, reference_weight.dtype) != (policy_weight.device, policy_weight.dtype):
+                # once: where the Trainer (or DeepSpeed, in bf16) put the policy
+                self.reference_model.to(device=policy_weight.device, dtype=policy_weight.dtype)
+            with self.autocast():
+                return self.reply_log_probs(self.reference_model, inputs, labels, replies, count,
+                                            heads=self.reference_heads)[0]
 
     def __call__(self, model, inputs: dict, scale) -> LossTerms:
         inputs = dict(inputs)
         labels, replies = inputs.pop("labels"), inputs.pop(REPLY_INDEX)
         count = 2 * (int(replies.max()) // 2 + 1)
         desirable = inputs.pop(DESIRABLE, None)
+        given = inputs.pop(REFERENCE_LOG_PROBS, None)
+        reference = None
+        if self.stage in ("dpo", "kto"):
+            if given is None and self.precomputed:
+                raise RuntimeError(f"{self.stage}: --precompute_ref_log_probs, but this batch carries no reference "
+                                   "log-probabilities (chatft.train.preference.ReferenceLogProbs computes them when "
+                                   "training begins)")
+            # before the policy's forward: a reference adapter switched on and off again with no graph alive
+            reference = given if given is not None else self.reference_log_probs(model, inputs, labels, replies,
+                                                                                 count).total
         policy, outputs = self.reply_log_probs(model, inputs, labels, replies, count)
         chosen, rejected = split_pairs(policy)
+        if reference is not None:
+            reference = ReplyLogProbs(reference.to(policy.total.device, policy.total.dtype), policy.tokens)
         if self.stage == "kto":  # chosen: each sample's own completion; rejected: the mismatched one (KL estimate)
-            reference, mismatched_reference = split_pairs(
-                self.reference_log_probs(model, inputs, labels, replies, count))
+            reference, mismatched_reference = split_pairs(reference)
             kl = (rejected.total - mismatched_reference.total).detach().mean()
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 kl = kl.clone()
@@ -202,7 +245,7 @@ class PreferenceLoss:
             terms = kto(chosen, reference, desirable.to(chosen.total.device), kl, self.beta, self.desirable_weight,
                         self.undesirable_weight)
         elif self.stage == "dpo":
-            ref_chosen, ref_rejected = split_pairs(self.reference_log_probs(model, inputs, labels, replies, count))
+            ref_chosen, ref_rejected = split_pairs(reference)
             terms = dpo(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.dpo_loss)
         elif self.stage == "simpo":
             terms = simpo(chosen, rejected, self.beta, self.simpo_gamma)
@@ -213,6 +256,8 @@ class PreferenceLoss:
         if self.stage == "kto":
             logs["kl"] = kl.detach()
         if self.sft_weight:
+            if self.stage == "kto":  # KTO's own completions: the SFT term learns the desirable ones only
+                chosen = ReplyLogProbs(chosen.total[desirable], chosen.tokens[desirable])
             sft = -chosen.total.sum() / chosen.tokens.sum().clamp(min=1)
             loss = loss + self.sft_weight * sft
             logs["sft_loss"] = sft.detach()
@@ -224,15 +269,97 @@ class PreferenceLoss:
         return LossTerms(loss, logs)
 
 
+@contextlib.contextmanager
+def reference_adapter_active(model):
+    """Within the block, `model` (a peft model holding a frozen "reference" adapter beside the trained one) computes
+    with the reference adapter, in eval mode (no dropout: the reference is a fixed function). peft's set_adapter
+    also sets requires_grad (the adapter made active trainable, the others frozen), so the set of trainable
+    parameters is put back exactly afterwards, as are the active adapter and the training mode."""
+    from chatft.model.load import REFERENCE_ADAPTER
+
+    trained, was_training = model.active_adapter, model.training
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+    model.eval()
+    try:
+        yield
+    finally:
+        model.set_adapter(trained)
+        model.train(was_training)
+        for parameter in model.parameters():
+            if parameter.requires_grad != (id(parameter) in trainable):
+                parameter.requires_grad_(id(parameter) in trainable)
+
+
+class PrecomputedReference(transformers.TrainerCallback):
+    """--precompute_ref_log_probs: when training begins, one pass without gradients of the model as it starts (the
+    policy at step 0 is its own reference) over every training and evaluation item gives each its reference
+    log-probability sums, kept on the dataset (`reference_values`), which its items then carry. At that point the
+    Trainer has prepared the model: under ZeRO-3 its hooks gather the weights, and accelerate's autocast is on its
+    forward, as in training. Each process computes a contiguous share of the items and all gather them. The values
+    are written to output_dir/reference_log_probs.pt: a resumed run (whose model is no longer the starting one)
+    reads them from there."""
+
+    FILE = "reference_log_probs.pt"
+
+    def __init__(self, loss: PreferenceLoss, collator, datasets: dict, batch_size: int):
+        self.loss, self.collator, self.batch_size = loss, collator, batch_size
+        self.datasets = {name: dataset for name, dataset in datasets.items() if dataset is not None}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from chatft.errors import ChatftError
+
+        path = os.path.join(args.output_dir, self.FILE)
+        if state.global_step > 0:  # resumed: the model has trained; the values of its first run hold
+            if not os.path.isfile(path):
+                raise ChatftError(f"--precompute_ref_log_probs: resuming, but {path} (written when the run began) is "
+                                  "missing; start the run again.")
+            saved = torch.load(path)
+            for name, dataset in self.datasets.items():
+                dataset.reference_values = saved[name]
+            return
+        for name, dataset in self.datasets.items():
+            dataset.reference_values = self.compute(model, dataset, args.device)
+        if args.should_save:
+            torch.save({name: dataset.reference_values for name, dataset in self.datasets.items()}, path)
+
+    def compute(self, model, dataset, device) -> torch.Tensor:
+        """[items, 2]: each item's reference log-probability sums (pair: chosen, rejected; KTO: its completion, its
+        mismatched one)."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+        share = -(-len(dataset) // world)
+        mine = range(rank * share, min(len(dataset), (rank + 1) * share))
+        values = torch.zeros(share, 2, device=device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, share, self.batch_size):  # as many batches on every process (ZeRO-3 gathers)
+                indices = list(mine[start:start + self.batch_size])
+                batch = self.collator([dataset[i] for i in indices or [0]])  # no item left: a forward all the same
+                batch = {name: value.to(device) for name, value in batch.items() if name != DESIRABLE}
+                labels, replies = batch.pop("labels"), batch.pop(REPLY_INDEX)
+                count = 2 * len(indices or [0])
+                totals = self.loss.reply_log_probs(model, batch, labels, replies, count)[0].total.view(-1, 2)
+                values[start:start + len(indices)] = totals[:len(indices)]
+        model.train(was_training)
+        if world > 1:
+            shares = [torch.empty_like(values) for _ in range(world)]
+            torch.distributed.all_gather(shares, values)
+            values = torch.cat(shares)
+        return values[:len(dataset)].float().cpu()
+
+
 def split_pairs(log_probs: ReplyLogProbs) -> tuple[ReplyLogProbs, ReplyLogProbs]:
     """(chosen, rejected) of replies in pair order (2k chosen, 2k + 1 rejected)."""
     return (ReplyLogProbs(log_probs.total[0::2], log_probs.tokens[0::2]),
             ReplyLogProbs(log_probs.total[1::2], log_probs.tokens[1::2]))
 
 
-def preference_collator_and_loss(stage: str, training_args, model, labelled_logits: bool):
+def preference_collator_and_loss(stage: str, training_args, model, labelled_logits: bool, reference_model=None):
     """The collator and loss of a preference stage's run. The prompt is computed once per pair where the model's
-    attention reads branches (chatft.model.attention's per-sample sdpa); otherwise each reply is its own sample."""
+    attention reads branches (chatft.model.attention's per-sample sdpa); otherwise each reply is its own sample.
+    `reference_model`: a full-parameter run's frozen copy (chatft.model.load.frozen_copy)."""
     from chatft.data.preference import KTOCollator, PreferenceCollator
     from chatft.errors import ArgumentError
     from chatft.model.attention import PER_SAMPLE_SDPA, rows_keep_samples_apart
@@ -244,5 +371,18 @@ def preference_collator_and_loss(stage: str, training_args, model, labelled_logi
     collator = KTOCollator(shared) if stage == "kto" else PreferenceCollator(shared)
     loss = PreferenceLoss(stage, training_args.pref_beta, training_args.pref_loss, training_args.simpo_gamma,
                           training_args.pref_ftx, labelled_logits, desirable_weight=training_args.kto_desirable_weight,
-                          undesirable_weight=training_args.kto_undesirable_weight)
+                          undesirable_weight=training_args.kto_undesirable_weight, reference_model=reference_model,
+                          precomputed=training_args.precompute_ref_log_probs)
     return collator, loss
+
+
+def disable_dropout(model) -> int:
+    """Every dropout of the model and its adapters off (p = 0), as TRL's disable_dropout does; how many there were
+    with p > 0. With dropout the policy's log-probabilities are noisy samples and a continued adapter's first loss is
+    not ln 2 against its own frozen copy."""
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            switched += 1
+    return switched

@@ -5,8 +5,9 @@
 lengths against model_max_length, optimizer steps per epoch and samples per step (as run, and with --packing True),
 and one rendered sample with its trained spans in [[...]]. `packing_summary`: what --packing does to the batch.
 
-At the end of a run: `plot_losses` draws the loss curve (loss.png), `run_summary` prints one screen (time, tokens/s,
-peak memory, losses, a mixture-of-experts model's expert load, the last evaluation's replies with
+At the end of a run: `plot_losses` draws the loss curve (loss.png; a preference run's reward margins and accuracies in
+a panel below), `run_summary` prints one screen (time, tokens/s, peak memory, losses, a preference run's last reward
+margins and accuracies, a mixture-of-experts model's expert load, the last evaluation's replies with
 --eval_generate, where things were saved).
 """
 
@@ -184,25 +185,43 @@ def dry_run_report(name: str, samples: list[Conversation], tokenizer, max_len: i
     return "\n".join(lines)
 
 
-def plot_losses(log_history: list[dict], path: str) -> dict[str, int]:
-    """Write the train (and eval) loss against optimizer steps to `path` (PNG); return each curve's point count."""
+REWARD_CURVES = ("rewards/margins", "rewards/accuracies")  # a preference stage's, logged beside its loss
+
+
+def loss_figure(log_history: list[dict]):
+    """(a matplotlib Figure of the train and eval loss against optimizer steps, each curve's point count). A preference
+    run's rewards/margins and rewards/accuracies (train, and eval where evaluated) get a second panel below."""
     from matplotlib.figure import Figure  # no pyplot: no display, no global state
 
-    curves = {"train": [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e],
-              "eval": [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]}
-    figure = Figure(figsize=(7, 4))
-    axis = figure.subplots()
-    for name, points in curves.items():
-        if points:
-            axis.plot(*zip(*points), marker="o" if name == "eval" or len(points) < 30 else None, label=name)
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss")
-    axis.grid(True, alpha=0.3)
-    if any(curves.values()):
-        axis.legend()
+    def points(key):
+        return [(e["step"], e[key]) for e in log_history if key in e and "step" in e]
+
+    curves = {"train": points("loss"), "eval": points("eval_loss")}
+    rewards = {key: points(key) for name in REWARD_CURVES for key in (name, f"eval_{name}") if points(key)}
+    figure = Figure(figsize=(7, 6 if rewards else 4))
+    panels = [(figure.add_subplot(2 if rewards else 1, 1, 1), curves, "loss")]
+    if rewards:
+        panels.append((figure.add_subplot(2, 1, 2, sharex=panels[0][0]), rewards, "reward"))
+    for axis, panel, ylabel in panels:
+        for name, values in panel.items():
+            if values:
+                axis.plot(*zip(*values), marker="o" if name.startswith("eval") or len(values) < 30 else None,
+                          label=name)
+        axis.set_ylabel(ylabel)
+        axis.grid(True, alpha=0.3)
+        if any(panel.values()):
+            axis.legend()
+    panels[-1][0].set_xlabel("step")
     figure.tight_layout()
+    return figure, {name: len(values) for panel in (curves, rewards) for name, values in panel.items()}
+
+
+def plot_losses(log_history: list[dict], path: str) -> dict[str, int]:
+    """Write `loss_figure` to `path` (PNG); return each curve's point count (train, eval, and a preference run's
+    reward curves where logged)."""
+    figure, counts = loss_figure(log_history)
     figure.savefig(path, dpi=100)
-    return {name: len(points) for name, points in curves.items()}
+    return counts
 
 
 def peak_memory_text() -> str:
@@ -212,7 +231,7 @@ def peak_memory_text() -> str:
 
 
 def run_summary(trainer, what_was_saved: str) -> str:
-    """One screen: time, real tokens/s, peak memory, final losses, where things were saved."""
+    """One screen: time, real tokens/s, peak memory, final losses (and rewards), where things were saved."""
     state, output_dir = trainer.state, trainer.args.output_dir
     history = state.log_history
     runtime = next((e["train_runtime"] for e in reversed(history) if "train_runtime" in e), None)
@@ -232,6 +251,9 @@ def run_summary(trainer, what_was_saved: str) -> str:
         lines.append(f"  train loss  {losses[0]:.4f} at the first logged step -> {losses[-1]:.4f} at the last")
     if eval_losses:
         lines.append(f"  eval loss   {eval_losses[-1]:.4f} (last evaluation)")
+    rewards = reward_text(history)
+    if rewards:
+        lines.append(f"  rewards     {rewards}")
     callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", [])
     expert_load = next((c.text() for c in callbacks if isinstance(c, ExpertLoad)), None)
     if expert_load:
@@ -241,6 +263,19 @@ def run_summary(trainer, what_was_saved: str) -> str:
     lines += [f"  saved       {what_was_saved} in {output_dir}",
               f"  loss curve  {os.path.join(output_dir, 'loss.png')}", "=" * 60]
     return "\n".join(lines)
+
+
+def reward_text(history: list[dict]) -> str | None:
+    """A preference run's last logged rewards/margins and rewards/accuracies, and the last evaluation's (None
+    without): the summary's rewards line."""
+    parts = []
+    for prefix, when in (("", "at the last logged step"), ("eval_", "at the last evaluation")):
+        last = next((e for e in reversed(history) if f"{prefix}rewards/margins" in e), None)
+        if last is not None:
+            accuracy = last.get(f"{prefix}rewards/accuracies")
+            parts.append(f"margins {last[f'{prefix}rewards/margins']:.4f}"
+                         + (f", accuracies {accuracy:.2f}" if accuracy is not None else "") + f" {when}")
+    return "; ".join(parts) or None
 
 
 def clipped(text: str, width: int = SHOWN_CHARACTERS) -> str:

@@ -9,6 +9,10 @@ import dataclasses
 import json
 import os
 
+import shutil
+
+import transformers
+
 from chatft.data.chat_format import stop_token_ids
 from chatft.model.lora_variants import STARTING_ADAPTER_ATTRIBUTE, as_plain_lora
 
@@ -20,6 +24,26 @@ def chat_generation_config(model, tokenizer):
     config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
     config.pad_token_id = tokenizer.pad_token_id
     return config
+
+
+def drop_reference_adapter(directory: str) -> None:
+    """A DPO/KTO run from --lora_weight_path holds the starting adapter twice, the second frozen as its reference
+    (chatft.model.load.REFERENCE_ADAPTER); peft saves every adapter, the others in a folder named after each. The
+    result is the trained adapter alone, where merge_lora.py and --resume_from_checkpoint read it."""
+    from chatft.model.load import REFERENCE_ADAPTER
+
+    folder = os.path.join(directory, REFERENCE_ADAPTER)
+    if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        shutil.rmtree(folder)
+
+
+class ReferenceAdapterNotSaved(transformers.TrainerCallback):
+    """Each checkpoint without the reference adapter (`drop_reference_adapter`); a resumed run loads it again from
+    --lora_weight_path."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            drop_reference_adapter(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
 
 def save_run(trainer, tokenizer, argument_groups: dict, base_model_path: str) -> None:
@@ -37,6 +61,7 @@ def save_run(trainer, tokenizer, argument_groups: dict, base_model_path: str) ->
     trainer.save_model(output_dir)  # rank 0 writes; handles full models and adapters alike
     trainer.save_state()
     if trainer.is_world_process_zero():
+        drop_reference_adapter(output_dir)
         start = getattr(model, STARTING_ADAPTER_ATTRIBUTE, None)
         if start is not None:  # PiSSA/OLoRA: an adapter of the original base, not of the rewritten one
             as_plain_lora(output_dir, start)

@@ -129,10 +129,23 @@ class LoggedMeans:
             self.sums[name] = self.sums.get(name, 0.0) + float(value)
             self.counts[name] = self.counts.get(name, 0) + 1
 
-    def pop(self) -> dict[str, float]:
-        means = {name: total / self.counts[name] for name, total in self.sums.items()}
+    def pop(self, accelerator=None) -> dict[str, float]:
+        """The means since the last log, and start again. With an `accelerator` of several processes, the means over
+        all of them (every process must call this): a name some processes did not log since (a KTO batch with no
+        undesirable completion has no rewards/rejected) is the mean over those that did."""
+        sums, counts = self.sums, self.counts
         self.sums, self.counts = {}, {}
-        return means
+        if accelerator is None or accelerator.num_processes == 1:
+            return {name: total / counts[name] for name, total in sums.items()}
+        from accelerate.utils import gather_object
+
+        names = sorted(set(gather_object(list(sums))))
+        if not names:
+            return {}
+        totals = torch.tensor([[sums.get(name, 0.0), counts.get(name, 0)] for name in names], dtype=torch.float64,
+                              device=accelerator.device)
+        totals = accelerator.reduce(totals, "sum").tolist()
+        return {name: total / count for name, (total, count) in zip(names, totals)}
 
 
 class ChatTrainer(transformers.Trainer):
@@ -157,7 +170,10 @@ class ChatTrainer(transformers.Trainer):
         self.neftune_noise_alpha = None
         self.loss = loss if loss is not None else SupervisedLoss()
         self.loss.prepare(self.accelerator.unwrap_model(self.model))
+        if hasattr(self.loss, "autocast"):  # a model the loss runs beside the policy (a DPO reference copy)
+            self.loss.autocast = self.accelerator.autocast
         self.logged_means = LoggedMeans()
+        self.eval_means = LoggedMeans()
         self.run_start = RunStart()
         self.add_callback(self.run_start)
         self.add_callback(AtomicCheckpoints(self.accelerator.wait_for_everyone))
@@ -224,8 +240,9 @@ class ChatTrainer(transformers.Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if getattr(self.loss, "evaluates", False) and not model.training:  # a preference objective's own eval loss
-            loss = self.loss(model, inputs, LossScale()).loss
-            return (loss, {}) if return_outputs else loss
+            terms = self.loss(model, inputs, LossScale())
+            self.eval_means.add(terms.logs)  # its rewards, logged as eval_rewards/... beside eval_loss
+            return (terms.loss, {}) if return_outputs else terms.loss
         library_loss = self.label_smoother is not None or self.compute_loss_func is not None
         sharded = "shift_labels" in inputs and model.training  # a shard of a row (sequence parallelism)
         # evaluation's predictions, the library's options
@@ -243,11 +260,10 @@ class ChatTrainer(transformers.Trainer):
         return terms.loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        """transformers.Trainer.log, with the loss's extra values beside the training loss."""
-        if "loss" in logs:
-            means = self.logged_means.pop()
-            if means and self.args.world_size > 1:  # every process logs (transformers gathers `loss` here too)
-                values = self.accelerator.reduce(torch.tensor(list(means.values()), device=self.args.device), "mean")
-                means = dict(zip(means, values.tolist()))
-            logs = {**logs, **{name: round(value, 4) for name, value in means.items()}}
+        """transformers.Trainer.log, with the loss's extra values beside the training loss (and beside eval_loss, those
+        of a loss that evaluates its own objective, prefixed eval_)."""
+        for key, means, prefix in (("loss", self.logged_means, ""), ("eval_loss", self.eval_means, "eval_")):
+            if key in logs:  # every process logs (transformers gathers `loss` here too)
+                values = means.pop(self.accelerator if self.args.world_size > 1 else None)
+                logs = {**logs, **{prefix + name: round(value, 4) for name, value in values.items()}}
         super().log(logs, *args, **kwargs)
