@@ -183,14 +183,9 @@ def plan(variants: list[str], pair_sets: list[str]) -> list[tuple[str, str]]:
 
 
 def measure(config: dict) -> dict:
-    import sys
-
-    run = harness.run_worker("bench.throughput", config)
-    if run.failure:
-        print(run.stderr[-3000:], file=sys.stderr)
-        return {**config, "error": run.failure}
-    result = {**config, **run.result}
-    result["tokens_per_second"] = result["real_tokens"] / result["train_runtime"]
+    result = harness.trained_run("bench.throughput", config)
+    if "error" in result:
+        return result
     print(f"    {result['tokens_per_second']:.1f} pair tokens/s, {result['positions'] / result['real_tokens']:.2f} "
           f"positions per pair token, peak {result['peak_memory_mib']:.0f} MiB "
           f"({result['peak_above_baseline_mib']:.0f} above the libraries)", flush=True)

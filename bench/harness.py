@@ -58,6 +58,18 @@ def run_worker(module: str, config: dict, timeout: float | None = None) -> Worke
     return WorkerRun(result, done.returncode, done.stderr)
 
 
+def trained_run(module: str, config: dict) -> dict:
+    """A training benchmark's variant in a fresh process (`run_worker`): its config with its numbers and
+    `tokens_per_second` (real tokens over train_runtime), or with an `error` (the worker's stderr printed)."""
+    run = run_worker(module, config)
+    if run.failure:
+        print(run.stderr[-3000:], file=sys.stderr)
+        return {**config, "error": run.failure}
+    result = {**config, **run.result}
+    result["tokens_per_second"] = result["real_tokens"] / result["train_runtime"]
+    return result
+
+
 def report(result: dict) -> None:
     """In a worker: hand `result` to the main process (the line `run_worker` reads)."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)

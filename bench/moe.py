@@ -100,12 +100,9 @@ def loaded_experts_implementation(model_dir: str) -> str:
 
 
 def measure(config: dict) -> dict:
-    run = harness.run_worker("bench.throughput", config)
-    if run.failure:
-        print(run.stderr[-3000:], file=sys.stderr)
-        return {**config, "error": run.failure}
-    result = {**config, **run.result}
-    result["tokens_per_second"] = result["real_tokens"] / result["train_runtime"]
+    result = harness.trained_run("bench.throughput", config)
+    if "error" in result:
+        return result
     print(f"    {result['tokens_per_second']:.1f} real tokens/s, peak {result['peak_above_baseline_mib']:.0f} MiB above "
           f"the libraries" + (f" (estimate {result['estimated_memory_mib']:.0f})"
                               if result.get("estimated_memory_mib") else ""), flush=True)

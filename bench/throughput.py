@@ -385,12 +385,9 @@ def parse_args(argv=None):
 
 def measure_variant(config: dict, matmul_rate: float) -> dict:
     """Train one variant in a fresh process; its numbers, or its config with an `error`."""
-    run = harness.run_worker("bench.throughput", config)
-    if run.failure:
-        print(run.stderr[-3000:], file=sys.stderr)
-        return {**config, "error": run.failure}
-    result = {**config, **run.result}
-    result["tokens_per_second"] = result["real_tokens"] / result["train_runtime"]
+    result = harness.trained_run("bench.throughput", config)
+    if "error" in result:
+        return result
     result["padded_fraction"] = 1 - result["real_tokens"] / result["positions"]
     flops = result["flops_per_token"] * result["real_tokens"] + result["flops_per_labelled_token"] * result["labelled_tokens"]
     result["mfu"] = flops / result["train_runtime"] / matmul_rate

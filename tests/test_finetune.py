@@ -339,6 +339,22 @@ def test_summary_speed_counts_only_what_this_run_trained():
     assert "for 30 steps, 3.00 epochs; about 300 real tokens/s" in run_summary(trainer, "model")
 
 
+def test_summary_has_a_train_loss_line_when_no_step_was_logged():
+    """--logging_steps (default 500) above the run's steps logs no step: the summary gives the Trainer's mean over
+    the run instead of dropping the line; with logged steps, the first and last."""
+    from types import SimpleNamespace
+
+    from chatft.train.report import run_summary
+
+    history = [{"train_runtime": 10.0, "train_loss": 1.2345}]
+    state = SimpleNamespace(log_history=history, epoch=1.0, global_step=5)
+    trainer = SimpleNamespace(state=state, args=SimpleNamespace(output_dir="out"), train_dataset=None)
+    assert "train loss  1.2345 (mean over the run; --logging_steps N logs it every N steps)" in run_summary(trainer, "x")
+    history.insert(0, {"loss": 2.5, "step": 1})
+    history.insert(1, {"loss": 1.5, "step": 2})
+    assert "train loss  2.5000 at the first logged step -> 1.5000 at the last" in run_summary(trainer, "x")
+
+
 REASONING_DATA = [
     {"messages": [{"role": "user", "content": "What is 2+2?"},
                   {"role": "assistant", "reasoning_content": "Simple addition: 2+2=4.", "content": "4"}]},

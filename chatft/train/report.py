@@ -247,8 +247,11 @@ def run_summary(trainer, what_was_saved: str) -> str:
         resumed = f" (resumed at step {start_step}, {state.global_step} in all)" if start_step else ""
         lines.append(f"  time        {runtime / 60:.1f} min for {steps} steps, {epochs:.2f} epochs{resumed}{speed}")
     lines.append(f"  peak memory {peak_memory_text()}")
+    run_mean = next((e["train_loss"] for e in reversed(history) if "train_loss" in e), None)
     if losses:
         lines.append(f"  train loss  {losses[0]:.4f} at the first logged step -> {losses[-1]:.4f} at the last")
+    elif run_mean is not None:  # no step logged (--logging_steps above the run's steps): the Trainer's run mean
+        lines.append(f"  train loss  {run_mean:.4f} (mean over the run; --logging_steps N logs it every N steps)")
     if eval_losses:
         lines.append(f"  eval loss   {eval_losses[-1]:.4f} (last evaluation)")
     rewards = reward_text(history)

@@ -151,13 +151,16 @@ def test_merged_model_answers_like_the_adapter(demo, identity_adapter, merged_id
     assert ask(merged_identity) == adapter_replies
 
 
-def test_dpo_on_the_demo_s_sft_adapter_keeps_and_sharpens_the_identity(identity_adapter, tmp_path):
+@pytest.mark.parametrize("quantized", [[], ["--q_lora"]], ids=["lora", "qlora_nf4"])
+def test_dpo_on_the_demo_s_sft_adapter_keeps_and_sharpens_the_identity(quantized, identity_adapter, tmp_path):
     """Issue 29's order of work: DPO on the adapter of the demo's SFT run (--lora_weight_path), whose reference is
     that adapter as it starts (a frozen copy of it, not the base): the first loss is ln 2, held-out implicit-reward
-    accuracy reaches at least 11 of 12 pairs, and the model still answers held-out questions as chosen."""
+    accuracy reaches at least 11 of 12 pairs, and the model still answers held-out questions as chosen. The same
+    with Q-LoRA: the base in NF4 4-bit (bitsandbytes on the CPU), the policy and its reference adapters on it."""
     from test_smollm2_preference import HELD_OUT, answers_as_tessa
 
     trainer = finetune.train([
+        *quantized,
         "--model_name_or_path", str(bundled_gguf_path()), "--lora_weight_path", str(identity_adapter),
         "--data_path", str(ROOT / "data" / "identity_pref_demo.json"),
         "--eval_data_path", str(ROOT / "data" / "identity_pref_eval.json"),
