@@ -44,6 +44,23 @@ if WORKERS > 1:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: everything must load from disk
 
 
+def pytest_configure(config):
+    # --dist loadfile hands out whole files; by default xdist starts with the files of most tests, which put the
+    # end-to-end file (few tests, the longest) last, one worker running it alone at the end. Collection order
+    # (pytest_collection_modifyitems) decides instead.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with the most slow tests (whole processes: end-to-end runs, multi-process runs) first, the rest in their
+    usual order after: the longest work starts at once on both workers and the short files fill in at the end."""
+    slow = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])  # stable: within a file, and among equals, the usual order
+
+
 @pytest.fixture(scope="session")
 def qwen3_tokenizer():
     return transformers.AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
