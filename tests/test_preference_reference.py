@@ -222,7 +222,7 @@ def test_a_kto_run_with_precomputed_references_runs(tiny_qwen2_arch_dir, tmp_pat
 @pytest.mark.parametrize("flags, messages", [
     (["--stage", "simpo", "--use_lora", "--precompute_ref_log_probs", "True"],
      ["--precompute_ref_log_probs means something with --stage dpo or kto only, not --stage simpo."]),
-    # FSDP keeps its refusal (ZeRO-3 partitions the reference); on the CPU FSDP itself is refused too, on a line of its own
+    # FSDP keeps its refusal (ZeRO-3 partitions the reference); on the CPU FSDP itself is refused too, a line apart
     (["--stage", "dpo", "--fsdp", "full_shard auto_wrap", "--use_cpu", "True"],
      ["--stage dpo full-parameter under FSDP: the frozen reference copy would not be sharded; add "
       "--precompute_ref_log_probs True", "--fsdp: FSDP shards on GPUs (accelerators) only"]),

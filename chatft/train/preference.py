@@ -126,10 +126,10 @@ class PreferenceLoss:
     the batch's precomputed values (`REFERENCE_LOG_PROBS`, --precompute_ref_log_probs; `precomputed` says they must
     be there), `reference_model` (a frozen copy, full-parameter; under ZeRO-3 partitioned, in its own DeepSpeed
     engine), a LoRA model's frozen "reference" adapter (the adapter the run started from,
-    chatft.model.load.REFERENCE_ADAPTER), else the LoRA model with its adapter switched off. `sft_weight`: an SFT term, the token mean of the chosen replies' cross-entropy, added with this
-    weight (ORPO's own, weight 1, unless given). Logged: rewards/chosen, rewards/rejected, rewards/margins,
-    rewards/accuracies beside the loss, and the model's own extra terms (a MoE router's aux loss) added as SFT adds
-    them."""
+    chatft.model.load.REFERENCE_ADAPTER), else the LoRA model with its adapter switched off. `sft_weight`: an SFT
+    term, the token mean of the chosen replies' cross-entropy, added with this weight (ORPO's own, weight 1, unless
+    given). Logged: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies beside the loss, and the
+    model's own extra terms (a MoE router's aux loss) added as SFT adds them."""
 
     def __init__(self, stage: str, beta: float, dpo_loss: str = "sigmoid", simpo_gamma: float = 0.5,
                  sft_weight: float | None = None, labelled_logits: bool = True, reference_model=None,
@@ -214,8 +214,8 @@ class PreferenceLoss:
                     return self.reply_log_probs(model, inputs, labels, replies, count)[0]
             policy_weight = next(model.parameters())
             reference_weight = next(self.reference_model.parameters())
-            if (not hasattr(reference_weight, "ds_id")  # ZeRO-3's partitions: their engine placed and cast them
-                    and (reference_weight.device, reference_weight.dtype) != (policy_weight.device, policy_weight.dtype)):
+            placed = (reference_weight.device, reference_weight.dtype) == (policy_weight.device, policy_weight.dtype)
+            if not placed and not hasattr(reference_weight, "ds_id"):  # ZeRO-3's partitions: their engine placed them
                 # once: where the Trainer (or DeepSpeed, in bf16) put the policy
                 self.reference_model.to(device=policy_weight.device, dtype=policy_weight.dtype)
             with self.autocast():
