@@ -31,7 +31,7 @@ from chatft.train.preference import disable_dropout, PrecomputedReference, prefe
 from chatft.data.pretrain import PretrainDataset, read_documents  # noqa: E402
 from chatft.data.datasets import preprocess  # noqa: E402  (re-exported: `from finetune import preprocess`, as Qwen's)
 from chatft.data.datasets import load_samples, make_collator, make_datasets, split_off_eval  # noqa: E402
-from chatft.model.load import frozen_copy, join_process_group, load_model  # noqa: E402
+from chatft.model.load import frozen_reference, join_process_group, load_model  # noqa: E402
 from chatft.train.distributed import deepspeed_op_built_on_first_use, end_run  # noqa: E402
 from chatft.train.eval_generate import EvalGenerations  # noqa: E402
 from chatft.memory import longest_batch_tokens, run_estimator  # noqa: E402
@@ -171,7 +171,8 @@ def train(argv=None, callbacks=(), wrap_collator=None):
         if training_args.disable_dropout and disable_dropout(model) and training_args.should_log:
             logger.info("--stage %s: dropout off in the model and its adapters (--disable_dropout False keeps it)",
                         data_args.stage)
-        reference_model = frozen_copy(model) if plan.reference == "copy" else None
+        reference_model = (frozen_reference(model, plan, lora_args, training_args) if plan.reference == "copy"
+                           else None)
         collator, loss = preference_collator_and_loss(data_args.stage, training_args, model, plan.labelled_logits_only,
                                                       reference_model)
     trainer = ChatTrainer(

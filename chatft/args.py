@@ -499,11 +499,13 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
         problems.append("--packing needs every sample's length up front and --lazy_preprocess tokenizes on first use: "
                         "drop one of them.")
     problems += stage_problems(data_args, training_args)
+    # (under ZeRO-3 the frozen reference is partitioned like the model: chatft.model.load.sharded_reference)
     if (data_args.stage in ("dpo", "kto") and not lora_args.use_lora and not training_args.precompute_ref_log_probs
-            and (deepspeed_zero_stage(training_args) == 3 or training_args.fsdp)):
-        problems.append(f"--stage {data_args.stage} full-parameter under ZeRO-3/FSDP: the frozen reference copy would "
-                        "not be sharded; add --precompute_ref_log_probs True (the reference computed once, before "
-                        "training, by the model itself).")
+            and training_args.fsdp):
+        problems.append(f"--stage {data_args.stage} full-parameter under FSDP: the frozen reference copy would not be "
+                        "sharded; add --precompute_ref_log_probs True (the reference computed once, before training, "
+                        "by the model itself), or shard with --deepspeed ds_config_zero3.json (the reference "
+                        "partitioned like the model).")
     problems += mix_problems(data_args)
     if data_args.chat_format not in CHAT_FORMATS:
         problems.append(f"--chat_format must be one of {', '.join(CHAT_FORMATS)}, not {data_args.chat_format!r}.")

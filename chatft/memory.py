@@ -20,8 +20,9 @@ chatft.train.trainer.ChatTrainer hold:
   one 8-bit absmax per 64 and one fp32 per 64 x 256; GPTQ: packed weights, zeros, fp16 scales per group, g_idx)
   and everything else in fp32 (peft's prepare_model_for_kbit_training upcasts it), but for a MoE model's routed
   experts under NF4: not 4-bit (bitsandbytes quantizes linear layers only) and kept in the compute dtype. DPO/KTO
-  add their frozen reference (the plan's `reference`): a full-parameter run's copy of the model (fp32, never
-  sharded), or the starting adapter's second copy (--lora_weight_path); none when precomputed or the adapter off.
+  add their frozen reference (the plan's `reference`): a full-parameter run's copy of the model (fp32; under ZeRO-3
+  partitioned like the weights, in its DeepSpeed engine's dtype, the compute dtype), or the starting adapter's
+  second copy (--lora_weight_path); none when precomputed or the adapter off.
 - gradients: 4 bytes per trainable parameter (trainable parameters are fp32 in every mode).
 - optimizer: AdamW's two fp32 states per trainable parameter.
   DeepSpeed ZeRO-1 divides the optimizer state by the number of processes, ZeRO-2 and FSDP's shard_grad_op also the
@@ -364,7 +365,9 @@ def estimate_training_memory(plan, tokens: int, shape: ModelShape | None = None)
     trainable = trainable_params(shape, plan)
     weights = weight_bytes(shape, plan, trainable)
     reference = getattr(plan, "reference", "none")  # a preference stage's frozen reference, held beside the model
-    if reference == "copy":  # full-parameter DPO/KTO: a second model, in the policy's storage dtype
+    if reference == "copy" and plan.shard == "zero3":  # a second model, cast by its inference engine
+        weights += dtype_bytes(plan.compute_dtype) * shape.params  # (divided by the processes with the weights)
+    elif reference == "copy":  # full-parameter DPO/KTO: a second model, in the policy's storage dtype
         weights += 4 * shape.params
     elif reference == "adapter":  # --lora_weight_path under DPO/KTO: a second adapter (fp32, as peft loads it)
         weights += 4 * shape.lora_params(plan)

@@ -439,14 +439,75 @@ def linear_lora_dropout(model, p: float) -> None:
 REFERENCE_ADAPTER = "reference"  # DPO/KTO's frozen copy of --lora_weight_path, beside the trained "default"
 
 
+def frozen_reference(model, plan, lora_args, training_args):
+    """A full-parameter DPO/KTO run's reference (the plan's reference "copy"): the model as it starts, in eval mode,
+    without gradients (so no optimizer state). Under ZeRO-3 a second model partitioned across the processes like
+    the policy (sharded_reference); otherwise a copy of it (frozen_copy)."""
+    if plan.shard == "zero3":
+        return sharded_reference(model, plan, lora_args, training_args.hf_deepspeed_config.config)
+    return frozen_copy(model)
+
+
 def frozen_copy(model):
-    """A full-parameter DPO/KTO run's reference: a copy of the model as it starts, in eval mode, without gradients
-    (so no optimizer state); chatft.train.preference moves it to the policy's device and dtype at first use."""
+    """A copy of `model` in eval mode, without gradients; chatft.train.preference moves it to the policy's device
+    and dtype at first use."""
     import copy
 
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
     return reference
+
+
+def sharded_reference(model, plan, lora_args, deepspeed_config: dict):
+    """Under ZeRO-3: the reference loaded as the policy `model` was (load_model, inside DeepSpeed's zero.Init as
+    transformers loads once the run's ZeRO-3 config exists: each process holds 1/N of its weights), frozen, in an
+    inference-only DeepSpeed engine (inference_deepspeed_config), whose hooks gather each module's weights for its
+    forward as the policy's engine does. What TRL's prepare_deepspeed does for its ref_model."""
+    import deepspeed
+
+    logger.info("The reference: a second copy of the model, partitioned by ZeRO-3 like the one trained")
+    reference = load_model(plan, lora_args)
+    reference.eval()
+    reference.requires_grad_(False)
+    # the rows resize_token_embeddings adds (ChatML tokens, a larger tokenizer) are drawn at random, differently
+    # for each load: the reference takes the policy's, so that it starts as the policy does
+    pairs = {id(ours.weight): (ours.weight, theirs.weight)  # once each: tied layers share their weight
+             for ours, theirs in ((model.get_input_embeddings(), reference.get_input_embeddings()),
+                                  (model.get_output_embeddings(), reference.get_output_embeddings()))
+             if ours is not None}
+    for policy_weight, reference_weight in pairs.values():
+        with deepspeed.zero.GatheredParameters([policy_weight, reference_weight], modifier_rank=0):
+            reference_weight.data.copy_(policy_weight.data)
+    hidden_size = model.config.get_text_config().hidden_size
+    with console.library_output_hidden():  # DeepSpeed prints its whole config
+        engine, *_ = deepspeed.initialize(model=reference, config=inference_deepspeed_config(deepspeed_config,
+                                                                                             hidden_size))
+    engine.eval()
+    return engine
+
+
+# zero_optimization sizes a config may leave "auto", and the model's hidden size h they come to: transformers fills
+# them only when training starts (HfTrainerDeepSpeedConfig.trainer_config_finalize), with these values
+HIDDEN_SIZE_BASED = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+                     "stage3_param_persistence_threshold": lambda h: 10 * h}
+
+
+def inference_deepspeed_config(config: dict, hidden_size: int) -> dict:
+    """A copy of a run's DeepSpeed config (TrainingArguments' hf_deepspeed_config.config: its "auto" values already
+    filled from the flags) for a model that only runs forward: no optimizer, scheduler or optimizer offload (DeepSpeed
+    would build them, for nothing), the ZeRO stage and its other settings (parameter offload, precision, batch sizes)
+    kept, the sizes still "auto" filled from `hidden_size` as transformers fills the policy's."""
+    import copy
+
+    config = copy.deepcopy(config)
+    for name in ("optimizer", "scheduler"):
+        config.pop(name, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    for name, size in HIDDEN_SIZE_BASED.items():
+        if zero.get(name) == "auto":
+            zero[name] = size(hidden_size)
+    return config
 
 
 def wrap_lora(model, lora_args, plan):

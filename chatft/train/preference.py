@@ -124,12 +124,12 @@ class PreferenceLoss:
     Per reply, the sum of its tokens' log-probabilities, with the output layer run at labelled positions only
     (chatft.train.losses.labelled_token_log_probs), or from full logits. The reference (dpo, kto), first found of:
     the batch's precomputed values (`REFERENCE_LOG_PROBS`, --precompute_ref_log_probs; `precomputed` says they must
-    be there), `reference_model` (a frozen copy, full-parameter), a LoRA model's frozen "reference" adapter (the
-    adapter the run started from, chatft.model.load.REFERENCE_ADAPTER), else the LoRA model with its adapter
-    switched off. `sft_weight`: an SFT term, the token mean of the chosen replies' cross-entropy, added with this
-    weight (ORPO's own, weight 1, unless given). Logged: rewards/chosen, rewards/rejected, rewards/margins,
-    rewards/accuracies beside the loss, and the model's own extra terms (a MoE router's aux loss) added as SFT adds
-    them."""
+    be there), `reference_model` (a frozen copy, full-parameter; under ZeRO-3 partitioned, in its own DeepSpeed
+    engine), a LoRA model's frozen "reference" adapter (the adapter the run started from,
+    chatft.model.load.REFERENCE_ADAPTER), else the LoRA model with its adapter switched off. `sft_weight`: an SFT
+    term, the token mean of the chosen replies' cross-entropy, added with this weight (ORPO's own, weight 1, unless
+    given). Logged: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies beside the loss, and the
+    model's own extra terms (a MoE router's aux loss) added as SFT adds them."""
 
     def __init__(self, stage: str, beta: float, dpo_loss: str = "sigmoid", simpo_gamma: float = 0.5,
                  sft_weight: float | None = None, labelled_logits: bool = True, reference_model=None,
@@ -170,7 +170,12 @@ class PreferenceLoss:
         if self.stage not in ("dpo", "kto") or self.precomputed:
             return
         if self.reference_model is not None:
-            self.reference_heads = head_linears(self.reference_model) if self.requested_labelled_logits else None
+            from accelerate.utils import extract_model_from_parallel
+
+            # the model's own output layers, inside a DeepSpeed engine (ZeRO-3's sharded reference); the forward hooks
+            # on them run while the engine holds the layer's weight gathered (output_layer_computes), as the policy's
+            reference = extract_model_from_parallel(self.reference_model)
+            self.reference_heads = head_linears(reference) if self.requested_labelled_logits else None
         elif REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
             self.reference_adapter_model = model
         elif hasattr(model, "disable_adapter"):
@@ -209,7 +214,8 @@ class PreferenceLoss:
                     return self.reply_log_probs(model, inputs, labels, replies, count)[0]
             policy_weight = next(model.parameters())
             reference_weight = next(self.reference_model.parameters())
-            if (reference_weight.device, reference_weight.dtype) != (policy_weight.device, policy_weight.dtype):
+            placed = (reference_weight.device, reference_weight.dtype) == (policy_weight.device, policy_weight.dtype)
+            if not placed and not hasattr(reference_weight, "ds_id"):  # ZeRO-3's partitions: their engine placed them
                 # once: where the Trainer (or DeepSpeed, in bf16) put the policy
                 self.reference_model.to(device=policy_weight.device, dtype=policy_weight.dtype)
             with self.autocast():
@@ -359,7 +365,7 @@ def split_pairs(log_probs: ReplyLogProbs) -> tuple[ReplyLogProbs, ReplyLogProbs]
 def preference_collator_and_loss(stage: str, training_args, model, labelled_logits: bool, reference_model=None):
     """The collator and loss of a preference stage's run. The prompt is computed once per pair where the model's
     attention reads branches (chatft.model.attention's per-sample sdpa); otherwise each reply is its own sample.
-    `reference_model`: a full-parameter run's frozen copy (chatft.model.load.frozen_copy)."""
+    `reference_model`: a full-parameter run's frozen copy (chatft.model.load.frozen_reference)."""
     from chatft.data.preference import KTOCollator, PreferenceCollator
     from chatft.errors import ArgumentError
     from chatft.model.attention import PER_SAMPLE_SDPA, rows_keep_samples_apart
