@@ -379,3 +379,93 @@ def test_gptq_qlora_dpo_starts_at_ln2_saves_its_adapter_and_continues_from_it(ti
     started, trained = adapter(first), adapter(second)
     assert trained.keys() == started.keys() and not any("reference" in name for name in trained)
     assert any(not torch.equal(trained[name], started[name]) for name in started)  # "default" trained on
+
+
+# What a preference run leaves is a model like any other: merged, exported to GGUF, quantized with GPTQ.
+
+def assert_exports(model_dir, tmp_path, calibration_file):
+    """export_gguf.py's f16 file of `model_dir` holds its weights exactly as float16 rounds them (read with gguf's
+    own reader, by llama.cpp's tensor names: transformers' GGUF loader, as test_gguf.py reads files back, parses the
+    150k-token vocabulary twice more, 40 s here), and run_gptq.py's 8-bit GPTQ model of it loads with plain
+    transformers and computes its logits but for the quantization (test_gptq.py's 8-bit tolerance: 0.02 + 2% of each
+    logit)."""
+    import gguf
+    import numpy as np
+
+    import export_gguf
+    import run_gptq
+    from support import arch_of, gguf_name, probe_logits
+    from test_gguf import assert_same_weights, rounded
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    gguf_file, gptq_dir = tmp_path / f"{model_dir.name}.gguf", tmp_path / f"{model_dir.name}-gptq"
+    assert export_gguf.main(["--model_path", str(model_dir), "--output", str(gguf_file), "--type", "f16"]) == 0
+    names = gguf.get_tensor_name_map(arch_of(model), model.config.num_hidden_layers)
+    assert_same_weights({tensor.name: torch.from_numpy(np.array(tensor.data)).float()
+                         for tensor in gguf.GGUFReader(gguf_file).tensors},
+                        {gguf_name(names, name): weight
+                         for name, weight in rounded(model.state_dict(), torch.float16).items()})
+    assert run_gptq.main(["--model_name_or_path", str(model_dir), "--data_path", calibration_file, "--out_path",
+                          str(gptq_dir), "--max_len", "64", "--bits", "8", "--group-size", "32"]) == 0
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(gptq_dir, dtype=torch.float32)
+    assert json.loads((gptq_dir / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    assert type(quantized.model.layers[0].mlp.down_proj).__module__.startswith("gptqmodel")
+    torch.testing.assert_close(probe_logits(quantized, tokenizer), probe_logits(model, tokenizer), atol=0.02,
+                               rtol=0.02)
+
+
+@pytest.mark.slow
+def test_a_dpo_adapter_continued_from_another_merges_and_exports(tiny_qwen2_arch_64_dir, pairs_file, data_file,
+                                                                 tmp_path):
+    """A LoRA DPO run from an adapter (--lora_weight_path: a frozen "reference" copy beside the trained "default")
+    saves "default" alone; merge_lora.py merges it into a model whose logits are the base's plus that adapter's, and
+    the merged model exports to GGUF and to GPTQ (assert_exports)."""
+    import merge_lora
+    import peft
+
+    from support import probe_logits
+    from test_gguf import write_adapter
+
+    start = write_adapter(tiny_qwen2_arch_64_dir, tmp_path / "start")  # random A and B: far from the base
+    output, merged_dir = tmp_path / "dpo", tmp_path / "merged"
+    trainer = run(tiny_qwen2_arch_64_dir, pairs_file, output, *PREFERENCE_FLAGS, "--stage", "dpo",
+                  "--lora_weight_path", str(start))
+    assert set(trainer.model.peft_config) == {"default", "reference"}
+    assert logged_steps(output)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert adapter(output).keys() == adapter(start).keys()  # no reference weights beside the trained adapter
+    assert merge_lora.main(["--adapter_path", str(output), "--output_dir", str(merged_dir)]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(merged_dir)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_64_dir, dtype=torch.float32)
+    before = probe_logits(base, tokenizer)
+    with_start = probe_logits(peft.PeftModel.from_pretrained(base, start), tokenizer)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_64_dir, dtype=torch.float32)
+    with_adapter = probe_logits(peft.PeftModel.from_pretrained(base, output), tokenizer)
+    terms = decoder_terms(merged.config)
+    assert_close_up_to_rounding(probe_logits(merged, tokenizer), with_adapter, terms=terms)
+    # both adapters counted: the merged model is neither the base nor the base plus the starting adapter
+    for other in (before, with_start):
+        assert (with_adapter - other).abs().max() > 100 * rounding_atol(with_adapter, terms=terms)
+    assert_exports(merged_dir, tmp_path, data_file)
+
+
+@pytest.mark.slow
+def test_a_full_parameter_dpo_run_saves_the_policy_alone_and_exports(tiny_qwen2_arch_64_dir, pairs_file, data_file,
+                                                                      tmp_path):
+    """Full-parameter DPO holds a frozen copy of the model as its reference during training; the output directory
+    holds the trained policy alone: model.safetensors has the base's tensor names, the trained values (not the
+    copy's, which are the base's), and exports to GGUF and to GPTQ (assert_exports) as any model does."""
+    output = tmp_path / "dpo"
+    trainer = run(tiny_qwen2_arch_64_dir, pairs_file, output, "--stage", "dpo", "--pref_beta", "0.5")
+    reference = trainer.loss.reference_model.state_dict()
+    assert logged_steps(output)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    base = safetensors.torch.load_file(tiny_qwen2_arch_64_dir / "model.safetensors")
+    assert [path.name for path in output.rglob("*.safetensors")] == ["model.safetensors"]
+    saved = safetensors.torch.load_file(output / "model.safetensors")
+    assert saved.keys() == base.keys()
+    policy = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert all(torch.equal(saved[name], policy[name].to(saved[name].dtype)) for name in saved)
+    assert all(torch.equal(reference[name].to(base[name].dtype), base[name]) for name in base)  # the copy: the start
+    assert any(not torch.equal(saved[name], base[name]) for name in base)  # the policy trained away from it
+    assert_exports(output, tmp_path, data_file)
