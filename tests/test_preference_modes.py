@@ -381,6 +381,20 @@ def test_gptq_qlora_dpo_starts_at_ln2_saves_its_adapter_and_continues_from_it(ti
     assert any(not torch.equal(trained[name], started[name]) for name in started)  # "default" trained on
 
 
+
+@pytest.mark.slow
+def test_gptq_qlora_kto_starts_at_its_reference_and_trains(tiny_gptq_dir, pairs_file, tmp_path):
+    """--stage kto --q_lora on a GPTQ base: at the first step the policy is its reference (the base, adapter off):
+    the KL estimate and the rewards are 0 and the loss is 1 - sigmoid(0) = 0.5 for every completion; the adapter
+    trains (the loss falls on the same 16 completions each step) and is saved."""
+    output = tmp_path / "kto"
+    # each pair is two completions, one desirable: all 16 in each step
+    run(tiny_gptq_dir, pairs_file, output, *GPTQ_DPO_FLAGS, "--stage", "kto", "--per_device_train_batch_size", "16")
+    logged = logged_steps(output)
+    assert logged[0]["kl"] == 0 and logged[0]["rewards/chosen"] == logged[0]["rewards/rejected"] == 0
+    assert logged[0]["loss"] == pytest.approx(0.5, abs=1e-6) and logged[-1]["loss"] < logged[0]["loss"]
+    assert any(tensor.abs().max() > 0 for name, tensor in adapter(output).items() if "lora_B" in name)
+
 # What a preference run leaves is a model like any other: merged, exported to GGUF, quantized with GPTQ.
 
 def assert_exports(model_dir, tmp_path, calibration_file):
