@@ -1,7 +1,8 @@
 """Preference stages (--stage dpo, kto) across the ways a run can go: batch layouts (padding-free pair rows with the
 prompt shared, prompt + reply rows, padded pairs), processes (2 under ZeRO-3 and 1 with the whole batch; KTO's KL
-estimate all-reduced under DDP), a 4-bit base (NF4 Q-LoRA), a resumed run; what a run reports (rewards in loss.png
-and the summary); and the launchers passing --stage through. Tiny random models, a few steps each."""
+estimate all-reduced under DDP), 4-bit bases (NF4 and GPTQ Q-LoRA), a resumed run; what a run reports (rewards in
+loss.png and the summary) and what it leaves (merged, exported to GGUF and GPTQ); and the launchers passing --stage
+through. Tiny random models, a few steps each."""
 
 import json
 import math
