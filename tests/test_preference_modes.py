@@ -1,7 +1,8 @@
 """Preference stages (--stage dpo, kto) across the ways a run can go: batch layouts (padding-free pair rows with the
 prompt shared, prompt + reply rows, padded pairs), processes (2 under ZeRO-3 and 1 with the whole batch; KTO's KL
-estimate all-reduced under DDP), a 4-bit base (NF4 Q-LoRA), a resumed run; what a run reports (rewards in loss.png
-and the summary); and the launchers passing --stage through. Tiny random models, a few steps each."""
+estimate all-reduced under DDP), 4-bit bases (NF4 and GPTQ Q-LoRA), a resumed run; what a run reports (rewards in
+loss.png and the summary) and what it leaves (merged, exported to GGUF and GPTQ); and the launchers passing --stage
+through. Tiny random models, a few steps each."""
 
 import json
 import math
@@ -327,3 +328,159 @@ def test_a_dpo_run_through_the_single_process_launcher(tiny_qwen2_arch_dir, pair
     logged = logged_steps(tmp_path / "out")
     assert len(logged) == 2 and logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert "rewards     margins" in result.stdout and (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+# A 4-bit GPTQ base (gptqmodel's trainable kernel on the CPU).
+
+# All 8 pairs in each step: every logged loss is on the same pairs, so it falls as the adapter trains (a run
+# continuing from an adapter moves both of its factors at Adam's first step, and the loss on the next pairs drawn
+# could rise: observed 0.69 -> 0.79 with 2 pairs a step)
+GPTQ_DPO_FLAGS = ["--stage", "dpo", "--use_lora", "--q_lora", "--lora_r", "4", "--lora_dropout", "0", "--pref_beta",
+                  "0.5", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8"]
+
+
+def gptq_base(gptq_dir):
+    """The GPTQ model as finetune.py trains on it: fp32 compute (gptqmodel's kernels de-quantize to the input's
+    dtype), gptqmodel's trainable backend, fp32 norms (prepare_model_for_kbit_training)."""
+    import peft
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        gptq_dir, device_map={"": "cpu"}, dtype=torch.float32,
+        quantization_config=transformers.GPTQConfig(bits=4, backend="auto_trainable"))
+    return peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+
+
+@pytest.mark.slow
+def test_gptq_qlora_dpo_starts_at_ln2_saves_its_adapter_and_continues_from_it(tiny_gptq_dir, pairs_file, tmp_path):
+    """--stage dpo --q_lora on a GPTQ base: the reference is the 4-bit base with the adapter off, so the first loss
+    is ln 2; the adapter trains (margins > 0), is saved, and reloads onto the GPTQ base with the trained model's
+    logits. A second run continuing from that adapter (--lora_weight_path: its frozen copy "reference" beside the
+    trained "default") starts at ln 2 again, though the adapter is far from zero, and saves "default" alone."""
+    import peft
+
+    from support import probe_logits
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    trainer = run(tiny_gptq_dir, pairs_file, first, *GPTQ_DPO_FLAGS)
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "GPTQLoraLinear"
+    logged = logged_steps(first)
+    assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert logged[-1]["rewards/margins"] > 0 and logged[-1]["loss"] < math.log(2)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(first)
+    reloaded = peft.PeftModel.from_pretrained(gptq_base(tiny_gptq_dir), first)
+    # the same fp32 computation on the same int4 weights; only kernel sum order may differ
+    assert_close_up_to_rounding(probe_logits(reloaded, tokenizer), probe_logits(model, tokenizer),
+                                terms=decoder_terms(model.config))
+
+    trainer = run(tiny_gptq_dir, pairs_file, second, *GPTQ_DPO_FLAGS, "--lora_weight_path", str(first))
+    assert set(trainer.model.peft_config) == {"default", "reference"}
+    logged = logged_steps(second)
+    assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and logged[-1]["loss"] < math.log(2)
+    started, trained = adapter(first), adapter(second)
+    assert trained.keys() == started.keys() and not any("reference" in name for name in trained)
+    assert any(not torch.equal(trained[name], started[name]) for name in started)  # "default" trained on
+
+
+
+@pytest.mark.slow
+def test_gptq_qlora_kto_starts_at_its_reference_and_trains(tiny_gptq_dir, pairs_file, tmp_path):
+    """--stage kto --q_lora on a GPTQ base: at the first step the policy is its reference (the base, adapter off):
+    the KL estimate and the rewards are 0 and the loss is 1 - sigmoid(0) = 0.5 for every completion; the adapter
+    trains (the loss falls on the same 16 completions each step) and is saved."""
+    output = tmp_path / "kto"
+    # each pair is two completions, one desirable: all 16 in each step
+    run(tiny_gptq_dir, pairs_file, output, *GPTQ_DPO_FLAGS, "--stage", "kto", "--per_device_train_batch_size", "16")
+    logged = logged_steps(output)
+    assert logged[0]["kl"] == 0 and logged[0]["rewards/chosen"] == logged[0]["rewards/rejected"] == 0
+    assert logged[0]["loss"] == pytest.approx(0.5, abs=1e-6) and logged[-1]["loss"] < logged[0]["loss"]
+    assert any(tensor.abs().max() > 0 for name, tensor in adapter(output).items() if "lora_B" in name)
+
+# What a preference run leaves is a model like any other: merged, exported to GGUF, quantized with GPTQ.
+
+def assert_exports(model_dir, tmp_path, calibration_file):
+    """export_gguf.py's f16 file of `model_dir` holds its weights exactly as float16 rounds them (read with gguf's
+    own reader, by llama.cpp's tensor names: transformers' GGUF loader, as test_gguf.py reads files back, parses the
+    150k-token vocabulary twice more, 40 s here), and run_gptq.py's 8-bit GPTQ model of it loads with plain
+    transformers and computes its logits but for the quantization (test_gptq.py's 8-bit tolerance: 0.02 + 2% of each
+    logit)."""
+    import gguf
+    import numpy as np
+
+    import export_gguf
+    import run_gptq
+    from support import arch_of, gguf_name, probe_logits
+    from test_gguf import assert_same_weights, rounded
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    gguf_file, gptq_dir = tmp_path / f"{model_dir.name}.gguf", tmp_path / f"{model_dir.name}-gptq"
+    assert export_gguf.main(["--model_path", str(model_dir), "--output", str(gguf_file), "--type", "f16"]) == 0
+    names = gguf.get_tensor_name_map(arch_of(model), model.config.num_hidden_layers)
+    assert_same_weights({tensor.name: torch.from_numpy(np.array(tensor.data)).float()
+                         for tensor in gguf.GGUFReader(gguf_file).tensors},
+                        {gguf_name(names, name): weight
+                         for name, weight in rounded(model.state_dict(), torch.float16).items()})
+    assert run_gptq.main(["--model_name_or_path", str(model_dir), "--data_path", calibration_file, "--out_path",
+                          str(gptq_dir), "--max_len", "64", "--bits", "8", "--group-size", "32"]) == 0
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(gptq_dir, dtype=torch.float32)
+    assert json.loads((gptq_dir / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    assert type(quantized.model.layers[0].mlp.down_proj).__module__.startswith("gptqmodel")
+    torch.testing.assert_close(probe_logits(quantized, tokenizer), probe_logits(model, tokenizer), atol=0.02,
+                               rtol=0.02)
+
+
+@pytest.mark.slow
+def test_a_dpo_adapter_continued_from_another_merges_and_exports(tiny_qwen2_arch_64_dir, pairs_file, data_file,
+                                                                 tmp_path):
+    """A LoRA DPO run from an adapter (--lora_weight_path: a frozen "reference" copy beside the trained "default")
+    saves "default" alone; merge_lora.py merges it into a model whose logits are the base's plus that adapter's, and
+    the merged model exports to GGUF and to GPTQ (assert_exports)."""
+    import merge_lora
+    import peft
+
+    from support import probe_logits
+    from test_gguf import write_adapter
+
+    start = write_adapter(tiny_qwen2_arch_64_dir, tmp_path / "start")  # random A and B: far from the base
+    output, merged_dir = tmp_path / "dpo", tmp_path / "merged"
+    trainer = run(tiny_qwen2_arch_64_dir, pairs_file, output, *PREFERENCE_FLAGS, "--stage", "dpo",
+                  "--lora_weight_path", str(start))
+    assert set(trainer.model.peft_config) == {"default", "reference"}
+    assert logged_steps(output)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert adapter(output).keys() == adapter(start).keys()  # no reference weights beside the trained adapter
+    assert merge_lora.main(["--adapter_path", str(output), "--output_dir", str(merged_dir)]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(merged_dir)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_64_dir, dtype=torch.float32)
+    before = probe_logits(base, tokenizer)
+    with_start = probe_logits(peft.PeftModel.from_pretrained(base, start), tokenizer)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2_arch_64_dir, dtype=torch.float32)
+    with_adapter = probe_logits(peft.PeftModel.from_pretrained(base, output), tokenizer)
+    terms = decoder_terms(merged.config)
+    assert_close_up_to_rounding(probe_logits(merged, tokenizer), with_adapter, terms=terms)
+    # both adapters counted: the merged model is neither the base nor the base plus the starting adapter
+    for other in (before, with_start):
+        assert (with_adapter - other).abs().max() > 100 * rounding_atol(with_adapter, terms=terms)
+    assert_exports(merged_dir, tmp_path, data_file)
+
+
+@pytest.mark.slow
+def test_a_full_parameter_dpo_run_saves_the_policy_alone_and_exports(tiny_qwen2_arch_64_dir, pairs_file, data_file,
+                                                                      tmp_path):
+    """Full-parameter DPO holds a frozen copy of the model as its reference during training; the output directory
+    holds the trained policy alone: model.safetensors has the base's tensor names, the trained values (not the
+    copy's, which are the base's), and exports to GGUF and to GPTQ (assert_exports) as any model does."""
+    output = tmp_path / "dpo"
+    trainer = run(tiny_qwen2_arch_64_dir, pairs_file, output, "--stage", "dpo", "--pref_beta", "0.5")
+    reference = trainer.loss.reference_model.state_dict()
+    assert logged_steps(output)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    base = safetensors.torch.load_file(tiny_qwen2_arch_64_dir / "model.safetensors")
+    assert [path.name for path in output.rglob("*.safetensors")] == ["model.safetensors"]
+    saved = safetensors.torch.load_file(output / "model.safetensors")
+    assert saved.keys() == base.keys()
+    policy = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert all(torch.equal(saved[name], policy[name].to(saved[name].dtype)) for name in saved)
+    assert all(torch.equal(reference[name].to(base[name].dtype), base[name]) for name in base)  # the copy: the start
+    assert any(not torch.equal(saved[name], base[name]) for name in base)  # the policy trained away from it
+    assert_exports(output, tmp_path, data_file)
