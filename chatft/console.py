@@ -53,6 +53,9 @@ HARMLESS_LOG_RECORDS = [
      "(\"auto\"): the value used is the flag's"),
     ("logbar", "AVX512-BF16 kernel requires Linux on x86-64 with",
      "gptqmodel probing its AVX512-BF16 CPU kernel on a CPU without those instructions; it uses another kernel"),
+    ("transformers.trainer", "The model is already on multiple devices. Skipping the move",
+     "Q-LoRA loads its 4-bit copy straight onto the run's device (device_map {\"\": device}); the Trainer sees a "
+     "device map and, rightly, moves nothing"),
     ("transformers.modeling_utils", "`loss_type=None` was set in the config but it is unrecognized",
      "gptqmodel reads the model's loss function while loading it; the default causal-LM loss is the right one"),
 ]
@@ -62,6 +65,9 @@ HARMLESS_WARNINGS = [
     (FutureWarning, r"`(is_gradient_checkpointing|gradient_checkpointing_enable)` is deprecated",
      "peft (its PeftModel, and prepare_model_for_kbit_training for --q_lora) uses transformers' deprecated aliases "
      "of activation checkpointing itself; the same methods run"),
+    (UserWarning, r"You passed `quantization_config` or equivalent parameters to `from_pretrained` but the model",
+     "a GPTQ model keeps its own quantization config; chatft passes a GPTQConfig only for its loading attribute "
+     "(backend auto_trainable, a kernel with a backward pass), which transformers says it applies"),
     (FutureWarning, r"`torch\.distributed\.[\w.]+` is deprecated",
      "DeepSpeed calls torch collectives under their old names (hundreds of times under ZeRO-3); same results"),
 ]

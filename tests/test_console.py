@@ -108,6 +108,19 @@ def test_a_lora_run_and_a_chat_print_no_library_noise(tiny_qwen_arch_dir, data_f
     assert library_noise(verbose.stdout + verbose.stderr) != []  # the libraries' lines are still there to see
 
 
+@pytest.mark.slow
+def test_a_qlora_run_on_a_gptq_model_prints_no_library_noise(tiny_gptq_dir, data_file, tmp_path):
+    """Q-LoRA on a GPTQ base imports gptqmodel (banner, kernel probes) and passes transformers a GPTQConfig for its
+    trainable backend (which transformers warns about): none of it reaches the console."""
+    train = [sys.executable, "finetune.py", "--model_name_or_path", str(tiny_gptq_dir), "--data_path", data_file,
+             "--output_dir", str(tmp_path / "qlora"), "--use_lora", "--q_lora", "--max_steps", "1",
+             "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no",
+             "--use_cpu", "True", "--model_max_length", "64"]
+    trained = run(train, fresh_machine_env(tmp_path))
+    assert library_noise(trained.stdout + trained.stderr) == [], trained.stdout + trained.stderr
+    assert "Training finished" in trained.stdout
+
+
 # Bad model paths: one line, exit status 2, nothing written, from every entry point.
 
 def model_like(root, name, files):
