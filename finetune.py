@@ -131,7 +131,7 @@ def train(argv=None, callbacks=(), wrap_collator=None):
                 print(dry_run_report(name, samples, tokenizer, training_args.model_max_length, data_args.system_message,
                                      data_args.packing, data_args.padding_free,
                                      training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
-                                     plan.world_size, training_args.seed, plan.chat_format,
+                                     plan.data_parallel_size, training_args.seed, plan.chat_format,
                                      data_args.reasoning_turns, estimate_memory if name == "training data" else None,
                                      ignore_empty_think=data_args.ignore_empty_think,
                                      num_workers=data_args.num_workers))
@@ -158,7 +158,7 @@ def train(argv=None, callbacks=(), wrap_collator=None):
         )
     if data_args.packing and data_args.stage == "sft" and training_args.should_log:  # the batch no longer means what the flags say: say so
         logger.info(packing_summary(train_dataset, training_args.per_device_train_batch_size,
-                                    training_args.gradient_accumulation_steps, plan.world_size))
+                                    training_args.gradient_accumulation_steps, plan.data_parallel_size))
     if estimate_memory is not None and training_args.should_log:
         logger.info(estimate_memory(longest_batch_tokens(train_dataset, training_args.per_device_train_batch_size,
                                                          training_args.model_max_length)).text())

@@ -71,6 +71,11 @@ class RunPlan:
     # log-probabilities computed once before training (--precompute_ref_log_probs); none for other stages
     reference: str = "none"
 
+    @property
+    def data_parallel_size(self) -> int:
+        """How many different batches a step takes: the processes of a sequence-parallel group share one row."""
+        return max(self.world_size // max(self.sequence_parallel_size, 1), 1)
+
 
 def plan_run(model_args, data_args, training_args, lora_args):
     """(RunPlan, tokenizer) for finetune.py's parsed flags: the model path resolved, the tokenizer loaded (ChatML

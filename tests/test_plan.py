@@ -101,6 +101,16 @@ def test_world_size_is_the_launchers(monkeypatch):
     assert world_size() == 4
 
 
+def test_a_sequence_parallel_group_counts_as_one_data_parallel_process():
+    """--sequence_parallel_size N: the N processes of a group train on one row, so the step takes world / N batches
+    (what the packing line and the dry run count steps with)."""
+    from chatft.plan import RunPlan
+
+    assert RunPlan(model_path="m", world_size=4).data_parallel_size == 4
+    assert RunPlan(model_path="m", world_size=4, sequence_parallel_size=2).data_parallel_size == 2
+    assert RunPlan(model_path="m", world_size=2, sequence_parallel_size=2).data_parallel_size == 1
+
+
 def test_chat_format_resolved_from_the_models_template():
     assert resolve_chat_format("auto", None) == "chatml"
     assert resolve_chat_format("auto", "{{ messages }}") == "chatml"
