@@ -24,11 +24,11 @@ import transformers  # noqa: E402
 
 from chatft.args import deepspeed_config, parse_args  # noqa: E402
 from chatft.model.attention import rows_keep_samples_apart  # noqa: E402
-from chatft.data.mixing import mix_sources  # noqa: E402
+from chatft.data.mixing import mix_lists, mix_sources  # noqa: E402
 from chatft.args import PREFERENCE_STAGES  # noqa: E402
-from chatft.data.preference import load_preference_samples, preference_dataset, preference_dry_run  # noqa: E402
+from chatft.data.preference import load_preference_sources, preference_dataset, preference_dry_run  # noqa: E402
 from chatft.train.preference import disable_dropout, PrecomputedReference, preference_collator_and_loss  # noqa: E402
-from chatft.data.pretrain import PretrainDataset, read_documents  # noqa: E402
+from chatft.data.pretrain import PretrainDataset, read_sources  # noqa: E402
 from chatft.data.datasets import preprocess  # noqa: E402  (re-exported: `from finetune import preprocess`, as Qwen's)
 from chatft.data.datasets import load_samples, make_collator, make_datasets, split_off_eval  # noqa: E402
 from chatft.model.load import frozen_reference, join_process_group, load_model  # noqa: E402
@@ -49,18 +49,19 @@ __all__ = ["main", "preprocess", "train"]  # preprocess: Qwen's function, for sc
 
 def read_data(data_args, seed: int) -> tuple[list[dict], list[dict] | None]:
     """(training samples, evaluation samples or None): --eval_data_path is a file, or a fraction held out. Under
-    --stage pt the samples are raw-text documents (chatft.data.pretrain), else conversations."""
-    if data_args.stage in PREFERENCE_STAGES:  # pairs (or KTO's labelled completions)
-        pairs = load_preference_samples(data_args.data_path, data_args.stage)
+    --stage pt the samples are raw-text documents (chatft.data.pretrain), under a preference stage pairs (or KTO's
+    labelled completions), else conversations; --data_mix / --eval_data_mix take each source's share of them."""
+    if data_args.stage in PREFERENCE_STAGES or data_args.stage == "pt":
+        def read(spec, mix, flag):  # one list per source, then the mix of them
+            sources = (read_sources(spec) if data_args.stage == "pt"
+                       else load_preference_sources(spec, data_args.stage))
+            return mixed(sources, spec, mix, seed, flag)
+
+        train_samples = read(data_args.data_path, data_args.data_mix, "--data_mix")
         if data_args.eval_fraction is not None:
-            return split_off_eval(pairs, data_args.eval_fraction, seed)
-        return pairs, (load_preference_samples(data_args.eval_data_path, data_args.stage)
-                       if data_args.eval_data_path else None)
-    if data_args.stage == "pt":
-        texts = read_documents(data_args.data_path)
-        if data_args.eval_fraction is not None:
-            return split_off_eval(texts, data_args.eval_fraction, seed)
-        return texts, read_documents(data_args.eval_data_path) if data_args.eval_data_path else None
+            return split_off_eval(train_samples, data_args.eval_fraction, seed)
+        return train_samples, (read(data_args.eval_data_path, data_args.eval_data_mix, "--eval_data_mix")
+                               if data_args.eval_data_path else None)
     # a file read before without problems is not read again (its index is kept with the tokenized cache)
     index_dir = None if data_args.dry_run else data_args.resolved_preprocessing_cache_dir
     train_samples = mixed(load_samples(data_args.data_path, data_args.data_format, index_dir), data_args.data_path,
@@ -74,10 +75,16 @@ def read_data(data_args, seed: int) -> tuple[list[dict], list[dict] | None]:
 
 
 def mixed(samples, spec: str, mix: str | None, seed: int, flag: str):
-    """The samples as --data_mix / --eval_data_mix take them from each source (chatft.data.mixing), said per source."""
-    if not mix:
+    """The samples as --data_mix / --eval_data_mix take them from each source (chatft.data.mixing), said per source:
+    conversations (DataSamples), or one list per source (raw text, pairs), joined when there is no mix."""
+    if isinstance(samples, list):
+        if not mix:
+            return [sample for source in samples for sample in source]
+        samples, lines = mix_lists(samples, spec, mix, seed, flag)
+    elif not mix:
         return samples
-    samples, lines = mix_sources(samples, spec, mix, seed, flag)
+    else:
+        samples, lines = mix_sources(samples, spec, mix, seed, flag)
     if int(os.environ.get("RANK", "0")) == 0:
         logger.info("%s: %s", flag, "; ".join(lines))
     return samples

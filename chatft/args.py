@@ -607,8 +607,7 @@ PREFERENCE_FLAGS = {"pref_beta": PREFERENCE_STAGES, "pref_loss": ("dpo",), "simp
                     "pref_ftx": ("dpo", "simpo", "kto"), "kto_desirable_weight": ("kto",),
                     "kto_undesirable_weight": ("kto",), "pref_shared_prompt": PREFERENCE_STAGES,
                     "precompute_ref_log_probs": ("dpo", "kto"), "disable_dropout": PREFERENCE_STAGES}  # simpo and orpo have no reference
-CONVERSATION_ONLY_FLAGS = ("data_format", "lazy_preprocess", "reasoning_turns", "ignore_empty_think", "data_mix",
-                           "eval_data_mix")
+CONVERSATION_ONLY_FLAGS = ("data_format", "lazy_preprocess", "reasoning_turns", "ignore_empty_think")
 
 
 def mix_problems(data_args) -> list[str]:
@@ -662,7 +661,7 @@ def preference_problems(data_args, training_args) -> list[str]:
     for flag, given in (("--packing", data_args.packing), ("--lazy_preprocess", data_args.lazy_preprocess),
                         ("--pad_to_max_length", data_args.pad_to_max_length),
                         ("--padding_free False", not data_args.padding_free),
-                        ("--data_mix", data_args.data_mix), ("--eval_generate", training_args.eval_generate),
+                        ("--eval_generate", training_args.eval_generate),
                         ("--sequence_parallel_size", training_args.sequence_parallel_size > 1)):
         if given:
             problems.append(f"{flag} is not supported with --stage {stage} (pairs are batched padding-free).")

@@ -80,3 +80,45 @@ def test_a_dry_run_counts_the_mixed_samples(tiny_qwen2_arch_dir, tmp_path, capsy
                     "--output_dir", str(tmp_path / "o"), "--dry_run", "True", "--model_max_length", "64"])
     assert "11 samples" in capsys.readouterr().out
     assert "5 samples -> 2 (2 samples)" in caplog.text and "3 samples -> 9 (9 samples)" in caplog.text
+
+
+def test_raw_text_sources_mix_as_conversations_do(tmp_path):
+    """--stage pt: each source of the data path (a .txt file, a directory of {"text"} records) gives its count."""
+    from chatft.data.mixing import mix_lists
+    from chatft.data.pretrain import read_documents, read_sources
+
+    (tmp_path / "a.txt").write_text("\n".join(f"text a{i}" for i in range(5)))
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "b.jsonl").write_text("\n".join(json.dumps({"text": f"text b{i}"}) for i in range(3)))
+    spec = f"{tmp_path / 'a.txt'},{tmp_path / 'dir'}"
+    per_source = read_sources(spec)
+    assert [len(texts) for texts in per_source] == [5, 3]
+    assert read_documents(spec) == per_source[0] + per_source[1]
+    mixed, lines = mix_lists(per_source, spec, "2,2x", seed=0)
+    assert sum(t.startswith("text a") for t in mixed) == 2 and sum(t.startswith("text b") for t in mixed) == 6
+    assert lines == [f"{tmp_path / 'a.txt'}: 5 samples -> 2 (2 samples)", f"{tmp_path / 'dir'}: 3 samples -> 6 (2x)"]
+
+
+def test_a_pretraining_and_a_preference_run_take_the_mix(tiny_qwen2_arch_dir, tmp_path, capsys, caplog):
+    """--data_mix under --stage pt and --stage dpo: the dry run counts the mixed documents and pairs, one line per
+    source says what each gave."""
+    import logging
+
+    import finetune
+
+    caplog.set_level(logging.INFO, logger="finetune")
+    (tmp_path / "a.txt").write_text("\n".join(f"document a{i} " * 5 for i in range(4)))
+    (tmp_path / "b.txt").write_text("\n".join(f"document b{i} " * 5 for i in range(6)))
+    base = ["--model_name_or_path", str(tiny_qwen2_arch_dir), "--output_dir", str(tmp_path / "o"), "--dry_run",
+            "True", "--model_max_length", "64"]
+    finetune.train(base + ["--stage", "pt", "--data_path", f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}",
+                           "--data_mix", "all,3"])
+    assert "4 samples -> 4 (all)" in caplog.text and "6 samples -> 3 (3 samples)" in caplog.text
+    assert "7 documents" in capsys.readouterr().out
+    pairs = [{"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
+    (tmp_path / "p1.json").write_text(json.dumps(pairs))
+    (tmp_path / "p2.json").write_text(json.dumps(pairs[:2]))
+    finetune.train(base + ["--stage", "dpo", "--use_lora", "--data_path", f"{tmp_path / 'p1.json'},{tmp_path / 'p2.json'}",
+                           "--data_mix", "1,3x"])
+    assert "4 samples -> 1 (1 samples)" in caplog.text and "2 samples -> 6 (3x)" in caplog.text
+    assert "7 pairs" in capsys.readouterr().out

@@ -56,23 +56,38 @@ def chosen_positions(size: int, target: int, rng: random.Random) -> list[int]:
     return sorted(list(range(size)) * copies + rng.sample(range(size), rest))
 
 
-def mix_sources(samples: DataSamples, spec: str, mix: str, seed: int, flag: str = "--data_mix"
-                ) -> tuple[DataSamples, list[str]]:
-    """(the mixed samples, one report line per source). `samples` is load_samples(spec)'s result; the entries were
-    checked with the flags (parse_mix)."""
-    sources = data_sources(spec)
+def mixed_positions(sizes: list[int], sources: list[str], mix: str, seed: int, flag: str
+                    ) -> tuple[list[int], list[str]]:
+    """(positions into the sources' samples laid end to end, one report line per source) for sources of `sizes`
+    samples; the entries of `mix` were checked with the flags (parse_mix)."""
     entries, _ = parse_mix(mix, len(sources), flag)
     rng = random.Random(seed)
     positions, lines, start = [], [], 0
-    file_index = 0
-    for source, entry in zip(sources, entries):
-        files, _ = data_files(source)
-        size = sum(len(samples.files[file_index + k]) for k in range(len(files)))
-        file_index += len(files)
+    for source, size, entry in zip(sources, sizes, entries):
         target = size if entry is None else entry[1] if entry[0] == "count" else max(1, round(entry[1] * size))
         positions += [start + p for p in chosen_positions(size, target, rng)]
         how = "all" if entry is None else f"{entry[1]} samples" if entry[0] == "count" else f"{entry[1]:g}x"
         lines.append(f"{source}: {size} samples -> {target} ({how})")
         start += size
-    mixed = samples.part(np.asarray(positions, dtype=np.int64), f"mix {mix} {seed}")
-    return mixed, lines
+    return positions, lines
+
+
+def mix_sources(samples: DataSamples, spec: str, mix: str, seed: int, flag: str = "--data_mix"
+                ) -> tuple[DataSamples, list[str]]:
+    """(the mixed samples, one report line per source). `samples` is load_samples(spec)'s result."""
+    sources = data_sources(spec)
+    sizes, file_index = [], 0
+    for source in sources:
+        files, _ = data_files(source)
+        sizes.append(sum(len(samples.files[file_index + k]) for k in range(len(files))))
+        file_index += len(files)
+    positions, lines = mixed_positions(sizes, sources, mix, seed, flag)
+    return samples.part(np.asarray(positions, dtype=np.int64), f"mix {mix} {seed}"), lines
+
+
+def mix_lists(per_source: list[list], spec: str, mix: str, seed: int, flag: str = "--data_mix"
+              ) -> tuple[list, list[str]]:
+    """mix_sources for data read as one list per source (raw-text documents, preference pairs)."""
+    positions, lines = mixed_positions([len(items) for items in per_source], data_sources(spec), mix, seed, flag)
+    everything = [item for items in per_source for item in items]
+    return [everything[p] for p in positions], lines

@@ -331,42 +331,66 @@ class PreferenceCollator:
 
 def load_preference_samples(spec: str, stage: str) -> list:
     """The pairs (`PreferencePair`; KTOSample for `stage` kto) of a --data_path (files and directories,
-    comma-separated), in order; raise DataError listing every problem. Under kto, a file of pairs gives each pair's
-    chosen reply as desirable and its rejected one as undesirable (as TRL unpairs them)."""
-    from chatft.data.datasets import data_files, data_problems, read_json_or_jsonl
+    comma-separated), in order (load_preference_sources, joined)."""
+    return [sample for samples in load_preference_sources(spec, stage) for sample in samples]
 
-    files, problems = data_files(spec)
-    samples = []
-    for path in [] if problems else files:
-        records, file_problems = read_json_or_jsonl(path)
-        paired = any(is_preference_record(r) for r in records)
-        if stage == "kto" and not paired:
-            if records and not any(is_kto_record(r) for r in records):
-                file_problems.append(f"{path}: --stage kto needs completions labelled desirable or not ('label': "
-                                     "true/false, or 'kto_tag'), or preference pairs; this file has neither (SFT "
-                                     "data: train it with --stage sft)")
-            else:
-                for index, record in enumerate(records):
-                    sample, record_problems = read_kto_record(record, index, path)
-                    file_problems += record_problems
-                    samples.append(sample)
-        elif records and not paired:
-            file_problems.append(f"{path}: --stage {stage} needs preference pairs ('chosen' and 'rejected' replies); "
-                                 "this file has none (SFT data: train it with --stage sft)")
-        else:
-            for index, record in enumerate(records):
-                pair, record_problems = read_preference_record(record, index, path)
-                file_problems += record_problems
-                if stage == "kto" and pair is not None:
-                    samples += [KTOSample(pair.prompt, pair.chosen, True), KTOSample(pair.prompt, pair.rejected, False)]
-                else:
-                    samples.append(pair)
-        if not records and not file_problems:
-            file_problems.append(f"{path}: contains no samples")
-        problems += file_problems
+
+def load_preference_sources(spec: str, stage: str) -> list[list]:
+    """The pairs of a --data_path, one list per comma-separated source (what --data_mix counts); raise DataError
+    listing every problem of every file."""
+    from chatft.data.datasets import data_files, data_problems
+    from chatft.data.mixing import data_sources
+
+    problems, source_files = [], []
+    for source in data_sources(spec):
+        files, found = data_files(source)
+        problems += found
+        source_files.append(files)
+    sources = []
+    for files in [] if problems else source_files:
+        samples = []
+        for path in files:
+            file_samples, file_problems = read_preference_file(path, stage)
+            samples += file_samples
+            problems += file_problems
+        sources.append(samples)
     if problems:
         raise data_problems(spec, problems)
-    return samples
+    return sources
+
+
+def read_preference_file(path: str, stage: str) -> tuple[list, list[str]]:
+    """(the samples of one file, its problems). Under kto, a file of pairs gives each pair's chosen reply as
+    desirable and its rejected one as undesirable (as TRL unpairs them)."""
+    from chatft.data.datasets import read_json_or_jsonl
+
+    records, problems = read_json_or_jsonl(path)
+    samples = []
+    paired = any(is_preference_record(r) for r in records)
+    if stage == "kto" and not paired:
+        if records and not any(is_kto_record(r) for r in records):
+            problems.append(f"{path}: --stage kto needs completions labelled desirable or not ('label': true/false, "
+                            "or 'kto_tag'), or preference pairs; this file has neither (SFT data: train it with "
+                            "--stage sft)")
+        else:
+            for index, record in enumerate(records):
+                sample, record_problems = read_kto_record(record, index, path)
+                problems += record_problems
+                samples.append(sample)
+    elif records and not paired:
+        problems.append(f"{path}: --stage {stage} needs preference pairs ('chosen' and 'rejected' replies); this "
+                        "file has none (SFT data: train it with --stage sft)")
+    else:
+        for index, record in enumerate(records):
+            pair, record_problems = read_preference_record(record, index, path)
+            problems += record_problems
+            if stage == "kto" and pair is not None:
+                samples += [KTOSample(pair.prompt, pair.chosen, True), KTOSample(pair.prompt, pair.rejected, False)]
+            else:
+                samples.append(pair)
+    if not records and not problems:
+        problems.append(f"{path}: contains no samples")
+    return samples, problems
 
 
 class PreferenceDataset:

@@ -77,20 +77,35 @@ def documents(path: str, problems: list[str]) -> Iterator[str]:
         problems.append(f"{path}: not a JSON list or JSONL file ({e})")
 
 
-def read_documents(spec: str) -> list[str]:
-    """Every document of a --data_path, checked whole before any is used: DataError listing the problems."""
-    files, problems = text_files(spec)
-    texts: list[str] = []
-    for path in [] if problems else files:
-        before = len(texts)
-        texts.extend(documents(path, problems))
-        if len(texts) == before and not problems:
-            problems.append(f"{path}: contains no text")
+def read_sources(spec: str) -> list[list[str]]:
+    """Every document of a --data_path, one list per comma-separated source (what --data_mix counts), all checked
+    before any is used: DataError listing every problem."""
+    from chatft.data.mixing import data_sources
+
+    problems, source_files = [], []
+    for source in data_sources(spec):
+        files, found = text_files(source)
+        problems += found
+        source_files.append(files)
+    sources: list[list[str]] = []
+    for files in [] if problems else source_files:
+        texts: list[str] = []
+        for path in files:
+            before = len(texts)
+            texts.extend(documents(path, problems))
+            if len(texts) == before and not problems:
+                problems.append(f"{path}: contains no text")
+        sources.append(texts)
     if problems:
         from chatft.data.datasets import data_problems
 
         raise data_problems(spec, problems)
-    return texts
+    return sources
+
+
+def read_documents(spec: str) -> list[str]:
+    """Every document of a --data_path, in order (read_sources, joined)."""
+    return [text for texts in read_sources(spec) for text in texts]
 
 
 def tokenize_documents(texts: list[str], tokenizer) -> tuple[np.ndarray, np.ndarray]:
