@@ -230,8 +230,7 @@ def print_report(summary: dict, prompt_lengths: dict[str, float]) -> None:
             continue
         own = next((o for o in rows if o["variant"] == "chatft" and o["precision"] == r["precision"]
                     and o["pair_set"] == r["pair_set"] and "error" not in o), None)
-        speed = f"{own['tokens_per_second'] / r['tokens_per_second']:.2f}x" if own else "-"
-        memory = f"{own['peak_above_baseline_mib'] / r['peak_above_baseline_mib']:.2f}" if own else "-"
+        speed, memory = harness.against_chatft(own, r)
         print(f"| {r['precision']} | {pairs} | {r['variant']} | {with_spread(r, 'tokens_per_second')} | "
               f"{r['positions'] / r['real_tokens']:.2f} | {100 * r['padding'] / r['positions']:.0f}% | "
               f"{with_spread(r, 'peak_memory_mib', digits=0)} | {with_spread(r, 'peak_above_baseline_mib', digits=0)} | "

@@ -70,6 +70,15 @@ def trained_run(module: str, config: dict) -> dict:
     return result
 
 
+def against_chatft(own: dict | None, other: dict) -> tuple[str, str]:
+    """A table row's last two cells: chatft's tokens/s over `other`'s ("1.52x") and its peak memory above the
+    libraries over `other`'s ("0.71"); "-" without a chatft row to compare with."""
+    if own is None:
+        return "-", "-"
+    return (f"{own['tokens_per_second'] / other['tokens_per_second']:.2f}x",
+            f"{own['peak_above_baseline_mib'] / other['peak_above_baseline_mib']:.2f}")
+
+
 def report(result: dict) -> None:
     """In a worker: hand `result` to the main process (the line `run_worker` reads)."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)

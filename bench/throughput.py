@@ -483,8 +483,7 @@ def print_table(results: list[dict]) -> None:
             continue
         own = next((r for r in results if r["variant"] == "chatft" and r["mode"] == result["mode"]
                     and r["precision"] == result["precision"] and "error" not in r), None)
-        speed = f"{own['tokens_per_second'] / result['tokens_per_second']:.2f}x" if own else "-"
-        memory = f"{own['peak_above_baseline_mib'] / result['peak_above_baseline_mib']:.2f}" if own else "-"
+        speed, memory = harness.against_chatft(own, result)
         print(f"| {result['mode']} | {result['precision']} | {result['variant']} | "
               f"{with_spread(result, 'tokens_per_second')} | {100 * result['padded_fraction']:.0f}% | "
               f"{with_spread(result, 'peak_memory_mib', digits=0)} | "
