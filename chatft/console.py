@@ -56,6 +56,9 @@ HARMLESS_LOG_RECORDS = [
     ("transformers.trainer", "The model is already on multiple devices. Skipping the move",
      "Q-LoRA loads its 4-bit copy straight onto the run's device (device_map {\"\": device}); the Trainer sees a "
      "device map and, rightly, moves nothing"),
+    ("transformers.training_args", "Passing `fsdp` as a string is deprecated",
+     "chatft keeps Qwen's --fsdp \"full_shard auto_wrap\" form (its launchers and users' scripts pass it); "
+     "transformers still reads it, the same options"),
     ("transformers.modeling_utils", "`loss_type=None` was set in the config but it is unrecognized",
      "gptqmodel reads the model's loss function while loading it; the default causal-LM loss is the right one"),
 ]

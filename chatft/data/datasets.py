@@ -813,18 +813,16 @@ def tokenized_arrays(samples, tokenizer, max_len: int, system_message: str = DEF
         key = tokenized_cache_key(samples, tokenizer, max_len, system_message, **rendering)
         final = Path(cache_dir) / f"{key}{CACHE_SUFFIX}"
         progress_file = Path(cache_dir) / f".{key}.progress"
-        if final.exists():
-            tokens = open_tokenized(final)
-            if tokens is not None:
-                logger.info("%s: reusing %d tokenized samples from %s", desc, tokens.manifest.get("sources", len(tokens)),
-                            final)
-                return tokens
+        reused = open_tokenized(final) if final.exists() else None
+        if final.exists() and reused is None:
             logger.warning("%s: the tokenized cache %s is incomplete or damaged; tokenizing again", desc, final)
             shutil.rmtree(final, ignore_errors=True)
-        if _waits_for_local_rank_0() and os.access(cache_dir, os.W_OK):
-            tokens = _wait_for_cache(final, progress_file, desc)
-            if tokens is not None:
-                return tokens
+        if reused is None and _waits_for_local_rank_0() and os.access(cache_dir, os.W_OK):
+            reused = _wait_for_cache(final, progress_file, desc)
+        if reused is not None:  # found, or written meanwhile by local rank 0: said alike either way
+            logger.info("%s: reusing %d tokenized samples from %s", desc, reused.manifest.get("sources", len(reused)),
+                        final)
+            return reused
         scratch = Path(cache_dir) / f".{final.name}.{os.getpid()}.tmp"
         try:
             _build(samples, tokenizer, max_len, system_message, num_workers, rendering, desc, scratch, progress_file)
