@@ -9,6 +9,8 @@ plan decides (dtype, quantization, attention, sharding, trainable embeddings).
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -22,6 +24,7 @@ import transformers
 
 from chatft import cache_root, console
 from chatft.model.attention import PER_SAMPLE_SDPA, supports_per_sample_sdpa
+from chatft.model.gguf_header import gguf_metadata
 from chatft.model.sources import saved_quantization
 from chatft.model.lora_variants import (STARTING_ADAPTER_ATTRIBUTE, peft_init_lora_weights, rewrites_base_weights,
                                        starting_adapter)
@@ -29,6 +32,13 @@ from chatft.data.chat_format import (DEFAULT_SYSTEM_MESSAGE, IM_END, IM_START, c
                                 qwen3_template, resolve_chat_format)
 
 logger = logging.getLogger(__name__)
+
+
+def converted_gguf_dir(gguf_path: Path) -> Path:
+    """Where gguf_to_hf_dir keeps the file's conversion: keyed by its path, size and modification time."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
 
 
 def gguf_to_hf_dir(gguf_path: str | os.PathLike) -> Path:
@@ -41,9 +51,7 @@ def gguf_to_hf_dir(gguf_path: str | os.PathLike) -> Path:
     gguf_path = Path(gguf_path).resolve()
     if not gguf_path.is_file():
         raise FileNotFoundError(f"{gguf_path}: no such GGUF file")
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    target = converted_gguf_dir(gguf_path)
     if (target / "config.json").is_file():
         return target
     logger.info("Converting %s into %s (once)", gguf_path, target)
@@ -131,15 +139,20 @@ def load_tokenizer(model_path: str, model_max_length: int, system_message: str, 
 
 
 def model_config(model_path: str, trust_remote_code: bool = False, cache_dir: str | None = None):
-    """The model's config, from a model directory, a cached hub id or a .gguf file (its metadata only)."""
+    """The model's config, from a model directory, a cached hub id or a .gguf file (its conversion's config when the
+    file was converted before, else its metadata)."""
     if model_path.endswith(".gguf"):
-        return gguf_config(Path(model_path).expanduser().resolve())
+        path = Path(model_path).expanduser().resolve()
+        converted = converted_gguf_dir(path)
+        if (converted / "config.json").is_file():
+            return transformers.AutoConfig.from_pretrained(converted)
+        return gguf_config(path)
     return transformers.AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
 
 
 # Hyper-parameters transformers' GGUF loader leaves at its config's defaults (integrations/ggml.py maps none of them for
 # these architectures): a head width other than hidden/heads (every Qwen3), the experts' widths. GGUF key suffix ->
-# config attribute, by model type; the file is read again only for these (its header: seconds for 150k tokens).
+# config attribute, by model type.
 GGUF_KEYS_UNREAD = {
     "qwen3": {"attention.key_length": "head_dim"},
     "qwen3_moe": {"attention.key_length": "head_dim", "expert_feed_forward_length": "moe_intermediate_size"},
@@ -149,18 +162,22 @@ GGUF_KEYS_UNREAD = {
 
 
 def gguf_config(path: Path):
-    """A GGUF file's config as transformers reads it, completed with what it leaves out (GGUF_KEYS_UNREAD)."""
-    import gguf
+    """A GGUF file's config as transformers reads it, completed with what it leaves out (GGUF_KEYS_UNREAD). Read
+    once per file and process: transformers reads the whole header for it (seconds for a 150k-token vocabulary)."""
+    stat = path.stat()
+    return copy.deepcopy(_gguf_config(path, stat.st_size, stat.st_mtime_ns))
 
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config(path: Path, size: int, mtime_ns: int):
     config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     if config.model_type not in GGUF_KEYS_UNREAD:
         return config
-    reader = gguf.GGUFReader(path)
-    arch = reader.fields["general.architecture"].contents()
+    metadata = gguf_metadata(path)
+    arch = metadata["general.architecture"]
     for suffix, attribute in GGUF_KEYS_UNREAD[config.model_type].items():
-        field = reader.fields.get(f"{arch}.{suffix}")
-        if field is not None:
-            setattr(config, attribute, field.contents())
+        if f"{arch}.{suffix}" in metadata:
+            setattr(config, attribute, metadata[f"{arch}.{suffix}"])
     return config
 
 

@@ -14,10 +14,10 @@ import json
 import os
 import re
 import socket
-import struct
 from urllib.parse import urlparse
 
 from chatft.errors import ModelPathError
+from chatft.model.gguf_header import GGUFHeaderError, gguf_metadata
 
 CONFIG_FILE, ADAPTER_CONFIG_FILE = "config.json", "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -165,54 +165,19 @@ def model_source_problems(path: str, flag: str, allow_adapter: bool = False, tru
     return [problem for problem in problems if problem]
 
 
-# GGUF metadata value types (gguf.GGUFValueType) -> their size in bytes; 8 (a string) and 9 (an array) vary
-GGUF_VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-GGUF_STRING, GGUF_ARRAY = 8, 9
-
-
 def gguf_header_problem(path: str) -> str | None:
     """What keeps `path` from being a GGUF file a model can be read from, or None: the GGUF magic, a version 2 or 3
-    header, and a general.architecture key in its metadata (both llama.cpp and transformers need it to know what
-    model the file holds). Reads the metadata up to that key; a truncated file says so, not a library's traceback."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            return "not a GGUF file (it does not start with the GGUF magic bytes)"
-        try:
-            version, _tensors, keys = struct.unpack("<IQQ", _read_exactly(f, 20))
-            if version not in (2, 3):
-                return f"GGUF version {version}; GGUF files of version 2 and 3 are read here (re-export the file)"
-            for _ in range(keys):
-                key = _read_exactly(f, struct.unpack("<Q", _read_exactly(f, 8))[0]).decode("utf-8", "replace")
-                value_type = struct.unpack("<I", _read_exactly(f, 4))[0]
-                if key == "general.architecture":
-                    return None if value_type == GGUF_STRING else "its general.architecture is not a string"
-                _skip_gguf_value(f, value_type)
-        except (struct.error, EOFError, ValueError):
-            return "the file ends inside its header (truncated, or not completely written): export or download it again"
-    return "no general.architecture in its metadata, so no model can be read from it: export or download it again"
-
-
-def _read_exactly(f, size: int) -> bytes:
-    data = f.read(size)
-    if len(data) != size:
-        raise EOFError
-    return data
-
-
-def _skip_gguf_value(f, value_type: int) -> None:
-    if value_type == GGUF_STRING:
-        f.seek(struct.unpack("<Q", _read_exactly(f, 8))[0], os.SEEK_CUR)
-    elif value_type == GGUF_ARRAY:
-        item_type, count = struct.unpack("<IQ", _read_exactly(f, 12))
-        if item_type in GGUF_VALUE_SIZES:
-            f.seek(GGUF_VALUE_SIZES[item_type] * count, os.SEEK_CUR)
-        else:
-            for _ in range(count):
-                _skip_gguf_value(f, item_type)
-    elif value_type in GGUF_VALUE_SIZES:
-        f.seek(GGUF_VALUE_SIZES[value_type], os.SEEK_CUR)
-    else:
-        raise ValueError(f"unknown GGUF value type {value_type}")
+    header read to its end, and a general.architecture string in its metadata (both llama.cpp and transformers need
+    it to know what model the file holds). A truncated file says so, not a library's traceback."""
+    try:
+        metadata = gguf_metadata(path)
+    except GGUFHeaderError as error:
+        return str(error)
+    if "general.architecture" not in metadata:
+        return "no general.architecture in its metadata, so no model can be read from it: export or download it again"
+    if not isinstance(metadata["general.architecture"], str):
+        return "its general.architecture is not a string"
+    return None
 
 
 def require_model_source(path: str, flag: str, hint: str = "", **options) -> None:
