@@ -228,9 +228,7 @@ def print_report(summary: dict, prompt_lengths: dict[str, float]) -> None:
         if "error" in r:
             print(f"| {r['precision']} | {pairs} | {r['variant']} | failed: {r['error']} |||||||")
             continue
-        own = next((o for o in rows if o["variant"] == "chatft" and o["precision"] == r["precision"]
-                    and o["pair_set"] == r["pair_set"] and "error" not in o), None)
-        speed, memory = harness.against_chatft(own, r)
+        speed, memory = harness.against_chatft(rows, r, same=("precision", "pair_set"))
         print(f"| {r['precision']} | {pairs} | {r['variant']} | {with_spread(r, 'tokens_per_second')} | "
               f"{r['positions'] / r['real_tokens']:.2f} | {100 * r['padding'] / r['positions']:.0f}% | "
               f"{with_spread(r, 'peak_memory_mib', digits=0)} | {with_spread(r, 'peak_above_baseline_mib', digits=0)} | "

@@ -70,9 +70,12 @@ def trained_run(module: str, config: dict) -> dict:
     return result
 
 
-def against_chatft(own: dict | None, other: dict) -> tuple[str, str]:
-    """A table row's last two cells: chatft's tokens/s over `other`'s ("1.52x") and its peak memory above the
-    libraries over `other`'s ("0.71"); "-" without a chatft row to compare with."""
+def against_chatft(rows: list[dict], other: dict, same: tuple[str, ...]) -> tuple[str, str]:
+    """A table row's last two cells: the tokens/s of chatft's row with `other`'s values of `same` (its precision,
+    mode, pair set) over `other`'s ("1.52x"), and its peak memory above the libraries over `other`'s ("0.71"); "-"
+    without a chatft row to compare with."""
+    own = next((row for row in rows if row["variant"] == "chatft" and "error" not in row
+                and all(row[key] == other[key] for key in same)), None)
     if own is None:
         return "-", "-"
     return (f"{own['tokens_per_second'] / other['tokens_per_second']:.2f}x",

@@ -481,9 +481,7 @@ def print_table(results: list[dict]) -> None:
             print(f"| {result['mode']} | {result['precision']} | {result['variant']} | failed: {result['error']} "
                   "|||||||")
             continue
-        own = next((r for r in results if r["variant"] == "chatft" and r["mode"] == result["mode"]
-                    and r["precision"] == result["precision"] and "error" not in r), None)
-        speed, memory = harness.against_chatft(own, result)
+        speed, memory = harness.against_chatft(results, result, same=("mode", "precision"))
         print(f"| {result['mode']} | {result['precision']} | {result['variant']} | "
               f"{with_spread(result, 'tokens_per_second')} | {100 * result['padded_fraction']:.0f}% | "
               f"{with_spread(result, 'peak_memory_mib', digits=0)} | "

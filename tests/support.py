@@ -117,6 +117,28 @@ def rounding_atol(expected, *, terms: int, dtype: torch.dtype | None = None, mag
     return factor * math.sqrt(terms) * torch.finfo(dtype).eps * float(torch.as_tensor(magnitude).detach())
 
 
+def logged_steps(output_dir) -> list[dict]:
+    """A finished run's logged training steps (trainer_state.json's entries with a loss)."""
+    return [entry for entry in json.loads((Path(output_dir) / "trainer_state.json").read_text())["log_history"]
+            if "loss" in entry]
+
+
+def assert_same_logged_steps(got_dir, expected_dir, model_dir, *, steps: int, logged: tuple[str, ...] = ()):
+    """Two runs logged the same `steps` steps: each loss (fp32 rounding of the same sums taken in another order), the
+    learning rate, and each value in `logged` (rounded to 4 decimals when logged: 1e-4 apart at most, plus that
+    rounding). Returns the expected run's steps and the decoder's rounding terms."""
+    got, expected = logged_steps(got_dir), logged_steps(expected_dir)
+    assert len(got) == len(expected) == steps
+    terms = decoder_terms(transformers.AutoConfig.from_pretrained(model_dir), loss=True)
+    for entry, reference in zip(got, expected):
+        assert_close_up_to_rounding(entry["loss"], reference["loss"], terms=terms)
+        assert entry["learning_rate"] == pytest.approx(reference["learning_rate"])
+        for name in logged:
+            allowed = 1e-4 + rounding_atol(reference[name], terms=terms, magnitude=max(1.0, abs(reference[name])))
+            assert entry[name] == pytest.approx(reference[name], abs=allowed), (name, entry["step"])
+    return expected, terms
+
+
 def decoder_terms(config, *, loss: bool = False) -> int:
     """The `terms` of a decoder's outputs: the terms summed along one value's way. Per layer four sums over the hidden
     size (norm, q/k/v, o, gate/up projections) and one over the intermediate size, then the output layer's; a loss,

@@ -24,7 +24,7 @@ import export_gguf
 from chatft.data.chat_format import IM_END
 from chatft.export.gguf import tensor_type, use_more_bits
 from console_noise import library_noise
-from chatft.model.load import gguf_config
+from chatft.model.gguf_convert import gguf_config
 from support import (ROOT, arch_of, assert_close_up_to_rounding, build_tiny_moe, decoder_terms, gguf_name,
                      make_non_chatml_model, probe_logits, require_llama_cpp, run, unloadable_copy, written_as)
 
@@ -61,7 +61,7 @@ def export(model_dir, output, *extra) -> int:
 
 def load_gguf(path: Path):
     """The file through transformers' GGUF loader, with the config chatft reads (the head width and expert widths the
-    loader leaves at their defaults: chatft.model.load.gguf_config)."""
+    loader leaves at their defaults: chatft.model.gguf_convert.gguf_config)."""
     return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                              config=gguf_config(path))
 

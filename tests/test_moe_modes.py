@@ -10,7 +10,8 @@ import safetensors.torch
 import torch
 import transformers
 
-from support import CONVERSATIONS, assert_close_up_to_rounding, build_tiny_moe, decoder_terms, run, write_json
+from support import (CONVERSATIONS, assert_close_up_to_rounding, assert_same_logged_steps, build_tiny_moe, logged_steps,
+                     run, write_json)
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +24,12 @@ def moe_data(tmp_path_factory):
     return str(write_json(tmp_path_factory.mktemp("data") / "train.json", CONVERSATIONS * 2))
 
 
-def logged_steps(output_dir) -> list[dict]:
-    return [entry for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-            if "loss" in entry]
-
-
 def assert_same_steps(got_dir, expected_dir, moe_dir, weights_file, *, step=1e-3, steps=3):
     """Two runs took the same steps: each logged loss, its lm and aux parts (the aux term included:
     loss = lm_loss + 0.25 x aux_loss), the learning rate, and the final weights in `weights_file`."""
-    got, expected = logged_steps(got_dir), logged_steps(expected_dir)
-    assert len(got) == len(expected) == steps
-    terms = decoder_terms(transformers.AutoConfig.from_pretrained(moe_dir), loss=True)
-    for entry, reference in zip(got, expected):
-        assert_close_up_to_rounding(entry["loss"], reference["loss"], terms=terms)
-        assert entry["learning_rate"] == pytest.approx(reference["learning_rate"])
-        # lm_loss and aux_loss are logged to 4 decimals
-        assert entry["lm_loss"] == pytest.approx(reference["lm_loss"], abs=2e-4)
-        assert entry["aux_loss"] == pytest.approx(reference["aux_loss"], abs=2e-4)
+    expected, terms = assert_same_logged_steps(got_dir, expected_dir, moe_dir, steps=steps,
+                                               logged=("lm_loss", "aux_loss"))
+    for entry in logged_steps(got_dir):  # lm_loss and aux_loss are logged to 4 decimals
         assert entry["lm_loss"] + 0.25 * entry["aux_loss"] == pytest.approx(entry["loss"], abs=2e-4)
     final, reference = (safetensors.torch.load_file(path / weights_file) for path in (got_dir, expected_dir))
     assert final.keys() == reference.keys() and any("experts" in name for name in final)

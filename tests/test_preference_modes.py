@@ -16,7 +16,8 @@ import transformers
 
 from chatft.data.chat_format import IGNORE_INDEX
 from chatft.data.preference import DESIRABLE, REPLY_INDEX
-from support import ROOT, assert_close_up_to_rounding, decoder_terms, rounding_atol, run, write_json
+from support import (ROOT, assert_close_up_to_rounding, assert_same_logged_steps, decoder_terms, logged_steps,
+                     rounding_atol, run, write_json)
 
 # Eight pairs of different lengths (so that padded rows pad): prompt, chosen reply, rejected reply.
 PAIRS = [{"prompt": prompt, "chosen": chosen, "rejected": rejected} for prompt, chosen, rejected in [
@@ -43,11 +44,6 @@ def pairs_file(tmp_path):
     return str(write_json(tmp_path / "pairs.json", PAIRS))
 
 
-def logged_steps(output_dir) -> list[dict]:
-    return [entry for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-            if "loss" in entry]
-
-
 def adapter(output_dir) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(output_dir / "adapter_model.safetensors")
 
@@ -58,15 +54,7 @@ def assert_same_steps(got_dir, expected_dir, model_dir, *, steps: int, logged: t
     value in `logged` (rounded to 4 decimals when logged: 1e-4 apart at most, plus that rounding), the learning rate,
     and the final adapter (rounding relative to the weight plus what SGD moved it: at most the learning rate times
     each step's logged gradient norm; under Adam, about its learning rate a step). Returns the expected steps."""
-    got, expected = logged_steps(got_dir), logged_steps(expected_dir)
-    assert len(got) == len(expected) == steps
-    terms = decoder_terms(transformers.AutoConfig.from_pretrained(model_dir), loss=True)
-    for entry, reference in zip(got, expected):
-        assert_close_up_to_rounding(entry["loss"], reference["loss"], terms=terms)
-        assert entry["learning_rate"] == pytest.approx(reference["learning_rate"])
-        for name in logged:
-            allowed = 1e-4 + rounding_atol(reference[name], terms=terms, magnitude=max(1.0, abs(reference[name])))
-            assert entry[name] == pytest.approx(reference[name], abs=allowed), (name, entry["step"])
+    expected, terms = assert_same_logged_steps(got_dir, expected_dir, model_dir, steps=steps, logged=logged)
     moved = (steps * adam_learning_rate if adam_learning_rate is not None
              else sum(LEARNING_RATE * entry["grad_norm"] for entry in expected))
     final, reference = adapter(got_dir), adapter(expected_dir)

@@ -1,7 +1,7 @@
 """Loading a fine-tuned result for chat, and generating one reply (used by cli_demo.py and tests).
 
 A GGUF file (export_gguf.py's) is served by llama.cpp when llama-cpp-python is installed (chatft.serve.gguf_runtime), as
-its users will run it; otherwise by transformers, from the file's de-quantised copy (chatft.model.load.gguf_to_hf_dir)."""
+its users will run it; otherwise by transformers, from the file's de-quantised copy (chatft.model.gguf_convert.gguf_to_hf_dir)."""
 
 from __future__ import annotations
 

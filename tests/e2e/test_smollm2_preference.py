@@ -56,6 +56,6 @@ def test_lora_dpo_from_the_base_learns_the_preferred_identity(tmp_path):
     assert (tmp_path / "dpo" / "loss.png").is_file()
 
 
-# LoRA as the launchers set it up (r 64 on every linear layer), a DPO learning rate, 8 pairs a step
+# LoRA r 16 on every linear layer, a DPO learning rate, 8 pairs a step: 30 steps (20 leave 1 of 4 held-out answers as Tessa)
 DPO_FLAGS = ["--learning_rate", "5e-4", "--num_train_epochs", "3", "--per_device_train_batch_size", "8",
              "--gradient_accumulation_steps", "1", "--lora_r", "16", "--lora_alpha", "32"]
