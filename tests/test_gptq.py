@@ -37,9 +37,11 @@ def quantize(model, data, out, *extra):
                           "--max_len", "64", *extra])
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_output_loads_with_plain_transformers(tiny_qwen2_arch_64_dir, data, tmp_path, bits, capsys):
-    assert quantize(tiny_qwen2_arch_64_dir, data, tmp_path / "q", "--bits", str(bits), "--group-size", "32") == 0
+@pytest.mark.parametrize("bits, batch_size", [(8, 1), (4, 1), (8, 4)])  # 4 calibration conversations a forward pass
+def test_quantized_output_loads_with_plain_transformers(tiny_qwen2_arch_64_dir, data, tmp_path, bits, batch_size,
+                                                        capsys):
+    assert quantize(tiny_qwen2_arch_64_dir, data, tmp_path / "q", "--bits", str(bits), "--group-size", "32",
+                    "--batch_size", str(batch_size)) == 0
     printed = re.search(r"Perplexity on (\d+) held-out conversations \(assistant replies\): (\S+) before, (\S+) after "
                         r"(\d)-bit GPTQ \(x(\S+)\)", capsys.readouterr().out)
     assert printed, "run_gptq.py prints the perplexities before and after"
@@ -53,7 +55,7 @@ def test_quantized_output_loads_with_plain_transformers(tiny_qwen2_arch_64_dir, 
     assert not model.generation_config.do_sample  # the source model's generation config, not gptqmodel's
     report = json.load(open(tmp_path / "q" / "quantize_report.json"))
     assert report["held_out_samples"] == 2 and report["calibration_samples"] == len(SAMPLES) - 2
-    assert report["settings"]["bits"] == bits
+    assert report["settings"]["bits"] == bits and report["settings"]["batch_size"] == batch_size
     # what it prints is the report's: exp of a mean negative log-likelihood, finite and at least 1
     before, after = report["perplexity_before"], report["perplexity_after"]
     assert printed.groups() == (str(report["held_out_samples"]), f"{before:.3f}", f"{after:.3f}", str(bits),
@@ -194,12 +196,13 @@ def test_bad_flags_are_listed_at_once_before_loading(tiny_qwen2_arch_64_dir, dat
     truncated.write_bytes(b"GGUF" + struct.pack("<I", 3))
     capsys.readouterr()
     assert quantize(truncated, data, tmp_path / "q", "--group-size", "0", "--num_samples", "0", "--damp_percent",
-                    "1", "--num_eval_samples", "0") == 2
+                    "1", "--num_eval_samples", "0", "--batch_size", "0") == 2
     assert capsys.readouterr().err.splitlines() == [
         f"error: --model_name_or_path {truncated}: the file ends inside its header (truncated, or not completely "
         "written): export or download it again",
         "error: --num_samples 0: must be at least 1.",
         "error: --num_eval_samples 0: must be at least 1.",
+        "error: --batch_size 0: must be at least 1.",
         "error: --damp_percent 1.0: must be above 0 and below 1.",
         "error: --group-size 0: use a positive number of columns, or -1.",
     ]
