@@ -23,8 +23,10 @@ chatft.train.trainer.ChatTrainer hold:
   add their frozen reference (the plan's `reference`): a full-parameter run's copy of the model (fp32; under ZeRO-3
   partitioned like the weights, in its DeepSpeed engine's dtype, the compute dtype), or the starting adapter's
   second copy (--lora_weight_path); none when precomputed or the adapter off.
+  Under DeepSpeed's bf16/fp16 (ZeRO-1/2/3, not Q-LoRA) the whole model is cast to the compute dtype, and the fp32
+  master copy of the trainable parameters lives in the optimizer (counted there).
 - gradients: 4 bytes per trainable parameter (trainable parameters are fp32 in every mode).
-- optimizer: AdamW's two fp32 states per trainable parameter.
+- optimizer: AdamW's two fp32 states per trainable parameter (and DeepSpeed's fp32 master copy in bf16/fp16).
   DeepSpeed ZeRO-1 divides the optimizer state by the number of processes, ZeRO-2 and FSDP's shard_grad_op also the
   gradients, ZeRO-3 and FSDP's full_shard the weights too.
 - activations at the longest batch (`activation_bytes`): what autograd keeps per token and layer (derived from
@@ -218,7 +220,10 @@ def trainable_params(shape: ModelShape, plan) -> int:
 
 def weight_bytes(shape: ModelShape, plan, trainable: int) -> int:
     """The parameters as stored: fp32 master weights (full); base in the compute dtype plus fp32 trainable weights
-    (LoRA); 4-bit linear layers, the rest upcast to fp32, plus fp32 trainable weights (Q-LoRA)."""
+    (LoRA); 4-bit linear layers, the rest upcast to fp32, plus fp32 trainable weights (Q-LoRA). Under DeepSpeed's
+    bf16/fp16: every parameter in the compute dtype (deepspeed_casts_the_model)."""
+    if deepspeed_casts_the_model(plan):
+        return dtype_bytes(plan.compute_dtype) * (shape.params + (trainable if plan.mode == "lora" else 0))
     if plan.mode == "full":
         return 4 * shape.params
     if plan.mode == "lora":
@@ -358,6 +363,13 @@ def adapted_bare_bytes(shape: ModelShape, plan) -> int:
     return total // max(shape.layers, 1) if plan.activation_checkpointing else total
 
 
+def deepspeed_casts_the_model(plan) -> bool:
+    """DeepSpeed's bf16/fp16 mode casts the whole module, trainable parameters included, to the compute dtype and keeps
+    the fp32 master copy of the trainable ones in its ZeRO optimizer (partitioned like the optimizer state) instead of
+    the Trainer's fp32 weights under autocast. Q-LoRA's 4-bit layers are not cast; they keep weight_bytes' count."""
+    return plan.shard in ("zero1", "zero2", "zero3") and dtype_bytes(plan.compute_dtype) == 2 and plan.mode != "qlora"
+
+
 def estimate_training_memory(plan, tokens: int, shape: ModelShape | None = None) -> MemoryEstimate:
     """Peak training memory for the run `plan` describes (its config: nothing is loaded), at a batch of `tokens`
     tokens (the longest the run will see). See the module docstring for what each part holds."""
@@ -373,6 +385,8 @@ def estimate_training_memory(plan, tokens: int, shape: ModelShape | None = None)
         weights += 4 * shape.lora_params(plan)
     gradients = GRADIENT_BYTES * trainable
     optimizer = ADAMW_STATE_BYTES * trainable
+    if deepspeed_casts_the_model(plan):  # the trainable parameters' fp32 master copy, with the optimizer state
+        optimizer += 4 * trainable
     n = max(plan.world_size, 1)
     split = max(getattr(plan, "sequence_parallel_size", 1), 1)
     if plan.shard in ("zero1", "zero2", "zero3", "fsdp_grad", "fsdp_full"):

@@ -131,6 +131,20 @@ def test_sharding_divides_by_the_world_size(shard, expected):
     assert estimate.activations == SMALL_ACTIVATIONS  # each process holds its own batch's
 
 
+@pytest.mark.parametrize("shard", ["zero1", "zero2", "zero3"])
+def test_deepspeed_bf16_holds_the_model_in_bf16_and_the_fp32_master_with_the_optimizer(shard):
+    """DeepSpeed's bf16 casts the module (the small model's 8,080 parameters: 16,160 bytes) and keeps the fp32 master
+    weights (32,320 bytes) partitioned with the AdamW states; an fp32 run is the Trainer's fp32 weights."""
+    n = 4
+    bf16 = estimate_training_memory(small_plan(shard=shard, world_size=n, compute_dtype=torch.bfloat16), 64)
+    fp32 = estimate_training_memory(small_plan(shard=shard, world_size=n), 64)
+    assert bf16.weights == (16_160 // n if shard == "zero3" else 16_160)
+    assert bf16.optimizer == (64_640 + 32_320) // n and bf16.gradients == fp32.gradients
+    assert fp32.weights == (32_320 // n if shard == "zero3" else 32_320) and fp32.optimizer == 64_640 // n
+    fsdp = estimate_training_memory(small_plan(shard="fsdp_full", world_size=n, compute_dtype=torch.bfloat16), 64)
+    assert (fsdp.weights, fsdp.optimizer) == (32_320 // n, 64_640 // n)  # FSDP keeps fp32 shards and autocasts
+
+
 def test_longest_batch_tokens():
     class Samples:
         samples = [type("S", (), {"input_ids": [0] * n})() for n in (5, 40, 12)]
