@@ -189,7 +189,9 @@ def test_a_file_llama_cpp_refuses_is_one_error_line(exported, tmp_path, capsys):
     import cli_demo
 
     truncated = tmp_path / "truncated.gguf"
-    truncated.write_bytes(exported("llama", "q8_0").read_bytes()[:1_000_000])  # the header whole, tensors cut off
+    whole = exported("llama", "q8_0")
+    # the header whole (chatft's own check reads it to its end), the tensors cut off: llama.cpp's refusal
+    truncated.write_bytes(whole.read_bytes()[:gguf.GGUFReader(whole).data_offset + 1024])
     assert cli_demo.main(["-c", str(truncated), "--query", "Hi"]) == 2
     error = capsys.readouterr().err
     assert error.count("error:") == 1 and "llama.cpp could not load this GGUF file" in error, error

@@ -84,8 +84,9 @@ def test_hidden_packages_look_uninstalled_to_transformers_and_peft(monkeypatch):
 EXIT_STEPS_PROGRAM = """
 import atexit, concurrent.futures, os, threading, time
 from chatft import patches
-threading.Thread(target=lambda: (time.sleep(0.3), print("thread joined", flush=True))).start()
-concurrent.futures.ThreadPoolExecutor(1).submit(lambda: (time.sleep(0.3), print("pool drained", flush=True)))
+# one write each (print writes the text and its newline apart: two threads' lines interleaved, "thread joinedpool ...")
+threading.Thread(target=lambda: (time.sleep(0.3), os.write(1, b"thread joined\\n"))).start()
+concurrent.futures.ThreadPoolExecutor(1).submit(lambda: (time.sleep(0.3), os.write(1, b"pool drained\\n")))
 atexit.register(lambda: print("atexit ran", flush=True))
 patches.run_exit_steps()
 print("exit steps done", flush=True)
