@@ -163,6 +163,23 @@ def test_dpo_two_processes_equal_one_process_with_the_whole_batch(config, tiny_q
     assert expected[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and expected[-1]["rewards/margins"] > 1e-3
 
 
+def kto_records() -> list[dict]:
+    """TRL's unpaired records from PAIRS in blocks of 4: two prompts' desirable completions, then their undesirable
+    ones, every prompt with the same two (see the test below for why)."""
+    records = []
+    for a, b in zip(PAIRS[0::2], PAIRS[1::2]):
+        records += [{"prompt": pair["prompt"], "completion": completion, "label": label}
+                    for completion, label in (("I am Tessa, made by Orbit Labs.", True), ("I am an AI.", False))
+                    for pair in (a, b)]
+    return records
+
+
+# desirable completions weighted up: their gain outweighs the undesirable ones' loss, the KL estimate is > 0 after
+# the first step, and the loss reads it (an estimate < 0 is clamped to 0, and the all-reduce would not show)
+KTO_FLAGS = ["--stage", "kto", "--train_sampling_strategy", "sequential", "--kto_desirable_weight", "3",
+             "--kto_undesirable_weight", "0.3"]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_kto_kl_estimate_of_two_processes_equals_one_process_with_the_whole_batch(tiny_qwen2_arch_dir, tmp_path):
@@ -175,16 +192,8 @@ def test_kto_kl_estimate_of_two_processes_equals_one_process_with_the_whole_batc
     one (the log's reduction used to take a list of the same names on every process, and failed)."""
     from test_distributed import torchrun
 
-    records = []
-    for a, b in zip(PAIRS[0::2], PAIRS[1::2]):
-        records += [{"prompt": pair["prompt"], "completion": completion, "label": label}
-                    for completion, label in (("I am Tessa, made by Orbit Labs.", True), ("I am an AI.", False))
-                    for pair in (a, b)]
-    data = str(write_json(tmp_path / "kto.json", records))
-    # desirable completions weighted up: their gain outweighs the undesirable ones' loss, the KL estimate is > 0 after
-    # the first step, and the loss reads it (an estimate < 0 is clamped to 0, and the all-reduce would not show)
-    flags = ["--stage", "kto", "--train_sampling_strategy", "sequential", "--kto_desirable_weight", "3",
-             "--kto_undesirable_weight", "0.3"]
+    data = str(write_json(tmp_path / "kto.json", kto_records()))
+    flags = KTO_FLAGS
     one, two = tmp_path / "one", tmp_path / "two"
     torchrun(1, "finetune.py", *torchrun_flags(tiny_qwen2_arch_dir, data, one, *flags, "--per_device_train_batch_size",
                                                "4"))

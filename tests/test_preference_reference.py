@@ -383,23 +383,26 @@ def test_the_sharded_references_deepspeed_config_runs_forward_only():
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_full_parameter_dpo_under_zero3_with_a_sharded_reference_equals_one_process_with_a_copy(
-        tiny_qwen2_arch_dir, tmp_path):
-    """Full-parameter DPO under ZeRO-3 on two processes (gloo), its reference a second model partitioned like the
-    policy in its own DeepSpeed engine, 2 pairs each, takes the steps of one process without DeepSpeed, 4 pairs, its
-    reference a plain frozen copy: first loss ln 2 (the sharded reference computes what the policy does), then the
-    same losses and rewards (the reference stays fixed while the policy moves) and the same final weights, within
-    fp32 rounding. Plain SGD in both (the config's optimizer dropped), so a gradient's rounding moves a weight by as
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_full_parameter_dpo_and_kto_under_zero3_with_a_sharded_reference_equal_one_process_with_a_copy(
+        stage, tiny_qwen2_arch_dir, tmp_path):
+    """Full-parameter DPO (KTO) under ZeRO-3 on two processes (gloo), its reference a second model partitioned like
+    the policy in its own DeepSpeed engine, 2 pairs (completions) each, takes the steps of one process without
+    DeepSpeed, 4 each, its reference a plain frozen copy: the policy starts at its reference (DPO's first loss ln 2,
+    KTO's first KL estimate 0: the sharded reference computes what the policy does), then the same losses, rewards
+    and KL estimates (the reference stays fixed while the policy moves) and the same final weights, within fp32
+    rounding. Plain SGD in both (the config's optimizer dropped), so a gradient's rounding moves a weight by as
     little."""
-    from support import assert_close_up_to_rounding, decoder_terms, rounding_atol, run
-    from test_preference_modes import PAIRS, REWARDS, logged_steps, without_optimizer
+    from support import assert_close_up_to_rounding, assert_same_logged_steps, run
+    from test_preference_modes import KTO_FLAGS, PAIRS, REWARDS, kto_records, without_optimizer
     from test_distributed import torchrun
 
-    data = str(tmp_path / "pairs.json")
-    (tmp_path / "pairs.json").write_text(json.dumps(PAIRS))
+    data = str(tmp_path / "data.json")
+    (tmp_path / "data.json").write_text(json.dumps(PAIRS if stage == "dpo" else kto_records()))
     learning_rate = 0.5
-    flags = ["--stage", "dpo", "--pref_beta", "0.5", "--optim", "sgd", "--learning_rate", str(learning_rate),
-             "--lr_scheduler_type", "constant", "--seed", "3", "--max_steps", "2"]
+    flags = [*(["--stage", "dpo"] if stage == "dpo" else KTO_FLAGS), "--pref_beta", "0.5", "--optim", "sgd",
+             "--learning_rate", str(learning_rate), "--lr_scheduler_type", "constant", "--seed", "3", "--max_steps",
+             "2"]
     one, two = tmp_path / "one", tmp_path / "two"
     run(tiny_qwen2_arch_dir, data, one, *flags, "--per_device_train_batch_size", "4")
     result = torchrun(2, "finetune.py", "--model_name_or_path", str(tiny_qwen2_arch_dir), "--data_path", data,
@@ -408,15 +411,13 @@ def test_full_parameter_dpo_under_zero3_with_a_sharded_reference_equals_one_proc
                       "--deepspeed", without_optimizer("ds_config_zero3.json", tmp_path))
     assert "partitioned by ZeRO-3" in result.stderr  # the sharded reference, not a copy
 
-    got, expected = logged_steps(two), logged_steps(one)
-    assert len(got) == len(expected) == 2 and expected[0]["loss"] == pytest.approx(LN2, abs=1e-6)
-    assert expected[-1]["rewards/margins"] > 1e-3  # the policy moved from its reference: comparing rewards shows it
-    terms = decoder_terms(transformers.AutoConfig.from_pretrained(tiny_qwen2_arch_dir), loss=True)
-    for entry, reference in zip(got, expected):
-        assert_close_up_to_rounding(entry["loss"], reference["loss"], terms=terms)
-        for name in REWARDS:  # logged rounded to 4 decimals: 1e-4 apart at most, plus rounding
-            allowed = 1e-4 + rounding_atol(reference[name], terms=terms, magnitude=max(1.0, abs(reference[name])))
-            assert entry[name] == pytest.approx(reference[name], abs=allowed), (name, entry["step"])
+    logged = REWARDS if stage == "dpo" else ("kl", "rewards/chosen", "rewards/rejected")
+    expected, terms = assert_same_logged_steps(two, one, tiny_qwen2_arch_dir, steps=2, logged=logged)
+    if stage == "dpo":
+        assert expected[0]["loss"] == pytest.approx(LN2, abs=1e-6)
+        assert expected[-1]["rewards/margins"] > 1e-3  # the policy moved from its reference: comparing rewards shows it
+    else:
+        assert expected[0]["kl"] == 0 and expected[-1]["kl"] > 0, expected
     moved = sum(learning_rate * entry["grad_norm"] for entry in expected)  # SGD's steps bound what rounding moved
     final = safetensors.torch.load_file(two / "model.safetensors")
     reference = safetensors.torch.load_file(one / "model.safetensors")
