@@ -21,6 +21,7 @@ def test_a_gpu_computes_in_bf16_where_it_can(monkeypatch, bf16_supported, gptq, 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
     assert device.inference_device_and_dtype(gptq) == ("cuda", expected)
     assert device.device_flags() == ("--bf16 True" if bf16_supported else "--fp16 True")
+    assert device.gptq_compute_dtype() is None  # gptqmodel's own choice on a GPU
 
 
 def test_the_cpu_infers_in_fp32_and_trains_in_bf16_only_natively(monkeypatch):
@@ -29,3 +30,5 @@ def test_the_cpu_infers_in_fp32_and_trains_in_bf16_only_natively(monkeypatch):
     for native, flags in ((True, "--bf16 True --use_cpu True"), (False, "--use_cpu True")):
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
         assert device.device_flags() == flags
+        # gptqmodel quantizes in bf16 on a CPU: kept where it is native, fp32 where bf16 would be emulated
+        assert device.gptq_compute_dtype() == (None if native else torch.float32)

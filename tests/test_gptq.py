@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
 import finetune
 from chatft.errors import DataError
@@ -37,15 +38,25 @@ def quantize(model, data, out, *extra):
                           "--max_len", "64", *extra])
 
 
-@pytest.mark.parametrize("bits, batch_size", [(8, 1), (4, 1), (8, 4)])  # 4 calibration conversations a forward pass
+# batch size 4: 4 calibration conversations a forward pass; compute: the dtype gptqmodel quantizes in (None: its own
+# bf16 on a CPU; fp32: on a CPU without native bf16; "this CPU's": chatft.device's choice here)
+@pytest.mark.parametrize("bits, batch_size, compute", [(8, 1, None), (4, 1, torch.float32), (8, 4, "this CPU's")])
 def test_quantized_output_loads_with_plain_transformers(tiny_qwen2_arch_64_dir, data, tmp_path, bits, batch_size,
-                                                        capsys):
+                                                        compute, capsys, monkeypatch):
+    if compute != "this CPU's":
+        monkeypatch.setattr("chatft.export.gptq.gptq_compute_dtype", lambda: compute)
     assert quantize(tiny_qwen2_arch_64_dir, data, tmp_path / "q", "--bits", str(bits), "--group-size", "32",
                     "--batch_size", str(batch_size)) == 0
     printed = re.search(r"Perplexity on (\d+) held-out conversations \(assistant replies\): (\S+) before, (\S+) after "
                         r"(\d)-bit GPTQ \(x(\S+)\)", capsys.readouterr().out)
     assert printed, "run_gptq.py prints the perplexities before and after"
-    config = json.load(open(tmp_path / "q" / "config.json"))["quantization_config"]
+    saved = json.load(open(tmp_path / "q" / "config.json"))
+    config = saved["quantization_config"]
+    # whichever dtype it computed in, what GPTQ leaves unquantized (embeddings, norms) is stored in bf16
+    assert saved["dtype"] == "bfloat16"
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        stored = {f.get_slice(key).get_dtype() for key in f.keys()}
+    assert stored == {"BF16", "F16", "I32"}  # the fp16 scales and integer weights gptqmodel writes
     assert config["quant_method"] == "gptq" and config["bits"] == bits and config["group_size"] == 32
     assert not (tmp_path / "logs").exists() and not (tmp_path / "q" / "gptq_logs").exists()
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)

@@ -28,7 +28,7 @@ from chatft.data.chat_format import (DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IM_EN
                                 resolve_chat_format, tokenize_conversation)
 from chatft.data.datasets import as_conversations, keep_trainable, load_samples
 from chatft.model.sources import is_adapter_dir, require_model_source, saved_quantization
-from chatft.device import inference_device_and_dtype
+from chatft.device import gptq_compute_dtype, inference_device_and_dtype
 from chatft.errors import DataError, QuantizeError
 from chatft.output_dir import check_new_output_dir, staged_output_dir
 
@@ -242,6 +242,31 @@ def run_gptq(model_path: str, data_path: str, out_path: str, settings: GptqSetti
     return report
 
 
+def store_full_precision_tensors_in(directory: str, dtype: torch.dtype) -> None:
+    """Rewrite a saved model's fp32 tensors (embeddings, norms: what GPTQ leaves unquantized; its own tensors are
+    integers and fp16 scales) in `dtype`, and its config's dtype with them."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".safetensors"):
+            continue
+        path = os.path.join(directory, name)
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata()
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        tensors = {key: t.to(dtype) if t.dtype == torch.float32 else t for key, t in tensors.items()}
+        save_file(tensors, path + ".partial", metadata=metadata)
+        os.replace(path + ".partial", path)
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+
+
 def quantize_with_gptqmodel(model_path: str, samples: list[TokenizedSample], settings: GptqSettings, out_dir: str):
     console.import_gptqmodel(info_lines=True)
     from gptqmodel import GPTQModel, QuantizeConfig
@@ -254,10 +279,13 @@ def quantize_with_gptqmodel(model_path: str, samples: list[TokenizedSample], set
         config = QuantizeConfig(bits=settings.bits, group_size=settings.group_size,
                                 damp_percent=settings.damp_percent, desc_act=settings.desc_act)
         logger.info("Quantizing to %d bits (group size %d) with gptqmodel", settings.bits, settings.group_size)
-        model = GPTQModel.load(model_path, config)
+        dtype = gptq_compute_dtype()
+        model = GPTQModel.load(model_path, config, **({"dtype": dtype} if dtype is not None else {}))
         calibration = [{"input_ids": s.input_ids, "attention_mask": [1] * len(s.input_ids)} for s in samples]
         model.quantize(calibration, batch_size=settings.batch_size)
         model.save(out_dir)
+    if dtype is not None:  # computed in fp32: stored as gptqmodel stores a CPU run's, in bf16 (half the size)
+        store_full_precision_tensors_in(out_dir, torch.bfloat16)
     shutil.rmtree(log_dir, ignore_errors=True)  # scratch logs; quant_log.csv stays
     del model
     gc.collect()
