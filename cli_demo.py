@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from chatft import console
-from chatft.checks import SEED_RANGE, out_of_range, raise_problems
+from chatft.checks import SEED_RANGE, ScriptArgumentParser, out_of_range, raise_problems
 from chatft.model.sources import checkpoint_kind, model_source_problems
 
 
@@ -25,7 +25,8 @@ KIND_NAMES = {"full": "full model", "gptq": "GPTQ-quantized model", "lora": "LoR
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptArgumentParser(prog="cli_demo.py", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", "-c", "--checkpoint-path", "--checkpoint_path", required=True,
                         dest="model_name_or_path", metavar="PATH",
                         help="Model or LoRA adapter directory, or .gguf file.")

@@ -29,7 +29,7 @@ python cli_demo.py --model_name_or_path "$OUTPUT" "${QUESTIONS[@]}"
 echo "=== Merging the adapter into the model -> ${OUTPUT}_merged"
 python merge_lora.py --adapter_path "$OUTPUT" --output_dir "${OUTPUT}_merged" --overwrite
 
-echo "=== 4-bit GPTQ quantization -> ${OUTPUT}_int4 (about 2.5 minutes on a 2-core CPU; log: ${OUTPUT}_int4.log)"
+echo "=== 4-bit GPTQ quantization -> ${OUTPUT}_int4 (1 to 5 minutes on a 2-core CPU; log: ${OUTPUT}_int4.log)"
 # gptqmodel's progress display is meant for a terminal; the log keeps it, the summary line is shown.
 if ! python run_gptq.py --model_name_or_path "${OUTPUT}_merged" --data_path data/identity_demo.json \
     --output_dir "${OUTPUT}_int4" --bits 4 --overwrite > "${OUTPUT}_int4.log" 2>&1; then

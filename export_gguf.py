@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from chatft import console
+from chatft.checks import ScriptArgumentParser
 
 if __name__ == "__main__":  # before the libraries are imported: they look at what is installed when imported
     console.start()  # a Q-LoRA adapter merges into its full-precision base: neither bitsandbytes nor gptqmodel
@@ -28,7 +29,8 @@ TYPE_HELP = ("f16 (default): every matrix in float16, as llama.cpp's converter w
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptArgumentParser(prog="export_gguf.py", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", "--model_path", required=True, dest="model_name_or_path",
                         metavar="PATH",
                         help="A full or merged model directory, a LoRA/Q-LoRA output directory of finetune.py, or a "

@@ -15,7 +15,7 @@ import re
 import sys
 
 from chatft import console
-from chatft.checks import raise_problems
+from chatft.checks import ScriptArgumentParser, raise_problems
 from chatft.model.sources import adapter_dir_problem, model_source_problems
 
 if __name__ == "__main__":  # before the libraries are imported: they look at what is installed when imported
@@ -25,7 +25,8 @@ from chatft.export.merge import DTYPES, merge_adapter  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptArgumentParser(prog="merge_lora.py", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter_path", required=True, help="A LoRA/Q-LoRA output directory of finetune.py.")
     parser.add_argument("--output_dir", required=True, help="Where the merged model is written.")
     parser.add_argument("--base_model_path", default=None,

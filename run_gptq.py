@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from chatft import console
-from chatft.checks import out_of_range, raise_problems
+from chatft.checks import ScriptArgumentParser, out_of_range, raise_problems
 from chatft.model.sources import is_adapter_dir, model_source_problems
 
 if __name__ == "__main__":  # before the libraries are imported: they look at what is installed when imported
@@ -28,7 +28,8 @@ DEFAULTS = GptqSettings()
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptArgumentParser(prog="run_gptq.py", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, metavar="PATH",
                         help="Full-precision model, e.g. merge_lora.py's output.")
     parser.add_argument("--data_path", required=True, help="Calibration data, in the training data format.")

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from chatft import cache_root
-from chatft.checks import SEED_RANGE, out_of_range, raise_problems, read_json_file, unknown_name_problem
+from chatft.checks import SEED_RANGE, out_of_range, parse_error, raise_problems, read_json_file, unknown_name_problem
 from chatft.data.chat_format import CHAT_FORMATS, DEFAULT_SYSTEM_MESSAGE
 from chatft.model.sources import adapter_dir_problem, model_source_problems
 from chatft.errors import ArgumentError
@@ -388,7 +388,7 @@ class FlagParser(transformers.HfArgumentParser):
     TrainingArguments flag (hundreds of lines) above the one line that matters."""
 
     def error(self, message):
-        raise ArgumentError(f"{message} (python finetune.py --help lists every flag)")
+        raise parse_error(message, "finetune.py")
 
 
 def parse_args(argv: list[str] | None = None):

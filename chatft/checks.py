@@ -12,6 +12,7 @@ user fixes every mistake in one round.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import os
@@ -20,6 +21,20 @@ from typing import Iterable
 from chatft.errors import ArgumentError
 
 SEED_RANGE = (0, 2**32 - 1)  # numpy's generator, seeded by every entry point's --seed, takes no other value
+
+
+def parse_error(message: str, script: str) -> ArgumentError:
+    """argparse's complaint (a bad choice, an unknown, malformed or missing flag) as one line: argparse would print the
+    usage of every flag above it."""
+    return ArgumentError(f"{message} (python {script} --help lists every flag)")
+
+
+class ScriptArgumentParser(argparse.ArgumentParser):
+    """The scripts' argparse (`prog`: the script's file name): a parse error is one ArgumentError line, which
+    console.run_entry_point prints with exit status 2."""
+
+    def error(self, message):
+        raise parse_error(message, self.prog)
 
 
 def out_of_range(flag: str, value, low=None, high=None, *, low_inclusive: bool = True,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import cli_demo
+import export_gguf
 import finetune
 import merge_lora
 import run_gptq
@@ -264,3 +265,24 @@ def test_a_malformed_flag_is_one_line_not_the_whole_usage(tiny_qwen_arch_dir, da
     assert captured.out == "" and captured.err == (
         "error: argument --learning_rate/--learning-rate: invalid float value: 'abc' "
         "(python finetune.py --help lists every flag)\n")
+
+
+@pytest.mark.parametrize("script, argv, expected", [
+    (run_gptq, ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o", "--bits", "5"],
+     "argument --bits: invalid choice: 5 (choose from 2, 3, 4, 8) (python run_gptq.py --help lists every flag)"),
+    (export_gguf, ["--model_name_or_path", "m"],
+     "the following arguments are required: --output_file/--output (python export_gguf.py --help lists every flag)"),
+    (merge_lora, ["--adapter_path", "a", "--output_dir", "o", "--max_shards", "2"],
+     "unrecognized arguments: --max_shards 2 (python merge_lora.py --help lists every flag)"),
+    (cli_demo, ["-c", "m", "--max-new-tokens", "many"],
+     "argument --max-new-tokens/--max_new_tokens: invalid int value: 'many' (python cli_demo.py --help lists every "
+     "flag)"),
+])
+def test_every_script_s_parse_error_is_one_line(script, argv, expected, tmp_path, capsys, monkeypatch):
+    """A bad choice, a missing flag, an unknown one, a malformed value: one `error:` line, exit 2, not argparse's
+    usage block."""
+    monkeypatch.chdir(tmp_path)
+    assert script.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"error: {expected}\n"
+    assert list(tmp_path.iterdir()) == []
