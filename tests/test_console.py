@@ -214,6 +214,21 @@ def test_unknown_lora_target_lists_the_linear_layers(tiny_qwen_arch_dir, data_fi
                     r"layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj$", err), err
 
 
+@pytest.mark.parametrize("target, names", [("mlp", "Qwen[23]MLP"), ("", "Qwen[23]ForCausalLM")])
+def test_a_lora_target_that_names_a_block_is_refused_before_loading(tiny_qwen_arch_dir, data_file, tmp_path, capsys,
+                                                                    target, names):
+    """peft refuses a target naming a module it has no LoRA layer for (a traceback with the module's dump, after the
+    model loaded); the block `mlp`, or an empty name (the model), is one line before."""
+    output_dir = tmp_path / "out"
+    code = finetune.main(["--model_name_or_path", str(tiny_qwen_arch_dir), "--data_path", data_file, "--output_dir",
+                          str(output_dir), "--use_lora", "--lora_target_modules", target, "--use_cpu", "True"])
+    assert code == 2 and not output_dir.exists()
+    err = capsys.readouterr().err
+    assert re.match(rf"error: --lora_target_modules: {target or repr(target)} names {names}, not a layer LoRA adapts "
+                    r"\(a linear layer or an embedding\); this model's linear layers are down_proj, gate_proj, k_proj, "
+                    r"o_proj, q_proj, up_proj, v_proj\n$", err), err
+
+
 def test_flag_and_model_problems_are_listed_together(data_file, tmp_path, capsys):
     code = finetune.main(["--model_name_or_path", str(tmp_path / "nothing"), "--data_path", data_file,
                           "--output_dir", str(tmp_path / "out"), "--lora_bias", "some", "--q_lora", "--use_cpu", "True"])

@@ -182,6 +182,16 @@ def lora_target_problems(config, targets: list[str], trust_remote_code: bool = F
     if bare:
         problems.append(f"--lora_target_modules: {', '.join(bare)} {'is' if len(bare) == 1 else 'are'} not a linear "
                         f"layer; adapt experts and routers with --lora_target_parameters {' '.join(moe)}")
+    # peft refuses a target that names any module it has no LoRA layer for (a block such as `mlp`, or '': the model)
+    modules = dict(model.named_modules())
+    blocks = {t: sorted({type(modules[name]).__name__ for name in matching(t, module_names)
+                         if not isinstance(modules[name], LORA_ADAPTABLE)})
+              for t in targets if t not in unknown and t not in bare}
+    for target, kinds in blocks.items():
+        if kinds:
+            problems.append(f"--lora_target_modules: {target or repr(target)} names {', '.join(kinds)}, not a layer "
+                            f"LoRA adapts (a linear layer or an embedding); this model's linear layers are "
+                            f"{', '.join(linear_projection_names(model))}")
     unknown = [t for t in target_parameters or [] if not matching(t, parameter_names)]
     if unknown:
         problems.append(f"--lora_target_parameters: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a "
@@ -289,6 +299,11 @@ def embedding_module_names(model) -> list[str]:
     """Qualified names of the input embedding and output layer (e.g. model.embed_tokens, lm_head)."""
     wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
     return [name for name, module in model.named_modules() if id(module) in wanted]
+
+
+# the layer types peft's LoRA wraps (transformers' Conv1D: GPT-2-style attention)
+LORA_ADAPTABLE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+                  transformers.pytorch_utils.Conv1D)
 
 
 def is_linear(module) -> bool:
