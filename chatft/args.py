@@ -704,6 +704,13 @@ def number_problems(data_args, training_args, lora_args) -> list[str]:
         out_of_range("--data_seed", t.data_seed, *SEED_RANGE) if t.data_seed is not None else None,
         out_of_range("--warmup_ratio", t.warmup_ratio, low=0, high=1, high_inclusive=False,
                      what="a fraction of the training steps") if t.warmup_ratio is not None else None,
+        # silently never checkpointing (the Trainer saves at steps that are multiples of a positive --save_steps)
+        out_of_range("--save_steps", t.save_steps, low=0, low_inclusive=False, what="steps between checkpoints, or a "
+                     "fraction of the run below 1") if _strategy(t.save_strategy) == "steps" else None,
+        # a negative scale drew the same noise as its absolute value; 0 adds none
+        out_of_range("--neftune_noise_alpha", t.neftune_noise_alpha, low=0, low_inclusive=False,
+                     what="the noise's scale; leave the flag out for none")
+        if t.neftune_noise_alpha is not None else None,
     ]
     if t.max_steps <= 0:  # the number of epochs decides the length of the run
         checks.append(out_of_range("--num_train_epochs", t.num_train_epochs, low=0, low_inclusive=False,

@@ -128,6 +128,10 @@ def broken_json(tmp_path):
     (["--warmup_ratio", "2"], "--warmup_ratio 2.0: must be at least 0 and below 1 (a fraction of the training steps)."),
     (["--seed", "-1"], "--seed -1: must be at least 0 and at most 4294967295."),
     (["--dataloader_num_workers", "-2"], "--dataloader_num_workers -2: must be at least 0."),
+    (["--save_strategy", "steps", "--save_steps", "0"],
+     "--save_steps 0.0: must be above 0 (steps between checkpoints, or a fraction of the run below 1)."),
+    (["--neftune_noise_alpha", "-5"],
+     "--neftune_noise_alpha -5.0: must be above 0 (the noise's scale; leave the flag out for none)."),
 ])
 def test_a_number_out_of_range_is_one_line(unloadable_model, tmp_path, capsys, flags, expected):
     assert finetune_errors(unloadable_model, tmp_path, capsys, *flags) == [expected]
