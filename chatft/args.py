@@ -381,6 +381,9 @@ REPORTING_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": 
                       "clearml": "clearml", "swanlab": "swanlab", "trackio": "trackio"}
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments, LoraArguments)
+# LoraArguments that only shape the adapter (--lora_weight_path, --q_lora and the variants have their own lines)
+ADAPTER_SHAPE_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
+                       "lora_bias")
 
 
 class FlagParser(transformers.HfArgumentParser):
@@ -530,6 +533,12 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
         for flag, value in (("--lora_weight_path", lora_args.lora_weight_path), ("--q_lora", lora_args.q_lora)):
             if value:
                 problems.append(f"{flag} needs --use_lora.")
+        # without --use_lora the run trains every parameter: an adapter's shape given there was meant for LoRA
+        defaults = LoraArguments.__dataclass_fields__
+        shape = [f"--{name}" for name in ADAPTER_SHAPE_FLAGS if getattr(lora_args, name) != defaults[name].default]
+        if shape:
+            problems.append(f"{', '.join(shape)}: the shape of a LoRA adapter, and without --use_lora the run trains "
+                            f"every parameter: add --use_lora, or drop {'it' if len(shape) == 1 else 'them'}.")
     if lora_args.q_lora and deepspeed_zero_stage(training_args) == 3:
         problems.append("--q_lora cannot run under DeepSpeed ZeRO-3 (4-bit weights cannot be partitioned): "
                         "use --deepspeed ds_config_zero2.json (finetune/finetune_qlora_ds.sh's default).")

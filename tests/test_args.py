@@ -34,7 +34,7 @@ def test_qwen_defaults_and_flags(BASE):
 
 def test_every_training_argument_is_available(BASE):
     _, _, training, lora = parse_args(BASE + ["--lr_scheduler_type", "cosine", "--adam_beta2", "0.95",
-                                              "--lora_target_modules", "q_proj", "v_proj", "--seed", "7"])
+                                              "--use_lora", "--lora_target_modules", "q_proj", "v_proj", "--seed", "7"])
     assert training.lr_scheduler_type == "cosine" and training.adam_beta2 == 0.95 and training.seed == 7
     assert lora.lora_target_modules == ["q_proj", "v_proj"]
 
@@ -119,7 +119,9 @@ def broken_json(tmp_path):
     (["--use_lora", "--lora_r", "0"], "--lora_r 0: must be at least 1 (the rank of the LoRA matrices)."),
     (["--use_lora", "--lora_alpha", "0"],
      "--lora_alpha 0: must be above 0 (the LoRA update is scaled by lora_alpha / lora_r)."),
-    (["--lora_dropout", "1"], "--lora_dropout 1.0: must be at least 0 and below 1."),
+    (["--use_lora", "--lora_dropout", "1"], "--lora_dropout 1.0: must be at least 0 and below 1."),
+    (["--lora_r", "8", "--lora_target_modules", "q_proj"], "--lora_r, --lora_target_modules: the shape of a LoRA "
+     "adapter, and without --use_lora the run trains every parameter: add --use_lora, or drop them."),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: must be at least 1."),
     (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: must be at least 1."),
     (["--learning_rate", "-0.0001"], "--learning_rate -0.0001: must be at least 0."),
@@ -210,7 +212,7 @@ def test_bf16_and_fp16_together_name_the_conflict(unloadable_model, tmp_path, ca
 def test_every_problem_is_listed_at_once(unloadable_model, tmp_path, capsys):
     """transformers' own setup stops at its first problem; these are collected with all the others."""
     errors = finetune_errors(unloadable_model, tmp_path, capsys, "--deepspeed", str(broken_json(tmp_path)),
-                             "--bf16", "True", "--fp16", "True", "--lora_r", "0", "--lora_rank", "8",
+                             "--bf16", "True", "--fp16", "True", "--use_lora", "--lora_r", "0", "--lora_rank", "8",
                              "--resume_from_checkpoint", str(tmp_path / "nowhere"))
     assert [line.split(":")[0].split(" ")[0] for line in errors] == [
         "--deepspeed", "--bf16", "unknown", "--lora_r", "--resume_from_checkpoint"]

@@ -234,8 +234,9 @@ def test_flag_and_model_problems_are_listed_together(data_file, tmp_path, capsys
                           "--output_dir", str(tmp_path / "out"), "--lora_bias", "some", "--q_lora", "--use_cpu", "True"])
     assert code == 2
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), lines
-    assert any("--lora_bias" in line for line in lines) and any("--q_lora needs --use_lora" in line for line in lines)
+    assert len(lines) == 4 and all(line.startswith("error: ") for line in lines), lines
+    assert any("--lora_bias must be" in line for line in lines) and any("--q_lora needs --use_lora" in line for line in lines)
+    assert any(line.startswith("error: --lora_bias: the shape of a LoRA adapter") for line in lines)
     assert any("no such file or directory" in line for line in lines)
 
 

@@ -131,8 +131,8 @@ def test_padding_free_equals_padded_in_bf16_on_cuda(tiny_qwen2_arch_64_dir, data
     """bf16, as the launchers train: padding-free rows (attention per sample, or flash-attention's variable-length
     path reading the position_ids) against padded batches with their mask, the same kernel family: equal up to
     bf16 rounding."""
-    flags = [*COMMON, "--bf16", "True", "--attn_implementation", attention, "--lora_dropout", "0",
-             *(["--use_lora", "--lora_r", "8"] if mode == "lora" else [])]
+    flags = [*COMMON, "--bf16", "True", "--attn_implementation", attention,
+             *(["--use_lora", "--lora_r", "8", "--lora_dropout", "0"] if mode == "lora" else [])]
     padded = cuda_run(tiny_qwen2_arch_64_dir, data_file, tmp_path / "padded", *flags, "--padding_free", "False")
     padding_free = cuda_run(tiny_qwen2_arch_64_dir, data_file, tmp_path / "padding-free", *flags)
     same_steps(padding_free, padded, tiny_qwen2_arch_64_dir, torch.bfloat16)
