@@ -25,8 +25,8 @@ from bench.models import MODEL_HELP, resolve_model
 
 MODES = {
     "full": [],
-    "lora": ["--use_lora"],
-    "qlora": ["--use_lora", "--q_lora"],
+    "lora": ["--use_lora", "--lora_dropout", "0"],
+    "qlora": ["--use_lora", "--lora_dropout", "0", "--q_lora"],
 }
 
 
@@ -41,7 +41,7 @@ def measure(config: dict) -> dict:
     mode, model_path, seq_len, batch_size, steps = (config[k] for k in ("mode", "model", "seq_len", "batch_size", "steps"))
     on_cuda = torch.cuda.is_available()
     flags = ["--model_name_or_path", model_path, "--data_path", "unused.json", "--output_dir", "unused",
-             "--bf16", "True", "--activation_checkpointing", "--lora_dropout", "0", "--model_max_length", str(seq_len),
+             "--bf16", "True", "--activation_checkpointing", "--model_max_length", str(seq_len),
              *MODES[mode]]
     model_args, data_args, training_args, lora_args = parse_args(flags + ([] if on_cuda else ["--use_cpu", "True"]))
     join_process_group(training_args)

@@ -200,8 +200,8 @@ def run_chatft(config: dict, samples: list[dict], scratch: str) -> dict:
             "--num_train_epochs", "1", "--per_device_train_batch_size", str(config["batch_size"]),
             "--learning_rate", "1e-4", "--lr_scheduler_type", "constant", "--model_max_length", str(config["max_length"]),
             "--logging_steps", "1000", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
-            "--dataloader_num_workers", "0", "--lora_dropout", "0", "--disable_tqdm", "True", "--chat_format", "chatml"]
-    argv += ["--use_lora"] if config["mode"] == "lora" else []
+            "--dataloader_num_workers", "0", "--disable_tqdm", "True", "--chat_format", "chatml"]
+    argv += ["--use_lora", "--lora_dropout", "0"] if config["mode"] == "lora" else []
     argv += ["--bf16", "True"] if config["precision"] == "bf16" else []
     argv += [] if config["cuda"] else ["--use_cpu", "True"]
     argv += CHATFT_VARIANTS[config["variant"]]
