@@ -12,7 +12,6 @@ A reply's reasoning (a `<think>` block, from a model trained on traces) is shown
 apart from the answer; --hide-thinking leaves it out.
 """
 
-import argparse
 import sys
 
 from chatft import console
@@ -25,8 +24,7 @@ KIND_NAMES = {"full": "full model", "gptq": "GPTQ-quantized model", "lora": "LoR
 
 
 def parse_args(argv=None):
-    parser = ScriptArgumentParser(prog="cli_demo.py", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptArgumentParser("cli_demo.py", __doc__)
     parser.add_argument("--model_name_or_path", "-c", "--checkpoint-path", "--checkpoint_path", required=True,
                         dest="model_name_or_path", metavar="PATH",
                         help="Model or LoRA adapter directory, or .gguf file.")

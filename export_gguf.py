@@ -10,7 +10,6 @@ models. The file is written beside --output_file (or --output) under a temporary
 existing one is refused unless --overwrite. The file's path is printed alone on stdout.
 """
 
-import argparse
 import sys
 
 from chatft import console
@@ -29,8 +28,7 @@ TYPE_HELP = ("f16 (default): every matrix in float16, as llama.cpp's converter w
 
 
 def parse_args(argv=None):
-    parser = ScriptArgumentParser(prog="export_gguf.py", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptArgumentParser("export_gguf.py", __doc__)
     parser.add_argument("--model_name_or_path", "--model_path", required=True, dest="model_name_or_path",
                         metavar="PATH",
                         help="A full or merged model directory, a LoRA/Q-LoRA output directory of finetune.py, or a "

@@ -9,7 +9,6 @@ with `cli_demo.py -c`, and quantizes with `run_gptq.py`. A non-empty --output_di
 --overwrite; it is replaced only once the new model is completely written.
 """
 
-import argparse
 import os
 import re
 import sys
@@ -25,8 +24,7 @@ from chatft.export.merge import DTYPES, merge_adapter  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = ScriptArgumentParser(prog="merge_lora.py", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptArgumentParser("merge_lora.py", __doc__)
     parser.add_argument("--adapter_path", required=True, help="A LoRA/Q-LoRA output directory of finetune.py.")
     parser.add_argument("--output_dir", required=True, help="Where the merged model is written.")
     parser.add_argument("--base_model_path", default=None,

@@ -11,7 +11,6 @@ to OUTPUT_DIR/quantize_report.json. The output loads with plain `AutoModelForCau
 Runs on CUDA, or on the CPU (slowly).
 """
 
-import argparse
 import sys
 
 from chatft import console
@@ -28,8 +27,7 @@ DEFAULTS = GptqSettings()
 
 
 def parse_args(argv=None):
-    parser = ScriptArgumentParser(prog="run_gptq.py", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptArgumentParser("run_gptq.py", __doc__)
     parser.add_argument("--model_name_or_path", required=True, metavar="PATH",
                         help="Full-precision model, e.g. merge_lora.py's output.")
     parser.add_argument("--data_path", required=True, help="Calibration data, in the training data format.")

@@ -30,8 +30,11 @@ def parse_error(message: str, script: str) -> ArgumentError:
 
 
 class ScriptArgumentParser(argparse.ArgumentParser):
-    """The scripts' argparse (`prog`: the script's file name): a parse error is one ArgumentError line, which
-    console.run_entry_point prints with exit status 2."""
+    """The scripts' argparse (`prog`: the script's file name; `description`: its docstring, shown as written): a parse
+    error is one ArgumentError line, which console.run_entry_point prints with exit status 2."""
+
+    def __init__(self, prog: str, description: str | None):
+        super().__init__(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def error(self, message):
         raise parse_error(message, self.prog)
