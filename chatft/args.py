@@ -545,6 +545,7 @@ def validate_args(model_args, data_args, training_args, lora_args, problems: lis
     if lora_args.q_lora and training_args.fsdp:
         problems.append("--q_lora cannot run under FSDP here: use DeepSpeed ZeRO-2 (finetune/finetune_qlora_ds.sh).")
     problems.append(fsdp_device_problem(training_args))
+    problems.append(optimizer_problem(training_args))
     problems += lora_variant_problems(training_args, lora_args)
     not_an_adapter = lora_args.lora_weight_path and adapter_dir_problem(lora_args.lora_weight_path, "--lora_weight_path")
     if not_an_adapter:
@@ -773,6 +774,18 @@ def deepspeed_sets_optimizer(training_args) -> bool:
     parameter in one group, not transformers' optimizer)."""
     config = deepspeed_config(training_args)
     return bool(config) and "optimizer" in config
+
+
+def optimizer_problem(training_args) -> str | None:
+    """--optim given with a DeepSpeed config that names its own optimizer, which DeepSpeed would run instead. The
+    shipped ZeRO-2/3 configs name none: the Trainer's optimizer (--optim, its parameter groups) runs under ZeRO."""
+    optim = getattr(training_args.optim, "value", training_args.optim)
+    if optim == TrainingArguments.__dataclass_fields__["optim"].default or not deepspeed_sets_optimizer(training_args):
+        return None
+    name = deepspeed_config(training_args)["optimizer"].get("type", "its own")
+    return (f"--optim {optim}: --deepspeed {training_args.deepspeed} names its own optimizer ({name}), which DeepSpeed "
+            "runs instead; drop --optim, or the config's \"optimizer\" section (ds_config_zero2.json and "
+            "ds_config_zero3.json have none: --optim runs under ZeRO).")
 
 
 def lora_variant_problems(training_args, lora_args) -> list[str]:

@@ -85,6 +85,18 @@ def test_qlora_refused_under_zero3(BASE):
         parse_args(BASE + ["--use_lora", "--q_lora", "--deepspeed", str(ROOT / "ds_config_zero3.json")])
 
 
+def test_optim_runs_under_the_shipped_zero_configs_and_is_refused_where_deepspeed_would_replace_it(BASE):
+    """The shipped ZeRO-2/3 configs name no optimizer, so --optim (and its parameter groups) is what runs under ZeRO; a
+    config naming its own (the offload config's DeepSpeed AdamW, built for CPU-held state) would silently replace it."""
+    for config in ("ds_config_zero2.json", "ds_config_zero3.json"):
+        assert "optimizer" not in json.loads((ROOT / config).read_text())
+        assert parse_args(BASE + ["--optim", "sgd", "--deepspeed", str(ROOT / config)])[2].optim == "sgd"
+    parse_args(BASE + ["--deepspeed", str(ROOT / "ds_config_zero3_offload.json")])  # its AdamW, no --optim: fine
+    with pytest.raises(ArgumentError, match=r"--optim sgd: --deepspeed .*ds_config_zero3_offload.json names its own "
+                                            r"optimizer \(AdamW\), which DeepSpeed runs instead"):
+        parse_args(BASE + ["--optim", "sgd", "--deepspeed", str(ROOT / "ds_config_zero3_offload.json")])
+
+
 # Bad inputs: each is one line naming the flag or file and the problem; finetune.py exits 2 having loaded no model
 # (the model's weights and tokenizer cannot load: unloadable_copy) and written nothing.
 

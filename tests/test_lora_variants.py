@@ -102,7 +102,8 @@ def test_lora_init_values():
     (["--use_lora", "--q_lora", "--lora_init", "pissa"], "rewrites the base weights, which a 4-bit base"),
     (["--use_lora", "--use_dora", "--lora_init", "olora"], "cannot be combined with --use_dora"),
     (["--use_lora", "--loraplus_lr_ratio", "0"], "--loraplus_lr_ratio must be positive"),
-    (["--use_lora", "--loraplus_lr_ratio", "16", "--deepspeed", "ds_config_zero2.json"], "names its own optimizer"),
+    (["--use_lora", "--loraplus_lr_ratio", "16", "--deepspeed", "ds_config_zero3_offload.json"],
+     "names its own optimizer"),
     (["--use_lora", "--lora_init", "pissa", "--deepspeed", "ds_config_zero3.json"], "ZeRO-3 and FSDP partition"),
 ])
 def test_refused_combinations(flags, message, tiny_qwen2_arch_dir, data_file, tmp_path):

@@ -128,14 +128,6 @@ def run_padded(model_dir, data_file, output_dir, padded, *flags):
     return finetune.train(argv, wrap_collator=lambda collator: padded)
 
 
-def without_optimizer(config_name: str, tmp_path) -> str:
-    """A DeepSpeed config of the repository without its optimizer block, so that the Trainer's --optim (plain SGD
-    here) runs under ZeRO as it runs in one process."""
-    config = json.loads((ROOT / config_name).read_text())
-    del config["optimizer"]
-    return str(write_json(tmp_path / config_name, config))
-
-
 def torchrun_flags(model_dir, data_file, output_dir, *extra) -> list[str]:
     return ["--model_name_or_path", str(model_dir), "--data_path", data_file, "--output_dir", str(output_dir),
             "--max_steps", "3", "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--use_cpu",
@@ -153,7 +145,7 @@ def test_dpo_two_processes_equal_one_process_with_the_whole_batch(config, tiny_q
     off: ZeRO-3 gathers the base weights for both forwards."""
     from test_distributed import torchrun
 
-    engine = ["--stage", "dpo", "--deepspeed", without_optimizer(config, tmp_path)]
+    engine = ["--stage", "dpo", "--deepspeed", config]
     one, two = tmp_path / "one", tmp_path / "two"
     torchrun(1, "finetune.py", *torchrun_flags(tiny_qwen2_arch_dir, pairs_file, one, *engine,
                                                "--per_device_train_batch_size", "4"))

@@ -391,10 +391,10 @@ def test_full_parameter_dpo_and_kto_under_zero3_with_a_sharded_reference_equal_o
     DeepSpeed, 4 each, its reference a plain frozen copy: the policy starts at its reference (DPO's first loss ln 2,
     KTO's first KL estimate 0: the sharded reference computes what the policy does), then the same losses, rewards
     and KL estimates (the reference stays fixed while the policy moves) and the same final weights, within fp32
-    rounding. Plain SGD in both (the config's optimizer dropped), so a gradient's rounding moves a weight by as
-    little."""
+    rounding. Plain SGD in both (--optim runs under the shipped ZeRO-3 config), so a gradient's rounding moves a
+    weight by as little."""
     from support import assert_close_up_to_rounding, assert_same_logged_steps, run
-    from test_preference_modes import KTO_FLAGS, PAIRS, REWARDS, kto_records, without_optimizer
+    from test_preference_modes import KTO_FLAGS, PAIRS, REWARDS, kto_records
     from test_distributed import torchrun
 
     data = str(tmp_path / "data.json")
@@ -408,7 +408,7 @@ def test_full_parameter_dpo_and_kto_under_zero3_with_a_sharded_reference_equal_o
     result = torchrun(2, "finetune.py", "--model_name_or_path", str(tiny_qwen2_arch_dir), "--data_path", data,
                       "--output_dir", str(two), "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no",
                       "--use_cpu", "True", "--model_max_length", "64", *flags, "--per_device_train_batch_size", "2",
-                      "--deepspeed", without_optimizer("ds_config_zero3.json", tmp_path))
+                      "--deepspeed", "ds_config_zero3.json")
     assert "partitioned by ZeRO-3" in result.stderr  # the sharded reference, not a copy
 
     logged = REWARDS if stage == "dpo" else ("kl", "rewards/chosen", "rewards/rejected")
