@@ -4,6 +4,7 @@ Each run is a real multi-process fine-tune of a tiny random Qwen2 model with the
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -124,8 +125,15 @@ def torchrun_2_with_a_slow_final_write(tmp_path, *args, delay=2.0):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_two_processes_equal_one_process_with_the_whole_batch(engine, tiny_qwen2_arch_dir, data_file, tmp_path):
-    """2 processes x batch 2 and 1 process x batch 4: same loss curve and final weights."""
-    assert_two_processes_equal_one(tiny_qwen2_arch_dir, data_file, tmp_path, ENGINES[engine])
+    """2 processes x batch 2 and 1 process x batch 4: same loss curve and final weights. The learning rate follows
+    --lr_scheduler_type: the DeepSpeed configs carry no scheduler block (Qwen's WarmupLR silently replaced the flag)
+    and no optimizer block, so the Trainer's optimizer and scheduler step as in a single-process run, cosine decay
+    from the first step, each step logging the rate it trained at (under DeepSpeed's own AdamW the log showed the
+    next step's)."""
+    curve = assert_two_processes_equal_one(tiny_qwen2_arch_dir, data_file, tmp_path,
+                                           [*ENGINES[engine], "--lr_scheduler_type", "cosine"])
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in range(3)]
+    assert [lr for _, lr in curve] == pytest.approx(expected, abs=1e-9), curve
 
 
 def test_weighted_turns_two_processes_equal_one_process(tiny_qwen2_arch_dir, tmp_path):
@@ -164,6 +172,7 @@ def assert_two_processes_equal_one(model, data, tmp_path, engine_flags, step=1e-
         assert_close_up_to_rounding(final_two[name], final_one[name], terms=terms,
                                     magnitude=final_one[name].abs().max() + 3 * step)
     assert any(not torch.equal(final_one[name], base[name]) for name in final_one)
+    return curve_two
 
 
 def test_padding_free_equals_padded_with_two_processes_and_accumulation(tiny_qwen2_arch_dir, data_file, tmp_path):
@@ -194,19 +203,6 @@ def test_first_rank_tokenizes_and_the_other_reads_its_cache(tiny_qwen2_arch_dir,
     assert len(list(cache.glob("*.tokens"))) == 1 and len(list(cache.glob("*.tmp*"))) == 0
     log = result.stdout + result.stderr
     assert log.count("reusing 16 tokenized samples") == 1, log[-3000:]  # rank 1 only
-
-
-def test_learning_rate_follows_the_scheduler_flag(tiny_qwen2_arch_dir, data_file, tmp_path):
-    """The DeepSpeed configs carry no scheduler block, so --lr_scheduler_type is what runs (Qwen's WarmupLR
-    block silently replaced it): cosine decay from the first step, no warmup ramp. Nor an optimizer block: the
-    Trainer's optimizer and scheduler step as in a single-process run, each step logging the rate it trained at (under
-    DeepSpeed's own AdamW the log showed the next step's)."""
-    output = tmp_path / "cosine"
-    torchrun(2, "finetune.py", *common_flags(tiny_qwen2_arch_dir, data_file, output, "--per_device_train_batch_size", "1",
-                                             "--max_steps", "4", "--lr_scheduler_type", "cosine", *ENGINES["zero2"]))
-    rates = [lr for _, lr in losses(output)]
-    expected = [1e-3 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * k / 4))).item() for k in range(4)]
-    assert rates == pytest.approx(expected, abs=1e-9), rates
 
 
 def test_zero3_save_reload_round_trip(tiny_qwen2_arch_dir, data_file, tmp_path):
