@@ -780,9 +780,12 @@ def optimizer_problem(training_args) -> str | None:
     """--optim given with a DeepSpeed config that names its own optimizer, which DeepSpeed would run instead. The
     shipped ZeRO-2/3 configs name none: the Trainer's optimizer (--optim, its parameter groups) runs under ZeRO."""
     optim = getattr(training_args.optim, "value", training_args.optim)
-    if optim == TrainingArguments.__dataclass_fields__["optim"].default or not deepspeed_sets_optimizer(training_args):
+    if optim == TrainingArguments.__dataclass_fields__["optim"].default:
         return None
-    name = deepspeed_config(training_args)["optimizer"].get("type", "its own")
+    config = deepspeed_config(training_args)
+    if not config or "optimizer" not in config:
+        return None
+    name = config["optimizer"].get("type", "its own")
     return (f"--optim {optim}: --deepspeed {training_args.deepspeed} names its own optimizer ({name}), which DeepSpeed "
             "runs instead; drop --optim, or the config's \"optimizer\" section (ds_config_zero2.json and "
             "ds_config_zero3.json have none: --optim runs under ZeRO).")
